@@ -1,0 +1,3 @@
+from recallscope.cli import main
+
+main()

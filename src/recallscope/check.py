@@ -1,0 +1,437 @@
+"""``check_model``: the public conformance suite of an adapter (our ``check_estimator``).
+
+It runs, on any loaded model, the parity and invariant checks that make recallscope's numbers
+trustworthy, and names each failure::
+
+    report = rs.check_model(model)
+    print(report)                 # one line per check, with the largest error seen
+    report.raise_for_failures()
+
+Checks compare against the plain Hugging Face forward and against exact identities. Errors are
+relative to the size of the reference (``max|a - b| / max(1, max|b|)``). "exact" checks compare
+numbers computed in the same forward (tolerance: rounding of the dtype); "kernel" checks compare
+different kernels or our re-implementation of a norm with HF's (looser; note that HF computes
+RMSNorm in float32 even for float64 models).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from recallscope.core.attention import Knockout, block_attention, eager_attention
+from recallscope.core.cache import forward, run_with_cache
+from recallscope.core.decompose import (
+    head_outputs,
+    head_source_outputs,
+    neuron_outputs,
+    resid_decomposition,
+    resid_sites,
+)
+from recallscope.core.hooks import site_hook
+from recallscope.core.patching import add_noise, patch
+from recallscope.core.tokens import PromptBatch, tokenize
+from recallscope.core.vocab import apply_final_norm, project_to_vocab
+from recallscope.models.model import Model
+from recallscope.models.sites import Site
+
+__all__ = ["CheckReport", "CheckResult", "check_model", "CHECKS"]
+
+PROMPTS = ("The capital of France is", "The Eiffel Tower is located in the city of")
+_TOLERANCES = {  # (exact, kernel) relative tolerances per dtype
+    torch.float64: (1e-9, 1e-5),
+    torch.float32: (1e-4, 3e-3),
+    torch.bfloat16: (3e-2, 1e-1),
+    torch.float16: (1e-2, 5e-2),
+}
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    name: str
+    passed: bool
+    error: float | None = None
+    tolerance: float | None = None
+    detail: str = ""
+
+    def __str__(self) -> str:
+        mark = "PASS" if self.passed else "FAIL"
+        err = "" if self.error is None else f"  max rel. error {self.error:.2e} (tol {self.tolerance:.0e})"
+        return f"[{mark}] {self.name:<28}{err}{'  ' + self.detail if self.detail else ''}"
+
+
+@dataclass
+class CheckReport:
+    model: str
+    results: list[CheckResult] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.results)
+
+    @property
+    def failures(self) -> list[CheckResult]:
+        return [r for r in self.results if not r.passed]
+
+    def __str__(self) -> str:
+        lines = [f"check-model {self.model}"] + [str(r) for r in self.results]
+        n_fail = len(self.failures)
+        lines.append(f"{len(self.results) - n_fail}/{len(self.results)} checks passed")
+        return "\n".join(lines)
+
+    def raise_for_failures(self) -> None:
+        if not self.passed:
+            raise AssertionError("\n".join(str(r) for r in self.failures))
+
+
+class _Context:
+    """Shared inputs and one clean cached run of every residual/attention/MLP site."""
+
+    def __init__(self, model: Model, prompts: tuple[str, ...]) -> None:
+        self.model = model
+        self.exact, self.kernel = _TOLERANCES.get(model.dtype, (1e-2, 5e-2))
+        # HF computes Gemma-2's sandwich post-norms in float32: sums through them are kernel-exact
+        self.post_norm = "kernel" if model.spec.attn_post_norm else "exact"
+        self.batch = _make_batch(model, prompts)
+        self.last = self.model.n_layers - 1
+        sites = resid_sites(model)
+        for layer in range(model.n_layers):
+            sites += [Site(layer, n) for n in ("resid_pre", "resid_post", "z", "mlp_post")]
+        self.cache = run_with_cache(model, self.batch, sites, logits="all")
+        with torch.no_grad():
+            out = model.hf_model(**self.batch.model_inputs(model.device), output_hidden_states=True)
+        self.hf_logits, self.hidden_states = out.logits, out.hidden_states
+
+    def result(self, name: str, a, b, *, kind: str = "exact", detail: str = "") -> CheckResult:
+        a, b = torch.as_tensor(a), torch.as_tensor(b)
+        dtype = torch.promote_types(a.dtype, b.dtype)
+        mask = self.real_positions(a.shape)
+        diff = (a.to(dtype) - b.to(dtype).to(a.device)).abs()
+        ref = b.to(dtype).abs()
+        if mask is not None:
+            diff, ref = diff[mask], ref[mask]
+        tol = self.exact if kind == "exact" else self.kernel
+        if diff.isnan().any():
+            where = "the reference" if ref.isnan().any() else "recallscope's result"
+            return CheckResult(name, False, float("nan"), tol, f"NaN in {where} ({detail})")
+        error = float(diff.max() / ref.max().clamp(min=1)) if diff.numel() else 0.0
+        return CheckResult(name, error <= tol, error, tol, detail)
+
+    def real_positions(self, shape) -> torch.Tensor | None:
+        """Mask of non-padding positions for ``[B, T, ...]`` tensors (None otherwise)."""
+        mask = self.batch.attention_mask.bool()
+        if len(shape) >= 2 and tuple(shape[:2]) == tuple(mask.shape):
+            return mask.to(self.model.device)
+        return None
+
+
+def _make_batch(model: Model, prompts: tuple[str, ...]) -> PromptBatch:
+    if model.tokenizer is not None:
+        return tokenize(model, prompts)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, min(model.d_vocab, 1000), (2, 9), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # second row left-padded
+    return PromptBatch(input_ids=ids, attention_mask=mask, prompts=("<ids>", "<ids>"))
+
+
+def _combine(name: str, results: list[CheckResult], detail: str) -> CheckResult:
+    """One result for several comparisons: passed if all passed; the worst error relative to its tolerance."""
+    failed = [r for r in results if not r.passed]
+
+    def badness(r: CheckResult) -> float:
+        return float("inf") if r.error != r.error else (r.error or 0.0) / (r.tolerance or 1.0)  # NaN first
+
+    worst = max(failed or results, key=badness)
+    extra = worst.detail if failed and worst.detail and worst.detail != detail else ""
+    return CheckResult(name, not failed, worst.error, worst.tolerance, f"{detail} {extra}".strip())
+
+
+# -- the checks ----------------------------------------------------------------------------------
+
+
+def _check_logits_match_hf(ctx: _Context) -> CheckResult:
+    """Hooks that only read (every site cached) leave the logits bit-identical."""
+    return ctx.result("logits_match_hf", ctx.cache.logits, ctx.hf_logits, detail="cached run vs plain HF")
+
+
+def _check_hidden_states(ctx: _Context) -> CheckResult:
+    """resid_pre equals output_hidden_states; the last entry is the final-normed resid_post."""
+    m = ctx.model
+    ours = torch.stack([ctx.cache[Site(layer, "resid_pre")] for layer in range(m.n_layers)])
+    theirs = torch.stack(ctx.hidden_states[: m.n_layers])
+    first = ctx.result("hidden_states", ours.transpose(0, 1), theirs.transpose(0, 1))
+    normed = apply_final_norm(m, ctx.cache[Site(ctx.last, "resid_post")])
+    final = ctx.result("hidden_states", normed, ctx.hidden_states[-1], kind="kernel")
+    detail = "resid_pre[l] == hidden_states[l]; final_norm(resid_post[-1]) == hidden_states[-1]"
+    return _combine("hidden_states", [first, final], detail)
+
+
+def _check_block_sum(ctx: _Context) -> CheckResult:
+    """resid_post = resid_pre + attn_out + mlp_out: the update sites are what the block adds."""
+    c, results = ctx.cache, []
+    for layer in range(ctx.model.n_layers):
+        total = c[Site(layer, "resid_pre")] + c[Site(layer, "attn_out")] + c[Site(layer, "mlp_out")]
+        results.append(ctx.result("block_sum", total, c[Site(layer, "resid_post")]))
+    return _combine("block_sum", results, "resid_pre + attn_out + mlp_out == resid_post")
+
+
+def _check_resid_decomposition(ctx: _Context) -> CheckResult:
+    total = resid_decomposition(ctx.model, ctx.cache).total()
+    return ctx.result(
+        "resid_decomposition",
+        total,
+        ctx.cache[Site(ctx.last, "resid_post")],
+        detail="embed + Σ attn_out + Σ mlp_out == resid_post[-1]",
+    )
+
+
+def _check_head_sum(ctx: _Context) -> CheckResult:
+    results = []
+    for layer in range(ctx.model.n_layers):
+        total = head_outputs(ctx.model, layer, ctx.cache[Site(layer, "z")]).total()
+        attn_out = ctx.cache[Site(layer, "attn_out")]
+        results.append(ctx.result("head_sum", total, attn_out, kind=ctx.post_norm))
+    return _combine("head_sum", results, "Σ_h z_h W_O^h + b_O == attn_out")
+
+
+def _check_neuron_sum(ctx: _Context) -> CheckResult:
+    m, results = ctx.model, []
+    direction = m.W_U[0]
+    for layer in range(m.n_layers):
+        coeffs, mlp_out = ctx.cache[Site(layer, "mlp_post")], ctx.cache[Site(layer, "mlp_out")]
+        full = neuron_outputs(m, layer, coeffs).total()
+        results.append(ctx.result("neuron_sum", full, mlp_out, kind=ctx.post_norm))
+        proj = neuron_outputs(m, layer, coeffs, onto=direction).total()
+        expected = mlp_out.to(proj.dtype) @ direction.to(proj.dtype)
+        results.append(ctx.result("neuron_sum", proj, expected, kind=ctx.post_norm))
+    return _combine("neuron_sum", results, "Σ_k c_k w_k + b_out == mlp_out (full and projected)")
+
+
+def _check_head_sources(ctx: _Context) -> CheckResult:
+    """Σ_j α_{N,j} v_j W_O^h over sources and heads == attn_out at the last position (eager run)."""
+    m, results = ctx.model, []
+    for layer in sorted({0, ctx.last}):
+        sites = [Site(layer, "pattern"), Site(layer, "v"), Site(layer, "attn_out")]
+        cache = run_with_cache(m, ctx.batch, sites)
+        pattern = cache[sites[0]][:, :, -1:]  # [B, H, 1, T]
+        total = head_source_outputs(m, layer, pattern, cache[sites[1]]).total()
+        res = ctx.result("head_sources", total, cache[sites[2]][:, -1:], kind=ctx.post_norm)
+        real = ctx.batch.attention_mask.bool().to(pattern.device)  # [B, T] real query positions
+        row_sums = cache[sites[0]].sum(-1).transpose(1, 2)[real]  # [n_real, H]
+        sums = ctx.result("head_sources", row_sums, torch.ones_like(row_sums))
+        results += [res, sums]
+    return _combine("head_sources", results, "pattern rows sum to 1; Σ_{h,j} α v W_O + b_O == attn_out[-1]")
+
+
+def _check_final_norm(ctx: _Context) -> CheckResult:
+    m = ctx.model
+    x = ctx.cache[Site(ctx.last, "resid_post")]
+    with torch.no_grad():
+        theirs = m.module(m.spec.final_norm)(x)
+    return ctx.result(
+        "final_norm",
+        apply_final_norm(m, x),
+        theirs,
+        kind="kernel",
+        detail="our final norm == the model's module",
+    )
+
+
+def _check_logit_lens(ctx: _Context) -> CheckResult:
+    x = ctx.cache[Site(ctx.last, "resid_post")]
+    proj = project_to_vocab(ctx.model, x, "logit_lens", keep_logits=True)
+    return ctx.result(
+        "logit_lens_final",
+        proj.logits,
+        ctx.hf_logits,
+        kind="kernel",
+        detail="logit lens of resid_post[-1] == model logits",
+    )
+
+
+def _check_frozen_scale(ctx: _Context) -> CheckResult:
+    """Frozen-scale projection is additive and, with bias, reproduces the (pre-softcap) logits."""
+    m = ctx.model
+    final = ctx.cache[Site(ctx.last, "resid_post")][:, -1]  # [B, d]
+    parts = resid_decomposition(m, ctx.cache).parts[:, -1]  # [B, C, d]
+    each = project_to_vocab(m, parts, "frozen_scale", scale_from=final[:, None], keep_logits=True)
+    whole = project_to_vocab(m, final, "frozen_scale", scale_from=final, keep_logits=True)
+    additive = ctx.result("frozen_scale_additive", each.logits.sum(1), whole.logits)
+    with_bias = project_to_vocab(m, final, "frozen_scale", scale_from=final, bias=True, keep_logits=True)
+    logits = ctx.hf_logits[:, -1]
+    cap = m.spec.final_logit_softcap
+    if cap is not None:
+        with_bias_logits = torch.tanh(with_bias.logits / cap) * cap
+    else:
+        with_bias_logits = with_bias.logits
+    exact = ctx.result("frozen_scale_additive", with_bias_logits, logits, kind="kernel")
+    ok = additive.passed and exact.passed
+    return CheckResult(
+        "frozen_scale_additive",
+        ok,
+        additive.error,
+        additive.tolerance,
+        f"Σ project(c) == project(Σ c); + bias == logits (err {exact.error:.1e})",
+    )
+
+
+def _check_eager_kernel(ctx: _Context) -> CheckResult:
+    """Recallscope's eager kernel (used for patterns) gives the model's logits."""
+    with eager_attention(ctx.model):
+        logits = forward(ctx.model, ctx.batch, logits="all")
+    return ctx.result(
+        "eager_kernel",
+        logits,
+        ctx.hf_logits,
+        kind="kernel",
+        detail=f"eager vs {ctx.model.attn_implementation}",
+    )
+
+
+def _check_pattern_edit(ctx: _Context) -> CheckResult:
+    """Editing the pattern changes ``z`` (the probabilities we see are the ones the model uses)."""
+
+    def attend_to_self(probs):
+        return torch.eye(probs.shape[-2], probs.shape[-1], dtype=probs.dtype, device=probs.device).expand_as(
+            probs
+        )
+
+    layer = ctx.last // 2
+    site = Site(layer, "z")
+    with site_hook(ctx.model, Site(layer, "pattern"), attend_to_self):
+        edited = run_with_cache(ctx.model, ctx.batch, [site])[site]
+    clean = ctx.cache[site]
+    real = ctx.real_positions(clean.shape)
+    change = float((edited - clean).abs()[real].max() / clean.abs()[real].max())
+    detail = f"attending to self changes z by {change:.2g} (relative)"
+    return CheckResult("pattern_edit", change > 1e-3, None, None, detail)
+
+
+def _check_null_interventions(ctx: _Context) -> CheckResult:
+    m, mid = ctx.model, ctx.last // 2
+    clean = forward(m, ctx.batch, logits="all")
+    site = Site(mid, "resid_post")
+    nulls = {
+        "empty knockout": block_attention(m, []),
+        "knockout with no edges": block_attention(m, [Knockout(layers=[mid], src=[], dst=[-1])]),
+        "patch clean into clean": patch(m, site, ctx.cache[site]),
+        "zero noise": add_noise(m, torch.zeros(1, 1, m.d_model), torch.tensor([0]), torch.tensor([[-1]])),
+    }
+    results = []
+    for name, context in nulls.items():
+        with context:
+            logits = forward(m, ctx.batch, logits="all")
+        res = ctx.result("null_interventions", logits, clean)
+        exact = bool(torch.equal(logits, clean))
+        results.append(
+            CheckResult(res.name, exact, res.error, 0.0, "" if exact else f"{name} changed logits")
+        )
+    detail = "empty knockout, patch clean→clean, zero noise: bit-identical"
+    return _combine("null_interventions", results, detail)
+
+
+def _check_knockout(ctx: _Context) -> CheckResult:
+    """Blocked edges get probability exactly 0 (both modes); other rows are unchanged."""
+    m, mid = ctx.model, ctx.last // 2
+    src = [-3, -2]
+    ko = [Knockout(layers=[mid], src=src, dst=[-1], rows=[0])]
+    problems, errors = [], []
+    for mode in ("pre_softmax", "post_softmax_zero"):
+        with block_attention(m, ko, mode=mode):
+            cache = run_with_cache(m, ctx.batch, [Site(mid, "pattern")], logits="all")
+        probs = cache[Site(mid, "pattern")]
+        if not bool((probs[0, :, -1, src] == 0).all()):
+            problems.append(f"{mode}: blocked probability not 0")
+        with eager_attention(m):
+            clean = forward(m, ctx.batch, logits="all")
+        res = ctx.result("knockout", cache.logits[1:], clean[1:], kind="kernel")
+        errors.append(res.error)
+        if not res.passed:
+            problems.append(f"{mode}: unblocked row changed")
+        if float((cache.logits[0] - clean[0]).abs().max()) == 0:
+            problems.append(f"{mode}: knockout did not change the knocked-out row")
+    detail = "; ".join(problems) or "blocked p == 0 in both modes; other rows unchanged"
+    return CheckResult("knockout", not problems, max(errors), ctx.kernel, detail)
+
+
+def _check_per_row_knockout(ctx: _Context) -> CheckResult:
+    """Different knockouts per row in one batch == separate runs; SDPA mask == eager scores."""
+    m, mid = ctx.model, ctx.last // 2
+    rows = [Knockout(layers=[mid], src=[-2], rows=[0]), Knockout(layers=[0, mid], src=[-3, -4], rows=[1])]
+    with block_attention(m, rows):
+        together = forward(m, ctx.batch, logits="all")
+    alone = []
+    for row, ko in enumerate(rows):
+        single = ctx.batch.select([row])
+        with block_attention(m, [Knockout(layers=ko.layers, src=ko.src)]):
+            alone.append(forward(m, single, logits="all")[0])
+    batched = ctx.result("per_row_knockout", together, torch.stack(alone), kind="kernel")
+    with eager_attention(m), block_attention(m, rows):
+        eager = forward(m, ctx.batch, logits="all")
+    kernels = ctx.result("per_row_knockout", eager, together, kind="kernel")
+    detail = "per-row knockouts in one batch == one run per row; mask == eager"
+    return _combine("per_row_knockout", [batched, kernels], detail)
+
+
+def _check_batched(ctx: _Context) -> CheckResult:
+    """Batched, left-padded rows equal the unpadded prompts run alone, at real positions."""
+    m, results = ctx.model, []
+    site = Site(ctx.last // 2, "resid_post")
+    batched = run_with_cache(m, ctx.batch, [site], logits="all")
+    for row in range(len(ctx.batch)):
+        n = int(ctx.batch.attention_mask[row].sum())
+        single = ctx.batch.select([row])
+        ids, mask = single.input_ids[:, -n:], single.attention_mask[:, -n:]
+        alone = run_with_cache(m, PromptBatch(ids, mask, single.prompts), [site], logits="all")
+        for a, b in ((batched.logits[row, -n:], alone.logits[0]), (batched[site][row, -n:], alone[site][0])):
+            results.append(ctx.result("batched_equals_single", a, b, kind="kernel"))
+    return _combine(
+        "batched_equals_single", results, "left-padded batch == each prompt alone (logits, resid)"
+    )
+
+
+def _check_stop_early(ctx: _Context) -> CheckResult:
+    site = Site(ctx.last // 2, "resid_post")
+    early = run_with_cache(ctx.model, ctx.batch, [site], positions=[-1])
+    detail = "stopping after the last needed block changes nothing"
+    return ctx.result("stop_early", early[site], ctx.cache[site][:, -1:], detail=detail)
+
+
+CHECKS: tuple[tuple[str, Callable[[_Context], CheckResult]], ...] = (
+    ("logits_match_hf", _check_logits_match_hf),
+    ("hidden_states", _check_hidden_states),
+    ("block_sum", _check_block_sum),
+    ("resid_decomposition", _check_resid_decomposition),
+    ("head_sum", _check_head_sum),
+    ("neuron_sum", _check_neuron_sum),
+    ("head_sources", _check_head_sources),
+    ("final_norm", _check_final_norm),
+    ("logit_lens_final", _check_logit_lens),
+    ("frozen_scale_additive", _check_frozen_scale),
+    ("eager_kernel", _check_eager_kernel),
+    ("pattern_edit", _check_pattern_edit),
+    ("null_interventions", _check_null_interventions),
+    ("knockout", _check_knockout),
+    ("per_row_knockout", _check_per_row_knockout),
+    ("batched_equals_single", _check_batched),
+    ("stop_early", _check_stop_early),
+)
+
+
+def check_model(model: Model, *, prompts: tuple[str, ...] = PROMPTS) -> CheckReport:
+    """Run every conformance check on ``model`` and report each one (never raises on failure).
+
+    Use ``report.raise_for_failures()`` to turn failures into an error.
+    """
+    report = CheckReport(model.info.name)
+    ctx = _Context(model, prompts)
+    for name, check in CHECKS:
+        try:
+            result = check(ctx)
+        except Exception as err:  # a crashing check is a failed check, reported by name
+            result = CheckResult(name, False, detail=f"raised {type(err).__name__}: {err}")
+        report.results.append(result)
+    return report

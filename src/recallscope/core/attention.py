@@ -1,0 +1,295 @@
+"""Attention probabilities and attention-edge knockout.
+
+Two ways to stop a query position ``dst`` from reading a key position ``src`` (``methods.md`` §5.5):
+
+- ``pre_softmax`` (default; Geva et al.): the score is set to −∞ before the softmax, so the
+  remaining probabilities renormalize. Implemented by editing the ``attention_mask`` keyword that
+  transformers hands to each attention module, so SDPA (and eager) kernels stay in use.
+- ``post_softmax_zero`` (Yan & Jia): the probability is set to 0 after the softmax and the rest is
+  *not* renormalized. This needs the probabilities, so those forwards run eager attention.
+
+A knockout may differ per batch row (``rows``), which turns a whole sweep of windows and position
+sets into one batched forward::
+
+    kos = [Knockout(layers=range(w, w + 9), src=subject, dst=[-1], rows=[i]) for i, w in enumerate(starts)]
+    with block_attention(model, kos):
+        logits = forward(model, batch.repeat(len(starts)))
+
+Attention probabilities (the ``pattern`` site) come from :func:`pattern_hook`. For families wired
+to transformers' ``AttentionInterface`` we register our own eager kernel, ``recallscope_eager``,
+and switch to it only inside the contexts that need probabilities; it follows HF's eager kernel
+step by step (scaling, soft-capping, additive mask, fp32 softmax for half precision) and is
+checked against the model's own kernel by ``check_model``. GPT-J's legacy attention exposes its
+probabilities through its ``attn_dropout`` module instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.masking_utils import eager_mask
+
+from recallscope.core.hooks import module_hook
+from recallscope.errors import KnockoutError, UnsupportedModelError
+from recallscope.models.model import Model
+
+__all__ = [
+    "Knockout",
+    "KnockoutMode",
+    "block_attention",
+    "pattern_hook",
+    "eager_attention",
+    "compile_knockouts",
+    "EAGER_IMPLEMENTATION",
+]
+
+KnockoutMode = Literal["pre_softmax", "post_softmax_zero"]
+EAGER_IMPLEMENTATION = "recallscope_eager"
+_MASKABLE = ("sdpa", "eager", EAGER_IMPLEMENTATION)
+
+# attention module -> [(edits, fn)]; fn(probs [B, H, Q, K]) -> None | new probs
+_PROB_HOOKS: weakref.WeakKeyDictionary[nn.Module, list] = weakref.WeakKeyDictionary()
+
+
+def _eager_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    softcap: float | None = None,
+    s_aux: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager attention with probability hooks; shapes as transformers' ``AttentionInterface``.
+
+    ``query [B, H, Q, d_head]``, ``key``/``value [B, H_kv, K, d_head]`` → output ``[B, Q, H, d_head]``
+    and probabilities ``[B, H, Q, K]``.
+    """
+    if s_aux is not None:
+        raise UnsupportedModelError("attention sinks (s_aux) are not supported")
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:  # GQA: query head h reads key/value head h // groups (= HF's repeat_kv)
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # [B, H, Q, K]
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if attention_mask is not None:
+        mask = attention_mask[..., : key.shape[-2]]
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + mask
+    upcast = torch.float32 if scores.dtype in (torch.float16, torch.bfloat16) else None
+    probs = torch.softmax(scores, dim=-1, dtype=upcast).to(query.dtype)
+    probs = _run_prob_hooks(module, probs)
+    output = torch.matmul(probs, value).transpose(1, 2).contiguous()
+    return output, probs
+
+
+AttentionInterface.register(EAGER_IMPLEMENTATION, _eager_attention)
+AttentionMaskInterface.register(EAGER_IMPLEMENTATION, eager_mask)
+
+
+def _run_prob_hooks(module: nn.Module, probs: torch.Tensor) -> torch.Tensor:
+    # editors (knockouts) run before readers, so readers see what the model really used
+    for _, fn in sorted(_PROB_HOOKS.get(module, ()), key=lambda entry: not entry[0]):
+        new = fn(probs)
+        probs = probs if new is None else new
+    return probs
+
+
+@contextlib.contextmanager
+def eager_attention(model: Model) -> Iterator[None]:
+    """Run the model with recallscope's eager kernel inside the context (no-op for GPT-J)."""
+    config = model.hf_model.config
+    old = config._attn_implementation
+    if model.spec.probs_module is not None or old == EAGER_IMPLEMENTATION:
+        yield
+        return
+    config._attn_implementation_internal = EAGER_IMPLEMENTATION
+    try:
+        yield
+    finally:
+        config._attn_implementation_internal = old
+
+
+@contextlib.contextmanager
+def _prob_hook(model: Model, layer: int, fn: Callable, *, edits: bool) -> Iterator[None]:
+    """Call ``fn(probs [B, H, Q, K])`` in ``layer``'s attention (may return new probs)."""
+    spec = model.spec
+    if spec.probs_module is not None:  # GPT-J: probabilities pass through a dropout module
+
+        def fwd(mod, args, kwargs, output):
+            return fn(output)
+
+        with module_hook(model.module(spec.probs_module, layer), fwd, "fwd"):
+            yield
+        return
+    attn = model.module(spec.attn, layer)
+    entry = (edits, fn)
+    _PROB_HOOKS.setdefault(attn, []).append(entry)
+    try:
+        with eager_attention(model):
+            yield
+    finally:
+        _PROB_HOOKS[attn].remove(entry)
+
+
+def pattern_hook(model: Model, layer: int, fn: Callable) -> contextlib.AbstractContextManager:
+    """Context manager calling ``fn(pattern [B, n_heads, Q, K])`` each forward (a read, or a write
+    if ``fn`` returns new probabilities). Runs eager attention inside the context.
+    """
+    return _prob_hook(model, layer, fn, edits=False)
+
+
+# -- knockouts -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Knockout:
+    """Query positions ``dst`` may not attend to key positions ``src`` in ``layers``.
+
+    Positions are indices into the (left-padded) sequence; negative ones count from the end, so
+    ``dst=(-1,)`` is the last prompt token of every row. ``heads`` (query heads) and ``rows``
+    (batch rows) default to all.
+    """
+
+    layers: Sequence[int]
+    src: Sequence[int]
+    dst: Sequence[int] = (-1,)
+    heads: Sequence[int] | None = None
+    rows: Sequence[int] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("layers", "src", "dst", "heads", "rows"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, tuple(int(v) for v in value))
+
+
+def compile_knockouts(
+    knockouts: Iterable[Knockout], layer: int, shape: tuple[int, int, int, int]
+) -> torch.Tensor | None:
+    """Boolean ``blocked [B, 1|H, Q, K]`` for ``layer`` (True = edge removed), or None if unused.
+
+    ``shape`` is ``(B, H, Q, K)``.
+    """
+    batch, n_heads, n_query, n_key = shape
+    active = [ko for ko in knockouts if layer in ko.layers]
+    if not active:
+        return None
+    per_head = any(ko.heads is not None for ko in active)
+    blocked = torch.zeros(batch, n_heads if per_head else 1, n_query, n_key, dtype=torch.bool)
+    for ko in active:
+        rows = _indices(ko.rows, batch, "rows")
+        heads = _indices(ko.heads, n_heads if per_head else 1, "heads")
+        dst, src = _indices(ko.dst, n_query, "dst"), _indices(ko.src, n_key, "src")
+        blocked[rows[:, None, None, None], heads[None, :, None, None], dst[None, None, :, None], src] = True
+    return blocked
+
+
+def _indices(values: Sequence[int] | None, size: int, what: str) -> torch.Tensor:
+    if values is None:
+        return torch.arange(size)
+    index = torch.tensor(values, dtype=torch.long)
+    if ((index < -size) | (index >= size)).any():
+        raise KnockoutError(f"knockout {what} {list(values)} out of range for size {size}")
+    return index % size
+
+
+@contextlib.contextmanager
+def block_attention(
+    model: Model,
+    knockouts: Sequence[Knockout] | Mapping[int, torch.Tensor],
+    mode: KnockoutMode = "pre_softmax",
+) -> Iterator[None]:
+    """Remove attention edges inside the context.
+
+    Args:
+        model: the model.
+        knockouts: a list of :class:`Knockout`, or precompiled masks ``{layer: blocked}`` with
+            ``blocked`` a boolean tensor broadcastable to ``[B, n_heads, Q, K]`` (True = removed).
+        mode: ``"pre_softmax"`` (−∞ before softmax, renormalized) or ``"post_softmax_zero"``
+            (probability zeroed after softmax, not renormalized).
+
+    Raises:
+        KnockoutError: a pre-softmax knockout would leave a query with no key to attend to.
+    """
+    if mode not in ("pre_softmax", "post_softmax_zero"):
+        raise KnockoutError(f"unknown knockout mode {mode!r}; use 'pre_softmax' or 'post_softmax_zero'")
+    if isinstance(knockouts, Mapping):
+        layers = sorted(knockouts)
+        masks: Callable = lambda layer, shape: knockouts[layer]  # noqa: E731
+    else:
+        knockouts = list(knockouts)
+        layers = sorted({layer for ko in knockouts for layer in ko.layers})
+        cache: dict = {}
+
+        def masks(layer, shape):
+            if (layer, shape) not in cache:
+                cache[(layer, shape)] = compile_knockouts(knockouts, layer, shape)
+            return cache[(layer, shape)]
+
+    for layer in layers:
+        model.check_layer(layer)
+    with contextlib.ExitStack() as stack:
+        if mode == "pre_softmax" and model.attn_implementation not in _MASKABLE:
+            stack.enter_context(eager_attention(model))  # flash/flex kernels take no dense mask
+        for layer in layers:
+            if mode == "pre_softmax":
+                hook = _mask_prehook(model, layer, masks)
+                stack.enter_context(module_hook(model.module(model.spec.attn, layer), hook, "pre"))
+            else:
+                stack.enter_context(_prob_hook(model, layer, _zero_probs(model, layer, masks), edits=True))
+        yield
+
+
+def _zero_probs(model: Model, layer: int, masks: Callable) -> Callable:
+    def edit(probs: torch.Tensor) -> torch.Tensor:
+        blocked = masks(layer, (probs.shape[0], model.n_heads, probs.shape[2], probs.shape[3]))
+        return probs.masked_fill(blocked.to(probs.device), 0.0)
+
+    return edit
+
+
+def _mask_prehook(model: Model, layer: int, masks: Callable) -> Callable:
+    def pre(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        batch, n_query = hidden.shape[:2]
+        mask = kwargs.get("attention_mask")
+        n_key = n_query if mask is None else mask.shape[-1]
+        blocked = masks(layer, (batch, model.n_heads, n_query, n_key)).to(hidden.device)
+        if mask is None:  # SDPA's is_causal fast path: no padding, no active sliding window
+            mask = torch.ones(n_query, n_key, dtype=torch.bool, device=hidden.device).tril()[None, None]
+        if mask.dtype == torch.bool:
+            allowed, new = mask, mask & ~blocked
+        else:
+            allowed = mask > torch.finfo(mask.dtype).min / 2
+            new = mask.masked_fill(blocked, torch.finfo(mask.dtype).min)
+        _check_not_empty(allowed, allowed & ~blocked, layer)
+        return args, {**kwargs, "attention_mask": new}
+
+    return pre
+
+
+def _check_not_empty(before: torch.Tensor, after: torch.Tensor, layer: int) -> None:
+    """A query that could attend somewhere must still attend somewhere (else softmax is NaN)."""
+    emptied = before.any(-1) & ~after.any(-1)
+    if emptied.any():
+        row, head, query = (int(i) for i in emptied.nonzero()[0])
+        raise KnockoutError(
+            f"pre-softmax knockout in layer {layer} blocks every key of query position {query} "
+            f"(batch row {row}, head {head}): softmax over nothing is undefined. Keep at least one "
+            "source unblocked (e.g. the query position itself), or use mode='post_softmax_zero'"
+        )

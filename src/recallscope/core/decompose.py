@@ -1,0 +1,201 @@
+"""Exact decompositions of the residual stream into components (``methods.md`` §5.4).
+
+Axis names map to ``methods.md`` §0.3 as follows: ``batch`` = B, ``pos`` = a kept position,
+``head`` = query head h (of H = ``n_heads``), ``kv_head`` = h // (H / H_kv), ``src`` = key position
+j, ``neuron`` = k (of ``d_mlp``), ``d_model`` = d, ``d_head`` = d_h.
+
+Every function returns a :class:`Decomposition` whose ``parts`` summed over the component axis,
+plus ``rest``, equal the activation the model computed:
+
+- :func:`head_outputs`: ``attn_out = Σ_h o^h + b_O`` with ``o^h = z^h W_O^h`` (GQA needs nothing
+  special here: ``z`` is per query head);
+- :func:`head_source_outputs`: ``o^h_p = Σ_j α^h_{p,j} v^{kv(h)}_j W_O^h`` at query positions ``p``
+  (Token Lens; query head h reads key/value head ``h // n_groups``);
+- :func:`neuron_outputs`: ``mlp_out = Σ_k c_k w_k + b_out``, optionally projected onto directions
+  first so the ``[…, d_mlp, d_model]`` stack is never built;
+- :func:`resid_decomposition`: ``resid_post[L-1] = embed (+ pos_embed) + Σ_ℓ (attn_out^ℓ + mlp_out^ℓ)``
+  for sequential and parallel blocks.
+
+Gemma-2's sandwich post-norms are folded in with their actual (frozen) scale, so the identities
+stay exact there too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from recallscope.errors import ShapeError
+from recallscope.models.model import Model
+from recallscope.models.sites import Site
+
+__all__ = [
+    "Decomposition",
+    "head_outputs",
+    "head_source_outputs",
+    "neuron_outputs",
+    "resid_decomposition",
+    "resid_sites",
+]
+
+
+@dataclass(frozen=True)
+class Decomposition:
+    """``parts.sum(axis) + rest`` equals the decomposed activation.
+
+    Attributes:
+        parts: the components, with a component axis ``axis``.
+        rest: constant term (biases), broadcastable to the activation; 0 when there is none.
+        axis: index of the component axis in ``parts``.
+        labels: a name per component (for residual decompositions).
+    """
+
+    parts: torch.Tensor
+    rest: torch.Tensor | float
+    axis: int | tuple[int, ...]
+    labels: tuple[str, ...] = ()
+
+    def total(self) -> torch.Tensor:
+        """The reconstructed activation."""
+        return self.parts.sum(self.axis) + self.rest
+
+
+def _dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _post_norm(model: Model, path: str | None, layer: int, pre: torch.Tensor):
+    """Frozen-scale post-norm factor ``γ / ρ(pre)`` (Gemma-2), or None when there is no post-norm."""
+    if path is None:
+        return None
+    params = model.norm_params(path, layer)
+    rho = (pre.pow(2).mean(-1, keepdim=True) + params.eps).sqrt()
+    return params.gain(pre.dtype, pre.device) / rho
+
+
+@torch.no_grad()
+def head_outputs(model: Model, layer: int, z: torch.Tensor) -> Decomposition:
+    """Per-head outputs ``[B, P, n_heads, d_model]`` from ``z [B, P, n_heads, d_head]``.
+
+    Sum over heads plus ``rest`` equals ``attn_out`` at the same positions.
+    """
+    _check_shape(z, (model.n_heads, model.d_head), "z")
+    dtype = _dtype(z)
+    W_O = model.W_O(layer).to(z.device, dtype)
+    parts = torch.einsum("bphe,hed->bphd", z.to(dtype), W_O)
+    return _with_bias(model, layer, parts, model.b_O(layer), model.spec.attn_post_norm, axis=2)
+
+
+@torch.no_grad()
+def head_source_outputs(model: Model, layer: int, pattern: torch.Tensor, v: torch.Tensor) -> Decomposition:
+    """Per-head, per-source outputs at query positions.
+
+    Args:
+        pattern: attention probabilities at the query positions ``[B, n_heads, P, T]``.
+        v: values of all key positions ``[B, T, n_kv_heads, d_head]``.
+
+    Returns:
+        parts ``[B, P, n_heads, T, d_model]``; summed over heads and sources, plus ``rest``, they
+        equal ``attn_out`` at the query positions.
+    """
+    _check_shape(v, (model.n_kv_heads, model.d_head), "v")
+    dtype = _dtype(v)
+    v = v.to(dtype).repeat_interleave(model.n_groups, dim=2)  # [B, T, H, d_head]: head h -> kv h//g
+    weighted = torch.einsum("bhpt,bthe->bphte", pattern.to(dtype), v)
+    parts = torch.einsum("bphte,hed->bphtd", weighted, model.W_O(layer).to(v.device, dtype))
+    return _with_bias(model, layer, parts, model.b_O(layer), model.spec.attn_post_norm, axis=(2, 3))
+
+
+@torch.no_grad()
+def neuron_outputs(
+    model: Model, layer: int, coeffs: torch.Tensor, *, onto: torch.Tensor | None = None
+) -> Decomposition:
+    """Per-neuron contributions ``c_k w_k`` from ``coeffs [B, P, d_mlp]`` (the ``mlp_post`` site).
+
+    Args:
+        onto: optional directions ``[d_model]`` or ``[n, d_model]``; then parts are the scalars
+            ``c_k (w_k · u)`` of shape ``[B, P, d_mlp]`` or ``[B, P, d_mlp, n]`` and nothing of size
+            ``d_mlp × d_model`` per position is built.
+
+    Returns:
+        parts ``[B, P, d_mlp, d_model]`` (or projected); sum over neurons plus ``rest`` equals
+        ``mlp_out`` (or its projection).
+    """
+    _check_shape(coeffs, (model.d_mlp,), "coeffs")
+    dtype = _dtype(coeffs)
+    coeffs = coeffs.to(dtype)
+    W_out = model.W_out(layer).to(coeffs.device, dtype)  # [d_mlp, d_model]
+    b_out = model.b_out(layer)
+    scale = None
+    if model.spec.mlp_post_norm is not None:  # Gemma-2: γ / ρ of the pre-norm MLP output
+        pre = coeffs @ W_out + (0 if b_out is None else b_out.to(coeffs.device, dtype))
+        scale = _post_norm(model, model.spec.mlp_post_norm, layer, pre)  # [B, P, d_model]
+    if onto is None:
+        parts = coeffs[..., None] * W_out  # [B, P, d_mlp, d_model]
+        parts = parts if scale is None else parts * scale[..., None, :]
+        rest = 0.0 if b_out is None else b_out.to(coeffs.device, dtype)
+        rest = rest if scale is None else rest * scale
+        return Decomposition(parts, rest, axis=2)
+    u = onto.to(coeffs.device, dtype)
+    u = u[None] if u.dim() == 1 else u  # [n, d_model]
+    if scale is None:
+        parts = coeffs[..., None] * (W_out @ u.T)  # [B, P, d_mlp, n]
+    else:
+        parts = coeffs[..., None] * torch.einsum("kd,bpd,nd->bpkn", W_out, scale, u)
+    rest = 0.0
+    if b_out is not None:
+        folded = b_out.to(coeffs.device, dtype) * (1 if scale is None else scale)
+        rest = folded @ u.T
+    if onto.dim() == 1:
+        parts, rest = parts[..., 0], rest if isinstance(rest, float) else rest[..., 0]
+    return Decomposition(parts, rest, axis=2)
+
+
+def _with_bias(model, layer, parts, bias, post_norm, axis) -> Decomposition:
+    """Attach the output bias and fold a Gemma-2 post-norm into per-head parts."""
+    axes = (axis,) if isinstance(axis, int) else axis
+    dtype, device = parts.dtype, parts.device
+    rest = 0.0 if bias is None else bias.to(device, dtype)
+    if post_norm is not None:
+        scale = _post_norm(model, post_norm, layer, parts.sum(axes) + rest)  # [B, P, d_model]
+        view = scale
+        for a in sorted(axes):
+            view = view.unsqueeze(a)
+        parts, rest = parts * view, rest * scale
+    return Decomposition(parts, rest, axis=axes[0] if len(axes) == 1 else axes)
+
+
+def resid_sites(model: Model) -> list[Site]:
+    """The sites :func:`resid_decomposition` needs."""
+    sites = [Site(None, "embed")] + ([Site(None, "pos_embed")] if model.spec.pos_embed else [])
+    for layer in range(model.n_layers):
+        sites += [Site(layer, "attn_out"), Site(layer, "mlp_out")]
+    return sites
+
+
+@torch.no_grad()
+def resid_decomposition(model: Model, cache, *, upto: int | None = None) -> Decomposition:
+    """``resid_post[upto]`` (default: last block) as embeddings + every attention and MLP update.
+
+    Args:
+        cache: a :class:`~recallscope.core.cache.Cache` holding :func:`resid_sites`.
+
+    Returns:
+        parts ``[B, P, n_components, d_model]`` labelled ``embed``, ``pos_embed``, ``0.attn_out``,
+        ``0.mlp_out``, …; ``rest`` is 0.
+    """
+    upto = model.n_layers - 1 if upto is None else model.check_layer(upto)
+    labels, parts = [], []
+    for site in resid_sites(model):
+        if site.layer is None or site.layer <= upto:
+            labels.append(str(site))
+            parts.append(cache[site])
+    dtype = _dtype(parts[0])
+    stacked = torch.stack([p.to(dtype) for p in parts], dim=2)
+    return Decomposition(stacked, 0.0, axis=2, labels=tuple(labels))
+
+
+def _check_shape(x: torch.Tensor, tail: tuple[int, ...], name: str) -> None:
+    if tuple(x.shape[-len(tail) :]) != tail:
+        raise ShapeError(f"{name} must end in {tail}, got shape {tuple(x.shape)}")

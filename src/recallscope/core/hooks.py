@@ -1,0 +1,244 @@
+"""Site hooks: read or rewrite an activation of the native HF forward, by site name.
+
+Everything else in ``core`` is built on :func:`site_hook`::
+
+    def double(act):                      # act: canonical shape of the site, e.g. [B, T, d_model]
+        return 2 * act
+    with site_hook(model, Site(3, "mlp_out"), double):
+        logits = model.hf_model(input_ids).logits
+
+A site hook calls ``fn`` with the site's activation in its canonical shape (see
+:mod:`recallscope.models.sites`). If ``fn`` returns None the forward goes on unchanged (a read);
+if it returns a tensor, that tensor replaces the activation (a write). Hooks are context managers
+and are always removed on exit, also after an exception. The module layouts behind a site (GPT-2's
+fused ``c_attn``, NeoX's per-head q/k/v interleave, OPT's flattened MLP, tuple outputs) are
+handled here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from recallscope.errors import SiteError
+from recallscope.models.model import Model
+from recallscope.models.sites import Site
+
+__all__ = ["site_hook", "module_hook", "stop_after", "StopForward", "SiteFn"]
+
+SiteFn = Callable[[torch.Tensor], "torch.Tensor | None"]
+
+
+class StopForward(Exception):
+    """Raised by :func:`stop_after` to cut a forward pass short."""
+
+
+@contextlib.contextmanager
+def module_hook(module: nn.Module, fn: Callable, kind: str) -> Iterator[None]:
+    """Register a forward (``kind="fwd"``) or forward-pre (``"pre"``) hook with kwargs; remove on exit."""
+    register = module.register_forward_pre_hook if kind == "pre" else module.register_forward_hook
+    handle = register(fn, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def stop_after(model: Model, layer: int) -> Iterator[None]:
+    """Raise :class:`StopForward` once block ``layer`` has run (register it after readers)."""
+
+    def stop(module, args, kwargs, output):
+        raise StopForward
+
+    with module_hook(model.block(layer), stop, "fwd"):
+        yield
+
+
+def site_hook(model: Model, site: Site, fn: SiteFn) -> contextlib.AbstractContextManager:
+    """Context manager that calls ``fn`` on ``site``'s activation (canonical shape) each forward.
+
+    ``pattern`` is served by :func:`recallscope.core.attention.pattern_hook`, which this delegates to.
+    """
+    if site.name == "pattern":
+        from recallscope.core.attention import pattern_hook
+
+        return pattern_hook(model, model.check_layer(site.layer), fn)
+    if site.layer is not None:
+        model.check_layer(site.layer)
+    if site.name == "resid_mid":
+        return _resid_mid_hook(model, site.layer, fn)
+    module, kind, view = _locate(model, site)
+    return _hook_with_view(model, site.layer, module, kind, view, fn)
+
+
+# -- locating sites ------------------------------------------------------------------------------
+
+
+class _View:
+    """How a module's tensor maps to the canonical site tensor and back."""
+
+    def __init__(self, get: Callable, put: Callable | None = None) -> None:
+        self.get = get
+        self.put = put or (lambda raw, new: new.reshape(raw.shape))
+
+
+_IDENTITY = _View(lambda raw: raw, lambda raw, new: new.expand(raw.shape))
+
+
+def _heads_view(n_heads: int) -> _View:
+    return _View(lambda raw: raw.unflatten(-1, (n_heads, -1)))
+
+
+def _fused_view(model: Model, which: int) -> _View:
+    """q/k/v (``which`` = 0/1/2) from a fused projection output ``[B, T, 3 * d]``."""
+    n_heads, d_head = model.n_heads, model.d_head
+    if model.spec.qkv_layout == "split":  # [q | k | v], each [H * d_head]
+        width = n_heads * d_head
+        cols = slice(which * width, (which + 1) * width)
+
+        def get(raw):
+            return raw[..., cols].unflatten(-1, (n_heads, d_head))
+
+        def put(raw, new):
+            raw = raw.clone()
+            raw[..., cols] = new.flatten(-2)
+            return raw
+    else:  # per head: [h0: q k v | h1: q k v | ...]
+        cols = slice(which * d_head, (which + 1) * d_head)
+
+        def get(raw):
+            return raw.unflatten(-1, (n_heads, 3 * d_head))[..., cols]
+
+        def put(raw, new):
+            raw = raw.unflatten(-1, (n_heads, 3 * d_head)).clone()
+            raw[..., cols] = new
+            return raw.flatten(-2)
+
+    return _View(get, put)
+
+
+def _locate(model: Model, site: Site) -> tuple[nn.Module, str, _View]:
+    """``(module, "pre" | "fwd", view)`` for every site served by one plain hook."""
+    spec, layer, name = model.spec, site.layer, site.name
+    if name == "embed":
+        return model.module(spec.embed), "fwd", _IDENTITY
+    if name == "pos_embed":
+        if spec.pos_embed is None:
+            raise SiteError(f"{spec.family} has no learned position embedding (pos_embed site)")
+        return model.module(spec.pos_embed), "fwd", _IDENTITY
+    block_sites = {
+        "resid_pre": (model.block(layer), "pre", _IDENTITY),
+        "resid_post": (model.block(layer), "fwd", _IDENTITY),
+        "attn_out": (model.module(spec.attn_out, layer), "fwd", _IDENTITY),
+        "mlp_out": (model.module(spec.mlp_out, layer), "fwd", _IDENTITY),
+        "z": (model.module(spec.o_proj, layer), "pre", _heads_view(model.n_heads)),
+        "mlp_pre": (model.module(spec.mlp_pre, layer), "fwd", _IDENTITY),
+        "mlp_post": (model.module(spec.mlp_out_proj, layer), "pre", _IDENTITY),
+    }
+    if name in block_sites:
+        return block_sites[name]
+    which = "qkv".index(name)
+    if spec.qkv_proj is not None:
+        return model.module(spec.qkv_proj, layer), "fwd", _fused_view(model, which)
+    proj = (spec.q_proj, spec.k_proj, spec.v_proj)[which]
+    n_heads = model.n_heads if name == "q" else model.n_kv_heads
+    return model.module(proj, layer), "fwd", _heads_view(n_heads)
+
+
+# -- generic hook plumbing -------------------------------------------------------------------------
+
+
+def _input_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _replace_input(args: tuple, kwargs: dict, new: torch.Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (new, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": new}
+
+
+def _output_tensor(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _replace_output(output: Any, new: torch.Tensor) -> Any:
+    return (new, *output[1:]) if isinstance(output, tuple) else new
+
+
+@contextlib.contextmanager
+def _hook_with_view(
+    model: Model, layer: int | None, module: nn.Module, kind: str, view: _View, fn: SiteFn
+) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        shape = _track_batch_shape(model, layer, stack)
+
+        def apply(raw: torch.Tensor) -> torch.Tensor | None:
+            flat = raw.dim() == 2  # OPT runs its MLP on [B*T, ...]
+            raw = raw.unflatten(0, shape[0]) if flat else raw
+            new = fn(view.get(raw))
+            if new is None:
+                return None
+            new = view.put(raw, new.to(raw.device, raw.dtype))
+            return new.flatten(0, 1) if flat else new
+
+        if kind == "pre":
+
+            def pre(mod, args, kwargs):
+                new = apply(_input_tensor(args, kwargs))
+                return None if new is None else _replace_input(args, kwargs, new)
+
+            stack.enter_context(module_hook(module, pre, "pre"))
+        else:
+
+            def fwd(mod, args, kwargs, output):
+                new = apply(_output_tensor(output))
+                return None if new is None else _replace_output(output, new)
+
+            stack.enter_context(module_hook(module, fwd, "fwd"))
+        yield
+
+
+def _track_batch_shape(model: Model, layer: int | None, stack: contextlib.ExitStack) -> list:
+    """For flattened-MLP models, record each forward's ``(B, T)`` from the block's input."""
+    shape: list = [None]
+    if model.spec.flat_mlp and layer is not None:
+
+        def record(mod, args, kwargs):
+            shape[0] = tuple(_input_tensor(args, kwargs).shape[:2])
+
+        stack.enter_context(module_hook(model.block(layer), record, "pre"))
+    return shape
+
+
+@contextlib.contextmanager
+def _resid_mid_hook(model: Model, layer: int, fn: SiteFn) -> Iterator[None]:
+    """``resid_mid``: read at the MLP norm's input; write by rewriting ``attn_out``.
+
+    Writing ``r'`` is done as ``attn_out' = r' - resid_pre``, so the block's own residual add
+    yields ``r'`` (up to one rounding).
+    """
+    if model.spec.parallel:
+        raise SiteError(
+            f"resid_mid does not exist in {model.spec.family}: its blocks are parallel "
+            "(attention and MLP both read resid_pre); use resid_pre, attn_out or mlp_out"
+        )
+    resid_pre: list[torch.Tensor | None] = [None]
+
+    def remember(act):
+        resid_pre[0] = act
+
+    def rewrite_attn(attn):
+        mid = resid_pre[0] + attn
+        new = fn(mid)
+        return None if new is None else new.to(mid.device, mid.dtype) - resid_pre[0]
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(site_hook(model, Site(layer, "resid_pre"), remember))
+        stack.enter_context(site_hook(model, Site(layer, "attn_out"), rewrite_attn))
+        yield

@@ -1,0 +1,1 @@
+"""Fact datasets and loaders; added by the datasets issue."""

@@ -1,0 +1,1 @@
+"""Analyses of the four papers (one module per method); added by later issues."""

@@ -1,0 +1,151 @@
+"""``load_model``: one entry point for the embedded model, hub ids, local folders, GGUF files
+and already-built transformers models.
+
+Loading never reaches the network when the model is on this machine: we first ask transformers
+for local files only, and go online only if that fails and ``HF_HUB_OFFLINE`` is not set.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from recallscope.errors import ModelNotAvailableError
+from recallscope.models.gguf import EMBEDDED_MODELS, cached_gguf_dir, embedded_gguf_path
+from recallscope.models.model import BosPolicy, Model, ModelInfo
+
+__all__ = ["load_model", "DEFAULT_MODEL", "resolve_dtype"]
+
+DEFAULT_MODEL = "smollm2-135m"
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float64": torch.float64,
+    "fp64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """``None`` → float32 (analyses default to full precision); names like ``"bf16"`` accepted."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def load_model(
+    name_or_path: str | os.PathLike | nn.Module = DEFAULT_MODEL,
+    *,
+    tokenizer: Any = None,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    device_map: str | dict | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+    bos: BosPolicy = "tokenizer",
+) -> Model:
+    """Load a causal LM and wrap it in a :class:`Model`.
+
+    Args:
+        name_or_path: ``"smollm2-135m"`` (the embedded default), a Hugging Face hub id, a local
+            model folder, a local ``.gguf`` file, or an already-built ``*ForCausalLM`` (then pass
+            ``tokenizer`` too).
+        tokenizer: tokenizer for an already-built model (loaded with the model otherwise).
+        dtype: weights dtype; default float32.
+        device: where to put the model; default ``"cuda"`` when available, else ``"cpu"``.
+            Ignored when ``device_map`` is given.
+        device_map: passed to transformers/accelerate (e.g. ``"auto"``) for models larger than
+            one device.
+        revision: hub branch, tag or commit.
+        trust_remote_code: allow custom modeling code from the hub (off by default).
+        attn_implementation: ``"sdpa"`` (default where supported) or ``"eager"``.
+        bos: BOS policy, see :class:`Model`.
+
+    Raises:
+        ModelNotAvailableError: the model is not on this machine and cannot be downloaded.
+        UnsupportedModelError: the architecture is not supported.
+    """
+    torch_dtype = resolve_dtype(dtype)
+    if isinstance(name_or_path, nn.Module):
+        model = Model(name_or_path, tokenizer, info=ModelInfo(_model_label(name_or_path), "object"), bos=bos)
+        return model if device is None else _move(model, device)
+    name = os.fspath(name_or_path)
+    kwargs = dict(
+        dtype=torch_dtype,
+        device_map=device_map,
+        trust_remote_code=trust_remote_code,
+        attn_implementation=attn_implementation,
+    )
+    if name in EMBEDDED_MODELS:
+        folder, sha = cached_gguf_dir(embedded_gguf_path(name))
+        info = ModelInfo(name, "embedded", file_sha256=sha)
+        hf_model, tok = _from_pretrained(str(folder), name, local=True, **kwargs)
+    elif name.endswith(".gguf"):
+        path = Path(name)
+        if not path.is_file():
+            raise ModelNotAvailableError(f"GGUF file {name!r} does not exist")
+        folder, sha = cached_gguf_dir(path)
+        info = ModelInfo(name, "gguf", file_sha256=sha)
+        hf_model, tok = _from_pretrained(str(folder), name, local=True, **kwargs)
+    else:
+        local = Path(name).is_dir()
+        hf_model, tok = _from_pretrained(name, name, local=local, revision=revision, **kwargs)
+        commit = getattr(hf_model.config, "_commit_hash", None)
+        info = ModelInfo(name, "local" if local else "hub", revision=commit or revision)
+    model = Model(hf_model, tokenizer or tok, info=info, bos=bos)
+    if device_map is None:
+        model = _move(model, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return model
+
+
+def _model_label(hf_model: nn.Module) -> str:
+    return getattr(hf_model.config, "_name_or_path", "") or type(hf_model).__name__
+
+
+def _move(model: Model, device: str | torch.device) -> Model:
+    model.hf_model.to(device)
+    return model
+
+
+def _from_pretrained(source: str, name: str, *, local: bool, **kwargs: Any) -> tuple[nn.Module, Any]:
+    """Load model and tokenizer, offline first; wrap "not found" into a clear error."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    tok_kwargs = {k: kwargs[k] for k in ("revision", "trust_remote_code") if k in kwargs}
+    attempts = [True] if local or _offline() else [True, False]
+    error: Exception | None = None
+    for local_only in attempts:
+        try:
+            hf_model = AutoModelForCausalLM.from_pretrained(source, local_files_only=local_only, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only, **tok_kwargs)
+            return hf_model, tokenizer
+        except (OSError, ValueError) as err:  # transformers reports missing files as OSError
+            if local:
+                raise
+            error = err
+    raise ModelNotAvailableError(
+        f"model {name!r} is not available on this machine"
+        + ("" if _offline() else " and could not be downloaded")
+        + f" ({str(error).splitlines()[0]}).\nTo use it offline: on a machine with internet run "
+        f"`hf download {name}` (it fills the Hugging Face cache, ~/.cache/huggingface), then copy "
+        "that cache here, or pass the path of a local model folder. recallscope's embedded model "
+        "needs no download: load_model('smollm2-135m')."
+    ) from None
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")

@@ -1,0 +1,217 @@
+"""``Model``: a native Hugging Face causal LM, its tokenizer and its architecture spec.
+
+The wrapper adds no modules and converts no weights: ``model.hf_model`` is the transformers model
+itself, and every primitive in ``recallscope.core`` works through PyTorch hooks on its modules.
+Weights are exposed in one canonical layout whatever the family (``methods.md`` §0.3)::
+
+    W_U [d_vocab, d_model]   W_E [d_vocab, d_model]
+    W_O(layer) [n_heads, d_head, d_model]     W_out(layer) [d_mlp, d_model]
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from recallscope.errors import SiteError
+from recallscope.models.families import get_module, spec_for
+from recallscope.models.spec import ArchSpec
+
+__all__ = ["Model", "ModelInfo", "NormParams", "BosPolicy"]
+
+BosPolicy = Literal["tokenizer", "never", "always"]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Provenance of a loaded model, recorded in every result."""
+
+    name: str
+    """What the user asked for (``"smollm2-135m"``, a hub id, a path)."""
+    source: str
+    """``embedded``, ``hub``, ``local``, ``gguf`` or ``object``."""
+    revision: str | None = None
+    """Hub commit hash, when known."""
+    file_sha256: str | None = None
+    """SHA-256 of the weights file (GGUF sources)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class NormParams:
+    """Parameters of one LayerNorm / RMSNorm, enough to apply it with a frozen scale."""
+
+    kind: Literal["layer", "rms"]
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    eps: float
+    offset_one: bool = False
+    """Gemma: the norm multiplies by ``1 + weight``."""
+
+    def gain(self, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor | None:
+        """Multiplicative gain ``γ`` in ``dtype`` (``1 + w`` for Gemma), or None for no weight."""
+        if self.weight is None:
+            return None
+        weight = self.weight.to(device=device, dtype=dtype)
+        return 1.0 + weight if self.offset_one else weight
+
+
+class Model:
+    """A transformers causal LM with its tokenizer and :class:`ArchSpec`.
+
+    Args:
+        hf_model: a ``*ForCausalLM`` from transformers; it is put in eval mode.
+        tokenizer: its tokenizer (may be None for models used only with token ids).
+        info: provenance of the weights.
+        bos: how prompts start: ``"tokenizer"`` (whatever the tokenizer adds by default),
+            ``"never"`` or ``"always"`` (prepend ``tokenizer.bos_token`` if it does not).
+    """
+
+    def __init__(
+        self,
+        hf_model: nn.Module,
+        tokenizer: Any = None,
+        *,
+        info: ModelInfo | None = None,
+        bos: BosPolicy = "tokenizer",
+    ) -> None:
+        self.hf_model = hf_model.eval()
+        self.tokenizer = tokenizer
+        self.spec: ArchSpec = spec_for(hf_model)
+        self.info = info or ModelInfo(name=type(hf_model).__name__, source="object")
+        if bos not in ("tokenizer", "never", "always"):
+            raise ValueError(f"bos must be 'tokenizer', 'never' or 'always', got {bos!r}")
+        self.bos: BosPolicy = bos
+        dims = self.spec.dims
+        self.n_layers, self.n_heads, self.n_kv_heads = dims.n_layers, dims.n_heads, dims.n_kv_heads
+        self.d_model, self.d_head, self.d_mlp, self.d_vocab = (
+            dims.d_model,
+            dims.d_head,
+            dims.d_mlp,
+            dims.d_vocab,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"Model({self.info.name!r}, family={self.spec.family!r}, n_layers={self.n_layers}, "
+            f"n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, d_model={self.d_model}, "
+            f"d_mlp={self.d_mlp}, d_vocab={self.d_vocab}, dtype={self.dtype})"
+        )
+
+    # -- properties ---------------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.W_U.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the input embedding (where token ids must go)."""
+        return get_module(self.hf_model, self.spec.embed).weight.device
+
+    @property
+    def attn_implementation(self) -> str:
+        return self.hf_model.config._attn_implementation
+
+    @property
+    def n_groups(self) -> int:
+        """Query heads per key/value head."""
+        return self.spec.dims.n_groups
+
+    def provenance(self) -> dict[str, Any]:
+        """Everything needed to say which model and software produced a number."""
+        import transformers
+
+        from recallscope import __version__
+
+        return {
+            **self.info.to_dict(),
+            "family": self.spec.family,
+            "model_class": type(self.hf_model).__name__,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": str(self.device),
+            "attn_implementation": self.attn_implementation,
+            "bos": self.bos,
+            "layer_indexing": "0-based blocks; resid_pre[l] is the input of block l",
+            "versions": {
+                "recallscope": __version__,
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "python": platform.python_version(),
+            },
+        }
+
+    # -- modules ------------------------------------------------------------------------------
+    def module(self, path: str, layer: int | None = None) -> nn.Module:
+        """The module at a model-level ``path``, or at a block-level ``path`` of ``layer``."""
+        if layer is None:
+            return get_module(self.hf_model, path)
+        return get_module(self.block(layer), path)
+
+    def block(self, layer: int) -> nn.Module:
+        self.check_layer(layer)
+        return get_module(self.hf_model, self.spec.blocks)[layer]
+
+    def check_layer(self, layer: int) -> int:
+        """Return ``layer`` if it is a valid block index, else raise :class:`SiteError`."""
+        if not isinstance(layer, int) or not 0 <= layer < self.n_layers:
+            raise SiteError(
+                f"layer {layer!r} does not exist: expected 0 ≤ layer < {self.n_layers} "
+                f"(this model has {self.n_layers} blocks; negative indices are not accepted)"
+            )
+        return layer
+
+    # -- weights in canonical layout ------------------------------------------------------------
+    @property
+    def W_U(self) -> torch.Tensor:
+        """Unembedding ``[d_vocab, d_model]``."""
+        return self.module(self.spec.unembed).weight.detach()
+
+    @property
+    def b_U(self) -> torch.Tensor | None:
+        """Unembedding bias ``[d_vocab]`` (GPT-J, Phi) or None."""
+        return _detached(self.module(self.spec.unembed).bias)
+
+    @property
+    def W_E(self) -> torch.Tensor:
+        """Token embedding matrix ``[d_vocab_in, d_model]`` (without Gemma's scale)."""
+        return self.module(self.spec.embed).weight.detach()
+
+    def W_O(self, layer: int) -> torch.Tensor:
+        """Attention output weights ``[n_heads, d_head, d_model]``; head h owns ``W_O[h]``."""
+        weight = self.module(self.spec.o_proj, layer).weight.detach()
+        weight = weight if self.spec.conv1d else weight.T  # [n_heads * d_head, d_model]
+        return weight.reshape(self.n_heads, self.d_head, self.d_model)
+
+    def b_O(self, layer: int) -> torch.Tensor | None:
+        return _detached(self.module(self.spec.o_proj, layer).bias)
+
+    def W_out(self, layer: int) -> torch.Tensor:
+        """MLP output weights ``[d_mlp, d_model]``; neuron k writes ``W_out[k]``."""
+        weight = self.module(self.spec.mlp_out_proj, layer).weight.detach()
+        return weight if self.spec.conv1d else weight.T
+
+    def b_out(self, layer: int) -> torch.Tensor | None:
+        return _detached(self.module(self.spec.mlp_out_proj, layer).bias)
+
+    def norm_params(self, path: str, layer: int | None = None) -> NormParams:
+        """Parameters of the norm at ``path`` (``self.spec.final_norm`` for the final norm)."""
+        norm = self.module(path, layer)
+        eps = getattr(norm, "eps", None)
+        eps = getattr(norm, "variance_epsilon", None) if eps is None else eps
+        return NormParams(
+            kind=self.spec.norm,
+            weight=_detached(getattr(norm, "weight", None)),
+            bias=_detached(getattr(norm, "bias", None)),
+            eps=float(eps if eps is not None else 1e-6),
+            offset_one=self.spec.norm_offset_one,
+        )
+
+
+def _detached(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.detach()

@@ -1,0 +1,26 @@
+"""Every family passes the public conformance suite, in float64 and float32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import recallscope as rs
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_check_model_passes(family, dtype, tiny_models):
+    model = tiny_models(family, dtype)
+    report = rs.check_model(model)
+    assert report.passed, str(report)
+    assert len(report.results) == len(rs.check.CHECKS)
+
+
+def test_report_names_failures(tiny_models):
+    model = tiny_models("llama_gqa")
+    report = rs.check.CheckReport("x", [rs.check.CheckResult("a", True), rs.check.CheckResult("b", False)])
+    assert not report.passed and [r.name for r in report.failures] == ["b"]
+    assert "1/2 checks passed" in str(report)
+    with pytest.raises(AssertionError, match=r"\[FAIL\] b"):
+        report.raise_for_failures()
+    assert model.n_kv_heads == 2

@@ -1,0 +1,156 @@
+"""Tiny random-weight models of every supported family, built from configs (no downloads).
+
+``tiny_model("llama_gqa")`` returns a float64 :class:`recallscope.Model` whose biases and norm
+weights are random (many are zero- or one-initialized by default, which would hide bugs), with a
+small trained tokenizer. Every model is asserted to be tiny, so a misspelled config key cannot
+silently build a full-size model.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import transformers as T
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+import recallscope as rs
+
+VOCAB = 320
+CORPUS = [
+    "The capital of France is Paris. The capital of Italy is Rome.",
+    "The Eiffel Tower is located in the city of Paris in France.",
+    "Miles Davis plays the trumpet. The Colosseum is in Rome.",
+    "The official language of Japan is Japanese, and its currency is the yen.",
+    "Apple was founded by Steve Jobs. Microsoft is headquartered in Redmond.",
+]
+
+_COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4)
+_LLAMALIKE = dict(_COMMON, intermediate_size=64, head_dim=8)
+FAMILIES = {
+    # name: (config class, kwargs)
+    "gpt2": (
+        T.GPT2Config,
+        dict(
+            vocab_size=VOCAB,
+            n_embd=32,
+            n_layer=3,
+            n_head=4,
+            n_positions=64,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        ),
+    ),
+    "llama_mha": (T.LlamaConfig, dict(_LLAMALIKE, num_key_value_heads=4)),
+    "llama_gqa": (T.LlamaConfig, dict(_LLAMALIKE, num_key_value_heads=2, attention_bias=True, mlp_bias=True)),
+    "llama_mqa": (T.LlamaConfig, dict(_LLAMALIKE, num_key_value_heads=1, tie_word_embeddings=True)),
+    "mistral": (T.MistralConfig, dict(_LLAMALIKE, num_key_value_heads=2, sliding_window=4)),
+    "qwen2": (T.Qwen2Config, dict(_LLAMALIKE, num_key_value_heads=2)),
+    "qwen3": (T.Qwen3Config, dict(_LLAMALIKE, num_key_value_heads=2)),
+    "gemma": (T.GemmaConfig, dict(_LLAMALIKE, num_key_value_heads=1)),
+    "gemma2": (
+        T.Gemma2Config,
+        dict(
+            _LLAMALIKE,
+            num_key_value_heads=2,
+            sliding_window=4,
+            final_logit_softcapping=3.0,
+            attn_logit_softcapping=5.0,
+            query_pre_attn_scalar=8,
+        ),
+    ),
+    "gpt_neox": (T.GPTNeoXConfig, dict(_COMMON, intermediate_size=64)),
+    "gpt_neox_sequential": (
+        T.GPTNeoXConfig,
+        dict(_COMMON, intermediate_size=64, use_parallel_residual=False),
+    ),
+    "gptj": (
+        T.GPTJConfig,
+        dict(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, rotary_dim=4, n_positions=64),
+    ),
+    "opt": (
+        T.OPTConfig,
+        dict(
+            _COMMON,
+            ffn_dim=64,
+            word_embed_proj_dim=32,
+            max_position_embeddings=64,
+            dropout=0.0,
+            pad_token_id=1,
+        ),
+    ),
+    "phi": (T.PhiConfig, dict(_COMMON, intermediate_size=64)),
+}
+FAMILY_NAMES = tuple(FAMILIES)
+
+
+@functools.cache
+def byte_level_tokenizer() -> PreTrainedTokenizerFast:
+    """GPT-2-style byte-level BPE (leading-space tokens ``Ġ``), no BOS."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB - 2,
+        special_tokens=["<|endoftext|>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<pad>")
+
+
+@functools.cache
+def sentencepiece_tokenizer() -> PreTrainedTokenizerFast:
+    """SentencePiece-style BPE (``▁`` word starts) that prepends ``<s>`` like Llama-2."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB - 4, special_tokens=["<unk>", "<s>", "</s>", "<pad>"], show_progress=False
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
+    """Give every bias and norm weight a random non-trivial value (in place)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            is_norm = "norm" in name or "ln_" in name or "layernorm" in name.lower()
+            if name.endswith("bias") or is_norm:
+                noise = torch.randn(param.shape, generator=generator, dtype=torch.float64)
+                base = 1.0 if is_norm and name.endswith("weight") else 0.0
+                param.copy_((base + 0.3 * noise).to(param.dtype))
+
+
+def tiny_hf_model(name: str, dtype: torch.dtype = torch.float64, seed: int = 0, **overrides):
+    config_cls, kwargs = FAMILIES[name]
+    config = config_cls(**{**kwargs, **overrides})
+    torch.manual_seed(seed)
+    model = T.AutoModelForCausalLM.from_config(config).to(dtype).eval()
+    if name == "gptj":  # GPT-J's unembedding bias is zero-initialized: make it count
+        model.lm_head.bias.data.normal_(0, 0.3)
+    randomize_(model, seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    assert n_params < 1_000_000, f"{name} is not tiny: {n_params} parameters"
+    return model
+
+
+def tiny_model(name: str, dtype: torch.dtype = torch.float64, seed: int = 0, tokenizer=None, **overrides):
+    hf_model = tiny_hf_model(name, dtype, seed, **overrides)
+    if name == "gemma2" and dtype == torch.float64:
+        # HF's eager kernel (Gemma-2 supports no other) runs the softmax in float32 even for float64
+        # models: float64's mask value becomes -inf and padded rows turn into NaN. Run float64 Gemma-2
+        # on recallscope's eager kernel, which keeps float64; the float32 tests cover HF's kernel.
+        from recallscope.core.attention import EAGER_IMPLEMENTATION
+
+        hf_model.config._attn_implementation_internal = EAGER_IMPLEMENTATION
+    return rs.load_model(hf_model, tokenizer=tokenizer or byte_level_tokenizer(), device="cpu")
