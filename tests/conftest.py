@@ -13,8 +13,6 @@ sys.path.insert(0, str(Path(__file__).parent))  # make tests/tiny.py importable
 
 from tiny import FAMILY_NAMES, tiny_model  # noqa: E402
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
-
 
 @pytest.fixture(scope="session")
 def tiny_models():

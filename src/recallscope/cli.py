@@ -76,9 +76,9 @@ def run_cmd(model_name: str, dtype: str | None, device: str | None, out: str) ->
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``recallscope`` command; library errors print as one clean message."""
     try:
-        cli.main(args=argv, prog_name="recallscope", standalone_mode=False)
+        code = cli.main(args=argv, prog_name="recallscope", standalone_mode=False)
     except click.exceptions.Exit as done:
-        sys.exit(done.exit_code)
+        code = done.exit_code
     except click.ClickException as err:
         err.show()
         sys.exit(err.exit_code)
@@ -87,3 +87,4 @@ def main(argv: list[str] | None = None) -> None:
     except RecallscopeError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from recallscope.errors import SpanError
+from recallscope.errors import RecallscopeError, SpanError
 from recallscope.models.model import Model
 
 __all__ = ["PromptBatch", "tokenize", "find_token_span", "encode_prompt"]
@@ -142,7 +142,8 @@ def _offsets_by_decoding(tok: Any, ids: list[int], special: list[int]) -> list[t
         if is_special:
             offsets.append((0, 0))
             continue
-        text = tok.decode([t for t, s in zip(ids[: i + 1], special[: i + 1], strict=True) if not s])
+        kept = [t for t, s in zip(ids[: i + 1], special[: i + 1], strict=True) if not s]
+        text = tok.decode(kept, clean_up_tokenization_spaces=False)
         offsets.append((previous, len(text)))
         previous = len(text)
     return offsets
@@ -216,6 +217,8 @@ def tokenize(
         SpanError: a span is not in its prompt, or covers no token.
     """
     prompts = list(prompts)
+    if not prompts:
+        raise RecallscopeError("tokenize needs at least one prompt")
     _check_lengths(len(prompts), spans=spans, targets=targets, fact_ids=fact_ids)
     encoded = [encode_prompt(model, p) for p in prompts]
     width = max(len(ids) for ids, _, _ in encoded)
@@ -249,7 +252,7 @@ def tokenize(
         target_ids=None if answers is None else torch.tensor([a[0] for a in answers]),
         answer_ids=answers,
         fact_ids=None if fact_ids is None else tuple(fact_ids),
-        n_prefix=encoded[0][2] if encoded else 0,
+        n_prefix=encoded[0][2],
     )
 
 

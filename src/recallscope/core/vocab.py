@@ -124,7 +124,7 @@ def project_to_vocab(
         mode: ``raw``, ``logit_lens`` or ``frozen_scale`` (module docstring).
         scale_from: ``frozen_scale`` only: reference residual(s) ``[*S', d_model]`` broadcastable
             to ``x``'s leading shape whose final-norm scale is used.
-        bias: add ``b_U`` (``raw``) or ``W_U·β + b_U`` (``frozen_scale``); default False.
+        bias: add ``b_U`` (``raw`` with ``W_U``) or ``W_U·β + b_U`` (``frozen_scale``); default False.
             ``logit_lens`` always uses the model's full head.
         matrix: ``raw`` only: project with ``W_U`` or the input embedding ``E``.
         targets: token ids per batch row (``x``'s first axis): ``[B]`` or ``[B, n]``.
@@ -139,9 +139,11 @@ def project_to_vocab(
     if mode == "frozen_scale" and scale_from is None:
         raise ValueError("mode='frozen_scale' needs scale_from= (the reference residual)")
     lead = x.shape[:-1]
+    targets = None if targets is None else torch.as_tensor(targets, dtype=torch.long)
     vectors = _prepare(model, x, mode, scale_from, bias)  # [*S, d_model], normed as the mode says
-    weight = model.W_E if matrix == "embed" and mode == "raw" else model.W_U
-    add_bias = mode == "logit_lens" or (bias and mode == "raw")
+    embed = matrix == "embed" and mode == "raw"
+    weight = model.W_E if embed else model.W_U
+    add_bias = mode == "logit_lens" or (bias and mode == "raw" and not embed)
     b_U = model.b_U if add_bias else None
     if mode == "frozen_scale" and bias:
         b_U = _frozen_bias(model, weight)
@@ -190,10 +192,11 @@ def _logits(vectors, weight, b_U, softcap) -> torch.Tensor:
 
 
 def _broadcast_targets(targets: torch.Tensor, lead: torch.Size) -> torch.Tensor:
-    targets = torch.as_tensor(targets, dtype=torch.long)
-    if targets.dim() == 0 or targets.shape[0] != lead[0] or targets.dim() > 2:
+    if not lead:
+        raise ShapeError("targets need a batch axis: x must be [B, ..., d_model], got a single vector")
+    if targets.dim() not in (1, 2) or targets.shape[0] != lead[0]:
         raise ShapeError(
-            f"targets must be [B] or [B, n] with B={lead[0] if lead else '?'} (the first axis of x), "
+            f"targets must be [B] or [B, n] with B={lead[0]} (the first axis of x), "
             f"got {tuple(targets.shape)}"
         )
     per_row = targets if targets.dim() == 2 else targets[:, None]  # [B, n]
@@ -222,25 +225,30 @@ def _assemble(mode, parts, lead, targets, k) -> VocabProjection:
             return None
         return torch.cat([p[name] for p in parts]).reshape(*lead, *tail)
 
-    n = None if targets is None else (1 if torch.as_tensor(targets).dim() == 1 else targets.shape[1])
-    tail = () if n == 1 else (n,)
+    has_targets = targets is not None
+    tail = () if not has_targets or targets.dim() == 1 else (targets.shape[1],)
     return VocabProjection(
         mode=mode,
         log_normalizer=cat("log_normalizer", ()),
         logits=cat("logits", (-1,)),
-        target_logits=cat("target_logits", tail) if n else None,
-        target_logprobs=cat("target_logprobs", tail) if n else None,
-        target_ranks=cat("target_ranks", tail) if n else None,
+        target_logits=cat("target_logits", tail) if has_targets else None,
+        target_logprobs=cat("target_logprobs", tail) if has_targets else None,
+        target_ranks=cat("target_ranks", tail) if has_targets else None,
         topk_ids=cat("topk_ids", (k,)) if k else None,
         topk_logits=cat("topk_logits", (k,)) if k else None,
     )
 
 
-def decode_tokens(model: Model, ids: torch.Tensor) -> list:
-    """Token ids ``[*S]`` → nested lists of their strings (each token decoded alone)."""
-    flat = torch.as_tensor(ids).reshape(-1).tolist()
+def decode_tokens(model: Model, ids: torch.Tensor) -> list | str:
+    """Token ids ``[*S]`` → nested lists of their strings (each token decoded alone); a 0-d id → str."""
+    ids = torch.as_tensor(ids)
+    flat = ids.reshape(-1).tolist()
     strings = model.tokenizer.batch_decode([[i] for i in flat]) if flat else []
+    if ids.dim() == 0:
+        return strings[0]
+    if ids.numel() == 0:
+        return torch.empty(ids.shape[:-1] + (0,)).tolist() if ids.dim() > 1 else []
     out: list = strings
-    for size in reversed(torch.as_tensor(ids).shape[1:]):
+    for size in reversed(ids.shape[1:]):
         out = [out[i : i + size] for i in range(0, len(out), size)]
     return out

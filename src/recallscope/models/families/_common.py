@@ -8,7 +8,7 @@ from torch import nn
 
 from recallscope.errors import UnsupportedModelError
 
-__all__ = ["get_module", "refuse", "check_risky_keys", "linear_shape"]
+__all__ = ["get_module", "refuse", "check_risky_keys"]
 
 # Config attributes whose non-default value changes the computation in ways an adapter must
 # handle explicitly. A family lists the ones it handles; any other non-empty one is refused.
@@ -24,7 +24,6 @@ _RISKY_KEYS = (
     "residual_multiplier",
     "embedding_multiplier",
     "attention_multiplier",
-    "logits_scaling",
     "use_post_norm",
     "sandwich_norm",
 )
@@ -50,19 +49,19 @@ def refuse(model: nn.Module, problems: Iterable[str]) -> None:
 
 
 def check_risky_keys(model: nn.Module, handled: Iterable[str] = ()) -> None:
-    """Refuse any risky config attribute that is set (not None/False/1.0) and not handled."""
+    """Refuse any risky config attribute that is set (not None/False, or 1 for a factor) and not handled."""
     handled = set(handled)
     config = model.config
     problems = []
     for key in _RISKY_KEYS:
         value = getattr(config, key, None)
-        if key in handled or value in (None, False, 0, 1, 1.0):
+        neutral = value is None or value is False or (_is_factor(key) and value == 1)
+        if key in handled or neutral:
             continue
         problems.append(f"config.{key}={value!r} is not handled by the {config.model_type!r} adapter")
     refuse(model, problems)
 
 
-def linear_shape(module: nn.Module, conv1d: bool = False) -> tuple[int, int]:
-    """``(in_features, out_features)`` of a ``Linear`` (or GPT-2 ``Conv1D`` when ``conv1d``)."""
-    out_features, in_features = module.weight.shape
-    return (out_features, in_features) if conv1d else (in_features, out_features)
+def _is_factor(key: str) -> bool:
+    """Multipliers and scales are neutral at 1."""
+    return key.endswith(("multiplier", "scale", "scaling"))

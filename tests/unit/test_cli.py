@@ -1,0 +1,53 @@
+"""The command line, run in-process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from recallscope.cli import main
+
+
+def run(argv, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    out = capsys.readouterr()
+    return done.value.code, out.out, out.err
+
+
+def test_help(capsys):
+    code, out, _ = run(["--help"], capsys)
+    assert code == 0 and "check-model" in out and "run" in out
+
+
+def test_check_model_help(capsys):
+    code, out, _ = run(["check-model", "--help"], capsys)
+    assert code == 0 and "conformance checks" in out
+
+
+def test_missing_model_is_a_clean_error(capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, _, err = run(["check-model", "nobody/no-such-model"], capsys)
+    assert code == 2
+    assert "error: model 'nobody/no-such-model' is not available" in err
+    assert "Traceback" not in err
+
+
+def test_run_needs_an_output_folder(capsys):
+    code, _, err = run(["run"], capsys)
+    assert code == 2 and "--out" in err
+
+
+def test_python_dash_m():
+    out = subprocess.run([sys.executable, "-m", "recallscope", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "check-model" in out.stdout
+
+
+@pytest.mark.embedded
+@pytest.mark.slow
+def test_check_model_on_the_embedded_model(capsys, embedded_model):
+    code, out, _ = run(["check-model", "smollm2-135m", "--device", "cpu"], capsys)
+    assert code == 0, out
+    assert "17/17 checks passed" in out

