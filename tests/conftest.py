@@ -32,6 +32,18 @@ def family(request) -> str:
     return request.param
 
 
+PROMPTS = ("The capital of France is", "The Eiffel Tower is in")
+
+
+@pytest.fixture
+def setup(family, tiny_models):
+    """``(model, batch)``: the family's tiny float64 model and a left-padded batch of two prompts."""
+    import recallscope as rs
+
+    model = tiny_models(family)
+    return model, rs.tokenize(model, PROMPTS)
+
+
 @pytest.fixture(scope="session")
 def embedded_model():
     """The embedded SmolLM2-135M, loaded once per test session, offline."""

@@ -46,12 +46,6 @@ def test_logit_lens_finds_paris_late(embedded_model):
     assert int(proj.target_ranks[0, -1]) == 0 and int(proj.target_ranks[0, 5]) > 100
 
 
-@pytest.mark.slow
-def test_check_model_passes(embedded_model):
-    report = rs.check_model(embedded_model)
-    assert report.passed, str(report)
-
-
 def test_blocking_subject_to_last_in_upper_middle_layers_lowers_the_answer(embedded_model):
     """Geva et al.'s finding, on the embedded model, batched: one row per 9-layer window."""
     prompt = "The famous Eiffel Tower is located in the beautiful city of"

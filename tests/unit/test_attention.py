@@ -9,14 +9,6 @@ import recallscope as rs
 from recallscope import Knockout, Site
 from recallscope.core.attention import compile_knockouts, eager_attention
 
-PROMPTS = ["The capital of France is", "The Eiffel Tower is in"]
-
-
-@pytest.fixture
-def setup(family, tiny_models):
-    model = tiny_models(family)
-    return model, rs.tokenize(model, PROMPTS)
-
 
 def _pattern(model, batch, layer, **kwargs):
     site = Site(layer, "pattern")
@@ -135,3 +127,13 @@ def test_pattern_rows_sum_to_one(setup):
     real = batch.attention_mask.bool()
     sums = probs.sum(-1).transpose(1, 2)[real]
     assert torch.allclose(sums, torch.ones_like(sums), atol=1e-12)
+
+
+def test_pattern_readers_see_edited_probabilities_in_any_nesting_order(setup):
+    model, batch = setup
+    layer, seen = 1, []
+    knockout = rs.block_attention(model, [Knockout([layer], src=[-2])], mode="post_softmax_zero")
+    with rs.site_hook(model, Site(layer, "pattern"), lambda p: seen.append(p[:, :, -1, -2].clone())):
+        with knockout:
+            rs.forward(model, batch)
+    assert float(seen[0].abs().max()) == 0.0

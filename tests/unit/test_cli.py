@@ -51,3 +51,12 @@ def test_check_model_on_the_embedded_model(capsys, embedded_model):
     code, out, _ = run(["check-model", "smollm2-135m", "--device", "cpu"], capsys)
     assert code == 0, out
     assert "17/17 checks passed" in out
+
+
+@pytest.mark.embedded
+@pytest.mark.slow
+def test_run_lists_the_plan(capsys, embedded_model, tmp_path):
+    code, out, _ = run(["run", "--out", str(tmp_path / "demo"), "--device", "cpu"], capsys)
+    assert code == 0, out
+    assert "Model('smollm2-135m', family='llama'" in out
+    assert "adapter checks: 17/17 passed" in out and "plan:" in out

@@ -9,14 +9,6 @@ import recallscope as rs
 from recallscope import Site
 from recallscope.core.decompose import head_outputs, neuron_outputs
 
-PROMPTS = ["The capital of France is", "The Eiffel Tower is in"]
-
-
-@pytest.fixture
-def setup(family, tiny_models):
-    model = tiny_models(family)
-    return model, rs.tokenize(model, PROMPTS)
-
 
 def _run(model, batch, sites, **kwargs):
     return rs.run_with_cache(model, batch, sites, logits="all", **kwargs)

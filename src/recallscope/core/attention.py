@@ -26,10 +26,11 @@ probabilities through its ``attn_dropout`` module instead.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -54,8 +55,9 @@ KnockoutMode = Literal["pre_softmax", "post_softmax_zero"]
 EAGER_IMPLEMENTATION = "recallscope_eager"
 _MASKABLE = ("sdpa", "eager", EAGER_IMPLEMENTATION)
 
-# attention module -> [(edits, fn)]; fn(probs [B, H, Q, K]) -> None | new probs
+# attention (or GPT-J dropout) module -> [(edits, fn)]; fn(probs [B, H, Q, K]) -> None | new probs
 _PROB_HOOKS: weakref.WeakKeyDictionary[nn.Module, list] = weakref.WeakKeyDictionary()
+_DISPATCHERS: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
 
 
 def _eager_attention(
@@ -128,22 +130,26 @@ def eager_attention(model: Model) -> Iterator[None]:
 def _prob_hook(model: Model, layer: int, fn: Callable, *, edits: bool) -> Iterator[None]:
     """Call ``fn(probs [B, H, Q, K])`` in ``layer``'s attention (may return new probs)."""
     spec = model.spec
-    if spec.probs_module is not None:  # GPT-J: probabilities pass through a dropout module
-
-        def fwd(mod, args, kwargs, output):
-            return fn(output)
-
-        with module_hook(model.module(spec.probs_module, layer), fwd, "fwd"):
-            yield
-        return
-    attn = model.module(spec.attn, layer)
+    owner = model.module(spec.probs_module or spec.attn, layer)
     entry = (edits, fn)
-    _PROB_HOOKS.setdefault(attn, []).append(entry)
+    entries = _PROB_HOOKS.setdefault(owner, [])
+    entries.append(entry)
     try:
-        with eager_attention(model):
+        if spec.probs_module is None:
+            with eager_attention(model):
+                yield
+        else:  # GPT-J: probabilities pass through a dropout module; one dispatcher hook on it
+            if owner not in _DISPATCHERS:
+                _DISPATCHERS[owner] = owner.register_forward_hook(_dispatch_probs)
             yield
     finally:
-        _PROB_HOOKS[attn].remove(entry)
+        entries.remove(entry)
+        if not entries and owner in _DISPATCHERS:
+            _DISPATCHERS.pop(owner).remove()
+
+
+def _dispatch_probs(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    return _run_prob_hooks(module, output)
 
 
 def pattern_hook(model: Model, layer: int, fn: Callable) -> contextlib.AbstractContextManager:
@@ -185,27 +191,35 @@ def compile_knockouts(
 
     ``shape`` is ``(B, H, Q, K)``.
     """
-    batch, n_heads, n_query, n_key = shape
     active = [ko for ko in knockouts if layer in ko.layers]
-    if not active:
-        return None
+    return _compile(tuple(active), shape) if active else None
+
+
+def _compile(active: tuple[Knockout, ...], shape: tuple[int, int, int, int]) -> torch.Tensor:
+    batch, n_heads, n_query, n_key = shape
     per_head = any(ko.heads is not None for ko in active)
-    blocked = torch.zeros(batch, n_heads if per_head else 1, n_query, n_key, dtype=torch.bool)
-    for ko in active:
-        rows = _indices(ko.rows, batch, "rows")
-        heads = _indices(ko.heads, n_heads if per_head else 1, "heads")
-        dst, src = _indices(ko.dst, n_query, "dst"), _indices(ko.src, n_key, "src")
-        blocked[rows[:, None, None, None], heads[None, :, None, None], dst[None, None, :, None], src] = True
+    sizes = (batch, n_heads if per_head else 1, n_query, n_key)
+    cells: list[tuple[int, ...]] = []
+    for ko in active:  # plain Python ints: one tensor write at the end
+        axes = [
+            _positions(v, size, what)
+            for v, size, what in zip(
+                (ko.rows, ko.heads, ko.dst, ko.src), sizes, ("rows", "heads", "dst", "src"), strict=True
+            )
+        ]
+        cells.extend(itertools.product(*axes))
+    blocked = torch.zeros(sizes, dtype=torch.bool)
+    if cells:
+        blocked[tuple(torch.tensor(cells, dtype=torch.long).T)] = True
     return blocked
 
 
-def _indices(values: Sequence[int] | None, size: int, what: str) -> torch.Tensor:
+def _positions(values: Sequence[int] | None, size: int, what: str) -> Sequence[int]:
     if values is None:
-        return torch.arange(size)
-    index = torch.tensor(values, dtype=torch.long)
-    if ((index < -size) | (index >= size)).any():
+        return range(size)
+    if any(not -size <= v < size for v in values):
         raise KnockoutError(f"knockout {what} {list(values)} out of range for size {size}")
-    return index % size
+    return [v % size for v in values]
 
 
 @contextlib.contextmanager
@@ -234,12 +248,14 @@ def block_attention(
     else:
         knockouts = list(knockouts)
         layers = sorted({layer for ko in knockouts for layer in ko.layers})
-        cache: dict = {}
+        active = {layer: tuple(ko for ko in knockouts if layer in ko.layers) for layer in layers}
+        cache: dict = {}  # layers with the same active knockouts share one mask
 
         def masks(layer, shape):
-            if (layer, shape) not in cache:
-                cache[(layer, shape)] = compile_knockouts(knockouts, layer, shape)
-            return cache[(layer, shape)]
+            key = (tuple(map(id, active[layer])), shape)
+            if key not in cache:
+                cache[key] = _compile(active[layer], shape)
+            return cache[key]
 
     for layer in layers:
         model.check_layer(layer)

@@ -110,9 +110,10 @@ def run_with_cache(
     sites = [parse_site(s) if isinstance(s, str) else s for s in sites]
     acts: dict[Site, torch.Tensor] = {}
     inputs = _inputs(model, batch)
+    index = _normalize(positions, inputs["input_ids"].shape[1], model.device)
     with torch.no_grad(), contextlib.ExitStack() as stack:
         for site in sites:
-            stack.enter_context(site_hook(model, site, _saver(acts, site, positions, dtype)))
+            stack.enter_context(site_hook(model, site, _saver(acts, site, index, dtype)))
         if logits is None:
             stack.enter_context(_stop_when_done(model, sites))
         try:
@@ -123,11 +124,26 @@ def run_with_cache(
     return Cache(acts, logits=kept)
 
 
-def _saver(acts: dict, site: Site, positions: Positions, dtype: torch.dtype | None):
+def _normalize(positions: Positions, seq_len: int, device: torch.device) -> Positions:
+    """Check shared positions once and turn them into an index tensor (per-row ones pass through)."""
+    if positions is None or (isinstance(positions, torch.Tensor) and positions.dim() == 2):
+        return positions
+    values = [int(p) for p in positions]
+    if any(not -seq_len <= p < seq_len for p in values):
+        raise SiteError(f"positions {values} out of range for sequence length {seq_len}")
+    return torch.tensor([p % seq_len for p in values], dtype=torch.long, device=device)
+
+
+def _saver(acts: dict, site: Site, index: Positions, dtype: torch.dtype | None):
     dim = 2 if site.name == "pattern" else 1
+    shared = isinstance(index, torch.Tensor) and index.dim() == 1
 
     def save(act: torch.Tensor) -> None:
-        kept = select_positions(act.detach(), positions, dim)
+        act = act.detach()
+        if shared:
+            kept = act.index_select(dim, index if index.device == act.device else index.to(act.device))
+        else:
+            kept = select_positions(act, index, dim)
         acts[site] = kept.to(dtype) if dtype is not None else kept
 
     return save

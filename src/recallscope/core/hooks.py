@@ -131,17 +131,18 @@ def _locate(model: Model, site: Site) -> tuple[nn.Module, str, _View]:
         if spec.pos_embed is None:
             raise SiteError(f"{spec.family} has no learned position embedding (pos_embed site)")
         return model.module(spec.pos_embed), "fwd", _IDENTITY
-    block_sites = {
-        "resid_pre": (model.block(layer), "pre", _IDENTITY),
-        "resid_post": (model.block(layer), "fwd", _IDENTITY),
-        "attn_out": (model.module(spec.attn_out, layer), "fwd", _IDENTITY),
-        "mlp_out": (model.module(spec.mlp_out, layer), "fwd", _IDENTITY),
-        "z": (model.module(spec.o_proj, layer), "pre", _heads_view(model.n_heads)),
-        "mlp_pre": (model.module(spec.mlp_pre, layer), "fwd", _IDENTITY),
-        "mlp_post": (model.module(spec.mlp_out_proj, layer), "pre", _IDENTITY),
+    if name in ("resid_pre", "resid_post"):
+        return model.block(layer), ("pre" if name == "resid_pre" else "fwd"), _IDENTITY
+    paths = {
+        "attn_out": (spec.attn_out, "fwd", _IDENTITY),
+        "mlp_out": (spec.mlp_out, "fwd", _IDENTITY),
+        "z": (spec.o_proj, "pre", None),
+        "mlp_pre": (spec.mlp_pre, "fwd", _IDENTITY),
+        "mlp_post": (spec.mlp_out_proj, "pre", _IDENTITY),
     }
-    if name in block_sites:
-        return block_sites[name]
+    if name in paths:
+        path, kind, view = paths[name]
+        return model.module(path, layer), kind, view or _heads_view(model.n_heads)
     which = "qkv".index(name)
     if spec.qkv_proj is not None:
         return model.module(spec.qkv_proj, layer), "fwd", _fused_view(model, which)

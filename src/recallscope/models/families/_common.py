@@ -7,8 +7,9 @@ from collections.abc import Iterable
 from torch import nn
 
 from recallscope.errors import UnsupportedModelError
+from recallscope.models.spec import Dims
 
-__all__ = ["get_module", "refuse", "check_risky_keys"]
+__all__ = ["get_module", "refuse", "check_risky_keys", "read_dims"]
 
 # Config attributes whose non-default value changes the computation in ways an adapter must
 # handle explicitly. A family lists the ones it handles; any other non-empty one is refused.
@@ -65,3 +66,26 @@ def check_risky_keys(model: nn.Module, handled: Iterable[str] = ()) -> None:
 def _is_factor(key: str) -> bool:
     """Multipliers and scales are neutral at 1."""
     return key.endswith(("multiplier", "scale", "scaling"))
+
+
+def read_dims(
+    model: nn.Module, paths: dict[str, str], *, n_heads: int, d_head: int | None = None, conv1d: bool = False
+) -> Dims:
+    """Dims from the modules named in ``paths`` (only head counts come from the config).
+
+    ``n_kv_heads`` is read from the key projection when the family has a separate one.
+    """
+    blocks = get_module(model, paths["blocks"])
+    d_model = get_module(model, paths["embed"]).embedding_dim
+    d_head = d_head or d_model // n_heads
+    out_proj = get_module(blocks[0], paths["mlp_out_proj"])
+    k_proj = paths.get("k_proj")
+    return Dims(
+        n_layers=len(blocks),
+        n_heads=n_heads,
+        n_kv_heads=get_module(blocks[0], k_proj).out_features // d_head if k_proj else n_heads,
+        d_model=d_model,
+        d_head=d_head,
+        d_mlp=out_proj.weight.shape[0] if conv1d else out_proj.in_features,
+        d_vocab=get_module(model, paths["unembed"]).out_features,
+    )

@@ -10,41 +10,37 @@ from __future__ import annotations
 
 from torch import nn
 
-from recallscope.models.families._common import check_risky_keys
-from recallscope.models.spec import ArchSpec, Dims
+from recallscope.models.families._common import check_risky_keys, read_dims
+from recallscope.models.spec import ArchSpec
 
 MODEL_TYPES = ("gpt_neox",)
+
+
+PATHS = dict(
+    embed="gpt_neox.embed_in",
+    blocks="gpt_neox.layers",
+    final_norm="gpt_neox.final_layer_norm",
+    unembed="lm_head",
+    ln_1="input_layernorm",
+    ln_2="post_attention_layernorm",
+    attn="attention",
+    qkv_proj="attention.query_key_value",
+    o_proj="attention.dense",
+    mlp="mlp",
+    mlp_in="mlp.dense_h_to_4h",
+    mlp_out_proj="mlp.dense_4h_to_h",
+)
 
 
 def build_spec(model: nn.Module) -> ArchSpec:
     """Spec of a ``GPTNeoXForCausalLM``."""
     check_risky_keys(model)
     config = model.config
-    block = model.gpt_neox.layers[0]
     return ArchSpec(
         family="gpt_neox",
-        dims=Dims(
-            n_layers=len(model.gpt_neox.layers),
-            n_heads=config.num_attention_heads,
-            n_kv_heads=config.num_attention_heads,
-            d_model=config.hidden_size,
-            d_head=config.hidden_size // config.num_attention_heads,
-            d_mlp=block.mlp.dense_4h_to_h.in_features,
-            d_vocab=model.lm_head.out_features,
-        ),
-        embed="gpt_neox.embed_in",
-        blocks="gpt_neox.layers",
-        final_norm="gpt_neox.final_layer_norm",
-        unembed="lm_head",
-        ln_1="input_layernorm",
-        ln_2="post_attention_layernorm",
-        attn="attention",
-        qkv_proj="attention.query_key_value",
+        dims=read_dims(model, PATHS, n_heads=config.num_attention_heads),
+        **PATHS,
         qkv_layout="per_head",
-        o_proj="attention.dense",
-        mlp="mlp",
-        mlp_in="mlp.dense_h_to_4h",
-        mlp_out_proj="mlp.dense_4h_to_h",
         parallel=bool(config.use_parallel_residual),
         norm="layer",
     )

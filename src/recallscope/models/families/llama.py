@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from recallscope.models.families._common import check_risky_keys, get_module
+from recallscope.models.families._common import check_risky_keys, read_dims
 from recallscope.models.spec import ArchSpec, Dims
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -36,19 +36,10 @@ LLAMALIKE_PATHS = dict(
 
 
 def llamalike_dims(model: nn.Module) -> Dims:
-    """Dims of a model laid out like Llama, read from its weights and config."""
+    """Dims of a model laid out like Llama (``head_dim`` may differ from ``d_model / n_heads``)."""
     config = model.config
-    block = get_module(model, "model.layers.0")
     d_head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return Dims(
-        n_layers=len(get_module(model, "model.layers")),
-        n_heads=config.num_attention_heads,
-        n_kv_heads=block.self_attn.k_proj.out_features // d_head,
-        d_model=model.model.embed_tokens.embedding_dim,
-        d_head=d_head,
-        d_mlp=block.mlp.down_proj.in_features,
-        d_vocab=model.lm_head.out_features,
-    )
+    return read_dims(model, LLAMALIKE_PATHS, n_heads=config.num_attention_heads, d_head=d_head)
 
 
 def build_spec(model: nn.Module) -> ArchSpec:

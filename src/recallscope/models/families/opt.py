@@ -10,10 +10,27 @@ from __future__ import annotations
 
 from torch import nn
 
-from recallscope.models.families._common import check_risky_keys, refuse
-from recallscope.models.spec import ArchSpec, Dims
+from recallscope.models.families._common import check_risky_keys, read_dims, refuse
+from recallscope.models.spec import ArchSpec
 
 MODEL_TYPES = ("opt",)
+
+PATHS = dict(
+    embed="model.decoder.embed_tokens",
+    pos_embed="model.decoder.embed_positions",
+    blocks="model.decoder.layers",
+    final_norm="model.decoder.final_layer_norm",
+    unembed="lm_head",
+    ln_1="self_attn_layer_norm",
+    ln_2="final_layer_norm",
+    attn="self_attn",
+    q_proj="self_attn.q_proj",
+    k_proj="self_attn.k_proj",
+    v_proj="self_attn.v_proj",
+    o_proj="self_attn.out_proj",
+    mlp_in="fc1",
+    mlp_out_proj="fc2",
+)
 
 
 def build_spec(model: nn.Module) -> ArchSpec:
@@ -34,32 +51,10 @@ def build_spec(model: nn.Module) -> ArchSpec:
         problems.append("_remove_final_layer_norm=True (no final LayerNorm)")
     refuse(model, problems)
     check_risky_keys(model)
-    decoder = model.model.decoder
     return ArchSpec(
         family="opt",
-        dims=Dims(
-            n_layers=len(decoder.layers),
-            n_heads=config.num_attention_heads,
-            n_kv_heads=config.num_attention_heads,
-            d_model=config.hidden_size,
-            d_head=config.hidden_size // config.num_attention_heads,
-            d_mlp=decoder.layers[0].fc2.in_features,
-            d_vocab=model.lm_head.out_features,
-        ),
-        embed="model.decoder.embed_tokens",
-        pos_embed="model.decoder.embed_positions",
-        blocks="model.decoder.layers",
-        final_norm="model.decoder.final_layer_norm",
-        unembed="lm_head",
-        ln_1="self_attn_layer_norm",
-        ln_2="final_layer_norm",
-        attn="self_attn",
-        q_proj="self_attn.q_proj",
-        k_proj="self_attn.k_proj",
-        v_proj="self_attn.v_proj",
-        o_proj="self_attn.out_proj",
-        mlp_in="fc1",
-        mlp_out_proj="fc2",
+        dims=read_dims(model, PATHS, n_heads=config.num_attention_heads),
+        **PATHS,
         flat_mlp=True,
         norm="layer",
         notes=("the q site is q_proj's output; OPT scales queries by d_head**-0.5 after it",),

@@ -8,42 +8,37 @@ from __future__ import annotations
 
 from torch import nn
 
-from recallscope.models.families._common import check_risky_keys
-from recallscope.models.spec import ArchSpec, Dims
+from recallscope.models.families._common import check_risky_keys, read_dims
+from recallscope.models.spec import ArchSpec
 
 MODEL_TYPES = ("phi",)
+
+
+PATHS = dict(
+    embed="model.embed_tokens",
+    blocks="model.layers",
+    final_norm="model.final_layernorm",
+    unembed="lm_head",
+    ln_1="input_layernorm",
+    attn="self_attn",
+    q_proj="self_attn.q_proj",
+    k_proj="self_attn.k_proj",
+    v_proj="self_attn.v_proj",
+    o_proj="self_attn.dense",
+    mlp="mlp",
+    mlp_in="mlp.fc1",
+    mlp_out_proj="mlp.fc2",
+)
 
 
 def build_spec(model: nn.Module) -> ArchSpec:
     """Spec of a ``PhiForCausalLM``."""
     check_risky_keys(model)
     config = model.config
-    block = model.model.layers[0]
-    d_head = config.hidden_size // config.num_attention_heads
     return ArchSpec(
         family="phi",
-        dims=Dims(
-            n_layers=len(model.model.layers),
-            n_heads=config.num_attention_heads,
-            n_kv_heads=block.self_attn.k_proj.out_features // d_head,
-            d_model=config.hidden_size,
-            d_head=d_head,
-            d_mlp=block.mlp.fc2.in_features,
-            d_vocab=model.lm_head.out_features,
-        ),
-        embed="model.embed_tokens",
-        blocks="model.layers",
-        final_norm="model.final_layernorm",
-        unembed="lm_head",
-        ln_1="input_layernorm",
-        attn="self_attn",
-        q_proj="self_attn.q_proj",
-        k_proj="self_attn.k_proj",
-        v_proj="self_attn.v_proj",
-        o_proj="self_attn.dense",
-        mlp="mlp",
-        mlp_in="mlp.fc1",
-        mlp_out_proj="mlp.fc2",
+        dims=read_dims(model, PATHS, n_heads=config.num_attention_heads),
+        **PATHS,
         parallel=True,
         norm="layer",
         qk_norm=bool(getattr(config, "qk_layernorm", False)),
