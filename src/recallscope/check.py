@@ -334,25 +334,25 @@ def _check_null_interventions(ctx: _Context) -> CheckResult:
 
 
 def _check_knockout(ctx: _Context) -> CheckResult:
-    """Blocked edges get probability exactly 0 (both modes); other rows are unchanged."""
+    """Blocked edges get probability exactly 0 (both modes) and change ``z``; other rows are unchanged."""
     m, mid = ctx.model, ctx.last // 2
     src = [-3, -2]
     ko = [Knockout(layers=[mid], src=src, dst=[-1], rows=[0])]
+    sites = [Site(mid, "pattern"), Site(mid, "z")]
+    with eager_attention(m):
+        clean = run_with_cache(m, ctx.batch, sites[1:], positions=[-1], logits="all")
     problems, errors = [], []
     for mode in ("pre_softmax", "post_softmax_zero"):
         with block_attention(m, ko, mode=mode):
-            cache = run_with_cache(m, ctx.batch, [Site(mid, "pattern")], logits="all")
-        probs = cache[Site(mid, "pattern")]
-        if not bool((probs[0, :, -1, src] == 0).all()):
+            cache = run_with_cache(m, ctx.batch, sites, positions=[-1], logits="all")
+        if not bool((cache[sites[0]][0, :, -1, src] == 0).all()):
             problems.append(f"{mode}: blocked probability not 0")
-        with eager_attention(m):
-            clean = forward(m, ctx.batch, logits="all")
-        res = ctx.result("knockout", cache.logits[1:], clean[1:], kind="kernel")
+        res = ctx.result("knockout", cache.logits[1:], clean.logits[1:], kind="kernel")
         errors.append(res.error)
         if not res.passed:
             problems.append(f"{mode}: unblocked row changed")
-        if float((cache.logits[0] - clean[0]).abs().max()) == 0:
-            problems.append(f"{mode}: knockout did not change the knocked-out row")
+        if torch.equal(cache[sites[1]][0], clean[sites[1]][0]):
+            problems.append(f"{mode}: knockout did not change z of the knocked-out row")
     detail = "; ".join(problems) or "blocked p == 0 in both modes; other rows unchanged"
     return CheckResult("knockout", not problems, max(errors), ctx.kernel, detail)
 

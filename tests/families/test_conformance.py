@@ -24,3 +24,9 @@ def test_report_names_failures(tiny_models):
     with pytest.raises(AssertionError, match=r"\[FAIL\] b"):
         report.raise_for_failures()
     assert model.n_kv_heads == 2
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa", "gemma2", "gptj"])
+def test_check_model_passes_in_bfloat16(name, tiny_models):
+    report = rs.check_model(tiny_models(name, torch.bfloat16))
+    assert report.passed, str(report)

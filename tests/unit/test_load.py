@@ -123,3 +123,11 @@ def test_dtypes():
 def test_bad_bos_policy():
     with pytest.raises(ValueError, match="bos must be 'tokenizer', 'never' or 'always'"):
         rs.load_model(tiny_hf_model("gpt2"), bos="sometimes")
+
+
+@pytest.mark.embedded
+def test_a_local_gguf_file_loads_through_the_same_cache(embedded_model):
+    path = gguf.embedded_gguf_path("smollm2-135m")
+    model = rs.load_model(str(path), device="cpu", dtype="bfloat16")
+    assert model.info.source == "gguf" and model.info.file_sha256 == embedded_model.info.file_sha256
+    assert model.dtype == torch.bfloat16 and model.n_layers == 30
