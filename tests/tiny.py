@@ -9,6 +9,7 @@ silently build a full-size model.
 from __future__ import annotations
 
 import functools
+import string
 
 import torch
 import transformers as T
@@ -108,8 +109,12 @@ def sentencepiece_tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
+    alphabet = string.ascii_letters + string.digits + string.punctuation + "éèêëáàâäíìóòôöúùûüñçøåæœßÉÅÖŌō–’"
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB - 4, special_tokens=["<unk>", "<s>", "</s>", "<pad>"], show_progress=False
+        vocab_size=VOCAB - 4,
+        special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        initial_alphabet=list(alphabet),
+        show_progress=False,
     )
     tok.train_from_iterator(CORPUS, trainer)
     bos = tok.token_to_id("<s>")

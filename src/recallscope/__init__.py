@@ -29,7 +29,9 @@ from recallscope.core import (
     site_hook,
     tokenize,
 )
+from recallscope.data import Fact, FactSet, generate_lists, load_facts
 from recallscope.errors import (
+    DatasetError,
     KnockoutError,
     ModelNotAvailableError,
     RecallscopeError,
@@ -45,6 +47,9 @@ __version__ = "0.1.0"
 __all__ = [
     "Cache",
     "CheckReport",
+    "DatasetError",
+    "Fact",
+    "FactSet",
     "DEFAULT_MODEL",
     "Decomposition",
     "Knockout",
@@ -65,8 +70,10 @@ __all__ = [
     "check_model",
     "decode_tokens",
     "forward",
+    "generate_lists",
     "head_outputs",
     "head_source_outputs",
+    "load_facts",
     "load_model",
     "neuron_outputs",
     "parse_site",

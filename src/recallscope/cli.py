@@ -73,6 +73,68 @@ def run_cmd(model_name: str, dtype: str | None, device: str | None, out: str) ->
     sys.exit(0 if report.passed else 1)
 
 
+@cli.command("datasets")
+@click.option(
+    "--known-by",
+    "known_by",
+    default=None,
+    metavar="MODEL",
+    help="Also count, per relation, the facts MODEL answers correctly.",
+)
+@click.option(
+    "--criterion",
+    type=click.Choice(["first_token", "greedy_prefix"]),
+    default="first_token",
+    show_default=True,
+    help="What counts as known (with --known-by).",
+)
+@click.option(
+    "--templates",
+    default="rotate",
+    show_default=True,
+    help="Template per fact for --known-by: rotate, all, first or an index.",
+)
+@click.option("--dtype", default=None, help="float32 (default), float64, bfloat16, float16.")
+@click.option("--device", default=None, help="cpu, cuda … (default: cuda if available).")
+def datasets_cmd(
+    known_by: str | None, criterion: str, templates: str, dtype: str | None, device: str | None
+) -> None:
+    """List the built-in datasets; with --known-by, how many facts a model knows per relation."""
+    from recallscope.data import builtin_summary, load_facts
+    from recallscope.data.known import known_counts
+
+    rows = builtin_summary()
+    _table(
+        ["dataset", "kind", "facts", "templates", "description"],
+        [[r["name"], r["kind"], r["facts"], r["templates"], r["description"]] for r in rows],
+    )
+    total = sum(r["facts"] for r in rows if r["kind"] == "relation" and r["name"] != "lv_capitals")
+    click.echo(f"\n{total} single-answer facts in {sum(r['kind'] == 'relation' for r in rows) - 1} relations")
+    if known_by is None:
+        return
+    model = _load(known_by, dtype, device)
+    choice = int(templates) if templates.isdigit() else templates
+    facts = load_facts("mixed", templates=choice).known_by(model, criterion)
+    counts = known_counts(facts)
+    click.echo(f"\nfacts {known_by} knows ({criterion}, templates={templates}):")
+    _table(
+        ["relation", "known", "total", "%"],
+        [[rel, c["known"], c["total"], f"{100 * c['known'] / c['total']:.0f}"] for rel, c in counts.items()],
+    )
+    n_known, n_total = sum(c["known"] for c in counts.values()), sum(c["total"] for c in counts.values())
+    click.echo(f"total: {n_known}/{n_total} ({100 * n_known / max(n_total, 1):.0f}%)")
+
+
+def _table(header: list[str], rows: list[list]) -> None:
+    """Print an aligned plain-text table."""
+    cells = [header] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    for n, row in enumerate(cells):
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        if n == 0:
+            click.echo("  ".join("-" * w for w in widths))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``recallscope`` command; library errors print as one clean message."""
     try:

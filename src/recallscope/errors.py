@@ -14,6 +14,7 @@ __all__ = [
     "ShapeError",
     "SpanError",
     "KnockoutError",
+    "DatasetError",
 ]
 
 
@@ -43,3 +44,7 @@ class SpanError(RecallscopeError):
 
 class KnockoutError(RecallscopeError):
     """An attention knockout is ill-formed (e.g. it would block every key of a query)."""
+
+
+class DatasetError(RecallscopeError):
+    """A dataset or one of its rows is malformed (missing field, subject not in prompt, …)."""

@@ -60,3 +60,18 @@ def test_run_lists_the_plan(capsys, embedded_model, tmp_path):
     assert code == 0, out
     assert "Model('smollm2-135m', family='llama'" in out
     assert "adapter checks: 17/17 passed" in out and "plan:" in out
+
+
+def test_datasets_lists_the_builtin_sets(capsys):
+    code, out, _ = run(["datasets"], capsys)
+    assert code == 0
+    assert "country_capital" in out and "lv_capitals" in out and "artist_songs" in out
+    assert "single-answer facts in" in out
+
+
+@pytest.mark.embedded
+def test_datasets_known_by_the_embedded_model(capsys, embedded_model):
+    code, out, _ = run(["datasets", "--known-by", "smollm2-135m", "--device", "cpu"], capsys)
+    assert code == 0, out
+    assert "facts smollm2-135m knows (first_token, templates=rotate)" in out
+    assert "country_capital" in out.split("knows")[1] and "total:" in out

@@ -25,7 +25,7 @@ import torch
 from recallscope.errors import RecallscopeError, SpanError
 from recallscope.models.model import Model
 
-__all__ = ["PromptBatch", "tokenize", "find_token_span", "encode_prompt"]
+__all__ = ["PromptBatch", "tokenize", "find_token_span", "encode_prompt", "answer_ids"]
 
 SpanSpec = str | tuple[int, int] | None
 
@@ -184,8 +184,11 @@ def _char_span(prompt: str, span: SpanSpec, name: str) -> tuple[int, int] | None
     return where, where + len(span)
 
 
-def _answer_ids(model: Model, prompt: str, prompt_ids: list[int], target: str) -> tuple[int, ...]:
-    """Tokens of ``target`` as the model would produce them right after ``prompt``."""
+def answer_ids(
+    model: Model, prompt: str, target: str, prompt_ids: list[int] | None = None
+) -> tuple[int, ...]:
+    """Tokens of ``target`` (e.g. ``" Paris"``) as the model would produce them right after ``prompt``."""
+    prompt_ids = encode_prompt(model, prompt)[0] if prompt_ids is None else prompt_ids
     full, _, _ = encode_prompt(model, prompt + target)
     if full[: len(prompt_ids)] == prompt_ids and len(full) > len(prompt_ids):
         return tuple(full[len(prompt_ids) :])
@@ -242,7 +245,7 @@ def tokenize(
     answers = None
     if targets is not None:
         answers = tuple(
-            _answer_ids(model, p, e[0], t) for p, e, t in zip(prompts, encoded, targets, strict=True)
+            answer_ids(model, p, t, e[0]) for p, e, t in zip(prompts, encoded, targets, strict=True)
         )
     return PromptBatch(
         input_ids=input_ids,

@@ -119,6 +119,16 @@ class Model:
         return self.hf_model.config._attn_implementation
 
     @property
+    def max_context(self) -> int | None:
+        """Longest input the model accepts (positions), when its config says."""
+        config = self.hf_model.config
+        for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+            value = getattr(config, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
+    @property
     def n_groups(self) -> int:
         """Query heads per key/value head."""
         return self.spec.dims.n_groups
