@@ -109,7 +109,9 @@ def sentencepiece_tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
-    alphabet = string.ascii_letters + string.digits + string.punctuation + "éèêëáàâäíìóòôöúùûüñçøåæœßÉÅÖŌō–’"
+    alphabet = (
+        string.ascii_letters + string.digits + string.punctuation + "éèêëáàâäãíìóòôöõúùûüñçøåæœßÉÅÖŌō–’"
+    )
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB - 4,
         special_tokens=["<unk>", "<s>", "</s>", "<pad>"],

@@ -117,5 +117,5 @@ def test_one_to_many_gold_lists_are_distinct_after_normalization(name):
     for row in builtin._read("one_to_many", name)["subjects"]:
         normalized = [_normalize(a) for a in row["answers"]]
         assert len(set(normalized)) == len(normalized), row["subject"]
-        for answer, aliases in row.get("aliases", {}).items():
+        for answer in row.get("aliases", {}):
             assert answer in row["answers"], (row["subject"], answer)

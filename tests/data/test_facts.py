@@ -118,3 +118,21 @@ def test_fit_context_skips_long_prompts(tiny_models):
     facts = FactSet([long, Fact("short", "X", "X is", ("y",))]).fit_context(model)
     assert [f.fact_id for f in facts] == ["short"]
     assert "more than the model's context (64)" in str(facts.skipped[0])
+
+
+@pytest.mark.parametrize("tokenizer", ["bpe", "spm"])
+def test_unicode_and_repeated_subject_spans(tokenizer):
+    from tiny import byte_level_tokenizer, sentencepiece_tokenizer, tiny_hf_model
+
+    tok = byte_level_tokenizer() if tokenizer == "bpe" else sentencepiece_tokenizer()
+    model = rs.load_model(tiny_hf_model("llama_gqa"), tokenizer=tok)
+    facts = FactSet([
+        Fact.from_template("The city of {subject} [is in]", "São Paulo", ["Brazil"], fact_id="a"),
+        Fact("b", "Nestlé", "Nestlé, like Nestlé's rivals, is based in", ("Vevey",)),
+        Fact.from_template("{subject} [is in]", "Zürich", ["Switzerland"], fact_id="c"),
+    ])  # fmt: skip
+    batch = facts.to_batch(model)
+    for row, subject in enumerate(["São Paulo", "Nestlé", "Zürich"]):
+        start, end = batch.spans["subject"][row].tolist()
+        assert model.tokenizer.decode(batch.input_ids[row, start:end]).strip() == subject
+    assert batch.spans["subject"][1].tolist()[0] == batch.pad_lengths[1] + batch.n_prefix  # first occurrence

@@ -82,6 +82,14 @@ def test_steps_carry_previous_answers_and_track_all_answers(name, tiny_models):
     assert int(batch.target_ids[0]) == int(tracked[0, 2])
     with pytest.raises(rs.DatasetError, match="step must be 1 … 3"):
         lists.steps(4)
+    records = lists.to_records(model)
+    assert [r["target_answer_idx"] for r in records] == [0, 1, 2]
+    last = records[-1]
+    assert last["three_answers_label_list"] == ["Paris", "Lyon", "Nice"]
+    assert last["query"] == PROMPT + " Paris 2. Lyon 3."
+    start, end = last["prev_answer_2_start_end_idx"]
+    assert decode(last["query_input_ids"][start:end]).strip() == "Lyon"
+    assert last["target_answer_tokens"][0] == last["three_answers_token_list"][2]
 
 
 def test_generate_lists_reports_what_was_dropped(tiny_models):

@@ -118,6 +118,17 @@ class OneToManySet:
             fact_ids=[s.fact.fact_id for s in steps],
         )
 
+    def to_records(self, model) -> list[dict]:
+        """Every step of every kept subject as a 1MKR record (Yan & Jia's jsonl format, ``methods.md``
+        §2.3): token spans are ``[start, end)`` indices into ``query_input_ids``.
+        """
+        records = []
+        for step in range(1, self.k + 1):
+            batch = self.step_batch(model, step)
+            for row, item in enumerate(self.steps(step)):
+                records.append(_record(batch, row, item, step))
+        return records
+
     def tracked_ids(self, step: int) -> torch.Tensor:
         """``[n, k]`` first tokens of the k answers for the prompts of ``step``."""
         return torch.tensor([s.tracked_ids for s in self.steps(step)], dtype=torch.long)
@@ -269,6 +280,32 @@ def _step(gen: ListGeneration, step: int, k: int) -> OneToManyStep:
         answer_spans=tuple(gen.spans[: step - 1]),
         tracked_ids=gen.tracked_ids,
     )
+
+
+def _record(batch: PromptBatch, row: int, item: OneToManyStep, step: int) -> dict:
+    pad = int(batch.pad_lengths[row])
+    ids = batch.input_ids[row, pad:].tolist()
+
+    def span(name: str) -> list[int]:
+        start, end = batch.spans[name][row].tolist()
+        return [start - pad, end - pad] if start >= 0 else [-1, -1]
+
+    record = {
+        "fact_id": item.fact.fact_id,
+        "query": item.prompt,
+        "query_input_ids": ids,
+        "target_answer_idx": step - 1,
+        "target_answer_name": item.answers[step - 1],
+        "target_answer_tokens": list(batch.answer_ids[row]),
+        "three_answers_label_list": list(item.answers),
+        "three_answers_token_list": list(item.tracked_ids),
+        "subject": item.fact.subject,
+        "subject_start_end_idx": span("subject"),
+        "relation_start_end_idx": span("relation"),
+    }
+    for j in range(1, step):
+        record[f"prev_answer_{j}_start_end_idx"] = span(f"answer_{j}")
+    return record
 
 
 def _step_cut(full: str, item_start: int) -> int:
