@@ -1,0 +1,168 @@
+"""Resume a recorded forward pass from any block and position (prefix reuse).
+
+An intervention at block ``s`` and position ``t`` changes nothing in blocks below ``s``, and, with
+causal attention, nothing at positions before ``t``. So a grid of interventions need not recompute
+those parts: :func:`record_run` keeps one run's residual stream at every block input and its
+keys/values, and :func:`resume` runs only blocks ``s…L-1`` on positions ``t…T-1``, reading the
+recorded keys/values of positions ``< t``::
+
+    state = record_run(model, ids)                        # ids [R, T]
+    hidden = state.stream[:, s, t:]                      # input of block s at positions t…T-1
+    logits = resume(model, state, rows, start_layer=s, start_pos=t, hidden=hidden)
+
+Resuming with the recorded input reproduces the recorded logits (tested on every family). It works
+through the native modules: blocks below ``s`` are swapped for pass-through stubs for the duration of
+the call, the recorded keys/values are handed to transformers as a ``DynamicCache``, and position ids
+continue at ``t``; interventions (``patch_cells`` etc.) compose by nesting as usual, with positions
+relative to ``t``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from recallscope.core.hooks import module_hook, site_hook
+from recallscope.errors import SiteError
+from recallscope.models.families import get_module
+from recallscope.models.model import Model
+from recallscope.models.sites import Site
+
+__all__ = ["RunState", "record_run", "resume"]
+
+
+@dataclass
+class RunState:
+    """What :func:`resume` needs of a recorded run of ``R`` rows and ``T`` positions.
+
+    Attributes:
+        stream: ``[R, n_layers + 1, T, d_model]``: the input of every block (``resid_pre``) and,
+            last, the output of the last block.
+        keys, values: per layer ``[R, n_kv_heads, T, d_head]`` as the attention modules cache them.
+        logits: ``[R, n_keep, d_vocab]`` at the last ``n_keep`` positions.
+        tuple_blocks: whether blocks return tuples (GPT-J) rather than tensors.
+    """
+
+    stream: torch.Tensor
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    logits: torch.Tensor
+    tuple_blocks: bool
+
+    @property
+    def seq_len(self) -> int:
+        return self.stream.shape[2]
+
+
+def record_run(model: Model, input_ids: torch.Tensor, *, logits_to_keep: int = 1) -> RunState:
+    """One forward of ``input_ids [R, T]`` (no padding) recording what :func:`resume` needs.
+
+    Interventions active around the call (e.g. ``add_noise``) are part of the recorded run.
+    """
+    n_layers = model.n_layers
+    stream: list[torch.Tensor | None] = [None] * (n_layers + 1)
+    is_tuple = [False]
+
+    def keep(index):
+        def save(act):
+            stream[index] = act.detach()
+
+        return save
+
+    def block_type(module, args, kwargs, output):
+        is_tuple[0] = isinstance(output, tuple)
+
+    cache = DynamicCache()
+    with torch.no_grad(), contextlib.ExitStack() as stack:
+        for layer in range(n_layers):
+            stack.enter_context(site_hook(model, Site(layer, "resid_pre"), keep(layer)))
+        stack.enter_context(site_hook(model, Site(n_layers - 1, "resid_post"), keep(n_layers)))
+        stack.enter_context(module_hook(model.block(0), block_type, "fwd"))
+        out = model.hf_model(
+            input_ids=input_ids.to(model.device),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=logits_to_keep,
+        )
+    keys = [layer.keys for layer in cache.layers]
+    values = [layer.values for layer in cache.layers]
+    return RunState(torch.stack(stream, dim=1), keys, values, out.logits, is_tuple[0])
+
+
+class _PassThrough(nn.Module):
+    """Stands in for a block that must not run: returns its input hidden states."""
+
+    def __init__(self, tuple_output: bool) -> None:
+        super().__init__()
+        self.tuple_output = tuple_output
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return (hidden_states, None) if self.tuple_output else hidden_states
+
+
+@contextlib.contextmanager
+def _blocks_skipped(model: Model, below: int, tuple_output: bool) -> Iterator[None]:
+    blocks = get_module(model.hf_model, model.spec.blocks)
+    saved = [blocks[i] for i in range(below)]
+    try:
+        for i in range(below):
+            blocks[i] = _PassThrough(tuple_output)
+        yield
+    finally:
+        for i, block in enumerate(saved):
+            blocks[i] = block
+
+
+def resume(
+    model: Model,
+    state: RunState,
+    rows: torch.Tensor,
+    *,
+    start_layer: int,
+    start_pos: int,
+    hidden: torch.Tensor,
+    logits_to_keep: int = 1,
+) -> torch.Tensor:
+    """Logits ``[R', logits_to_keep, d_vocab]`` of the recorded run resumed at block ``start_layer``,
+    position ``start_pos``.
+
+    Args:
+        state: the recorded run.
+        rows: ``[R']`` which recorded row each new row continues (its keys/values of positions
+            ``< start_pos`` are reused).
+        start_layer: first block to run (``n_layers`` runs only the final norm and unembedding).
+        start_pos: first position to run.
+        hidden: ``[R', T - start_pos, d_model]``, the input of block ``start_layer`` at positions
+            ``start_pos…T-1`` (the recorded one, possibly edited).
+    """
+    n_new = state.seq_len - start_pos
+    if not 0 <= start_layer <= model.n_layers or not 0 <= start_pos < state.seq_len:
+        raise SiteError(
+            f"cannot resume at layer {start_layer}, position {start_pos} of a {state.seq_len}-token run"
+        )
+    if hidden.shape[1] != n_new:
+        raise SiteError(f"hidden must cover positions {start_pos}…{state.seq_len - 1}: got {hidden.shape[1]}")
+    rows = rows.to(state.keys[0].device)
+    prefix = [
+        (k[rows, :, :start_pos], v[rows, :, :start_pos])
+        for k, v in zip(state.keys, state.values, strict=True)
+    ]
+    cache = DynamicCache(ddp_cache_data=prefix)
+    positions = torch.arange(start_pos, state.seq_len, device=model.device).expand(len(rows), -1)
+    with torch.no_grad(), contextlib.ExitStack() as stack:
+        stack.enter_context(_blocks_skipped(model, start_layer, state.tuple_blocks))
+        if model.spec.pos_embed is not None:  # inputs_embeds already hold the position embeddings
+            stack.enter_context(site_hook(model, Site(None, "pos_embed"), torch.zeros_like))
+        out = model.hf_model(
+            inputs_embeds=hidden.to(model.device),
+            past_key_values=cache,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=logits_to_keep,
+        )
+    return out.logits

@@ -1,0 +1,422 @@
+"""Causal tracing (Meng et al. 2022, ROME; as used by Yan & Jia 2025, ``methods.md`` Y2, §5.7).
+
+Corrupt a span of the prompt (the subject by default) by adding Gaussian noise ``ν·ε`` to its token
+embeddings, in ``S`` noisy copies; then, for every position ``t`` and layer ``ℓ``, restore the clean
+value of one state and measure how much of the answer's probability comes back:
+
+- ``hidden``: the output of block ``ℓ`` (``resid_post``) at ``t``;
+- ``mlp`` / ``attn``: the MLP / attention updates at ``t`` in a window of layers around ``ℓ``,
+  ``[max(0, ℓ - w//2), min(L, ℓ - (-w//2)))`` (ROME's window, default ``w = 10``).
+
+Score: the probability of the target at the last position, averaged over the ``S`` noise samples
+(or, with ``metric="answer_logprob"``, the summed log-probability of every token of the gold
+answer). ``low`` is the corrupted score (nothing restored), ``high`` the clean one; the indirect
+effect of a cell is ``score - low``.
+
+Our choices, recorded in every result: ``ν = noise_factor × std`` of the corrupted spans'
+embedding entries (``noise_level``; ROME's "s3"), computed over the batch unless given; the noise
+comes from ``numpy.random.RandomState(seed)`` with shape ``[S, span, d_model]`` and is the same for
+every restoration (ROME's generator and seed); the target is the model's own clean top-1 token
+(``"top1"``, ROME) or the first token of the gold answer (``"gold"``).
+
+Fast by construction: the clean run is computed once per fact and its states are the restored
+values; all restorations are batch rows; a restoration at ``(t, ℓ)`` resumes the recorded corrupted
+run at block ``ℓ`` (window start for mlp/attn) and, reusing its keys/values, at a position ``≤ t``
+(:mod:`recallscope.core.resume`); positions before the corrupted span are not run at all, because
+restoring them restores states that are clean already (their score is ``low`` exactly). The naive
+loop of the paper (one forward per cell) is in ``tests/oracles`` and gives the same numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+
+from recallscope.core.cache import run_with_cache
+from recallscope.core.patching import add_noise, patch_cells
+from recallscope.core.resume import RunState, record_run, resume
+from recallscope.core.tokens import PromptBatch
+from recallscope.core.vocab import decode_tokens
+from recallscope.errors import RecallscopeError
+from recallscope.methods.base import MethodConfig, result_provenance
+from recallscope.models.model import Model
+from recallscope.models.sites import Site
+
+__all__ = [
+    "NAME",
+    "DESCRIPTION",
+    "Config",
+    "CausalTracingResult",
+    "FactTrace",
+    "run",
+    "noise_level",
+    "window",
+]
+
+NAME = "causal_tracing"
+DESCRIPTION = (
+    "Restore clean hidden/MLP/attention states into a noised run (ROME): where is the fact recalled?"
+)
+
+Kind = Literal["hidden", "mlp", "attn"]
+_SITE = {"hidden": "resid_post", "mlp": "mlp_out", "attn": "attn_out"}
+BUCKETS = (
+    "before subject",
+    "first subject",
+    "middle subject",
+    "last subject",
+    "first subsequent",
+    "further tokens",
+    "last token",
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config(MethodConfig):
+    """Causal-tracing settings; defaults follow ROME (preset ``rome``)."""
+
+    kinds: tuple[Kind, ...] = ("hidden", "mlp", "attn")
+    """What to restore: block outputs, MLP updates (windowed), attention updates (windowed)."""
+    window: int = 10
+    """Layers restored around ``ℓ`` for mlp/attn: ``[ℓ - w//2, ℓ - (-w//2))``, clipped."""
+    samples: int = 10
+    """Noise samples ``S`` (noisy copies) per fact."""
+    noise: float | None = None
+    """Noise scale ``ν``; None: ``noise_factor × std`` of the span embeddings of the batch."""
+    noise_factor: float = 3.0
+    seed: int = 1
+    """Seed of ``numpy.random.RandomState`` drawing the noise (ROME: 1)."""
+    span: str = "subject"
+    """Name of the PromptBatch span to corrupt (e.g. ``"subject"``, ``"answer_1"``)."""
+    target: Literal["top1", "gold"] = "top1"
+    metric: Literal["prob", "answer_logprob"] = "prob"
+    """``prob``: P(target); ``answer_logprob``: Σ log P of the gold answer's tokens."""
+    max_batch_rows: int = 256
+    """Rows per forward pass (memory bound)."""
+    reuse: bool = True
+    """Resume the corrupted run at the restored layer and position (False: rerun everything)."""
+    forward_cost: int = 120
+    """Fixed cost of one forward pass in token-rows, for grouping restorations (CPU ≈ 100–200)."""
+
+    PRESETS = {
+        "rome": dict(
+            kinds=("hidden", "mlp", "attn"),
+            window=10,
+            samples=10,
+            noise_factor=3.0,
+            seed=1,
+            target="top1",
+            metric="prob",
+        ),
+        "yan_jia": dict(
+            kinds=("mlp", "attn"),
+            window=10,
+            samples=10,
+            noise_factor=3.0,
+            seed=1,
+            target="gold",
+            metric="prob",
+        ),
+    }
+
+    def __post_init__(self) -> None:
+        if not self.kinds or any(k not in _SITE for k in self.kinds):
+            raise RecallscopeError(f"kinds must be a non-empty subset of {tuple(_SITE)}, got {self.kinds!r}")
+        if self.window < 1 or self.samples < 1 or self.max_batch_rows < 1:
+            raise RecallscopeError("window, samples and max_batch_rows must be positive")
+        if self.metric == "answer_logprob" and self.target != "gold":
+            raise RecallscopeError("metric='answer_logprob' scores the gold answer: set target='gold'")
+
+
+def window(layer: int, size: int, n_layers: int) -> range:
+    """ROME's window of ``size`` layers around ``layer``: ``[ℓ - size//2, ℓ - (-size//2))``, clipped."""
+    return range(max(0, layer - size // 2), min(n_layers, layer - (-size // 2)))
+
+
+@dataclass
+class FactTrace:
+    """The trace of one fact. ``scores[kind]`` is ``[n_positions, n_layers]``."""
+
+    fact_id: str
+    tokens: list[str]
+    span: tuple[int, int]
+    target_ids: list[int]
+    target: str
+    low: float
+    high: float
+    scores: dict[str, np.ndarray]
+
+    def buckets(self) -> list[str]:
+        """ROME's position classes (first/middle/last subject, first subsequent, further, last)."""
+        b, e = self.span
+        n = len(self.tokens)
+        return [_bucket(t, b, e, n) for t in range(n)]
+
+
+def _bucket(t: int, b: int, e: int, n: int) -> str:
+    if t == n - 1:
+        return "last token"
+    if t < b:
+        return "before subject"
+    if t == e - 1:
+        return "last subject"
+    if t == b:
+        return "first subject"
+    if t < e:
+        return "middle subject"
+    return "first subsequent" if t == e else "further tokens"
+
+
+@dataclass
+class CausalTracingResult:
+    """Per-fact traces plus everything needed to interpret them."""
+
+    config: Config
+    traces: list[FactTrace]
+    noise: float
+    provenance: dict
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    method: str = NAME
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per fact × kind × position × layer."""
+        frames = []
+        for tr in self.traces:
+            n_pos, n_layers = next(iter(tr.scores.values())).shape
+            buckets = tr.buckets()
+            for kind, scores in tr.scores.items():
+                frames.append(
+                    pd.DataFrame(
+                        {
+                            "fact_id": tr.fact_id,
+                            "kind": kind,
+                            "position": np.repeat(np.arange(n_pos), n_layers),
+                            "layer": np.tile(np.arange(n_layers), n_pos),
+                            "token": np.repeat(tr.tokens, n_layers),
+                            "bucket": np.repeat(buckets, n_layers),
+                            "score": scores.reshape(-1),
+                            "indirect_effect": scores.reshape(-1) - tr.low,
+                            "low": tr.low,
+                            "high": tr.high,
+                            "target": tr.target,
+                        }
+                    )
+                )
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Per-fact ``[positions × layers]`` score maps, keyed ``"<fact_id>/<kind>"``."""
+        return {f"{tr.fact_id}/{kind}": s for tr in self.traces for kind, s in tr.scores.items()}
+
+    def average_by_bucket(self) -> pd.DataFrame:
+        """Mean indirect effect per kind × position class × layer, over facts (ROME's average plot)."""
+        frame = self.to_frame()
+        if frame.empty:
+            return frame
+        return frame.groupby(["kind", "bucket", "layer"], sort=False)["indirect_effect"].mean().reset_index()
+
+
+def noise_level(model: Model, batch: PromptBatch, span: str = "subject", factor: float = 3.0) -> float:
+    """``factor ×`` the standard deviation of the token-embedding entries of ``span`` over ``batch``."""
+    site = Site(None, "embed")
+    embeds = run_with_cache(model, batch, [site])[site]  # [B, T, d]
+    mask = batch.span_mask(span).to(embeds.device)
+    if not mask.any():
+        raise RecallscopeError(f"no {span!r} span in the batch: cannot calibrate the noise")
+    return factor * float(embeds[mask].double().std())
+
+
+def run(model: Model, batch: PromptBatch, config: Config | None = None) -> CausalTracingResult:
+    """Trace every fact of ``batch`` (each fact on its own; see the module docstring)."""
+    config = config or Config()
+    if config.span not in batch.spans:
+        raise RecallscopeError(f"the batch has no {config.span!r} span (spans: {', '.join(batch.spans)})")
+    noise = (
+        config.noise
+        if config.noise is not None
+        else noise_level(model, batch, config.span, config.noise_factor)
+    )
+    traces, skipped = [], []
+    for row in range(len(batch)):
+        fact_id = batch.fact_ids[row] if batch.fact_ids else str(row)
+        start, end = (int(v) for v in batch.spans[config.span][row])
+        if start < 0:
+            skipped.append((fact_id, f"no {config.span} span"))
+            continue
+        pad = int(batch.pad_lengths[row])
+        ids = batch.input_ids[row, pad:]
+        gold = list(batch.answer_ids[row]) if batch.answer_ids else [int(batch.target_ids[row])]
+        traces.append(_trace(model, ids, (start - pad, end - pad), gold, noise, config, fact_id))
+    conventions = dict(
+        kinds=config.kinds,
+        window=config.window,
+        window_rule="[l - w//2, l - (-w//2))",
+        samples=config.samples,
+        noise=noise,
+        noise_rule=f"{config.noise_factor} x std of span embeddings" if config.noise is None else "given",
+        noise_rng=f"numpy RandomState({config.seed})",
+        span=config.span,
+        target=config.target,
+        metric=config.metric,
+        layers="block index l (hidden: output of block l)",
+        bos=model.bos,
+    )
+    return CausalTracingResult(
+        config, traces, noise, result_provenance(model, config, **conventions), skipped
+    )
+
+
+def _trace(model, ids, span, gold, noise, config, fact_id) -> FactTrace:
+    """The full trace of one fact (prompt ``ids [T]``, corrupted ``span`` in prompt positions)."""
+    n_prompt = len(ids)
+    answer = gold if config.metric == "answer_logprob" else None
+    full = torch.cat([ids, torch.tensor(answer[:-1], dtype=ids.dtype)]) if answer else ids
+    n_keep = len(answer) if answer else 1
+    clean = run_with_cache(
+        model,
+        full[None],
+        [Site(layer, _SITE[k]) for k in config.kinds for layer in range(model.n_layers)],
+        logits="all",
+    )
+    clean_logits = clean.logits[:, -n_keep:]
+    target = answer or [int(clean_logits[0, -1].argmax()) if config.target == "top1" else gold[0]]
+    vectors = np.random.RandomState(config.seed).randn(config.samples, span[1] - span[0], model.d_model)
+    noise_t = torch.from_numpy(noise * vectors).to(model.device, model.dtype)
+    rows = torch.arange(config.samples)
+    positions = torch.arange(span[0], span[1]).expand(config.samples, -1)
+    with add_noise(model, noise_t, rows, positions):
+        state = record_run(model, full.expand(config.samples, -1), logits_to_keep=n_keep)
+    low = _score(state.logits, target, config.metric).mean()
+    scores = _grid(model, state, clean, config, span, n_prompt, target, n_keep, float(low))
+    return FactTrace(
+        fact_id=fact_id,
+        tokens=decode_tokens(model, ids),
+        span=span,
+        target_ids=list(target),
+        target="".join(decode_tokens(model, torch.tensor(target))),
+        low=float(low),
+        high=float(_score(clean_logits, target, config.metric)[0]),
+        scores=scores,
+    )
+
+
+def _score(logits: torch.Tensor, target: Sequence[int], metric: str) -> torch.Tensor:
+    """``[R]`` scores from ``logits [R, n, V]``: P(target) (``prob``) or Σ log P of the answer."""
+    logprobs = logits.double().log_softmax(-1)
+    picked = logprobs[:, torch.arange(len(target)), torch.tensor(target)]  # [R, n]
+    return picked[:, 0].exp() if metric == "prob" else picked.sum(-1)
+
+
+@dataclass(frozen=True)
+class _Cell:
+    kind: str
+    position: int
+    layer: int
+    start: int  # first block that runs
+    restore: tuple[int, ...]  # layers whose update is restored (mlp/attn)
+
+
+def _cells(config: Config, n_layers: int, positions: range) -> list[_Cell]:
+    cells = []
+    for kind in config.kinds:
+        for t in positions:
+            for layer in range(n_layers):
+                if kind == "hidden":
+                    cells.append(_Cell(kind, t, layer, layer + 1, ()))
+                else:
+                    layers = tuple(window(layer, config.window, n_layers))
+                    cells.append(_Cell(kind, t, layer, layers[0], layers))
+    return cells
+
+
+def _grid(
+    model, state: RunState, clean, config, span, n_prompt, target, n_keep, low
+) -> dict[str, np.ndarray]:
+    """Score every cell; positions before the span keep ``low`` (restoring clean states there is a no-op)."""
+    scores = {kind: np.full((n_prompt, model.n_layers), low) for kind in config.kinds}
+    cells = _cells(config, model.n_layers, range(span[0], n_prompt))
+    per_chunk = max(1, config.max_batch_rows // config.samples)
+    for (start_layer, start_pos), group in _plan(cells, config, model.n_layers, n_prompt).items():
+        for i in range(0, len(group), per_chunk):
+            chunk = group[i : i + per_chunk]
+            values = _run_cells(model, state, clean, config, chunk, start_layer, start_pos, target, n_keep)
+            for cell, value in zip(chunk, values, strict=True):
+                scores[cell.kind][cell.position, cell.layer] = value
+    return scores
+
+
+def _plan(
+    cells: list[_Cell], config: Config, n_layers: int, n_tokens: int
+) -> dict[tuple[int, int], list[_Cell]]:
+    """Group cells into resumed forwards ``(start layer, start position) → cells``.
+
+    Starting each cell exactly at its own layer and position does the fewest operations but makes
+    many small forwards, and every forward reads all weights of its layers. We pick the grouping
+    (layers rounded down to multiples of ``w``, positions in ``n`` ranges) that minimizes
+    ``Σ_groups layers × (forward_cost + rows × tokens)``; ``forward_cost`` is the fixed cost of a
+    forward in token-rows (weights streaming through the caches).
+    """
+    if not config.reuse:
+        return {(0, 0): cells}
+    first = min(c.position for c in cells)
+    best, best_cost = {}, float("inf")
+    for width in (1, 2, 3, 4, 6, 8):
+        for n_ranges in (1, 2, 3, 4, 6):
+            size = -(-(n_tokens - first) // n_ranges)
+            groups: dict[tuple[int, int], list[_Cell]] = {}
+            for cell in cells:
+                key = ((cell.start // width) * width, first + ((cell.position - first) // size) * size)
+                groups.setdefault(key, []).append(cell)
+            cost = sum(
+                (n_layers - s) * (config.forward_cost + len(g) * config.samples * (n_tokens - t))
+                for (s, t), g in groups.items()
+            )
+            if cost < best_cost:
+                best, best_cost = groups, cost
+    return best
+
+
+def _run_cells(model, state, clean, config, cells, start_layer, start_pos, target, n_keep) -> list[float]:
+    """Mean score over the noise samples of each cell, all cells in one resumed forward."""
+    n_samples = config.samples
+    rows = torch.arange(n_samples).repeat(len(cells))  # recorded noisy row each batch row continues
+    hidden = state.stream[rows, start_layer, start_pos:].clone()
+    with contextlib.ExitStack() as stack:
+        restores: dict[tuple[str, int], list[tuple[int, int]]] = {}
+        for c, cell in enumerate(cells):
+            block_rows = range(c * n_samples, (c + 1) * n_samples)
+            if cell.kind == "hidden" and cell.layer >= start_layer:  # only without reuse
+                restores.setdefault(("resid_post", cell.layer), []).extend(
+                    (r, cell.position) for r in block_rows
+                )
+            elif cell.kind == "hidden":  # resume at layer + 1 from the clean state at `position`
+                hidden[list(block_rows), cell.position - start_pos] = clean[Site(cell.layer, "resid_post")][
+                    0, cell.position
+                ]
+            for layer in cell.restore:
+                restores.setdefault((_SITE[cell.kind], layer), []).extend(
+                    (r, cell.position) for r in block_rows
+                )
+        for (name, layer), pairs in restores.items():
+            batch_rows = torch.tensor([r for r, _ in pairs])
+            positions = torch.tensor([p for _, p in pairs])
+            values = clean[Site(layer, name)][0, positions]
+            stack.enter_context(
+                patch_cells(model, Site(layer, name), batch_rows, positions - start_pos, values)
+            )
+        logits = resume(
+            model,
+            state,
+            rows,
+            start_layer=start_layer,
+            start_pos=start_pos,
+            hidden=hidden,
+            logits_to_keep=n_keep,
+        )
+    return _score(logits, target, config.metric).reshape(len(cells), n_samples).mean(-1).tolist()
