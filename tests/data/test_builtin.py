@@ -9,10 +9,20 @@ from recallscope.data import builtin
 from tiny import byte_level_tokenizer, sentencepiece_tokenizer, tiny_hf_model
 
 REQUIRED = {
-    "country_capital", "country_language", "country_currency", "country_continent", "city_country",
-    "landmark_city", "company_founder", "company_headquarters", "product_developer",
-    "person_native_language", "athlete_sport", "musician_instrument", "element_symbol",
-}  # fmt: skip
+    "country_capital",
+    "country_language",
+    "country_currency",
+    "country_continent",
+    "city_country",
+    "landmark_city",
+    "company_founder",
+    "company_headquarters",
+    "product_developer",
+    "person_native_language",
+    "athlete_sport",
+    "musician_instrument",
+    "element_symbol",
+}
 
 
 def test_required_relations_and_sizes():

@@ -20,8 +20,9 @@ def test_from_template_spans():
 
 
 def test_mention_with_article_and_capitalisation():
-    fact = Fact.from_template("{subject}'s [capital city] is", "United States", ["Washington"],
-                              mention="the United States")  # fmt: skip
+    fact = Fact.from_template(
+        "{subject}'s [capital city] is", "United States", ["Washington"], mention="the United States"
+    )
     assert fact.prompt == "The United States's capital city is"
     assert fact.prompt[slice(*fact.subject_span)] == "United States"
     with pytest.raises(rs.DatasetError, match="does not contain subject"):
@@ -97,10 +98,12 @@ def test_duplicate_ids_are_refused():
 
 def test_to_batch_spans_and_targets(tiny_models):
     model = tiny_models("gpt2")
-    facts = FactSet([
-        Fact.from_template("The [capital] of {subject} is", "France", ["Paris"], relation="c"),
-        Fact.from_template("{subject} [plays the]", "Miles Davis", ["trumpet"], relation="m"),
-    ])  # fmt: skip
+    facts = FactSet(
+        [
+            Fact.from_template("The [capital] of {subject} is", "France", ["Paris"], relation="c"),
+            Fact.from_template("{subject} [plays the]", "Miles Davis", ["trumpet"], relation="m"),
+        ]
+    )
     batch = facts.to_batch(model)
     assert batch.fact_ids == ("c/France", "m/Miles Davis")
     decode = model.tokenizer.decode
@@ -126,11 +129,13 @@ def test_unicode_and_repeated_subject_spans(tokenizer):
 
     tok = byte_level_tokenizer() if tokenizer == "bpe" else sentencepiece_tokenizer()
     model = rs.load_model(tiny_hf_model("llama_gqa"), tokenizer=tok)
-    facts = FactSet([
-        Fact.from_template("The city of {subject} [is in]", "São Paulo", ["Brazil"], fact_id="a"),
-        Fact("b", "Nestlé", "Nestlé, like Nestlé's rivals, is based in", ("Vevey",)),
-        Fact.from_template("{subject} [is in]", "Zürich", ["Switzerland"], fact_id="c"),
-    ])  # fmt: skip
+    facts = FactSet(
+        [
+            Fact.from_template("The city of {subject} [is in]", "São Paulo", ["Brazil"], fact_id="a"),
+            Fact("b", "Nestlé", "Nestlé, like Nestlé's rivals, is based in", ("Vevey",)),
+            Fact.from_template("{subject} [is in]", "Zürich", ["Switzerland"], fact_id="c"),
+        ]
+    )
     batch = facts.to_batch(model)
     for row, subject in enumerate(["São Paulo", "Nestlé", "Zürich"]):
         start, end = batch.spans["subject"][row].tolist()

@@ -19,16 +19,28 @@ def write_jsonl(path, rows):
 
 
 def test_jsonl_good_and_bad_rows(tmp_path, caplog):
-    path = write_jsonl(tmp_path / "facts.jsonl", [
-        {"subject": "France", "prompt": "The capital of France is", "target": " Paris", "relation": "cap"},
-        {"subject": "Japan", "template": "The capital of {} is", "answers": ["Tokyo", "Edo"], "extra": 1},
-        {"subject": "Italy", "prompt": "The capital of Spain is", "target": "Rome"},  # subject not in prompt
-        {"subject": "Peru", "prompt": "The capital of Peru is", "target": ""},  # empty target
-        {"prompt": "The capital of Chile is", "target": "Santiago"},  # no subject
-        {"subject": "Cuba", "target": "Havana"},  # no prompt/template
-        "{not json",
-        {"subject": "Iran", "template": "{} and {}", "target": "Tehran"},  # two placeholders
-    ])  # fmt: skip
+    path = write_jsonl(
+        tmp_path / "facts.jsonl",
+        [
+            {
+                "subject": "France",
+                "prompt": "The capital of France is",
+                "target": " Paris",
+                "relation": "cap",
+            },
+            {"subject": "Japan", "template": "The capital of {} is", "answers": ["Tokyo", "Edo"], "extra": 1},
+            {
+                "subject": "Italy",
+                "prompt": "The capital of Spain is",
+                "target": "Rome",
+            },  # subject not in prompt
+            {"subject": "Peru", "prompt": "The capital of Peru is", "target": ""},  # empty target
+            {"prompt": "The capital of Chile is", "target": "Santiago"},  # no subject
+            {"subject": "Cuba", "target": "Havana"},  # no prompt/template
+            "{not json",
+            {"subject": "Iran", "template": "{} and {}", "target": "Tehran"},  # two placeholders
+        ],
+    )
     facts = rs.load_facts(path)
     assert [f.fact_id for f in facts] == ["facts/1", "facts/2"]
     assert facts[0].target == " Paris" and facts[0].relation == "cap"
@@ -64,14 +76,32 @@ def test_csv_with_answers_column(tmp_path):
 
 def test_rome_known_facts(tmp_path):
     records = [
-        {"known_id": 0, "subject": "Vinson Massif", "attribute": "Antarctica",
-         "template": "{} is located in the continent of", "prediction": " Antarctica, and",
-         "prompt": "Vinson Massif is located in the continent of", "relation_id": "P30"},
-        {"known_id": 1, "subject": "Beats Music", "attribute": "Apple", "template": "{} is owned by",
-         "prompt": "Beats Music is owned by", "relation_id": "P127"},
-        {"known_id": 2, "subject": "Nobody", "attribute": "X", "template": "{} is", "prompt": "Somebody is",
-         "relation_id": "P1"},
-    ]  # fmt: skip
+        {
+            "known_id": 0,
+            "subject": "Vinson Massif",
+            "attribute": "Antarctica",
+            "template": "{} is located in the continent of",
+            "prediction": " Antarctica, and",
+            "prompt": "Vinson Massif is located in the continent of",
+            "relation_id": "P30",
+        },
+        {
+            "known_id": 1,
+            "subject": "Beats Music",
+            "attribute": "Apple",
+            "template": "{} is owned by",
+            "prompt": "Beats Music is owned by",
+            "relation_id": "P127",
+        },
+        {
+            "known_id": 2,
+            "subject": "Nobody",
+            "attribute": "X",
+            "template": "{} is",
+            "prompt": "Somebody is",
+            "relation_id": "P1",
+        },
+    ]
     path = tmp_path / "known_1000.json"
     path.write_text(json.dumps(records))
     facts = rs.load_facts(path)
@@ -85,11 +115,15 @@ def test_rome_known_facts(tmp_path):
 def test_counterfact(tmp_path):
     record = {
         "case_id": 7,
-        "requested_rewrite": {"prompt": "The mother tongue of {} is", "relation_id": "P103",
-                              "subject": "Danielle Darrieux", "target_new": {"str": "English", "id": "Q1860"},
-                              "target_true": {"str": "French", "id": "Q150"}},
+        "requested_rewrite": {
+            "prompt": "The mother tongue of {} is",
+            "relation_id": "P103",
+            "subject": "Danielle Darrieux",
+            "target_new": {"str": "English", "id": "Q1860"},
+            "target_true": {"str": "French", "id": "Q150"},
+        },
         "paraphrase_prompts": ["Danielle Darrieux speaks"],
-    }  # fmt: skip
+    }
     path = tmp_path / "counterfact.json"
     path.write_text(json.dumps([record, {"case_id": 8}]))
     facts = rs.load_facts(path)
@@ -116,10 +150,13 @@ def test_files_without_valid_rows_and_missing_files(tmp_path):
 
 
 def test_context_check_with_a_model(tmp_path, tiny_models):
-    path = write_jsonl(tmp_path / "facts.jsonl", [
-        {"subject": "France", "prompt": "The capital of France is", "target": "Paris"},
-        {"subject": "X", "prompt": "X " + "very " * 80 + "long", "target": "y"},
-    ])  # fmt: skip
+    path = write_jsonl(
+        tmp_path / "facts.jsonl",
+        [
+            {"subject": "France", "prompt": "The capital of France is", "target": "Paris"},
+            {"subject": "X", "prompt": "X " + "very " * 80 + "long", "target": "y"},
+        ],
+    )
     facts = rs.load_facts(path, model=tiny_models("gpt2"))
     assert len(facts) == 1 and "more than the model's context" in facts.skipped[-1].reason
 
@@ -127,10 +164,15 @@ def test_context_check_with_a_model(tmp_path, tiny_models):
 _text = st.text(alphabet=string.ascii_letters + " ,.'é", min_size=0, max_size=12)
 _row = st.fixed_dictionaries(
     {},
-    optional={"subject": st.one_of(_text, st.integers()), "prompt": _text, "template": _text,
-              "target": st.one_of(_text, st.none()), "answers": st.lists(_text, max_size=3),
-              "relation": _text},
-)  # fmt: skip
+    optional={
+        "subject": st.one_of(_text, st.integers()),
+        "prompt": _text,
+        "template": _text,
+        "target": st.one_of(_text, st.none()),
+        "answers": st.lists(_text, max_size=3),
+        "relation": _text,
+    },
+)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

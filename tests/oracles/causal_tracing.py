@@ -28,34 +28,51 @@ def _restore_from_row0(position):
     return edit
 
 
-def naive_trace(model, ids, span, target, *, kinds, samples, noise, window, seed=1):
-    """ids [T]; span (b, e); target token id -> {kind: scores [T, L]}, low, high."""
-    n_layers = model.n_layers
-    batch = ids[None].expand(samples + 1, -1)
+def naive_cell(model, ids, span, target, *, samples, noise, seed=1, restore=(), site=None, position=None):
+    """One forward of ROME's loop: (mean score of the noised rows, clean score).
+
+    ``target`` is one token id (score = probability at the last position) or a list of answer
+    tokens (score = summed log-probability of the answer, teacher-forced).
+    """
+    answer = list(target) if isinstance(target, (list, tuple)) and len(target) > 1 else None
+    token = None if answer else (target[0] if isinstance(target, (list, tuple)) else target)
+    full = torch.cat([ids, torch.tensor(answer[:-1])]) if answer else ids
+    batch = full[None].expand(samples + 1, -1)
     vectors = np.random.RandomState(seed).randn(samples, span[1] - span[0], model.d_model)
     noise_t = torch.from_numpy(noise * vectors).to(model.dtype)
     rows = torch.arange(1, samples + 1)
     positions = torch.arange(span[0], span[1]).expand(samples, -1)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(rs.add_noise(model, noise_t, rows, positions))
+        for layer in restore:
+            stack.enter_context(rs.site_hook(model, Site(layer, site), _restore_from_row0(position)))
+        logits = rs.forward(model, batch, logits="all").double()
+    if answer:
+        logprobs = logits[:, -len(answer) :].log_softmax(-1)
+        scores = logprobs[:, torch.arange(len(answer)), torch.tensor(answer)].sum(-1)
+    else:
+        scores = logits[:, -1].softmax(-1)[:, token]
+    return float(scores[1:].mean()), float(scores[0])
 
-    def run(restore_layers=(), site=None, position=None):
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(rs.add_noise(model, noise_t, rows, positions))
-            for layer in restore_layers:
-                stack.enter_context(rs.site_hook(model, Site(layer, site), _restore_from_row0(position)))
-            logits = rs.forward(model, batch, logits="all")[:, -1].double()
-        probs = logits.softmax(-1)[:, target]
-        return float(probs[1:].mean()), float(probs[0])
 
-    low, high = run()
+def window_layers(kind, layer, window, n_layers):
+    if kind == "hidden":
+        return [layer]
+    return list(range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2))))
+
+
+def naive_trace(model, ids, span, target, *, kinds, samples, noise, window, seed=1):
+    """ids [T]; span (b, e); target -> {kind: scores [T, L]}, low, high."""
+    common = dict(samples=samples, noise=noise, seed=seed)
+    low, high = naive_cell(model, ids, span, target, **common)
     scores = {}
     for kind in kinds:
-        grid = np.zeros((len(ids), n_layers))
+        grid = np.zeros((len(ids), model.n_layers))
         for t in range(len(ids)):
-            for layer in range(n_layers):
-                if kind == "hidden":
-                    layers = [layer]
-                else:
-                    layers = range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2)))
-                grid[t, layer] = run(layers, SITE[kind], t)[0]
+            for layer in range(model.n_layers):
+                layers = window_layers(kind, layer, window, model.n_layers)
+                grid[t, layer] = naive_cell(
+                    model, ids, span, target, restore=layers, site=SITE[kind], position=t, **common
+                )[0]
         scores[kind] = grid
     return scores, low, high

@@ -44,6 +44,8 @@ class PromptBatch:
         answer_ids: all tokens of each target (ragged), or None.
         fact_ids: optional identifiers carried along for results.
         n_prefix: special tokens (BOS) prepended to each prompt.
+        tracked: name → ``[B]`` token ids that analyses follow besides the target (e.g. the first
+            token of every answer of a one-to-many list).
     """
 
     input_ids: torch.Tensor
@@ -54,6 +56,7 @@ class PromptBatch:
     answer_ids: tuple[tuple[int, ...], ...] | None = None
     fact_ids: tuple[str, ...] | None = None
     n_prefix: int = 0
+    tracked: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -95,6 +98,7 @@ class PromptBatch:
             target_ids=None if self.target_ids is None else self.target_ids[index],
             answer_ids=pick(self.answer_ids),
             fact_ids=pick(self.fact_ids),
+            tracked={k: v[index] for k, v in self.tracked.items()},
         )
 
     def model_inputs(self, device: torch.device | str) -> dict[str, torch.Tensor]:

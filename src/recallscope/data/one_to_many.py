@@ -16,6 +16,7 @@ first token of **every** answer is tracked at every step, including answers not 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import unicodedata
 from collections import Counter
@@ -100,8 +101,8 @@ class OneToManySet:
         return [_step(gen, step, self.k) for gen in self.kept]
 
     def step_batch(self, model, step: int) -> PromptBatch:
-        """Left-padded batch of step ``step``: spans ``subject``, ``relation``, ``answer_1`` … and
-        the model's s-th answer as target.
+        """Left-padded batch of step ``step``: spans ``subject``, ``relation``, ``answer_1`` …, the
+        model's s-th answer as target, and the first token of every answer in ``tracked``.
         """
         steps = self.steps(step)
         spans = {
@@ -110,13 +111,15 @@ class OneToManySet:
         }
         for j in range(step - 1):
             spans[f"answer_{j + 1}"] = [s.answer_spans[j] for s in steps]
-        return tokenize(
+        batch = tokenize(
             model,
             [s.prompt for s in steps],
             spans=spans,
             targets=[s.target for s in steps],
             fact_ids=[s.fact.fact_id for s in steps],
         )
+        ids = torch.tensor([s.tracked_ids for s in steps], dtype=torch.long).reshape(len(steps), self.k)
+        return dataclasses.replace(batch, tracked={f"answer_{j + 1}": ids[:, j] for j in range(self.k)})
 
     def to_records(self, model) -> list[dict]:
         """Every step of every kept subject as a 1MKR record (Yan & Jia's jsonl format, ``methods.md``

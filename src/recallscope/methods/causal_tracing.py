@@ -251,7 +251,9 @@ def run(model: Model, batch: PromptBatch, config: Config | None = None) -> Causa
             continue
         pad = int(batch.pad_lengths[row])
         ids = batch.input_ids[row, pad:]
-        gold = list(batch.answer_ids[row]) if batch.answer_ids else [int(batch.target_ids[row])]
+        gold = _gold(batch, row)
+        if gold is None and config.target == "gold":
+            raise RecallscopeError("target='gold' needs a batch with targets (tokenize(..., targets=...))")
         traces.append(_trace(model, ids, (start - pad, end - pad), gold, noise, config, fact_id))
     conventions = dict(
         kinds=config.kinds,
@@ -270,6 +272,12 @@ def run(model: Model, batch: PromptBatch, config: Config | None = None) -> Causa
     return CausalTracingResult(
         config, traces, noise, result_provenance(model, config, **conventions), skipped
     )
+
+
+def _gold(batch: PromptBatch, row: int) -> list[int] | None:
+    if batch.answer_ids:
+        return list(batch.answer_ids[row])
+    return None if batch.target_ids is None else [int(batch.target_ids[row])]
 
 
 def _trace(model, ids, span, gold, noise, config, fact_id) -> FactTrace:

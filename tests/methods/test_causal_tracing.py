@@ -1,0 +1,172 @@
+"""Causal tracing: the batched, prefix-reusing implementation equals ROME's naive loop exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import recallscope as rs
+from oracles.causal_tracing import SITE, naive_cell, naive_trace, window_layers
+from recallscope.methods import causal_tracing as ct
+
+PROMPT = "The Eiffel Tower is in Paris"
+
+
+def _batch(model, prompt=PROMPT, subject="Eiffel Tower"):
+    return rs.tokenize(model, [prompt], spans={"subject": [subject]}, targets=[" Paris"], fact_ids=["f"])
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa", "gemma2", "gptj", "opt", "gpt_neox", "mistral", "phi"])
+@pytest.mark.parametrize("reuse", [True, False], ids=["reuse", "rerun"])
+def test_fast_equals_naive_loop(name, reuse, tiny_models):
+    model = tiny_models(name)
+    batch = _batch(model)
+    config = ct.Config(samples=3, window=2, noise=0.5, reuse=reuse, max_batch_rows=40)
+    trace = ct.run(model, batch, config).traces[0]
+    scores, low, high = naive_trace(
+        model,
+        batch.input_ids[0],
+        trace.span,
+        trace.target_ids[0],
+        kinds=config.kinds,
+        samples=3,
+        noise=0.5,
+        window=2,
+    )
+    for kind in config.kinds:
+        np.testing.assert_allclose(trace.scores[kind], scores[kind], rtol=0, atol=1e-12)
+    assert trace.low == pytest.approx(low, abs=1e-12) and trace.high == pytest.approx(high, abs=1e-12)
+
+
+@pytest.mark.parametrize("forward_cost", [0, 50, 10**6])
+def test_grouping_does_not_change_scores(forward_cost, tiny_models):
+    model = tiny_models("llama_gqa")
+    batch = _batch(model)
+    base = ct.run(model, batch, ct.Config(samples=2, window=3, noise=0.3)).traces[0]
+    other = ct.run(model, batch, ct.Config(samples=2, window=3, noise=0.3, forward_cost=forward_cost)).traces[
+        0
+    ]
+    for kind in base.scores:
+        np.testing.assert_allclose(other.scores[kind], base.scores[kind], rtol=0, atol=1e-12)
+
+
+def test_answer_logprob_metric_equals_naive(tiny_models):
+    model = tiny_models("gpt2")
+    batch = rs.tokenize(model, [PROMPT], spans={"subject": ["Eiffel"]}, targets=[" Paris in France"])
+    answer = list(batch.answer_ids[0])
+    assert len(answer) > 1
+    config = ct.Config(
+        samples=2, window=2, noise=0.4, target="gold", metric="answer_logprob", kinds=("hidden", "mlp")
+    )
+    trace = ct.run(model, batch, config).traces[0]
+    ids = batch.input_ids[0]
+    for kind, t, layer in [
+        ("hidden", trace.span[0], 0),
+        ("mlp", len(ids) - 1, 2),
+        ("hidden", len(ids) - 2, 1),
+    ]:
+        layers = window_layers(kind, layer, 2, model.n_layers)
+        expected, _ = naive_cell(
+            model, ids, trace.span, answer, samples=2, noise=0.4, position=t, restore=layers, site=SITE[kind]
+        )
+        assert trace.scores[kind][t, layer] == pytest.approx(expected, abs=1e-10)
+    assert trace.target_ids == answer and trace.high <= 0 and trace.low < trace.high
+
+
+def test_zero_noise_restorations_equal_the_clean_probability(tiny_models):
+    model = tiny_models("gpt_neox")
+    trace = ct.run(model, _batch(model), ct.Config(samples=2, window=2, noise=0.0)).traces[0]
+    assert trace.low == pytest.approx(trace.high, abs=1e-14)
+    for scores in trace.scores.values():
+        np.testing.assert_allclose(scores, trace.high, rtol=0, atol=1e-13)
+
+
+def test_restoring_the_only_corrupted_state_recovers_the_clean_run(tiny_models):
+    """Corrupt only the last token: restoring its hidden state at any layer restores everything."""
+    model = tiny_models("qwen3")
+    batch = _batch(model, "The Eiffel Tower is in Paris", "Paris")
+    trace = ct.run(model, batch, ct.Config(samples=3, window=2, noise=1.0, kinds=("hidden",))).traces[0]
+    assert trace.span[1] == len(trace.tokens)
+    np.testing.assert_allclose(trace.scores["hidden"][-1], trace.high, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(trace.scores["hidden"][:-1], trace.low, rtol=0, atol=1e-14)
+
+
+def test_noise_level_is_three_std_of_the_span_embeddings(tiny_models):
+    model = tiny_models("llama_gqa")
+    batch = rs.tokenize(
+        model, ["The capital of France is", "Miles Davis plays"], spans={"subject": ["France", "Miles Davis"]}
+    )
+    embeds = rs.run_with_cache(model, batch, ["embed"])["embed"]
+    expected = 3 * float(embeds[batch.span_mask("subject")].std())
+    assert ct.noise_level(model, batch) == pytest.approx(expected, rel=1e-12)
+    result = ct.run(model, batch, ct.Config(samples=1, kinds=("hidden",)))
+    assert result.noise == pytest.approx(expected, rel=1e-12)
+    assert result.provenance["conventions"]["noise_rule"].startswith("3.0 x std")
+
+
+def test_result_tables(tiny_models):
+    model = tiny_models("gpt2")
+    result = ct.run(model, _batch(model), ct.Config(samples=2, window=2, noise=0.3))
+    trace = result.traces[0]
+    frame = result.to_frame()
+    n_pos, n_layers = len(trace.tokens), model.n_layers
+    assert len(frame) == 3 * n_pos * n_layers
+    assert set(frame.columns) >= {
+        "fact_id",
+        "kind",
+        "position",
+        "layer",
+        "token",
+        "bucket",
+        "score",
+        "indirect_effect",
+    }
+    assert trace.buckets()[trace.span[0]] == "first subject" and trace.buckets()[-1] == "last token"
+    assert set(result.arrays()) == {"f/hidden", "f/mlp", "f/attn"}
+    average = result.average_by_bucket()
+    assert set(average["bucket"]) <= set(ct.BUCKETS)
+    conventions = result.provenance["conventions"]
+    assert conventions["window"] == 2 and conventions["target"] == "top1" and conventions["metric"] == "prob"
+    assert result.provenance["model"]["family"] == "gpt2"
+
+
+def test_presets_and_errors():
+    assert ct.Config.preset("rome").kinds == ("hidden", "mlp", "attn")
+    yan_jia = ct.Config.preset("yan_jia", span="answer_1")
+    assert (
+        yan_jia.kinds == ("mlp", "attn") and yan_jia.span == "answer_1" and yan_jia.preset_name == "yan_jia"
+    )
+    with pytest.raises(rs.RecallscopeError, match="no preset 'romee'"):
+        ct.Config.preset("romee")
+    with pytest.raises(rs.RecallscopeError, match="no field 'sample'; did you mean 'samples'"):
+        ct.Config.from_dict({"sample": 3})
+    with pytest.raises(rs.RecallscopeError, match="subset of"):
+        ct.Config(kinds=("mlp", "head"))
+    with pytest.raises(rs.RecallscopeError, match="set target='gold'"):
+        ct.Config(metric="answer_logprob")
+    assert list(ct.window(0, 10, 30)) == list(range(0, 5)) and list(ct.window(20, 10, 30)) == list(
+        range(15, 25)
+    )
+
+
+def test_missing_span_is_reported(tiny_models):
+    model = tiny_models("gpt2")
+    batch = rs.tokenize(
+        model, ["The capital of France is", "Hello there"], spans={"subject": ["France", None]}
+    )
+    result = ct.run(model, batch, ct.Config(samples=1, kinds=("hidden",), noise=0.1))
+    assert len(result.traces) == 1 and result.skipped == [("1", "no subject span")]
+    with pytest.raises(rs.RecallscopeError, match="no 'answer_1' span"):
+        ct.run(model, batch, ct.Config(span="answer_1"))
+
+
+def test_reused_states_are_not_modified(tiny_models):
+    """The clean cache and recorded run are read-only inputs of every resumed forward."""
+    model = tiny_models("llama_gqa")
+    batch = _batch(model)
+    first = ct.run(model, batch, ct.Config(samples=2, window=2, noise=0.3)).traces[0]
+    second = ct.run(model, batch, ct.Config(samples=2, window=2, noise=0.3)).traces[0]
+    for kind in first.scores:
+        assert np.array_equal(first.scores[kind], second.scores[kind])
+    assert torch.equal(rs.forward(model, batch), rs.forward(model, batch))
