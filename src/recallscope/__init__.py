@@ -6,6 +6,7 @@ batch = rs.tokenize(model, ["The capital of France is"], spans={"subject": ["Fra
 logits = rs.forward(model, batch)               # [1, d_vocab]
 """
 
+from recallscope import methods
 from recallscope.check import CheckReport, check_model
 from recallscope.core import (
     Cache,
@@ -75,6 +76,7 @@ __all__ = [
     "head_source_outputs",
     "load_facts",
     "load_model",
+    "methods",
     "neuron_outputs",
     "parse_site",
     "patch",

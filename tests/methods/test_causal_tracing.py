@@ -170,3 +170,14 @@ def test_reused_states_are_not_modified(tiny_models):
     for kind in first.scores:
         assert np.array_equal(first.scores[kind], second.scores[kind])
     assert torch.equal(rs.forward(model, batch), rs.forward(model, batch))
+
+
+def test_runs_on_a_factset(tiny_models):
+    model = tiny_models("gpt2")
+    facts = rs.FactSet(
+        [rs.Fact.from_template("The [capital] of {subject} is", "France", ["Paris"], fact_id="c")]
+    )
+    result = rs.methods.causal_tracing.run(model, facts, ct.Config(samples=1, kinds=("hidden",), noise=0.2))
+    assert [t.fact_id for t in result.traces] == ["c"] and result.traces[0].tokens[
+        result.traces[0].span[0]
+    ].strip() == "France"

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 from recallscope.errors import RecallscopeError
 
-__all__ = ["MethodConfig", "result_provenance"]
+__all__ = ["MethodConfig", "result_provenance", "as_batch"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -54,3 +54,10 @@ class MethodConfig:
 def result_provenance(model, config: MethodConfig, **conventions: Any) -> dict[str, Any]:
     """Model provenance plus the conventions a result was computed with."""
     return {"model": model.provenance(), "config": config.to_dict(), "conventions": conventions}
+
+
+def as_batch(model, facts_or_batch):
+    """A :class:`~recallscope.core.tokens.PromptBatch` from a batch or a :class:`FactSet`."""
+    from recallscope.core.tokens import PromptBatch
+
+    return facts_or_batch if isinstance(facts_or_batch, PromptBatch) else facts_or_batch.to_batch(model)

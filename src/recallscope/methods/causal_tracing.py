@@ -43,8 +43,9 @@ from recallscope.core.patching import add_noise, patch_cells
 from recallscope.core.resume import RunState, record_run, resume
 from recallscope.core.tokens import PromptBatch
 from recallscope.core.vocab import decode_tokens
+from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
-from recallscope.methods.base import MethodConfig, result_provenance
+from recallscope.methods.base import MethodConfig, as_batch, result_provenance
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
 
@@ -232,9 +233,10 @@ def noise_level(model: Model, batch: PromptBatch, span: str = "subject", factor:
     return factor * float(embeds[mask].double().std())
 
 
-def run(model: Model, batch: PromptBatch, config: Config | None = None) -> CausalTracingResult:
+def run(model: Model, batch: PromptBatch | FactSet, config: Config | None = None) -> CausalTracingResult:
     """Trace every fact of ``batch`` (each fact on its own; see the module docstring)."""
     config = config or Config()
+    batch = as_batch(model, batch)
     if config.span not in batch.spans:
         raise RecallscopeError(f"the batch has no {config.span!r} span (spans: {', '.join(batch.spans)})")
     noise = (
@@ -316,9 +318,9 @@ def _trace(model, ids, span, gold, noise, config, fact_id) -> FactTrace:
 
 def _score(logits: torch.Tensor, target: Sequence[int], metric: str) -> torch.Tensor:
     """``[R]`` scores from ``logits [R, n, V]``: P(target) (``prob``) or Σ log P of the answer."""
-    logprobs = logits.double().log_softmax(-1)
-    picked = logprobs[:, torch.arange(len(target)), torch.tensor(target)]  # [R, n]
-    return picked[:, 0].exp() if metric == "prob" else picked.sum(-1)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    picked = logits[:, torch.arange(len(target)), torch.tensor(target)] - logits.logsumexp(-1)  # [R, n]
+    return (picked[:, 0].exp() if metric == "prob" else picked.sum(-1)).double()
 
 
 @dataclass(frozen=True)

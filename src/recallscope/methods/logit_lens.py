@@ -30,8 +30,9 @@ import torch
 from recallscope.core.cache import run_with_cache
 from recallscope.core.tokens import PromptBatch
 from recallscope.core.vocab import ProjectionMode, decode_tokens, project_to_vocab
+from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
-from recallscope.methods.base import MethodConfig, result_provenance
+from recallscope.methods.base import MethodConfig, as_batch, result_provenance
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
 
@@ -160,9 +161,10 @@ class LogitLensResult:
         return out.reset_index()
 
 
-def run(model: Model, batch: PromptBatch, config: Config | None = None) -> LogitLensResult:
+def run(model: Model, batch: PromptBatch | FactSet, config: Config | None = None) -> LogitLensResult:
     """Decode every configured site at every layer for every fact of ``batch``."""
     config = config or Config()
+    batch = as_batch(model, batch)
     if "resid_mid" in config.sites and model.spec.parallel:
         raise RecallscopeError(f"{model.spec.family} has parallel blocks: resid_mid does not exist")
     positions = _positions(batch, config.positions)  # [B, P]
