@@ -1,4 +1,4 @@
-"""Command line: ``recallscope check-model``, ``recallscope run``.
+"""Command line: ``recallscope run | plan | report | methods | datasets | check-model``.
 
 Thin by design: parse flags, load, call the library, print.
 """
@@ -11,6 +11,7 @@ import click
 
 from recallscope.errors import RecallscopeError
 from recallscope.models.load import DEFAULT_MODEL
+from recallscope.runner.job import DEFAULT_LIMIT
 
 _MODEL_HELP = "Model: 'smollm2-135m' (embedded), a Hugging Face id, a local folder or a .gguf file."
 
@@ -44,33 +45,129 @@ def check_model_cmd(model: str, dtype: str | None, device: str | None) -> None:
     sys.exit(0 if report.passed else 1)
 
 
-@cli.command("run")
-@click.option("--model", "model_name", default=DEFAULT_MODEL, show_default=True, help=_MODEL_HELP)
-@click.option("--dtype", default=None, help="float32 (default), float64, bfloat16, float16.")
-@click.option("--device", default=None, help="cpu, cuda … (default: cuda if available).")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
-def run_cmd(model_name: str, dtype: str | None, device: str | None, out: str) -> None:
-    """Analyse how MODEL recalls facts (the main job).
+def _job_options(command):
+    """The flags shared by ``run`` and ``plan`` (they describe the same job)."""
+    options = [
+        click.option("--model", "model_name", default=DEFAULT_MODEL, show_default=True, help=_MODEL_HELP),
+        click.option(
+            "--dataset",
+            default="mixed",
+            show_default=True,
+            help="Built-in dataset name (see `recallscope datasets`) or a .jsonl/.csv/.json file.",
+        ),
+        click.option(
+            "--methods",
+            default="all",
+            show_default=True,
+            help="Comma-separated method names, or 'all' (see `recallscope methods`).",
+        ),
+        click.option(
+            "--limit",
+            default=str(DEFAULT_LIMIT),
+            show_default=True,
+            help="Analyse at most N facts (a seeded sample, in dataset order), or 'all'.",
+        ),
+        click.option(
+            "--known-only/--all-facts",
+            default=True,
+            show_default=True,
+            help="Keep only the facts the model answers correctly (first token).",
+        ),
+        click.option("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)."),
+        click.option("--dtype", default=None, help="float32 (default), float64, bfloat16, float16."),
+        click.option(
+            "--batch-size", type=int, default=None, help="Facts per chunk (default: each method's own)."
+        ),
+        click.option(
+            "--seed", type=int, default=None, help="Seed of the fact sample and of every method's noise."
+        ),
+        click.option(
+            "--config",
+            "config_file",
+            type=click.Path(dir_okay=False),
+            default=None,
+            help="TOML or JSON file with one section per method (fields, optionally `preset`).",
+        ),
+        click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
 
-    The dataset runner and the analysis methods arrive with later releases; for now this loads
-    the model, verifies its adapter and lists what a run will do.
-    """
-    from recallscope.check import check_model
 
-    model = _load(model_name, dtype, device)
-    click.echo(repr(model))
-    report = check_model(model)
-    n_ok = len(report.results) - len(report.failures)
-    click.echo(f"adapter checks: {n_ok}/{len(report.results)} passed")
-    for failure in report.failures:
-        click.echo(f"  {failure}")
-    click.echo(
-        f"plan: output folder {out}\n"
-        "  methods registered: none yet (logit lens, causal tracing, attention knockout, "
-        "attribution … come with the next issues)\n"
-        "  nothing else to run."
+def _job(**flags):
+    from recallscope.runner import Job, load_config_file
+
+    limit = flags["limit"]
+    if limit != "all" and not limit.isdigit():
+        raise click.BadParameter(f"expected a number of facts or 'all', got {limit!r}", param_hint="--limit")
+    return Job(
+        out=flags["out"],
+        model=flags["model_name"],
+        dataset=flags["dataset"],
+        methods=tuple(m.strip() for m in flags["methods"].split(",") if m.strip()),
+        limit=None if limit == "all" else int(limit),
+        known_only=flags["known_only"],
+        device=flags["device"],
+        dtype=flags["dtype"],
+        batch_size=flags["batch_size"],
+        seed=flags["seed"],
+        configs=load_config_file(flags["config_file"]) if flags["config_file"] else {},
     )
-    sys.exit(0 if report.passed else 1)
+
+
+@cli.command("run")
+@_job_options
+@click.option("--no-report", is_flag=True, help="Do not write report.html at the end.")
+def run_cmd(no_report: bool, **flags) -> None:
+    """Analyse how a model recalls facts: every method, stored in --out, with an HTML report.
+
+    Re-running the same command resumes: finished chunks are kept and not recomputed.
+    """
+    from recallscope.runner import run_job
+
+    job = _job(**flags)
+    store = run_job(job, report=not no_report)
+    manifest = store.read_manifest()
+    for name, entry in manifest["methods"].items():
+        click.echo(
+            f"{name}: {entry['n_facts']} facts, {entry['rows']['rows']} rows, {entry['seconds']} s, "
+            f"{len(entry['skipped'])} skipped -> {store.results_path(name)}"
+        )
+    if not no_report:
+        click.echo(f"report: {store.root / 'report.html'}")
+
+
+@cli.command("plan")
+@_job_options
+def plan_cmd(**flags) -> None:
+    """Print the forward passes, peak memory and rough time of a run, before running it.
+
+    Loads the model and selects the facts (the known filter runs, as it would in `run`).
+    """
+    from recallscope.runner.plan import plan_job
+
+    click.echo(str(plan_job(_job(**flags), log=lambda m: click.echo(m, err=True))))
+
+
+@cli.command("report")
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+def report_cmd(run_dir: str) -> None:
+    """(Re)write RUN_DIR/report.html and RUN_DIR/figures/ from the stored results (no model needed)."""
+    from recallscope.report import write_report
+
+    click.echo(f"report: {write_report(run_dir)}")
+
+
+@cli.command("methods")
+def methods_cmd() -> None:
+    """List the registered methods and their presets."""
+    from recallscope.methods import REGISTRY
+
+    _table(
+        ["method", "presets", "description"],
+        [[name, ", ".join(m.Config.PRESETS) or "-", m.DESCRIPTION] for name, m in REGISTRY.items()],
+    )
 
 
 @cli.command("datasets")

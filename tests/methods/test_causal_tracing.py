@@ -124,6 +124,7 @@ def test_result_tables(tiny_models):
     }
     assert trace.buckets()[trace.span[0]] == "first subject" and trace.buckets()[-1] == "last token"
     assert set(result.arrays()) == {"f/hidden", "f/mlp", "f/attn"}
+    assert result.tables() == {}
     average = result.average_by_bucket()
     assert set(average["bucket"]) <= set(ct.BUCKETS)
     conventions = result.provenance["conventions"]

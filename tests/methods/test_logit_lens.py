@@ -88,7 +88,7 @@ def test_positions_and_targets(tiny_models):
     assert len(frame) == 2 * model.n_layers * 4 * 3 and set(frame["target"]) == {"gold", "top1", "subject"}
     assert len(result.topk_frame()) == 2 * model.n_layers * 4 and len(result.topk_frame()["topk"][0]) == 3
     average = result.average()
-    assert set(average.columns) >= {"prob", "prob_ci", "n_facts"} and (average["n_facts"] == 2).all()
+    assert set(average.columns) >= {"prob", "prob_ci", "n"} and (average["n"] == 2).all()
 
 
 def test_errors(tiny_models):

@@ -53,13 +53,20 @@ def test_check_model_on_the_embedded_model(capsys, embedded_model):
     assert "17/17 checks passed" in out
 
 
-@pytest.mark.embedded
-@pytest.mark.slow
-def test_run_lists_the_plan(capsys, embedded_model, tmp_path):
-    code, out, _ = run(["run", "--out", str(tmp_path / "demo"), "--device", "cpu"], capsys)
-    assert code == 0, out
-    assert "Model('smollm2-135m', family='llama'" in out
-    assert "adapter checks: 17/17 passed" in out and "plan:" in out
+def test_run_flag_errors(capsys, tmp_path):
+    code, _, err = run(["run", "--limit", "some", "--out", str(tmp_path)], capsys)
+    assert code == 2 and "expected a number of facts or 'all', got 'some'" in err
+    code, _, err = run(["plan", "--methods", "logit_lenz", "--out", str(tmp_path)], capsys)
+    assert code == 2 and "did you mean 'logit_lens'" in err
+    config = tmp_path / "c.toml"
+    config.write_text("[causal_tracing]\nsampels = 3\n")
+    code, _, err = run(["run", "--config", str(config), "--out", str(tmp_path)], capsys)
+    assert code == 2 and "has no field 'sampels'; did you mean 'samples'" in err
+
+
+def test_methods_lists_the_registry(capsys):
+    code, out, _ = run(["methods"], capsys)
+    assert code == 0 and "causal_tracing" in out and "rome, yan_jia" in out and "logit_lens" in out
 
 
 def test_datasets_lists_the_builtin_sets(capsys):

@@ -1,21 +1,34 @@
-"""What every method shares: configs with presets, and the provenance each result records.
+"""What every method shares: configs with presets, costs, and the provenance each result records.
 
-A method module defines ``NAME``, ``DESCRIPTION``, a frozen ``Config`` (a :class:`MethodConfig`
-whose defaults are the scientifically clean variant, with each paper's exact behaviour as a
-preset), a result class and ``run(model, batch, config)``. Methods do no file I/O, plotting or
-progress bars.
+The method protocol (what the runner, ``recallscope plan`` and the report rely on). A method
+module defines:
+
+- ``NAME`` and ``DESCRIPTION`` (one line, shown by ``recallscope methods``);
+- ``Config``: a frozen :class:`MethodConfig` with documented fields, clean defaults and each
+  paper's exact behaviour as a preset;
+- ``run(model, facts_or_batch, config) -> Result``; the result has ``to_frame()`` (tidy rows with a
+  ``fact_id`` column), ``tables()`` (extra tidy tables by name, may be empty), ``arrays()`` (named
+  arrays keyed ``"<fact_id>/<name>"``), ``provenance`` and ``skipped`` (``(fact_id, reason)``);
+- ``cost(model, batch, config) -> Cost``: forward passes, work and peak memory, without running;
+- optionally ``prepare(model, facts, config) -> Config``: dataset-wide calibration done once before
+  the facts are split into chunks (e.g. the causal-tracing noise level);
+- ``CHUNK_SIZE``: facts per chunk the runner uses by default.
+
+Methods do no file I/O, plotting or progress bars.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
+import json
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from recallscope.errors import RecallscopeError
 
-__all__ = ["MethodConfig", "result_provenance", "as_batch"]
+__all__ = ["MethodConfig", "Cost", "result_provenance", "as_batch"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -49,6 +62,34 @@ class MethodConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def stable_hash(self) -> str:
+        """A short hash of every field but ``preset_name`` (part of the result-store key)."""
+        values = {k: v for k, v in self.to_dict().items() if k != "preset_name"}
+        text = json.dumps(values, sort_keys=True, default=str)
+        return hashlib.sha256(f"{type(self).__module__}:{text}".encode()).hexdigest()[:12]
+
+
+@dataclasses.dataclass(frozen=True)
+class Cost:
+    """What running a method on a batch takes, estimated without running it.
+
+    Attributes:
+        forwards: forward passes (full or resumed).
+        token_blocks: work in units of one token row through one transformer block.
+        peak_bytes: peak memory of activations and outputs beyond the model weights.
+    """
+
+    forwards: int
+    token_blocks: float
+    peak_bytes: int
+
+    def __add__(self, other: Cost) -> Cost:
+        return Cost(
+            self.forwards + other.forwards,
+            self.token_blocks + other.token_blocks,
+            max(self.peak_bytes, other.peak_bytes),
+        )
 
 
 def result_provenance(model, config: MethodConfig, **conventions: Any) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -45,7 +45,7 @@ from recallscope.core.tokens import PromptBatch
 from recallscope.core.vocab import decode_tokens
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
-from recallscope.methods.base import MethodConfig, as_batch, result_provenance
+from recallscope.methods.base import Cost, MethodConfig, as_batch, result_provenance
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
 
@@ -58,12 +58,18 @@ __all__ = [
     "run",
     "noise_level",
     "window",
+    "prepare",
+    "cost",
+    "average_by_bucket",
 ]
 
 NAME = "causal_tracing"
 DESCRIPTION = (
     "Restore clean hidden/MLP/attention states into a noised run (ROME): where is the fact recalled?"
 )
+
+CHUNK_SIZE = 1
+"""Facts per runner chunk: each fact is traced on its own, so a chunk per fact checkpoints each one."""
 
 Kind = Literal["hidden", "mlp", "attn"]
 _SITE = {"hidden": "resid_post", "mlp": "mlp_out", "attn": "attn_out"}
@@ -91,6 +97,8 @@ class Config(MethodConfig):
     noise: float | None = None
     """Noise scale ``ν``; None: ``noise_factor × std`` of the span embeddings of the batch."""
     noise_factor: float = 3.0
+    noise_calibrated_on: str | None = None
+    """Set by :func:`prepare`: which facts ``noise`` was calibrated on (recorded in results)."""
     seed: int = 1
     """Seed of ``numpy.random.RandomState`` drawing the noise (ROME: 1)."""
     span: str = "subject"
@@ -211,16 +219,33 @@ class CausalTracingResult:
                 )
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
+    def tables(self) -> dict[str, pd.DataFrame]:
+        """No extra tables: ``to_frame()`` holds everything."""
+        return {}
+
     def arrays(self) -> dict[str, np.ndarray]:
         """Per-fact ``[positions × layers]`` score maps, keyed ``"<fact_id>/<kind>"``."""
         return {f"{tr.fact_id}/{kind}": s for tr in self.traces for kind, s in tr.scores.items()}
 
     def average_by_bucket(self) -> pd.DataFrame:
-        """Mean indirect effect per kind × position class × layer, over facts (ROME's average plot)."""
-        frame = self.to_frame()
-        if frame.empty:
-            return frame
-        return frame.groupby(["kind", "bucket", "layer"], sort=False)["indirect_effect"].mean().reset_index()
+        """Mean indirect effect per kind × position class × layer (ROME's average plot)."""
+        return average_by_bucket(self.to_frame())
+
+
+def average_by_bucket(frame: pd.DataFrame) -> pd.DataFrame:
+    """ROME's average over facts of a :meth:`CausalTracingResult.to_frame` table.
+
+    Each fact's positions of a class (e.g. the middle subject tokens) are averaged first, then the
+    facts, so that every fact weighs the same. Columns: kind, bucket, layer, indirect_effect, score,
+    n_facts.
+    """
+    if frame.empty:
+        return frame
+    per_fact = frame.groupby(["fact_id", "kind", "bucket", "layer"], sort=False)[["indirect_effect", "score"]]
+    grouped = per_fact.mean().reset_index().groupby(["kind", "bucket", "layer"], sort=False)
+    out = grouped[["indirect_effect", "score"]].mean()
+    out["n_facts"] = grouped.size()
+    return out.reset_index()
 
 
 def noise_level(model: Model, batch: PromptBatch, span: str = "subject", factor: float = 3.0) -> float:
@@ -231,6 +256,44 @@ def noise_level(model: Model, batch: PromptBatch, span: str = "subject", factor:
     if not mask.any():
         raise RecallscopeError(f"no {span!r} span in the batch: cannot calibrate the noise")
     return factor * float(embeds[mask].double().std())
+
+
+def prepare(model: Model, facts: PromptBatch | FactSet, config: Config) -> Config:
+    """Fix the noise level over the whole dataset (the runner calls this once, before chunking)."""
+    if config.noise is not None:
+        return config
+    batch = as_batch(model, facts)
+    noise = noise_level(model, batch, config.span, config.noise_factor)
+    return replace(config, noise=noise, noise_calibrated_on=f"the dataset's {len(batch)} facts")
+
+
+def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = None) -> Cost:
+    """Forward passes, token-block work and peak activation memory of :func:`run`, without running."""
+    config = config or Config()
+    batch = as_batch(model, batch)
+    n_layers = model.n_layers
+    total = Cost(0, 0.0, 0)
+    per_chunk = max(1, config.max_batch_rows // config.samples)
+    for row in range(len(batch)):
+        start = int(batch.spans[config.span][row, 0]) - int(batch.pad_lengths[row])
+        n_tokens = batch.seq_len - int(batch.pad_lengths[row])
+        if start < 0:
+            continue
+        groups = _plan(_cells(config, n_layers, range(start, n_tokens)), config, n_layers, n_tokens)
+        forwards = 2 + sum(-(-len(g) // per_chunk) for g in groups.values())
+        work = (1 + config.samples) * n_tokens * n_layers + sum(
+            (n_layers - s) * len(g) * config.samples * (n_tokens - t) for (s, t), g in groups.items()
+        )
+        rows = min(config.max_batch_rows, per_chunk * config.samples)
+        kv = 2 * model.n_kv_heads * model.d_head
+        floats = (
+            config.samples * n_tokens * ((n_layers + 1) * model.d_model + n_layers * kv)  # recorded run
+            + len(config.kinds) * n_layers * n_tokens * model.d_model  # clean states
+            + rows * n_tokens * (4 * model.d_model + 2 * model.d_mlp)  # one resumed block
+            + rows * model.d_vocab  # logits
+        )
+        total = total + Cost(forwards, float(work), floats * model.dtype.itemsize)
+    return total
 
 
 def run(model: Model, batch: PromptBatch | FactSet, config: Config | None = None) -> CausalTracingResult:
@@ -263,7 +326,7 @@ def run(model: Model, batch: PromptBatch | FactSet, config: Config | None = None
         window_rule="[l - w//2, l - (-w//2))",
         samples=config.samples,
         noise=noise,
-        noise_rule=f"{config.noise_factor} x std of span embeddings" if config.noise is None else "given",
+        noise_rule=_noise_rule(config),
         noise_rng=f"numpy RandomState({config.seed})",
         span=config.span,
         target=config.target,
@@ -274,6 +337,13 @@ def run(model: Model, batch: PromptBatch | FactSet, config: Config | None = None
     return CausalTracingResult(
         config, traces, noise, result_provenance(model, config, **conventions), skipped
     )
+
+
+def _noise_rule(config: Config) -> str:
+    rule = f"{config.noise_factor} x std of the {config.span} embeddings"
+    if config.noise is None:
+        return f"{rule} of this batch"
+    return f"{rule} of {config.noise_calibrated_on}" if config.noise_calibrated_on else "given"
 
 
 def _gold(batch: PromptBatch, row: int) -> list[int] | None:

@@ -32,15 +32,18 @@ from recallscope.core.tokens import PromptBatch
 from recallscope.core.vocab import ProjectionMode, decode_tokens, project_to_vocab
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
-from recallscope.methods.base import MethodConfig, as_batch, result_provenance
+from recallscope.methods.base import Cost, MethodConfig, as_batch, result_provenance
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
+from recallscope.stats import mean_ci
 
-__all__ = ["NAME", "DESCRIPTION", "Config", "LogitLensResult", "run"]
+__all__ = ["NAME", "DESCRIPTION", "Config", "LogitLensResult", "run", "cost"]
 
 NAME = "logit_lens"
 DESCRIPTION = "Decode the residual stream and sublayer updates at every layer: when does the answer appear?"
 _SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+CHUNK_SIZE = 16
+"""Facts per runner chunk (one forward each)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -97,6 +100,7 @@ class LogitLensResult:
     """``[fact, site, layer, position, k]``."""
     topk_tokens: list
     provenance: dict = field(default_factory=dict)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
     method: str = NAME
 
     def to_frame(self) -> pd.DataFrame:
@@ -140,25 +144,20 @@ class LogitLensResult:
                         )
         return pd.DataFrame(rows)
 
+    def tables(self) -> dict[str, pd.DataFrame]:
+        """``{"topk": topk_frame()}``."""
+        return {"topk": self.topk_frame()}
+
     def arrays(self) -> dict[str, np.ndarray]:
-        return {
-            "prob": self.prob,
-            "logprob": self.logprob,
-            "logit": self.logit,
-            "rank": self.rank,
-            "topk_ids": self.topk_ids,
-        }
+        """Per fact ``[site, layer, position, target]`` statistics (``topk_ids``: ``[…, k]``)."""
+        named = {"prob": self.prob, "logprob": self.logprob, "logit": self.logit, "rank": self.rank}
+        named["topk_ids"] = self.topk_ids
+        return {f"{fact}/{name}": a[f] for f, fact in enumerate(self.fact_ids) for name, a in named.items()}
 
     def average(self) -> pd.DataFrame:
-        """Mean over facts of each statistic, with a 95% normal-approximation confidence band."""
-        frame = self.to_frame()
-        grouped = frame.groupby(["site", "layer", "position", "target"], sort=False)
-        out = grouped[["prob", "logprob", "logit", "rank"]].mean()
-        sem = grouped[["prob", "logprob"]].sem().fillna(0.0)
-        out["prob_ci"] = 1.96 * sem["prob"]
-        out["logprob_ci"] = 1.96 * sem["logprob"]
-        out["n_facts"] = grouped.size()
-        return out.reset_index()
+        """Mean over facts of each statistic, with 95% normal-approximation bands (``*_ci``) and ``n``."""
+        by = ["site", "layer", "position", "target"]
+        return mean_ci(self.to_frame(), by, ["prob", "logprob", "logit", "rank"])
 
 
 def run(model: Model, batch: PromptBatch | FactSet, config: Config | None = None) -> LogitLensResult:
@@ -202,6 +201,17 @@ def run(model: Model, batch: PromptBatch | FactSet, config: Config | None = None
         topk_tokens=decode_tokens(model, proj.topk_ids),
         provenance=provenance,
     )
+
+
+def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = None) -> Cost:
+    """One forward per call; memory: the kept vectors and one projection chunk of logits."""
+    config = config or Config()
+    batch = as_batch(model, batch)
+    n_vectors = len(batch) * len(config.sites) * model.n_layers * len(config.positions)
+    floats = n_vectors * model.d_model + min(n_vectors, 256) * model.d_vocab
+    floats += len(batch) * batch.seq_len * (4 * model.d_model + 2 * model.d_mlp)
+    work = float(sum(batch.seq_len - int(p) for p in batch.pad_lengths) * model.n_layers)
+    return Cost(1, work, floats * model.dtype.itemsize)
 
 
 def _positions(batch: PromptBatch, selectors) -> torch.Tensor:

@@ -1,0 +1,79 @@
+"""Figures and the self-contained HTML report, built from a run folder's stored results only.
+
+``write_report(run_dir)`` reads ``manifest.json``, ``facts.parquet`` and ``results/``, writes the
+figures to ``figures/`` (PNG and SVG) and ``report.html`` (one file: styles and PNGs inlined, no
+script, no network). Every string from the model or the dataset is HTML-escaped by the template
+engine (Jinja2 autoescape).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jinja2
+
+from recallscope.errors import RecallscopeError
+from recallscope.report.sections import Options, Table, build_section
+from recallscope.runner.store import Store, atomic_write
+
+__all__ = ["write_report", "Options"]
+
+
+def write_report(run_dir: str | os.PathLike, options: Options | None = None) -> Path:
+    """Write ``run_dir/report.html`` (and ``run_dir/figures/``) from the stored results; return its path."""
+    store = Store(run_dir)
+    manifest = store.read_manifest()
+    if not manifest:
+        raise RecallscopeError(
+            f"{run_dir} is not a recallscope run folder (no manifest.json); "
+            f"create one with `recallscope run --out {run_dir}`"
+        )
+    options = options or Options()
+    facts = store.read_facts()
+    folder = store.root / "figures"
+    sections = [build_section(m, store, facts, folder, options) for m in store.methods()]
+    per_fact = {
+        fact_id: [(s.title, item) for s in sections for item in s.per_fact.get(fact_id, [])]
+        for fact_id in facts["fact_id"]
+    }
+    html = _template().render(
+        manifest=manifest,
+        facts=facts.to_dict("records"),
+        sections=sections,
+        per_fact=per_fact,
+        skipped=_skipped(manifest),
+        is_table=lambda item: isinstance(item, Table),
+    )
+    path = store.root / "report.html"
+    atomic_write(path, lambda p: p.write_text(html, encoding="utf-8"))
+    return path
+
+
+def _template() -> jinja2.Template:
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("recallscope.report", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["plain"] = _plain
+    return env.get_template("report.html.j2")
+
+
+def _plain(value) -> str:
+    """Dicts and lists as ``k: v, …`` text instead of Python reprs."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {_plain(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_plain(v) for v in value)
+    return "" if value is None else str(value)
+
+
+def _skipped(manifest: dict) -> list[tuple[str, str, str]]:
+    """``(where, what, why)`` for every dataset row and fact left out."""
+    rows = [("dataset", "", reason) for reason in manifest.get("dataset", {}).get("skipped", [])]
+    for method, entry in manifest.get("methods", {}).items():
+        rows += [(method, fact_id, reason) for fact_id, reason in entry.get("skipped", [])]
+    return rows

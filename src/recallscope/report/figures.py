@@ -1,0 +1,171 @@
+"""Paper-style figures from stored result tables (pure functions: tables in, matplotlib figure out).
+
+Token strings come from the model: :func:`token_label` escapes ``$`` so that a token is drawn as
+written and never starts matplotlib math text.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from recallscope.stats import mean_ci  # noqa: E402
+
+__all__ = [
+    "FigureFile",
+    "save_figure",
+    "causal_trace_average",
+    "causal_trace_fact",
+    "logit_lens_curves",
+    "token_label",
+    "token_text",
+]
+
+STYLE = {"font.size": 9, "axes.titlesize": 10, "figure.dpi": 100}
+_CMAPS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}
+_TITLES = {"hidden": "single restored layer", "mlp": "MLP (window)", "attn": "attention (window)"}
+
+
+@dataclass(frozen=True)
+class FigureFile:
+    """A figure written to ``figures/`` as PNG and SVG, with the PNG inlined for the report."""
+
+    name: str
+    caption: str
+    png: Path
+    svg: Path
+    data_uri: str
+    width: int
+    height: int
+
+
+def save_figure(fig: plt.Figure, folder: Path, name: str, caption: str) -> FigureFile:
+    """Write ``fig`` as ``folder/name.png`` and ``.svg``; close it; return where it is."""
+    folder.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    with plt.rc_context(STYLE):
+        fig.savefig(buffer, format="png", bbox_inches="tight")
+        fig.savefig(folder / f"{name}.svg", format="svg", bbox_inches="tight")
+    plt.close(fig)
+    data = buffer.getvalue()
+    (folder / f"{name}.png").write_bytes(data)
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    uri = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+    return FigureFile(name, caption, folder / f"{name}.png", folder / f"{name}.svg", uri, width, height)
+
+
+def token_text(token: str) -> str:
+    """A token as readable text: control characters made visible, blank tokens quoted, empty as ``∅``."""
+    visible = token.replace("\n", "⏎").replace("\t", "⇥").replace("\r", "")
+    return visible if visible.strip() else (repr(visible) if visible else "∅")
+
+
+def token_label(token: str) -> str:
+    """A token as a figure label: :func:`token_text` with ``$`` escaped (no math text)."""
+    return token_text(token).replace("$", r"\$")
+
+
+def causal_trace_average(frame: pd.DataFrame, kind: str, buckets: Sequence[str], n_facts: int) -> plt.Figure:
+    """Mean indirect effect per token class × layer for one ``kind`` (ROME's Figure 2 style).
+
+    ``frame``: causal-tracing rows (``kind``, ``bucket``, ``layer``, ``indirect_effect``).
+    """
+    from recallscope.methods.causal_tracing import average_by_bucket
+
+    rows = average_by_bucket(frame[frame["kind"] == kind])
+    table = rows.pivot(index="bucket", columns="layer", values="indirect_effect")
+    table = table.reindex([b for b in buckets if b in table.index])
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(6.4, 0.35 * len(table) + 1.4))
+        image = ax.pcolormesh(table.to_numpy(), cmap=_CMAPS.get(kind, "viridis"), vmin=0)
+        ax.invert_yaxis()
+        ax.set_yticks(np.arange(len(table)) + 0.5, table.index)
+        _layer_ticks(ax, table.columns.to_numpy())
+        ax.set_title(f"Average indirect effect: {_TITLES.get(kind, kind)} ({n_facts} facts)")
+        fig.colorbar(image, ax=ax, label="mean of p(restored) − p(corrupted)")
+    return fig
+
+
+def causal_trace_fact(frame: pd.DataFrame, kinds: Sequence[str], title: str) -> plt.Figure:
+    """One fact's scores, ``position × layer`` per ``kind`` side by side; the corrupted span starred.
+
+    ``frame``: the causal-tracing rows of one fact.
+    """
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, len(kinds), figsize=(3.6 * len(kinds), 0.26 * _n_positions(frame) + 1.6))
+        axes = np.atleast_1d(axes)
+        for ax, kind in zip(axes, kinds, strict=True):
+            rows = frame[frame["kind"] == kind]
+            grid = rows.pivot(index="position", columns="layer", values="score")
+            labels = rows.drop_duplicates("position").set_index("position").loc[grid.index]
+            corrupted = labels["bucket"].str.contains("subject") & ~labels["bucket"].eq("before subject")
+            ticks = [
+                token_label(t) + ("*" if c else "") for t, c in zip(labels["token"], corrupted, strict=True)
+            ]
+            image = ax.pcolormesh(grid.to_numpy(), cmap=_CMAPS.get(kind, "viridis"))
+            ax.invert_yaxis()
+            ax.set_yticks(np.arange(len(grid)) + 0.5, ticks if ax is axes[0] else [""] * len(ticks))
+            _layer_ticks(ax, grid.columns.to_numpy())
+            ax.set_title(_TITLES.get(kind, kind))
+            low = float(rows["low"].iloc[0])
+            fig.colorbar(
+                image, ax=ax, label=f"p({token_label(rows['target'].iloc[0]).strip()})  low={low:.3f}"
+            )
+        fig.suptitle(title.replace("$", r"\$"))
+    return fig
+
+
+def logit_lens_curves(frame: pd.DataFrame, targets: Sequence[str] | None = None) -> plt.Figure:
+    """Tracked tokens over layers: mean probability with a 95% band (top), median rank with the
+    interquartile band (bottom; ranks are heavy-tailed, so no mean).
+
+    ``frame``: logit-lens rows (``site``, ``layer``, ``position``, ``target``, ``prob``, ``rank``).
+    One column of panels per site; one line per (position, target).
+    """
+    targets = list(targets or frame["target"].unique())
+    frame = frame[frame["target"].isin(targets)].assign(rank1=lambda f: f["rank"] + 1)
+    by = ["site", "position", "target", "layer"]
+    stats = mean_ci(frame, by, ["prob"])
+    quantiles = frame.groupby(by, sort=False)["rank1"].quantile([0.25, 0.5, 0.75]).unstack()
+    stats = stats.merge(quantiles.reset_index(), on=by)
+    sites = list(dict.fromkeys(frame["site"]))
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(2, len(sites), figsize=(3.4 * len(sites) + 0.6, 5.2), squeeze=False)
+        for column, site in enumerate(sites):
+            lines = stats[stats["site"] == site].groupby(["position", "target"], sort=False)
+            for (position, target), line in lines:
+                top, bottom = axes[0, column], axes[1, column]
+                top.plot(line["layer"], line["prob"], label=f"{target} @ {position}")
+                low = (line["prob"] - line["prob_ci"]).clip(lower=0)
+                top.fill_between(line["layer"], low, line["prob"] + line["prob_ci"], alpha=0.2)
+                bottom.plot(line["layer"], line[0.5])
+                bottom.fill_between(line["layer"], line[0.25], line[0.75], alpha=0.2)
+                bottom.set_yscale("log")
+            axes[0, column].set_title(site)
+            axes[1, column].set_xlabel("layer")
+        axes[0, 0].set_ylabel("probability (mean, 95% band)")
+        axes[1, 0].set_ylabel("rank + 1 (median, IQR)")
+        axes[0, -1].legend(fontsize=7, loc="upper left")
+        fig.tight_layout()
+    return fig
+
+
+def _layer_ticks(ax, layers: np.ndarray) -> None:
+    step = max(1, len(layers) // 8)
+    ax.set_xticks(np.arange(0, len(layers), step) + 0.5, layers[::step])
+    ax.set_xlabel("layer")
+
+
+def _n_positions(frame: pd.DataFrame) -> int:
+    return int(frame["position"].nunique()) if len(frame) else 1

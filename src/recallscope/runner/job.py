@@ -1,0 +1,218 @@
+"""What a run does: which model, which facts, which methods with which configs.
+
+A :class:`Job` is what ``recallscope run``/``plan`` build from their flags; :func:`select_facts` and
+:func:`method_configs` turn it into the facts and the ``(method, config)`` pairs the runner executes.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import random
+import sys
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pandas as pd
+
+from recallscope.data import FactSet, load_facts
+from recallscope.errors import RecallscopeError
+from recallscope.methods import REGISTRY
+from recallscope.models.load import DEFAULT_MODEL
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = ["Job", "DEFAULT_LIMIT", "resolve_methods", "method_configs", "select_facts", "load_config_file"]
+
+DEFAULT_LIMIT = 8
+"""Facts analysed by default: enough to see the average maps, a few minutes on a laptop CPU."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Job:
+    """One analysis run.
+
+    Attributes:
+        out: output folder.
+        model: model name (embedded name, hub id, local folder or ``.gguf``).
+        dataset: built-in dataset name or file path.
+        methods: method names; empty or ``("all",)`` means every registered method (stored resolved).
+        limit: analyse at most this many facts (a seeded sample, in dataset order); None: all.
+        known_only: keep only facts the model answers correctly (first token).
+        device, dtype: where and in which precision the model runs (None: defaults).
+        batch_size: facts per chunk for every method (None: each method's ``CHUNK_SIZE``).
+        seed: seed of the fact sample and, when given, of every method with a ``seed`` field.
+        configs: per method, config fields (and optionally ``preset``) overriding the defaults.
+    """
+
+    out: Path
+    model: str = DEFAULT_MODEL
+    dataset: str = "mixed"
+    methods: tuple[str, ...] = ()
+    limit: int | None = DEFAULT_LIMIT
+    known_only: bool = True
+    device: str | None = None
+    dtype: str | None = None
+    batch_size: int | None = None
+    seed: int | None = None
+    configs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out", Path(self.out))
+        if self.limit is not None and self.limit < 1:
+            raise RecallscopeError(
+                f"limit must be a positive number of facts (or None for all), got {self.limit}"
+            )
+        if self.batch_size is not None and self.batch_size < 1:
+            raise RecallscopeError(f"batch_size must be positive, got {self.batch_size}")
+        names = tuple(m.NAME for m in resolve_methods(self.methods))
+        object.__setattr__(self, "methods", names)
+        unknown = set(self.configs) - set(REGISTRY)
+        if unknown:
+            raise RecallscopeError(
+                f"the config has sections for unknown method(s) {sorted(unknown)}; "
+                f"registered methods: {', '.join(REGISTRY)}"
+            )
+        method_configs(self)  # unknown fields and presets fail here, before any model is loaded
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **asdict(self),
+            "out": str(self.out),
+            "configs": {k: dict(v) for k, v in self.configs.items()},
+        }
+
+
+def resolve_methods(names: tuple[str, ...] | list[str]) -> list[ModuleType]:
+    """The method modules for ``names`` (empty or ``("all",)``: every registered method)."""
+    if not names or tuple(names) == ("all",):
+        return list(REGISTRY.values())
+    modules = []
+    for name in names:
+        if name not in REGISTRY:
+            close = difflib.get_close_matches(name, REGISTRY, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise RecallscopeError(
+                f"unknown method {name!r}; {hint}registered methods: {', '.join(REGISTRY)} "
+                "(`recallscope methods` describes them)"
+            )
+        modules.append(REGISTRY[name])
+    return modules
+
+
+def method_configs(job: Job) -> dict[str, Any]:
+    """``{method name: Config}``: defaults or a preset, the job's overrides, and the job's seed."""
+    configs = {}
+    for module in resolve_methods(job.methods):
+        values = dict(job.configs.get(module.NAME, {}))
+        preset = values.pop("preset", None)
+        fields = module.Config.__dataclass_fields__
+        if job.seed is not None and "seed" in fields and "seed" not in values:
+            values["seed"] = job.seed
+        configs[module.NAME] = (
+            module.Config.preset(preset, **values) if preset else module.Config.from_dict(values)
+        )
+    return configs
+
+
+def load_config_file(path: str | Path) -> dict[str, dict[str, Any]]:
+    """Per-method config sections from a TOML or JSON file.
+
+    TOML example::
+
+        [causal_tracing]
+        preset = "rome"
+        samples = 3
+        kinds = ["hidden"]
+    """
+    path = Path(path)
+    if not path.exists():
+        raise RecallscopeError(f"config file {path} does not exist")
+    text = path.read_text()
+    try:
+        values = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as err:
+        raise RecallscopeError(f"config file {path} is not valid {path.suffix[1:].upper()}: {err}") from None
+    if not isinstance(values, dict) or any(not isinstance(v, dict) for v in values.values()):
+        raise RecallscopeError(
+            f"config file {path}: expected one section (table) per method, e.g. [causal_tracing]"
+        )
+    return values
+
+
+def model_key(model) -> str:
+    """A short hash of what determines a model's numbers (name, weights, dtype, device type)."""
+    prov = model.provenance()
+    keep = {k: prov.get(k) for k in ("name", "source", "revision", "file_sha256", "dtype", "model_class")}
+    keep["device"] = str(model.device).split(":")[0]
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def select_facts(model, job: Job, store=None, *, write: bool = True) -> FactSet:
+    """Load the dataset, drop facts beyond the context, keep known ones, take the seeded sample.
+
+    With ``known_only`` and a ``limit``, facts are tested in a seeded random order until ``limit``
+    known ones are found (a uniform sample of the known facts, without testing the whole dataset),
+    then kept in dataset order. With a ``store``, verdicts are read from ``known.json`` and, with
+    ``write``, saved there.
+    """
+    facts = load_facts(job.dataset).fit_context(model)
+    seed = job.seed or 0
+    if not job.known_only:
+        return facts.sample(job.limit, seed=seed) if job.limit is not None else facts
+    order = list(range(len(facts)))
+    if job.limit is not None:
+        random.Random(seed).shuffle(order)
+    verdicts = _cached_verdicts(model, store)
+    known: list[int] = []
+    checked = 0
+    while checked < len(order) and (job.limit is None or len(known) < job.limit):
+        block = order[checked : checked + _KNOWN_BATCH]
+        checked += len(block)
+        todo = [facts[i] for i in block if facts[i].fact_id not in verdicts]
+        if todo:
+            kept = {f.fact_id for f in facts.with_facts(todo, {"step": "chunk"}).known_by(model)}
+            verdicts.update({f.fact_id: f.fact_id in kept for f in todo})
+        known += [i for i in block if verdicts[facts[i].fact_id]]
+    if store is not None and write:
+        store.write_json("known.json", {"model_key": model_key(model), "verdicts": verdicts})
+    step = {
+        "step": "known_by",
+        "model": model.info.name,
+        "criterion": "first_token",
+        "checked": checked,
+        "known_among_checked": len(known),
+        "seed": seed,
+    }
+    chosen = sorted(known[: job.limit] if job.limit is not None else known)
+    return facts.with_facts([facts[i] for i in chosen], step)
+
+
+_KNOWN_BATCH = 32
+"""Facts tested per forward by the known filter."""
+
+
+def _cached_verdicts(model, store) -> dict[str, bool]:
+    cached = store.read_json("known.json") if store is not None else None
+    return dict(cached["verdicts"]) if cached and cached.get("model_key") == model_key(model) else {}
+
+
+def facts_frame(facts: FactSet) -> pd.DataFrame:
+    """One row per fact: what the report shows next to each result."""
+    return pd.DataFrame(
+        {
+            "fact_id": [f.fact_id for f in facts],
+            "relation": [f.relation for f in facts],
+            "subject": [f.subject for f in facts],
+            "prompt": [f.prompt for f in facts],
+            "target": [f.target for f in facts],
+            "answers": [list(f.answers) for f in facts],
+        }
+    )

@@ -1,0 +1,221 @@
+"""Execute a :class:`~recallscope.runner.job.Job`: chunk the facts, run each method, store, resume.
+
+For each method the runner fixes the config (preset, overrides, seed, then the method's
+dataset-wide ``prepare`` such as the causal-tracing noise level), derives the store key from
+method, config and model, and runs the facts not yet done in fixed chunks (``CHUNK_SIZE`` facts or
+``--batch-size``). The chunk partition depends only on the fact list, so a resumed run computes
+exactly the chunks an uninterrupted run would. A chunk that fails with a recallscope error is
+retried fact by fact; a fact that still fails is recorded as skipped with its reason, and the run
+goes on.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from recallscope.data import FactSet
+from recallscope.errors import RecallscopeError
+from recallscope.methods import REGISTRY
+from recallscope.models.load import load_model
+from recallscope.runner.job import Job, facts_frame, method_configs, model_key, select_facts
+from recallscope.runner.store import Store
+
+__all__ = ["run_job", "prepare_job", "chunks"]
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _digest(values) -> str:
+    return hashlib.sha256("\x00".join(values).encode()).hexdigest()[:8]
+
+
+def fact_digest(fact) -> str:
+    """A short hash of what a fact's results depend on (so an edited fact is redone on resume)."""
+    content = [fact.fact_id, fact.subject, fact.prompt, list(fact.answers), list(fact.subject_span or ())]
+    content.append(list(fact.relation_span or ()))
+    return hashlib.sha256(json.dumps(content).encode()).hexdigest()[:12]
+
+
+def chunks(n_facts: int, size: int) -> list[range]:
+    """The fixed partition of ``n_facts`` into consecutive chunks of ``size``."""
+    return [range(start, min(start + size, n_facts)) for start in range(0, n_facts, size)]
+
+
+def prepare_job(
+    job: Job, model=None, store: Store | None = None, log: Callable[[str], None] = print, write: bool = True
+):
+    """Load the model, select the facts, fix every config: ``(model, facts, configs, timings)``."""
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    if model is None:
+        log(f"loading {job.model} ...")
+        model = load_model(job.model, dtype=job.dtype, device=job.device)
+    timings["load_model_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    facts = select_facts(model, job, store, write=write)
+    timings["select_facts_s"] = time.perf_counter() - start
+    if not len(facts):
+        raise RecallscopeError(
+            f"no fact to analyse in {job.dataset!r}"
+            + (" that the model knows: try --all-facts" if job.known_only else "")
+        )
+    configs = {}
+    for name, config in method_configs(job).items():
+        prepare = getattr(REGISTRY[name], "prepare", None)
+        configs[name] = prepare(model, facts, config) if prepare else config
+    return model, facts, configs, timings
+
+
+def run_job(job: Job, *, model=None, progress: bool = True, report: bool = True) -> Store:
+    """Run ``job`` (resuming finished work in ``job.out``) and write its report; return the store."""
+    store = Store(job.out)
+    log = tqdm.write if progress else (lambda _: None)
+    model, facts, configs, timings = prepare_job(job, model, store, log)
+    store.write_facts(facts_frame(facts))
+    manifest = _manifest(job, model, facts, timings)
+    manifest["first_started"] = store.read_manifest().get("first_started", manifest["started"])
+    manifest["status"] = "running"
+    store.write_manifest(manifest)
+    mkey = model_key(model)
+    for name, config in configs.items():
+        key = f"{config.stable_hash()}-{mkey}"
+        entry = _run_method(REGISTRY[name], model, facts, config, store, key, job, progress)
+        manifest["methods"][name] = entry
+        store.write_manifest(manifest)
+    manifest.update(status="complete", finished=_now())
+    store.write_manifest(manifest)
+    if report:
+        from recallscope.report import write_report
+
+        path = write_report(store.root)
+        log(f"report: {path}")
+    return store
+
+
+@dataclass
+class ChunkOutput:
+    """What one chunk produced, ready for the store."""
+
+    frame: pd.DataFrame
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    arrays: dict[str, Any] = field(default_factory=dict)
+    conventions: dict[str, Any] = field(default_factory=dict)
+    skipped: list[list[str]] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, result) -> ChunkOutput:
+        conventions = result.provenance.get("conventions", {})
+        skipped = [list(s) for s in result.skipped]
+        return cls(result.to_frame(), result.tables(), result.arrays(), conventions, skipped)
+
+    @classmethod
+    def merge(cls, outputs: list[ChunkOutput], skipped: list[list[str]]) -> ChunkOutput:
+        if not outputs:
+            return cls(pd.DataFrame({"fact_id": pd.Series([], dtype=object)}), skipped=skipped)
+        names = outputs[0].tables
+        return cls(
+            pd.concat([o.frame for o in outputs], ignore_index=True),
+            {n: pd.concat([o.tables[n] for o in outputs], ignore_index=True) for n in names},
+            {k: v for o in outputs for k, v in o.arrays.items()},
+            outputs[0].conventions,
+            [s for o in outputs for s in o.skipped] + skipped,
+        )
+
+    @property
+    def fact_ids(self) -> list[str]:
+        return list(dict.fromkeys(self.frame["fact_id"])) if "fact_id" in self.frame else []
+
+
+def _run_method(module: ModuleType, model, facts: FactSet, config, store: Store, key, job, progress):
+    """Run the facts not done yet, chunk by chunk; combine; return the method's manifest entry."""
+    name = module.NAME
+    size = job.batch_size or getattr(module, "CHUNK_SIZE", 8)
+    current = {f.fact_id: fact_digest(f) for f in facts}
+    done = store.done_facts(name, key, current)
+    todo = [c for c in chunks(len(facts), size) if any(facts[i].fact_id not in done for i in c)]
+    n_todo = sum(facts[i].fact_id not in done for c in todo for i in c)
+    bar = tqdm(total=len(facts), initial=len(facts) - n_todo, desc=name, unit="fact", disable=not progress)
+    with bar:
+        for rows in todo:
+            indices = [i for i in rows if facts[i].fact_id not in done]
+            start = time.perf_counter()
+            output = _run_chunk(module, model, facts, indices, config)
+            record = {
+                "fact_ids": output.fact_ids,
+                "digests": {facts[i].fact_id: current[facts[i].fact_id] for i in indices},
+                "skipped": output.skipped,
+                "seconds": round(time.perf_counter() - start, 3),
+                "conventions": output.conventions,
+                "finished": _now(),
+            }
+            chunk = f"{rows.start:06d}-{_digest([current[facts[i].fact_id] for i in indices])}"
+            store.write_chunk(name, key, chunk, output.frame, output.tables, output.arrays, record)
+            bar.update(len(indices))
+    sizes = store.combine(name, key, current)
+    records = store.valid_records(name, key, current)
+    n_done = sum(len(r["valid"].intersection(r["fact_ids"])) for r in records)
+    seconds = sum(r["seconds"] for r in records)
+    return {
+        "description": module.DESCRIPTION,
+        "config": config.to_dict(),
+        "config_hash": config.stable_hash(),
+        "store_key": key,
+        "conventions": next((r["conventions"] for r in records if r["conventions"]), {}),
+        "n_facts": n_done,
+        "rows": sizes,
+        "skipped": [s for r in records for s in r["skipped"] if s[0] in r["valid"]],
+        "chunks": len(records),
+        "chunk_size": size,
+        "seconds": round(seconds, 2),
+        "facts_per_second": round(n_done / seconds, 4) if seconds else None,
+    }
+
+
+def _run_chunk(module, model, facts: FactSet, indices: list[int], config) -> ChunkOutput:
+    """The output for the facts at ``indices``; a failing chunk is retried fact by fact."""
+    subset = facts.with_facts([facts[i] for i in indices], {"step": "chunk"})
+    try:
+        return ChunkOutput.of(module.run(model, subset, config))
+    except RecallscopeError:
+        if len(indices) == 1:
+            raise
+    outputs, skipped = [], []
+    for i in indices:
+        try:
+            outputs.append(_run_chunk(module, model, facts, [i], config))
+        except RecallscopeError as err:
+            skipped.append([facts[i].fact_id, str(err)])
+    return ChunkOutput.merge(outputs, skipped)
+
+
+def _manifest(job: Job, model, facts: FactSet, timings: dict[str, float]) -> dict[str, Any]:
+    from recallscope import __version__
+
+    return {
+        "recallscope": __version__,
+        "started": _now(),
+        "job": {**job.to_dict(), "fact_sample_seed": job.seed or 0},
+        "model": model.provenance(),
+        "model_key": model_key(model),
+        "dataset": {
+            "name": facts.name,
+            "n_facts": len(facts),
+            "relations": facts.counts(),
+            "provenance": facts.provenance,
+            "skipped": [str(s) for s in facts.skipped],
+        },
+        "timings": {k: round(v, 2) for k, v in timings.items()},
+        "methods": {},
+    }

@@ -1,0 +1,208 @@
+"""The result store: one folder per run, written so that a kill at any moment loses nothing.
+
+Layout of ``DIR`` (the output contract, documented in the README and ``docs/outputs.md``)::
+
+    manifest.json                 provenance, job, methods and configs, facts, skipped, timings
+    facts.parquet                 the facts analysed (fact_id, relation, subject, prompt, target …)
+    results/<method>.parquet      tidy rows of every fact, in dataset order
+    results/<method>.<table>.parquet   extra tidy tables (e.g. ``logit_lens.topk``)
+    results/<method>.safetensors  named arrays, keyed ``"<fact_id>/<name>"``
+    chunks/<method>-<key>/        finished work units: ``<first>-<hash>.parquet`` (+ tables, arrays),
+                                  ``<first>-<hash>.json``, written last, which marks the chunk as done
+    figures/, report.html         written by :mod:`recallscope.report`
+
+Every file is written to a temporary name and renamed (atomic on POSIX), so a reader sees either
+the old or the new file. A chunk counts as done only once its ``.json`` exists; its key hashes the
+method, the config (with dataset-wide calibrations such as the noise level) and the model, so a
+re-run with other settings never mixes results.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.numpy import load_file, save_file
+
+__all__ = ["Store", "atomic_write"]
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` then rename ``tmp`` to ``path``: readers never see a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the usual permissions
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _write_json(path: Path, value: Any) -> None:
+    atomic_write(path, lambda p: p.write_text(json.dumps(value, indent=2, default=_jsonable) + "\n"))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (np.generic, torch.Tensor)):
+        return value.tolist() if hasattr(value, "tolist") else value.item()
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    if isinstance(value, Path):
+        return str(value)
+    return repr(value)
+
+
+def _write_parquet(path: Path, frame: pd.DataFrame) -> None:
+    atomic_write(path, lambda p: frame.to_parquet(p, index=False))
+
+
+def _write_arrays(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    tensors = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+    atomic_write(path, lambda p: save_file(tensors, str(p)))
+
+
+class Store:
+    """Read and write the files of one run folder."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+
+    # -- paths ---------------------------------------------------------------------------------------
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / "manifest.json"
+
+    def results_path(self, method: str, table: str | None = None, suffix: str = "parquet") -> Path:
+        name = method if table is None else f"{method}.{table}"
+        return self.root / "results" / f"{name}.{suffix}"
+
+    def chunk_dir(self, method: str, key: str) -> Path:
+        return self.root / "chunks" / f"{method}-{key}"
+
+    # -- manifest and facts --------------------------------------------------------------------------
+    def read_manifest(self) -> dict[str, Any]:
+        if not self.manifest_path.exists():
+            return {}
+        return json.loads(self.manifest_path.read_text())
+
+    def write_manifest(self, manifest: Mapping[str, Any]) -> None:
+        _write_json(self.manifest_path, manifest)
+
+    def write_facts(self, frame: pd.DataFrame) -> None:
+        _write_parquet(self.root / "facts.parquet", frame)
+
+    def read_facts(self) -> pd.DataFrame:
+        return pd.read_parquet(self.root / "facts.parquet")
+
+    def read_json(self, name: str) -> Any:
+        path = self.root / name
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def write_json(self, name: str, value: Any) -> None:
+        _write_json(self.root / name, value)
+
+    # -- chunks --------------------------------------------------------------------------------------
+    def write_chunk(
+        self,
+        method: str,
+        key: str,
+        name: str,
+        frame: pd.DataFrame,
+        tables: Mapping[str, pd.DataFrame],
+        arrays: Mapping[str, np.ndarray],
+        record: Mapping[str, Any],
+    ) -> None:
+        """Write chunk ``name``; its ``record`` (fact ids, skipped facts, time …) goes last."""
+        folder = self.chunk_dir(method, key)
+        _write_parquet(folder / f"{name}.parquet", frame)
+        for table_name, table in tables.items():
+            _write_parquet(folder / f"{name}.{table_name}.parquet", table)
+        _write_arrays(folder / f"{name}.safetensors", arrays)
+        _write_json(folder / f"{name}.json", {**record, "name": name, "tables": sorted(tables)})
+
+    def chunk_records(self, method: str, key: str) -> list[dict[str, Any]]:
+        """Records of the finished chunks of ``method`` under ``key``, in chunk order."""
+        folder = self.chunk_dir(method, key)
+        return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+
+    def valid_records(self, method: str, key: str, facts: Mapping[str, str]) -> list[dict[str, Any]]:
+        """Finished chunk records, each with ``valid``: its facts still in ``facts`` unchanged.
+
+        ``facts`` maps the current fact ids to their content digests; a fact whose prompt or answers
+        changed since its chunk was written (same id, other digest) is not valid, and is redone.
+        """
+        records = []
+        for record in self.chunk_records(method, key):
+            digests = record.get("digests", {})
+            ids = [*record["fact_ids"], *(fact_id for fact_id, _ in record["skipped"])]
+            valid = {i for i in ids if i in facts and digests.get(i) == facts[i]}
+            if valid:
+                records.append({**record, "valid": valid})
+        return records
+
+    def done_facts(self, method: str, key: str, facts: Mapping[str, str]) -> set[str]:
+        """Ids of the facts in ``facts`` already analysed (or skipped with a reason)."""
+        return set().union(*(r["valid"] for r in self.valid_records(method, key, facts)))
+
+    def combine(self, method: str, key: str, facts: Mapping[str, str]) -> dict[str, int]:
+        """Merge the chunks into ``results/<method>.*``: the rows of ``facts``, in their order.
+
+        Rows of facts no longer in ``facts`` (an earlier run with other facts) or changed since are
+        left out.
+        """
+        folder = self.chunk_dir(method, key)
+        records = self.valid_records(method, key, facts)
+        rank = {fact_id: i for i, fact_id in enumerate(facts)}
+        sizes = {}
+        for table in [None, *sorted({t for r in records for t in r["tables"]})]:
+            suffix = "parquet" if table is None else f"{table}.parquet"
+            frames = [_only(pd.read_parquet(folder / f"{r['name']}.{suffix}"), r["valid"]) for r in records]
+            frame = _sorted_by_fact(pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(), rank)
+            _write_parquet(self.results_path(method, table), frame)
+            sizes[table or "rows"] = len(frame)
+        arrays: dict[str, np.ndarray] = {}
+        for r in records:
+            named = load_file(str(folder / f"{r['name']}.safetensors"))
+            arrays.update({k: v for k, v in named.items() if k.rsplit("/", 1)[0] in r["valid"]})
+        ordered = sorted(arrays, key=lambda k: (rank[k.rsplit("/", 1)[0]], k))
+        _write_arrays(self.results_path(method, suffix="safetensors"), {k: arrays[k] for k in ordered})
+        return sizes
+
+    # -- reading results -----------------------------------------------------------------------------
+    def methods(self) -> list[str]:
+        """Methods with combined results, in manifest order."""
+        listed = list(self.read_manifest().get("methods", {}))
+        return [m for m in listed if self.results_path(m).exists()]
+
+    def read_table(self, method: str, table: str | None = None) -> pd.DataFrame:
+        path = self.results_path(method, table)
+        return pd.read_parquet(path) if path.exists() else pd.DataFrame()
+
+    def read_arrays(self, method: str, keys: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        arrays = load_file(str(self.results_path(method, suffix="safetensors")))
+        return arrays if keys is None else {k: arrays[k] for k in keys}
+
+
+def _only(frame: pd.DataFrame, fact_ids: set[str]) -> pd.DataFrame:
+    return frame[frame["fact_id"].isin(fact_ids)] if "fact_id" in frame else frame
+
+
+def _sorted_by_fact(frame: pd.DataFrame, rank: Mapping[str, int]) -> pd.DataFrame:
+    if frame.empty or "fact_id" not in frame:
+        return frame
+    order = frame["fact_id"].map(rank).to_numpy()
+    return frame.iloc[np.argsort(order, kind="stable")].reset_index(drop=True)

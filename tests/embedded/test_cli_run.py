@@ -1,0 +1,181 @@
+"""The main job end to end on the embedded model: CLI run, resume after SIGKILL, escaped report, browser."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+from safetensors.numpy import load_file
+
+from report.browser import chromium_unavailable_reason, open_in_chromium
+
+pytestmark = [pytest.mark.embedded, pytest.mark.slow]
+
+FAST = {"causal_tracing": {"samples": 1, "kinds": ["hidden", "mlp"]}}
+XSS = "<script>alert(1)</script>"
+
+
+def recallscope(*args: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "recallscope", *map(str, args)]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900, **kwargs)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{command} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    return done
+
+
+@pytest.fixture(scope="module")
+def fast_config(tmp_path_factory):
+    path = tmp_path_factory.mktemp("config") / "fast.json"
+    path.write_text(json.dumps(FAST))
+    return path
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory, fast_config):
+    """A finished CLI run: 3 known built-in facts, both methods."""
+    out = tmp_path_factory.mktemp("runs") / "demo"
+    done = recallscope("run", "--limit", 3, "--config", fast_config, "--out", out)
+    return out, done
+
+
+def test_cli_run_writes_the_output_contract(demo):
+    out, done = demo
+    assert "report:" in done.stdout and (out / "report.html").exists()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["dataset"]["n_facts"] == 3
+    assert manifest["model"]["name"] == "smollm2-135m" and manifest["model"]["file_sha256"]
+    assert set(manifest["methods"]) == {"logit_lens", "causal_tracing"}
+    trace = pd.read_parquet(out / "results" / "causal_tracing.parquet")
+    assert {"fact_id", "kind", "position", "layer", "token", "bucket", "score", "indirect_effect"} <= set(
+        trace
+    )
+    assert trace["fact_id"].nunique() == 3 and set(trace["kind"]) == {"hidden", "mlp"}
+    lens = pd.read_parquet(out / "results" / "logit_lens.parquet")
+    assert {"fact_id", "site", "layer", "position", "target", "prob", "rank"} <= set(lens)
+    top = lens[(lens.site == "resid_post") & (lens.layer == 29) & (lens.target == "top1")]
+    assert (top["rank"] == 0).all()  # known facts: the last layer's lens is the model's own prediction
+    assert len(pd.read_parquet(out / "results" / "logit_lens.topk.parquet")) == 3 * 3 * 30
+    arrays = load_file(str(out / "results" / "causal_tracing.safetensors"))
+    assert len(arrays) == 3 * 2 and all(a.shape[1] == 30 for a in arrays.values())
+    figures = {p.name for p in (out / "figures").iterdir()}
+    assert {
+        "causal_tracing_average_mlp.png",
+        "causal_tracing_average_mlp.svg",
+        "logit_lens_curves.png",
+    } <= figures
+    facts = pd.read_parquet(out / "facts.parquet")
+    assert list(facts["fact_id"]) == list(dict.fromkeys(trace["fact_id"]))
+
+
+def test_report_rebuilds_from_stored_results(demo, tmp_path):
+    out, _ = demo
+    before = (out / "report.html").read_text()
+    (out / "report.html").unlink()
+    done = recallscope("report", out)
+    assert "report.html" in done.stdout and (out / "report.html").read_text() == before
+    missing = recallscope("report", tmp_path, check=False)
+    assert missing.returncode == 2 and "no manifest.json" in missing.stderr
+
+
+def test_plan_and_methods(demo, fast_config):
+    out, _ = demo
+    planned = recallscope("plan", "--limit", 3, "--config", fast_config, "--out", out).stdout
+    assert "causal_tracing" in planned and "peak memory" in planned
+    line = next(x for x in planned.splitlines() if x.startswith("causal_tracing"))
+    assert line.split()[1:3] == ["0", "0"]  # already done: nothing left to run
+    fresh = recallscope("plan", "--limit", 5, "--config", fast_config, "--out", out / "new").stdout
+    assert int(next(x for x in fresh.splitlines() if x.startswith("causal_tracing")).split()[2]) > 5
+    listed = recallscope("methods").stdout
+    assert "causal_tracing" in listed and "logit_lens" in listed and "rome" in listed
+    bad = recallscope("run", "--methods", "causal_tracin", "--out", out / "x", check=False)
+    assert bad.returncode == 2 and "did you mean 'causal_tracing'" in bad.stderr
+
+
+def _results(out):
+    names = sorted(p.name for p in (out / "results").iterdir())
+    frames = {n: pd.read_parquet(out / "results" / n) for n in names if n.endswith(".parquet")}
+    arrays = {n: load_file(str(out / "results" / n)) for n in names if n.endswith(".safetensors")}
+    return frames, arrays
+
+
+def test_resume_after_sigkill_gives_identical_results(tmp_path, fast_config):
+    flags = ["--limit", 4, "--batch-size", 1, "--config", fast_config, "--no-report"]
+    reference = tmp_path / "reference"
+    recallscope("run", *flags, "--out", reference)
+    killed = tmp_path / "killed"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "recallscope", "run", *map(str, flags), "--out", str(killed)]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    chunks = killed / "chunks"
+    while time.monotonic() < deadline and process.poll() is None:
+        done = list(chunks.glob("causal_tracing-*/*.json")) if chunks.exists() else []
+        if len(done) >= 2:
+            break
+        time.sleep(0.02)
+    assert process.poll() is None, "the run finished before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert json.loads((killed / "manifest.json").read_text())["status"] == "running"
+    assert not (killed / "results" / "causal_tracing.parquet").exists()
+    recallscope("run", *flags, "--out", killed)
+    manifest = json.loads((killed / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["methods"]["causal_tracing"]["n_facts"] == 4
+    frames, arrays = _results(killed)
+    expected_frames, expected_arrays = _results(reference)
+    assert frames.keys() == expected_frames.keys() and len(frames) == 3
+    for name, frame in frames.items():
+        pd.testing.assert_frame_equal(frame, expected_frames[name], check_exact=True)
+    for name, named in arrays.items():
+        assert named.keys() == expected_arrays[name].keys()
+        for key, value in named.items():
+            np.testing.assert_array_equal(value, expected_arrays[name][key])
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory, fast_config):
+    """A run over a dataset whose subject is a script tag, plus a bad row."""
+    folder = tmp_path_factory.mktemp("hostile")
+    rows = [
+        {"subject": XSS, "prompt": f"The capital of {XSS} is", "target": "Paris", "relation": "<b>rel</b>"},
+        {"subject": "France", "prompt": "The capital of France is", "target": "Paris"},
+        {"subject": "Spain", "prompt": "The capital of Spain is"},
+    ]
+    (folder / "facts.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = folder / "run"
+    recallscope(
+        "run", "--dataset", folder / "facts.jsonl", "--all-facts", "--config", fast_config, "--out", out
+    )
+    return out
+
+
+def test_report_escapes_model_and_dataset_strings(hostile):
+    html = (hostile / "report.html").read_text()
+    assert XSS not in html and "<b>rel</b>" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "<script" not in html.lower()  # the report has no script at all
+    manifest = json.loads((hostile / "manifest.json").read_text())
+    assert manifest["dataset"]["n_facts"] == 2 and "row 3" in manifest["dataset"]["skipped"][0]
+    assert "row 3" in html
+
+
+def test_report_opens_in_chromium(hostile):
+    reason = chromium_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    page = open_in_chromium(hostile / "report.html")
+    assert page.console_errors == []
+    assert page.requests_outside == []
+    assert len(page.images) >= 5  # 2 averages, logit-lens curves, 2 per-fact traces
+    for image in page.images:
+        assert image["naturalWidth"] > 0 and image["naturalHeight"] > 0, image["alt"]
+    assert XSS in page.text  # shown as text, not run
+    assert "smollm2-135m" in page.title
