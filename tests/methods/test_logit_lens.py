@@ -89,6 +89,12 @@ def test_positions_and_targets(tiny_models):
     assert len(result.topk_frame()) == 2 * model.n_layers * 4 and len(result.topk_frame()["topk"][0]) == 3
     average = result.average()
     assert set(average.columns) >= {"prob", "prob_ci", "n"} and (average["n"] == 2).all()
+    assert (batch.pad_lengths > 0).any()  # index 0 is each prompt's own first token, not padding
+    starts = ll._positions(batch, [0, 1, -1])
+    assert (starts[:, 0] == batch.pad_lengths).all() and (starts[:, 1] == batch.pad_lengths + 1).all()
+    assert (starts[:, 2] == batch.seq_len - 1).all()
+    with pytest.raises(rs.RecallscopeError, match="position 40 is outside"):
+        ll._positions(batch, [40])
 
 
 def test_errors(tiny_models):

@@ -54,7 +54,8 @@ class Config(MethodConfig):
     """Sites to decode at every layer: residual stream and/or sublayer updates."""
     mode: ProjectionMode = "logit_lens"
     positions: tuple[str | int, ...] = ("last",)
-    """``"last"``, ``"<span>_first"`` / ``"<span>_last"`` (e.g. ``"subject_last"``), or indices."""
+    """``"last"``, ``"<span>_first"`` / ``"<span>_last"`` (e.g. ``"subject_last"``), or token indices
+    within each prompt (``0`` = its first token, ``-1`` = its last; padding never counts)."""
     targets: tuple[str, ...] = ("gold", "top1")
     """Tokens to follow: ``gold``, ``top1``, ``subject``, names in ``batch.tracked``, or ``tracked``."""
     k: int = 10
@@ -220,8 +221,12 @@ def _positions(batch: PromptBatch, selectors) -> torch.Tensor:
     for sel in selectors:
         if sel == "last":
             columns.append(torch.full((len(batch),), batch.seq_len - 1))
-        elif isinstance(sel, int):
-            columns.append(torch.full((len(batch),), sel % batch.seq_len))
+        elif isinstance(sel, int):  # a prompt token index: >= 0 from each prompt's start, < 0 from the end
+            start = batch.pad_lengths if sel >= 0 else torch.full((len(batch),), batch.seq_len)
+            position = start + sel
+            if ((position < batch.pad_lengths) | (position >= batch.seq_len)).any():
+                raise RecallscopeError(f"position {sel} is outside some prompts of the batch")
+            columns.append(position)
         else:
             span, _, end = str(sel).rpartition("_")
             if span not in batch.spans or end not in ("first", "last"):
