@@ -52,7 +52,9 @@ def test_cli_run_writes_the_output_contract(demo):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["dataset"]["n_facts"] == 3
     assert manifest["model"]["name"] == "smollm2-135m" and manifest["model"]["file_sha256"]
-    assert set(manifest["methods"]) == {"logit_lens", "causal_tracing"}
+    assert set(manifest["methods"]) == {"logit_lens", "attention_knockout", "causal_tracing"}
+    knockout = pd.read_parquet(out / "results" / "attention_knockout.parquet")
+    assert len(knockout) == 3 * 3 * 30 and (knockout["clean_prob"] > 0).all()
     trace = pd.read_parquet(out / "results" / "causal_tracing.parquet")
     assert {"fact_id", "kind", "position", "layer", "token", "bucket", "score", "indirect_effect"} <= set(
         trace
@@ -131,7 +133,7 @@ def test_resume_after_sigkill_gives_identical_results(tmp_path, fast_config):
     assert manifest["status"] == "complete" and manifest["methods"]["causal_tracing"]["n_facts"] == 4
     frames, arrays = _results(killed)
     expected_frames, expected_arrays = _results(reference)
-    assert frames.keys() == expected_frames.keys() and len(frames) == 3
+    assert frames.keys() == expected_frames.keys() and len(frames) == 5
     for name, frame in frames.items():
         pd.testing.assert_frame_equal(frame, expected_frames[name], check_exact=True)
     for name, named in arrays.items():
@@ -174,7 +176,7 @@ def test_report_opens_in_chromium(hostile):
     page = open_in_chromium(hostile / "report.html")
     assert page.console_errors == []
     assert page.requests_outside == []
-    assert len(page.images) >= 5  # 2 averages, logit-lens curves, 2 per-fact traces
+    assert len(page.images) >= 8  # 2 averages, lens and knockout curves, per fact: trace and token map
     for image in page.images:
         assert image["naturalWidth"] > 0 and image["naturalHeight"] > 0, image["alt"]
     assert XSS in page.text  # shown as text, not run

@@ -4,8 +4,8 @@ Each module has ``NAME``, ``DESCRIPTION``, ``Config`` (paper presets via ``Confi
 a result class with ``to_frame()`` / ``arrays()``, and ``run(model, batch, config)``.
 """
 
-from recallscope.methods import causal_tracing, logit_lens
+from recallscope.methods import attention_knockout, causal_tracing, logit_lens
 
-REGISTRY = {module.NAME: module for module in (logit_lens, causal_tracing)}
+REGISTRY = {module.NAME: module for module in (logit_lens, attention_knockout, causal_tracing)}
 
-__all__ = ["REGISTRY", "causal_tracing", "logit_lens"]
+__all__ = ["REGISTRY", "attention_knockout", "causal_tracing", "logit_lens"]

@@ -28,6 +28,8 @@ __all__ = [
     "causal_trace_average",
     "causal_trace_fact",
     "logit_lens_curves",
+    "knockout_curves",
+    "knockout_token_map",
     "token_label",
     "token_text",
 ]
@@ -158,6 +160,43 @@ def logit_lens_curves(frame: pd.DataFrame, targets: Sequence[str] | None = None)
         axes[1, 0].set_ylabel("rank + 1 (median, IQR)")
         axes[0, -1].legend(fontsize=7, loc="upper left")
         fig.tight_layout()
+    return fig
+
+
+def knockout_curves(frame: pd.DataFrame, window: int) -> plt.Figure:
+    """Mean % change of p(top-1) per blocked source set over centre layers, 95% bands (Geva's Fig. 2).
+
+    ``frame``: attention-knockout rows (``source``, ``layer``, ``change_pct``).
+    """
+    stats = mean_ci(frame, ["source", "layer"], ["change_pct"])
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(6.4, 3.6))
+        for source, line in stats.groupby("source", sort=False):
+            ax.plot(line["layer"], line["change_pct"], label=f"last ← {source}")
+            band = line["change_pct_ci"]
+            ax.fill_between(line["layer"], line["change_pct"] - band, line["change_pct"] + band, alpha=0.2)
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set_xlabel(f"centre layer (window of {window})")
+        ax.set_ylabel("% change in p(prediction)")
+        ax.set_title(f"Attention knockout ({frame['fact_id'].nunique()} facts, mean, 95% band)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+    return fig
+
+
+def knockout_token_map(frame: pd.DataFrame, title: str) -> plt.Figure:
+    """One fact's ``position × layer`` map of the % change when only that position is blocked."""
+    grid = frame.pivot(index="position", columns="layer", values="change_pct")
+    labels = frame.drop_duplicates("position").set_index("position").loc[grid.index, "token"]
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(5.6, 0.26 * len(grid) + 1.6))
+        limit = max(float(np.nanmax(np.abs(grid.to_numpy()))), 1e-9)
+        image = ax.pcolormesh(grid.to_numpy(), cmap="RdBu", vmin=-limit, vmax=limit)
+        ax.invert_yaxis()
+        ax.set_yticks(np.arange(len(grid)) + 0.5, [token_label(t) for t in labels])
+        _layer_ticks(ax, grid.columns.to_numpy())
+        fig.colorbar(image, ax=ax, label="% change in p(prediction)")
+        ax.set_title(title.replace("$", r"\$"), fontsize=9)
     return fig
 
 

@@ -18,6 +18,8 @@ from recallscope.report.figures import (
     FigureFile,
     causal_trace_average,
     causal_trace_fact,
+    knockout_curves,
+    knockout_token_map,
     logit_lens_curves,
     save_figure,
     token_text,
@@ -136,6 +138,41 @@ def logit_lens_section(store, facts: pd.DataFrame, folder: Path, options: Option
     return section
 
 
+def attention_knockout_section(store, facts: pd.DataFrame, folder: Path, options: Options) -> Section:
+    frame = store.read_table("attention_knockout")
+    tokens = store.read_table("attention_knockout", "tokens")
+    section = Section(
+        "attention_knockout",
+        "Attention knockout",
+        "The last position is stopped from attending to the subject, to the other (relation) tokens or "
+        "to itself, in a window of layers around each layer. Geva et al. report that relation tokens "
+        "matter first and the subject later, in upper-middle layers.",
+    )
+    if frame.empty:
+        section.notes.append("No fact was analysed.")
+        return section
+    window = int((frame["window_stop"] - frame["window_start"]).max())
+    fig = knockout_curves(frame, window)
+    section.figures.append(save_figure(fig, folder, "attention_knockout_curves", "Knockout curves"))
+    strongest = frame.loc[frame.groupby(["fact_id", "source"])["change_pct"].idxmin()]
+    strongest = strongest.assign(
+        drop=strongest["change_pct"].round(1).astype(str) + "% @ L" + strongest["layer"].astype(str)
+    )
+    table = strongest.pivot(index="fact_id", columns="source", values="drop").add_prefix("largest drop: ")
+    table = frame.drop_duplicates("fact_id")[["fact_id", "target", "clean_prob", "subject_at_start"]].merge(
+        table.reset_index(), on="fact_id"
+    )
+    section.tables.append(
+        Table.of("Per fact: prediction, clean probability, largest drop per source set", table)
+    )
+    for n, (fact_id, rows) in enumerate(tokens.groupby("fact_id", sort=False) if len(tokens) else []):
+        if n < options.max_fact_figures:
+            fig = knockout_token_map(rows, "one position blocked: " + _fact_title(facts, fact_id))
+            item = save_figure(fig, folder, f"attention_knockout_{n:04d}", "Attention knockout, per token")
+            section.per_fact.setdefault(fact_id, []).append(item)
+    return section
+
+
 def generic_section(method: str) -> Callable[..., Section]:
     def build(store, facts: pd.DataFrame, folder: Path, options: Options) -> Section:
         frame = store.read_table(method)
@@ -149,6 +186,7 @@ def generic_section(method: str) -> Callable[..., Section]:
 SECTIONS: dict[str, Callable[..., Section]] = {
     "causal_tracing": causal_tracing_section,
     "logit_lens": logit_lens_section,
+    "attention_knockout": attention_knockout_section,
 }
 
 

@@ -1,0 +1,268 @@
+"""Attention knockout: information flow to the last position (Geva et al. 2023, ``methods.md`` G1).
+
+For every centre layer ``ℓ`` and source set ``P`` (``subject``, ``non_subject`` = every other prompt
+position before the last, ``last`` = the last position itself), block the last position's attention
+to ``P`` in all heads of the window ``W(ℓ) = [max(0, ℓ - ⌊k/2⌋), min(L, ℓ - (-k//2)))`` and measure the
+probability of the model's clean top-1 token: ``change_pct = 100·(p' - p)/p``. With ``token_map``,
+each prompt position is also blocked on its own (same windows): a ``[positions × layers]`` map of
+``p'`` per fact.
+
+Modes: ``pre_softmax`` (default: −∞ on the blocked scores, softmax renormalizes over the rest, as
+the reference code's additive mask) or ``post_softmax_zero`` (blocked probabilities set to 0 after
+the softmax, not renormalized).
+
+Fast by construction: every (fact, source set, window) is a batch row with its own mask, so a chunk
+of facts runs in ``ceil(rows / max_batch_rows)`` forwards; the clean run is one more. The naive loop
+(one forward per fact × set × layer) is in ``tests/oracles`` and gives the same numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+
+from recallscope.core.attention import KnockoutMode, block_attention
+from recallscope.core.cache import forward
+from recallscope.core.tokens import PromptBatch
+from recallscope.core.vocab import decode_tokens
+from recallscope.data.facts import FactSet
+from recallscope.errors import RecallscopeError
+from recallscope.methods.base import Cost, MethodConfig, as_batch, result_provenance
+from recallscope.models.model import Model
+
+__all__ = ["NAME", "DESCRIPTION", "Config", "AttentionKnockoutResult", "run", "cost", "window", "SOURCES"]
+
+NAME = "attention_knockout"
+DESCRIPTION = "Block the last token's attention to subject / other / itself in layer windows (Geva 2023)."
+CHUNK_SIZE = 8
+SOURCES = ("subject", "non_subject", "last")
+
+
+def window(layer: int, size: int, n_layers: int) -> range:
+    """Geva's (and ROME's) window of ``size`` layers centred on ``layer``, clipped at the edges."""
+    return range(max(0, layer - size // 2), min(n_layers, layer - (-size // 2)))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config(MethodConfig):
+    """Attention-knockout settings; defaults follow Geva et al.'s code for GPT-2 XL (``geva``)."""
+
+    window: int = 9
+    """Layers blocked around each centre layer (GPT-2 XL: 9)."""
+    mode: KnockoutMode = "pre_softmax"
+    sources: tuple[str, ...] = SOURCES
+    """Source sets whose edges to the last position are blocked: subject, non_subject, last."""
+    target: Literal["top1", "gold"] = "top1"
+    """Token whose probability is measured: the model's clean top-1 (Geva) or the gold answer's first."""
+    token_map: bool = True
+    """Also block each prompt position on its own: a ``[positions × layers]`` map per fact."""
+    max_batch_rows: int = 128
+    """Knocked-out rows per forward (memory bound)."""
+
+    PRESETS = {"geva": dict(window=9, mode="pre_softmax", sources=SOURCES, target="top1")}
+
+    def __post_init__(self) -> None:
+        if self.window < 1 or self.max_batch_rows < 1:
+            raise RecallscopeError("window and max_batch_rows must be positive")
+        unknown = set(self.sources) - set(SOURCES)
+        if unknown or not self.sources:
+            raise RecallscopeError(f"sources must be a non-empty subset of {SOURCES}, got {self.sources!r}")
+
+
+@dataclass
+class AttentionKnockoutResult:
+    """``prob [fact, source, layer]`` after knockout, the clean ``p``, and the optional token maps."""
+
+    config: Config
+    fact_ids: list[str]
+    sources: list[str]
+    clean_prob: np.ndarray
+    """``[fact]``"""
+    prob: np.ndarray
+    """``[fact, source, layer]``"""
+    target_tokens: list[str]
+    subject_at_start: list[bool]
+    tokens: list[list[str]]
+    token_maps: list[np.ndarray | None]
+    """Per fact ``[positions, layers]`` probability with one source position blocked."""
+    provenance: dict = field(default_factory=dict)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    method: str = NAME
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per fact × source set × centre layer."""
+        n_facts, n_sources, n_layers = self.prob.shape
+        f, s, layer = (a.reshape(-1) for a in np.indices(self.prob.shape))
+        window_size = self.config.window
+        starts = [window(int(x), window_size, n_layers) for x in layer]
+        clean = self.clean_prob[f]
+        return pd.DataFrame(
+            {
+                "fact_id": np.array(self.fact_ids, dtype=object)[f],
+                "source": np.array(self.sources, dtype=object)[s],
+                "layer": layer,
+                "window_start": [w.start for w in starts],
+                "window_stop": [w.stop for w in starts],
+                "prob": self.prob.reshape(-1),
+                "clean_prob": clean,
+                "change_pct": 100 * (self.prob.reshape(-1) - clean) / clean,
+                "change_abs": self.prob.reshape(-1) - clean,
+                "target": np.array(self.target_tokens, dtype=object)[f],
+                "subject_at_start": np.array(self.subject_at_start)[f],
+            }
+        )
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        """``{"tokens": one row per fact × position × layer of the token maps}`` (when computed)."""
+        frames = []
+        for fact_id, tokens, grid, clean in zip(
+            self.fact_ids, self.tokens, self.token_maps, self.clean_prob, strict=True
+        ):
+            if grid is None:
+                continue
+            n_pos, n_layers = grid.shape
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "fact_id": fact_id,
+                        "position": np.repeat(np.arange(n_pos), n_layers),
+                        "layer": np.tile(np.arange(n_layers), n_pos),
+                        "token": np.repeat(tokens, n_layers),
+                        "prob": grid.reshape(-1),
+                        "change_pct": 100 * (grid.reshape(-1) - clean) / clean,
+                    }
+                )
+            )
+        return {"tokens": pd.concat(frames, ignore_index=True)} if frames else {}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Per fact ``prob`` ``[source, layer]`` and ``token_map`` ``[positions, layers]``."""
+        named = {f"{fact}/prob": self.prob[i] for i, fact in enumerate(self.fact_ids)}
+        for fact, grid in zip(self.fact_ids, self.token_maps, strict=True):
+            if grid is not None:
+                named[f"{fact}/token_map"] = grid
+        return named
+
+
+def run(model: Model, batch: PromptBatch | FactSet, config: Config | None = None) -> AttentionKnockoutResult:
+    """Knock out every (source set, window) for every fact of ``batch``, in few batched forwards."""
+    config = config or Config()
+    batch = as_batch(model, batch)
+    logits = _wide(forward(model, batch))  # [B, V]
+    targets = _targets(batch, logits, config.target)
+    clean = logits.softmax(-1).gather(1, targets[:, None])[:, 0].double()
+    rows, sources, layers = _rows(model, batch, config)  # fact row [R], sources [R, T], centre [R]
+    probs = _knocked(model, batch, rows, sources, layers, targets, config)
+    n_sets = len(config.sources)
+    per_set = rows.numel() - (batch.seq_len * model.n_layers * len(batch) if config.token_map else 0)
+    prob = probs[:per_set].reshape(len(batch), n_sets, model.n_layers)
+    maps = probs[per_set:].reshape(len(batch), batch.seq_len, model.n_layers) if config.token_map else None
+    pads = batch.pad_lengths.tolist()
+    subject = batch.spans["subject"]
+    return AttentionKnockoutResult(
+        config=config,
+        fact_ids=list(batch.fact_ids or map(str, range(len(batch)))),
+        sources=list(config.sources),
+        clean_prob=clean.cpu().numpy(),
+        prob=prob.cpu().numpy(),
+        target_tokens=decode_tokens(model, targets),
+        subject_at_start=[int(subject[b, 0]) == pads[b] for b in range(len(batch))],
+        tokens=[decode_tokens(model, batch.input_ids[b, pads[b] :]) for b in range(len(batch))],
+        token_maps=[None if maps is None else maps[b, pads[b] :].cpu().numpy() for b in range(len(batch))],
+        provenance=result_provenance(
+            model,
+            config,
+            knockout_mode=config.mode,
+            window=config.window,
+            window_rule="[l - k//2, l - (-k//2)) clipped to [0, L)",
+            target=config.target,
+            sources="subject; non_subject = prompt positions before the last not in the subject; last",
+            heads="all",
+            bos=model.bos,
+            layers="centre layer l of the window (0-based blocks)",
+        ),
+    )
+
+
+def _wide(logits: torch.Tensor) -> torch.Tensor:
+    """Logits in at least float32 (bf16/fp16 models), float64 kept."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+def _targets(batch: PromptBatch, logits: torch.Tensor, target: str) -> torch.Tensor:
+    if target == "top1":
+        return logits.argmax(-1).cpu()
+    if batch.target_ids is None:
+        raise RecallscopeError("target='gold' needs a batch with targets")
+    return batch.target_ids.long()
+
+
+def _rows(
+    model: Model, batch: PromptBatch, config: Config
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every knocked-out row: ``(fact row [R], blocked source positions [R, T], centre layer [R])``."""
+    n_batch, n_tokens, n_layers = len(batch), batch.seq_len, model.n_layers
+    real = batch.attention_mask.bool()
+    before_last = real.clone()
+    before_last[:, -1] = False
+    subject = batch.span_mask("subject") if "subject" in batch.spans else torch.zeros_like(real)
+    if (subject.sum(-1) == 0).any():
+        raise RecallscopeError("attention knockout needs a subject span in every prompt")
+    last = torch.zeros_like(real)
+    last[:, -1] = True
+    named = {"subject": subject, "non_subject": before_last & ~subject, "last": last}
+    sets = torch.stack([named[s] for s in config.sources], 1)  # [B, S, T]
+    layers = torch.arange(n_layers)
+    fact = torch.arange(n_batch).repeat_interleave(len(config.sources) * n_layers)
+    source = sets.repeat_interleave(n_layers, dim=1).reshape(-1, n_tokens)
+    centre = layers.repeat(n_batch * len(config.sources))
+    if config.token_map:
+        single = torch.eye(n_tokens, dtype=torch.bool)[None].expand(n_batch, -1, -1) & real[:, :, None]
+        fact = torch.cat([fact, torch.arange(n_batch).repeat_interleave(n_tokens * n_layers)])
+        source = torch.cat([source, single.repeat_interleave(n_layers, dim=1).reshape(-1, n_tokens)])
+        centre = torch.cat([centre, layers.repeat(n_batch * n_tokens)])
+    return fact, source, centre
+
+
+def _knocked(model, batch, rows, sources, layers, targets, config) -> torch.Tensor:
+    """``[R]`` probability of each row's target with its edges blocked."""
+    out = []
+    n_layers = model.n_layers
+    starts = (layers - config.window // 2).clamp(min=0)
+    stops = (layers - (-config.window // 2)).clamp(max=n_layers)
+    for begin in range(0, len(rows), config.max_batch_rows):
+        part = slice(begin, begin + config.max_batch_rows)
+        fact = rows[part]
+        sub = batch.select(fact)
+        masks = {}
+        for layer in range(n_layers):
+            active = (starts[part] <= layer) & (layer < stops[part])  # [r]
+            if active.any():
+                blocked = torch.zeros(len(fact), 1, batch.seq_len, batch.seq_len, dtype=torch.bool)
+                blocked[:, 0, -1, :] = sources[part] & active[:, None]
+                masks[layer] = blocked
+        with block_attention(model, masks, config.mode):
+            logits = _wide(forward(model, sub))
+        out.append(
+            logits.softmax(-1).gather(1, targets[fact][:, None].to(logits.device))[:, 0].double().cpu()
+        )
+    return torch.cat(out)
+
+
+def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = None) -> Cost:
+    """Forwards: one clean plus ``ceil(rows / max_batch_rows)``; memory: one forward of that many rows."""
+    config = config or Config()
+    batch = as_batch(model, batch)
+    per_fact = len(config.sources) + (batch.seq_len if config.token_map else 0)
+    rows = len(batch) * per_fact * model.n_layers
+    forwards = 1 + -(-rows // config.max_batch_rows)
+    width = min(rows, config.max_batch_rows)
+    floats = width * batch.seq_len * (4 * model.d_model + 2 * model.d_mlp + model.n_heads * batch.seq_len)
+    floats += width * model.d_vocab
+    return Cost(
+        forwards, float((rows + len(batch)) * batch.seq_len * model.n_layers), floats * model.dtype.itemsize
+    )
