@@ -67,15 +67,15 @@ def causal_tracing_section(store, facts: pd.DataFrame, folder: Path, options: Op
     from recallscope.methods.causal_tracing import BUCKETS
 
     frame = store.read_table("causal_tracing")
-    section = Section(
+    section = _new_section(
         "causal_tracing",
         "Causal tracing",
         "Noise corrupts the subject; restoring one clean state at a time shows where the answer's "
         "probability comes back. ROME reports two sites: the last subject token in early-middle MLPs "
         "and the last token in late layers.",
+        frame,
     )
     if frame.empty:
-        section.notes.append("No fact was traced.")
         return section
     kinds = list(dict.fromkeys(frame["kind"]))
     n_facts = frame["fact_id"].nunique()
@@ -104,14 +104,14 @@ def causal_tracing_section(store, facts: pd.DataFrame, folder: Path, options: Op
 def logit_lens_section(store, facts: pd.DataFrame, folder: Path, options: Options) -> Section:
     frame = store.read_table("logit_lens")
     topk = store.read_table("logit_lens", "topk")
-    section = Section(
+    section = _new_section(
         "logit_lens",
         "Logit lens",
         "Each layer's residual stream and sublayer updates decoded into the vocabulary: when does the "
         "answer become the model's prediction?",
+        frame,
     )
     if frame.empty:
-        section.notes.append("No fact was decoded.")
         return section
     fig = logit_lens_curves(frame)
     section.figures.append(
@@ -141,15 +141,15 @@ def logit_lens_section(store, facts: pd.DataFrame, folder: Path, options: Option
 def attention_knockout_section(store, facts: pd.DataFrame, folder: Path, options: Options) -> Section:
     frame = store.read_table("attention_knockout")
     tokens = store.read_table("attention_knockout", "tokens")
-    section = Section(
+    section = _new_section(
         "attention_knockout",
         "Attention knockout",
         "The last position is stopped from attending to the subject, to the other (relation) tokens or "
         "to itself, in a window of layers around each layer. Geva et al. report that relation tokens "
         "matter first and the subject later, in upper-middle layers.",
+        frame,
     )
     if frame.empty:
-        section.notes.append("No fact was analysed.")
         return section
     window = int((frame["window_stop"] - frame["window_start"]).max())
     fig = knockout_curves(frame, window)
@@ -170,6 +170,13 @@ def attention_knockout_section(store, facts: pd.DataFrame, folder: Path, options
             fig = knockout_token_map(rows, "one position blocked: " + _fact_title(facts, fact_id))
             item = save_figure(fig, folder, f"attention_knockout_{n:04d}", "Attention knockout, per token")
             section.per_fact.setdefault(fact_id, []).append(item)
+    return section
+
+
+def _new_section(method: str, title: str, intro: str, frame: pd.DataFrame) -> Section:
+    section = Section(method, title, intro)
+    if frame.empty:
+        section.notes.append("No fact was analysed.")
     return section
 
 
