@@ -145,42 +145,35 @@ def _choose(n_templates: int, index: int, choice: TemplateChoice) -> list[int]:
 
 
 def _relation_facts(name: str, choice: TemplateChoice) -> list[Fact]:
-    data, about = _read("relations", name), descriptions()
-    facts = []
-    for i, row in enumerate(data["facts"]):
-        for t in _choose(len(data["templates"]), i, choice):
-            facts.append(
-                Fact.from_template(
-                    data["templates"][t],
-                    row["subject"],
-                    row["answers"],
-                    mention=row.get("mention"),
-                    relation=name,
-                    fact_id=f"{name}/{row['subject']}/t{t}",
-                    description=about.get(row["subject"]),
-                    attributes={"template_index": t},
-                )
-            )
-    return facts
+    data = _read("relations", name)
+    return _render(name, data["templates"], data["facts"], choice)
 
 
 def _one_to_many_facts(name: str, choice: TemplateChoice, k: int) -> list[Fact]:
-    data, about = _read("one_to_many", name), descriptions()
+    data = _read("one_to_many", name)
+    templates = [t.replace("{k}", NUMBER_WORDS.get(k, str(k))) for t in data["templates"]]
+    extra = lambda row: {"kind": "one_to_many", "k": k, "aliases": row.get("aliases", {})}  # noqa: E731
+    return _render(name, templates, data["subjects"], choice, extra)
+
+
+def _render(
+    name: str, templates: list[str], rows: list[dict], choice: TemplateChoice, extra=None
+) -> list[Fact]:
+    """The facts of ``rows`` in the templates ``choice`` picks; ``extra(row)`` adds attributes."""
+    about = descriptions()
     facts = []
-    for i, row in enumerate(data["subjects"]):
-        for t in _choose(len(data["templates"]), i, choice):
-            template = data["templates"][t].replace("{k}", NUMBER_WORDS.get(k, str(k)))
-            aliases = row.get("aliases", {})
+    for i, row in enumerate(rows):
+        for t in _choose(len(templates), i, choice):
             facts.append(
                 Fact.from_template(
-                    template,
+                    templates[t],
                     row["subject"],
                     row["answers"],
                     mention=row.get("mention"),
                     relation=name,
                     fact_id=f"{name}/{row['subject']}/t{t}",
                     description=about.get(row["subject"]),
-                    attributes={"template_index": t, "kind": "one_to_many", "k": k, "aliases": aliases},
+                    attributes={"template_index": t, **(extra(row) if extra else {})},
                 )
             )
     return facts

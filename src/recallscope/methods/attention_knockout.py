@@ -31,7 +31,7 @@ from recallscope.core.tokens import PromptBatch
 from recallscope.core.vocab import decode_tokens
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
-from recallscope.methods.base import Cost, MethodConfig, as_batch, result_provenance
+from recallscope.methods.base import Cost, MethodConfig, as_batch, result_provenance, window
 from recallscope.models.model import Model
 
 __all__ = ["NAME", "DESCRIPTION", "Config", "AttentionKnockoutResult", "run", "cost", "window", "SOURCES"]
@@ -40,11 +40,6 @@ NAME = "attention_knockout"
 DESCRIPTION = "Block the last token's attention to subject / other / itself in layer windows (Geva 2023)."
 CHUNK_SIZE = 8
 SOURCES = ("subject", "non_subject", "last")
-
-
-def window(layer: int, size: int, n_layers: int) -> range:
-    """Geva's (and ROME's) window of ``size`` layers centred on ``layer``, clipped at the edges."""
-    return range(max(0, layer - size // 2), min(n_layers, layer - (-size // 2)))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -158,7 +153,7 @@ def run(model: Model, batch: PromptBatch | FactSet, config: Config | None = None
     rows, sources, layers = _rows(model, batch, config)  # fact row [R], sources [R, T], centre [R]
     probs = _knocked(model, batch, rows, sources, layers, targets, config)
     n_sets = len(config.sources)
-    per_set = rows.numel() - (batch.seq_len * model.n_layers * len(batch) if config.token_map else 0)
+    per_set = len(batch) * n_sets * model.n_layers  # rows of the source sets come first
     prob = probs[:per_set].reshape(len(batch), n_sets, model.n_layers)
     maps = probs[per_set:].reshape(len(batch), batch.seq_len, model.n_layers) if config.token_map else None
     pads = batch.pad_lengths.tolist()
@@ -232,8 +227,9 @@ def _knocked(model, batch, rows, sources, layers, targets, config) -> torch.Tens
     """``[R]`` probability of each row's target with its edges blocked."""
     out = []
     n_layers = model.n_layers
-    starts = (layers - config.window // 2).clamp(min=0)
-    stops = (layers - (-config.window // 2)).clamp(max=n_layers)
+    windows = [window(layer, config.window, n_layers) for layer in range(n_layers)]
+    starts = torch.tensor([w.start for w in windows])[layers]
+    stops = torch.tensor([w.stop for w in windows])[layers]
     for begin in range(0, len(rows), config.max_batch_rows):
         part = slice(begin, begin + config.max_batch_rows)
         fact = rows[part]

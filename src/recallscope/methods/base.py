@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 
 from recallscope.errors import RecallscopeError
 
-__all__ = ["MethodConfig", "Cost", "result_provenance", "as_batch"]
+__all__ = ["MethodConfig", "Cost", "result_provenance", "as_batch", "window"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -90,6 +90,13 @@ class Cost:
             self.token_blocks + other.token_blocks,
             max(self.peak_bytes, other.peak_bytes),
         )
+
+
+def window(layer: int, size: int, n_layers: int) -> range:
+    """The window of ``size`` layers centred on ``layer`` used by ROME and Geva et al.'s code:
+    ``[ℓ - size//2, ℓ - (-size//2))``, clipped to ``[0, n_layers)``.
+    """
+    return range(max(0, layer - size // 2), min(n_layers, layer - (-size // 2)))
 
 
 def result_provenance(model, config: MethodConfig, **conventions: Any) -> dict[str, Any]:

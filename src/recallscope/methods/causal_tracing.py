@@ -45,7 +45,7 @@ from recallscope.core.tokens import PromptBatch
 from recallscope.core.vocab import decode_tokens
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
-from recallscope.methods.base import Cost, MethodConfig, as_batch, result_provenance
+from recallscope.methods.base import Cost, MethodConfig, as_batch, result_provenance, window
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
 
@@ -141,11 +141,6 @@ class Config(MethodConfig):
             raise RecallscopeError("window, samples and max_batch_rows must be positive")
         if self.metric == "answer_logprob" and self.target != "gold":
             raise RecallscopeError("metric='answer_logprob' scores the gold answer: set target='gold'")
-
-
-def window(layer: int, size: int, n_layers: int) -> range:
-    """ROME's window of ``size`` layers around ``layer``: ``[ℓ - size//2, ℓ - (-size//2))``, clipped."""
-    return range(max(0, layer - size // 2), min(n_layers, layer - (-size // 2)))
 
 
 @dataclass

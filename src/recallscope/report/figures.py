@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from recallscope.methods.causal_tracing import average_by_bucket  # noqa: E402
 from recallscope.stats import mean_ci  # noqa: E402
 
 __all__ = [
@@ -83,8 +84,6 @@ def causal_trace_average(frame: pd.DataFrame, kind: str, buckets: Sequence[str],
 
     ``frame``: causal-tracing rows (``kind``, ``bucket``, ``layer``, ``indirect_effect``).
     """
-    from recallscope.methods.causal_tracing import average_by_bucket
-
     rows = average_by_bucket(frame[frame["kind"] == kind])
     table = rows.pivot(index="bucket", columns="layer", values="indirect_effect")
     table = table.reindex([b for b in buckets if b in table.index])

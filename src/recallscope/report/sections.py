@@ -14,6 +14,7 @@ from typing import Any
 
 import pandas as pd
 
+from recallscope.methods.causal_tracing import BUCKETS
 from recallscope.report.figures import (
     FigureFile,
     causal_trace_average,
@@ -64,8 +65,6 @@ class Options:
 
 
 def causal_tracing_section(store, facts: pd.DataFrame, folder: Path, options: Options) -> Section:
-    from recallscope.methods.causal_tracing import BUCKETS
-
     frame = store.read_table("causal_tracing")
     section = _new_section(
         "causal_tracing",
