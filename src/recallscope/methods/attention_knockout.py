@@ -31,7 +31,15 @@ from recallscope.core.tokens import PromptBatch
 from recallscope.core.vocab import decode_tokens
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
-from recallscope.methods.base import Cost, MethodConfig, as_batch, result_provenance, window
+from recallscope.methods.base import (
+    Cost,
+    MethodConfig,
+    as_batch,
+    choose_targets,
+    result_provenance,
+    wide,
+    window,
+)
 from recallscope.models.model import Model
 
 __all__ = ["NAME", "DESCRIPTION", "Config", "AttentionKnockoutResult", "run", "cost", "window", "SOURCES"]
@@ -147,8 +155,8 @@ def run(model: Model, batch: PromptBatch | FactSet, config: Config | None = None
     """Knock out every (source set, window) for every fact of ``batch``, in few batched forwards."""
     config = config or Config()
     batch = as_batch(model, batch)
-    logits = _wide(forward(model, batch))  # [B, V]
-    targets = _targets(batch, logits, config.target)
+    logits = wide(forward(model, batch))  # [B, V]
+    targets = choose_targets(batch, logits, config.target)
     clean = logits.softmax(-1).gather(1, targets[:, None])[:, 0].double()
     rows, sources, layers = _rows(model, batch, config)  # fact row [R], sources [R, T], centre [R]
     probs = _knocked(model, batch, rows, sources, layers, targets, config)
@@ -181,19 +189,6 @@ def run(model: Model, batch: PromptBatch | FactSet, config: Config | None = None
             layers="centre layer l of the window (0-based blocks)",
         ),
     )
-
-
-def _wide(logits: torch.Tensor) -> torch.Tensor:
-    """Logits in at least float32 (bf16/fp16 models), float64 kept."""
-    return logits.to(torch.promote_types(logits.dtype, torch.float32))
-
-
-def _targets(batch: PromptBatch, logits: torch.Tensor, target: str) -> torch.Tensor:
-    if target == "top1":
-        return logits.argmax(-1).cpu()
-    if batch.target_ids is None:
-        raise RecallscopeError("target='gold' needs a batch with targets")
-    return batch.target_ids.long()
 
 
 def _rows(
@@ -242,7 +237,7 @@ def _knocked(model, batch, rows, sources, layers, targets, config) -> torch.Tens
                 blocked[:, 0, -1, :] = sources[part] & active[:, None]
                 masks[layer] = blocked
         with block_attention(model, masks, config.mode):
-            logits = _wide(forward(model, sub))
+            logits = wide(forward(model, sub))
         out.append(
             logits.softmax(-1).gather(1, targets[fact][:, None].to(logits.device))[:, 0].double().cpu()
         )

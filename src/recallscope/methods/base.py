@@ -26,9 +26,11 @@ import json
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+import torch
+
 from recallscope.errors import RecallscopeError
 
-__all__ = ["MethodConfig", "Cost", "result_provenance", "as_batch", "window"]
+__all__ = ["MethodConfig", "Cost", "result_provenance", "as_batch", "window", "wide", "choose_targets"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -109,3 +111,28 @@ def as_batch(model, facts_or_batch):
     from recallscope.core.tokens import PromptBatch
 
     return facts_or_batch if isinstance(facts_or_batch, PromptBatch) else facts_or_batch.to_batch(model)
+
+
+def wide(logits: torch.Tensor) -> torch.Tensor:
+    """Logits in at least float32 (bf16/fp16 models); float64 is kept."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+def choose_targets(batch, logits: torch.Tensor, target: str) -> torch.Tensor:
+    """The token each row is scored on: the model's clean ``top1`` or the ``gold`` answer's first.
+
+    Args:
+        batch: the :class:`~recallscope.core.tokens.PromptBatch` (``target_ids`` for ``gold``).
+        logits: clean last-position logits ``[B, d_vocab]``.
+        target: ``"top1"`` or ``"gold"``.
+
+    Returns:
+        ``[B]`` token ids on the CPU.
+    """
+    if target == "top1":
+        return logits.argmax(-1).cpu()
+    if target != "gold":
+        raise RecallscopeError(f"target must be 'top1' or 'gold', got {target!r}")
+    if batch.target_ids is None:
+        raise RecallscopeError("target='gold' needs a batch with targets (facts have answers)")
+    return batch.target_ids.long().cpu()
