@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 from safetensors.numpy import load_file
 
+from recallscope.methods import REGISTRY
 from report.browser import chromium_unavailable_reason, open_in_chromium
 
 pytestmark = [pytest.mark.embedded, pytest.mark.slow]
@@ -40,7 +41,7 @@ def fast_config(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory, fast_config):
-    """A finished CLI run: 3 known built-in facts, both methods."""
+    """A finished CLI run: 3 known built-in facts, every method."""
     out = tmp_path_factory.mktemp("runs") / "demo"
     done = recallscope("run", "--limit", 3, "--config", fast_config, "--out", out)
     return out, done
@@ -52,7 +53,16 @@ def test_cli_run_writes_the_output_contract(demo):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["dataset"]["n_facts"] == 3
     assert manifest["model"]["name"] == "smollm2-135m" and manifest["model"]["file_sha256"]
-    assert set(manifest["methods"]) == {"logit_lens", "attention_knockout", "causal_tracing"}
+    assert set(manifest["methods"]) == set(REGISTRY)
+    geva = {
+        "attributes_rate": 3 * 5 * 31,  # facts × positions × (layers + final residual)
+        "sublayer_knockout": 3 * (1 + 2 * 26),  # facts × (clean + 2 sublayers × starts 0..25)
+        "extraction_rate": 3 * 30,
+        "early_patching": 3 * 5 * 3 * 30,  # facts × source layers × position sets × layers
+        "head_mappings": 3 * 30 * 9,  # facts × layers × heads
+    }
+    for method, n_rows in geva.items():
+        assert len(pd.read_parquet(out / "results" / f"{method}.parquet")) == n_rows, method
     knockout = pd.read_parquet(out / "results" / "attention_knockout.parquet")
     assert len(knockout) == 3 * 3 * 30 and (knockout["clean_prob"] > 0).all()
     trace = pd.read_parquet(out / "results" / "causal_tracing.parquet")
@@ -72,6 +82,11 @@ def test_cli_run_writes_the_output_contract(demo):
         "causal_tracing_average_mlp.png",
         "causal_tracing_average_mlp.svg",
         "logit_lens_curves.png",
+        "attributes_rate_curves.png",
+        "sublayer_knockout_curves.png",
+        "extraction_rate_layers.png",
+        "early_patching_bars.png",
+        "head_mappings_grid.png",
     } <= figures
     facts = pd.read_parquet(out / "facts.parquet")
     assert list(facts["fact_id"]) == list(dict.fromkeys(trace["fact_id"]))
@@ -133,7 +148,7 @@ def test_resume_after_sigkill_gives_identical_results(tmp_path, fast_config):
     assert manifest["status"] == "complete" and manifest["methods"]["causal_tracing"]["n_facts"] == 4
     frames, arrays = _results(killed)
     expected_frames, expected_arrays = _results(reference)
-    assert frames.keys() == expected_frames.keys() and len(frames) == 5
+    assert frames.keys() == expected_frames.keys() and len(frames) >= 13
     for name, frame in frames.items():
         pd.testing.assert_frame_equal(frame, expected_frames[name], check_exact=True)
     for name, named in arrays.items():

@@ -46,6 +46,7 @@ __all__ = [
     "KnockoutMode",
     "block_attention",
     "pattern_hook",
+    "edit_pattern",
     "eager_attention",
     "compile_knockouts",
     "EAGER_IMPLEMENTATION",
@@ -157,6 +158,14 @@ def pattern_hook(model: Model, layer: int, fn: Callable) -> contextlib.AbstractC
     if ``fn`` returns new probabilities). Runs eager attention inside the context.
     """
     return _prob_hook(model, layer, fn, edits=False)
+
+
+def edit_pattern(model: Model, layer: int, fn: Callable) -> contextlib.AbstractContextManager:
+    """Context manager calling ``fn(pattern [B, n_heads, Q, K])`` each forward to *edit* the
+    probabilities (return new ones, or None to keep them). Edits run before every
+    :func:`pattern_hook` reader, so readers see what the model used. Runs eager attention inside.
+    """
+    return _prob_hook(model, layer, fn, edits=True)
 
 
 # -- knockouts -----------------------------------------------------------------------------------

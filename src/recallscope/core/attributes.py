@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
 from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
 from recallscope.core.vocab import VocabProjection, project_to_vocab
+from recallscope.errors import RecallscopeError
 from recallscope.models.model import Model
 
 __all__ = [
@@ -42,6 +43,9 @@ __all__ = [
     "clean_token_mask",
     "subject_objects",
     "reference_texts",
+    "texts_for",
+    "with_subject_objects",
+    "reference_masks",
     "reference_strings",
     "reference_mask",
     "clean_top_tokens",
@@ -137,6 +141,51 @@ def reference_texts(
         others = [a for a in objects.get(fact.subject, ()) if a not in fact.answers]
         texts.append(tuple(fact.continuation(a) for a in others))
     return texts
+
+
+def texts_for(
+    facts, objects: Mapping[str, Sequence[str]] | None, references: Sequence | None, method: str
+) -> list[tuple[str, ...]]:
+    """Per prompt, the reference texts a method uses: ``references`` if given, else the facts'.
+
+    Args:
+        facts: a :class:`~recallscope.data.facts.FactSet` or a
+            :class:`~recallscope.core.tokens.PromptBatch` (which then needs ``references``).
+        objects: dataset-wide subject → answers (``Config.subject_objects``).
+        references: one text or sequence of texts per prompt, or None.
+        method: the method's name, for error messages.
+    """
+    if references is None:
+        if not hasattr(facts, "to_batch"):
+            raise RecallscopeError(
+                f"{method} on a PromptBatch needs references=: one sequence of texts about the subject "
+                "per prompt (or pass a FactSet, whose descriptions / other answers are used)"
+            )
+        return reference_texts(facts, objects)
+    texts = [(r,) if isinstance(r, str) else tuple(r) for r in references]
+    if len(texts) != len(facts):
+        raise RecallscopeError(
+            f"references has {len(texts)} entries for {len(facts)} prompts; "
+            "give one sequence of texts per prompt"
+        )
+    return texts
+
+
+def with_subject_objects(config, facts):
+    """``config`` with ``subject_objects`` filled over the whole dataset ``facts`` (a method's
+    ``prepare``): the answers about every subject that has no description. Unchanged when already
+    set or when ``facts`` is a batch.
+    """
+    if config.subject_objects is not None or not hasattr(facts, "to_batch"):
+        return config
+    bare = {fact.subject for fact in facts if not fact.description}
+    objects = {s: a for s, a in subject_objects(facts).items() if s in bare}
+    return replace(config, subject_objects=objects)
+
+
+def reference_masks(model: Model, texts: Sequence[Sequence[str]], token_filter: TokenFilter) -> torch.Tensor:
+    """``[B, d_vocab]`` bool: per prompt, the vocabulary tokens among its reference strings."""
+    return torch.stack([reference_mask(model, reference_strings(model, t, token_filter)) for t in texts])
 
 
 def reference_strings(model: Model, texts: Iterable[str], token_filter: TokenFilter) -> set[str]:

@@ -4,8 +4,34 @@ Each module has ``NAME``, ``DESCRIPTION``, ``Config`` (paper presets via ``Confi
 a result class with ``to_frame()`` / ``arrays()``, and ``run(model, batch, config)``.
 """
 
-from recallscope.methods import attention_knockout, causal_tracing, logit_lens
+from recallscope.methods import (
+    attention_knockout,
+    attributes_rate,
+    causal_tracing,
+    early_patching,
+    extraction_rate,
+    head_mappings,
+    logit_lens,
+    sublayer_knockout,
+)
 
-REGISTRY = {module.NAME: module for module in (logit_lens, attention_knockout, causal_tracing)}
+_MODULES = (
+    logit_lens,
+    attention_knockout,
+    attributes_rate,
+    sublayer_knockout,
+    extraction_rate,
+    early_patching,
+    head_mappings,
+    causal_tracing,
+)
+REGISTRY = {module.NAME: module for module in _MODULES}
 
-__all__ = ["REGISTRY", "attention_knockout", "causal_tracing", "logit_lens"]
+__all__ = [
+    "REGISTRY",
+    "attention_knockout",
+    "attributes_rate",
+    "causal_tracing",
+    "logit_lens",
+    "sublayer_knockout",
+]

@@ -201,6 +201,33 @@ class Model:
     def b_O(self, layer: int) -> torch.Tensor | None:
         return _detached(self.module(self.spec.o_proj, layer).bias)
 
+    def W_V(self, layer: int) -> torch.Tensor:
+        """Value weights ``[n_kv_heads, d_model, d_head]``: ``v^{kv} = x W_V[kv] + b_V[kv]``.
+
+        ``x`` is the output of the block's pre-attention norm. Read from ``v_proj`` or from the
+        value part of a fused projection (GPT-2's ``[q | k | v]``, NeoX's per-head ``[q k v]``).
+        """
+        weight = self._v_module(layer).weight.detach()
+        weight = weight if self.spec.conv1d else weight.T  # [d_model, out_features]
+        return self._value_part(weight).permute(1, 0, 2)
+
+    def b_V(self, layer: int) -> torch.Tensor | None:
+        """Value bias ``[n_kv_heads, d_head]``, or None."""
+        bias = _detached(self._v_module(layer).bias)
+        return None if bias is None else self._value_part(bias)
+
+    def _v_module(self, layer: int) -> nn.Module:
+        return self.module(self.spec.qkv_proj or self.spec.v_proj, layer)
+
+    def _value_part(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., out_features]`` of the value (or fused qkv) projection → ``[..., n_kv_heads, d_head]``."""
+        spec, n_heads, d_head = self.spec, self.n_heads, self.d_head
+        if spec.qkv_proj is None:
+            return x.unflatten(-1, (self.n_kv_heads, d_head))
+        if spec.qkv_layout == "split":  # [q | k | v], each [n_heads * d_head]
+            return x[..., 2 * n_heads * d_head :].unflatten(-1, (n_heads, d_head))
+        return x.unflatten(-1, (n_heads, 3, d_head))[..., 2, :]  # per head: [q k v]
+
     def W_out(self, layer: int) -> torch.Tensor:
         """MLP output weights ``[d_mlp, d_model]``; neuron k writes ``W_out[k]``."""
         weight = self.module(self.spec.mlp_out_proj, layer).weight.detach()

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import base64
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -30,6 +31,9 @@ __all__ = [
     "causal_trace_fact",
     "logit_lens_curves",
     "knockout_curves",
+    "mean_curves",
+    "head_grid",
+    "grouped_bars",
     "knockout_token_map",
     "token_label",
     "token_text",
@@ -162,25 +166,54 @@ def logit_lens_curves(frame: pd.DataFrame, targets: Sequence[str] | None = None)
     return fig
 
 
+def mean_curves(
+    frame: pd.DataFrame,
+    *,
+    y: str,
+    group: str,
+    title: str,
+    ylabel: str,
+    x: str = "layer",
+    xlabel: str = "layer",
+    label: Callable[[Any], str] = str,
+    reference: dict[str, float] | None = None,
+) -> plt.Figure:
+    """Mean of ``y`` over facts per ``group`` along ``x``, with 95% bands (NaN rows left out).
+
+    ``reference``: horizontal dashed lines by label (e.g. a baseline); 0 is drawn in grey.
+    """
+    stats = mean_ci(frame.dropna(subset=[y]), [group, x], [y])
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(6.4, 3.6))
+        for name, line in stats.groupby(group, sort=False):
+            ax.plot(line[x], line[y], label=label(name))
+            band = line[f"{y}_ci"]
+            ax.fill_between(line[x], line[y] - band, line[y] + band, alpha=0.2)
+        for name, value in (reference or {}).items():
+            ax.axhline(value, color="black", ls="--", lw=0.8, label=name)
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title.replace("$", r"\$"))
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+    return fig
+
+
 def knockout_curves(frame: pd.DataFrame, window: int) -> plt.Figure:
     """Mean % change of p(top-1) per blocked source set over centre layers, 95% bands (Geva's Fig. 2).
 
     ``frame``: attention-knockout rows (``source``, ``layer``, ``change_pct``).
     """
-    stats = mean_ci(frame, ["source", "layer"], ["change_pct"])
-    with plt.rc_context(STYLE):
-        fig, ax = plt.subplots(figsize=(6.4, 3.6))
-        for source, line in stats.groupby("source", sort=False):
-            ax.plot(line["layer"], line["change_pct"], label=f"last ← {source}")
-            band = line["change_pct_ci"]
-            ax.fill_between(line["layer"], line["change_pct"] - band, line["change_pct"] + band, alpha=0.2)
-        ax.axhline(0, color="grey", lw=0.5)
-        ax.set_xlabel(f"centre layer (window of {window})")
-        ax.set_ylabel("% change in p(prediction)")
-        ax.set_title(f"Attention knockout ({frame['fact_id'].nunique()} facts, mean, 95% band)")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-    return fig
+    return mean_curves(
+        frame,
+        y="change_pct",
+        group="source",
+        label=lambda source: f"last ← {source}",
+        xlabel=f"centre layer (window of {window})",
+        ylabel="% change in p(prediction)",
+        title=f"Attention knockout ({frame['fact_id'].nunique()} facts, mean, 95% band)",
+    )
 
 
 def knockout_token_map(frame: pd.DataFrame, title: str) -> plt.Figure:
@@ -196,6 +229,40 @@ def knockout_token_map(frame: pd.DataFrame, title: str) -> plt.Figure:
         _layer_ticks(ax, grid.columns.to_numpy())
         fig.colorbar(image, ax=ax, label="% change in p(prediction)")
         ax.set_title(title.replace("$", r"\$"), fontsize=9)
+    return fig
+
+
+def grouped_bars(table: pd.DataFrame, title: str, ylabel: str) -> plt.Figure:
+    """Bars of ``table``'s values: one group per row (index), one bar per column."""
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(max(4.0, 0.55 * table.size + 1.5), 3.6))
+        width = 0.8 / max(1, table.shape[1])
+        x = np.arange(len(table))
+        for i, column in enumerate(table.columns):
+            ax.bar(x + i * width - 0.4 + width / 2, table[column].to_numpy(), width, label=str(column))
+        ax.set_xticks(x, [token_label(str(i)) for i in table.index], rotation=30, ha="right")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title.replace("$", r"\$"))
+        if table.shape[1] > 1:
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+    return fig
+
+
+def head_grid(table: pd.DataFrame, value: str, title: str, label: str) -> plt.Figure:
+    """A ``layer × head`` heat map of ``value`` (one row per head in ``table``)."""
+    grid = table.pivot(index="layer", columns="head", values=value).sort_index()
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(0.3 * grid.shape[1] + 2.6, 0.16 * len(grid) + 1.4))
+        image = ax.pcolormesh(grid.to_numpy(), cmap="Blues", vmin=0)
+        ax.invert_yaxis()
+        step = max(1, len(grid) // 10)
+        ax.set_yticks(np.arange(0, len(grid), step) + 0.5, grid.index[::step])
+        ax.set_xticks(np.arange(grid.shape[1]) + 0.5, grid.columns)
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        ax.set_title(title.replace("$", r"\$"))
+        fig.colorbar(image, ax=ax, label=label)
     return fig
 
 

@@ -170,7 +170,11 @@ class Store:
         sizes = {}
         for table in [None, *sorted({t for r in records for t in r["tables"]})]:
             suffix = "parquet" if table is None else f"{table}.parquet"
-            frames = [_only(pd.read_parquet(folder / f"{r['name']}.{suffix}"), r["valid"]) for r in records]
+            frames = [
+                _only(pd.read_parquet(folder / f"{r['name']}.{suffix}"), r["valid"])
+                for r in records
+                if table is None or table in r["tables"]  # a chunk may have no rows for a table
+            ]
             frame = _sorted_by_fact(pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(), rank)
             _write_parquet(self.results_path(method, table), frame)
             sizes[table or "rows"] = len(frame)
