@@ -39,6 +39,7 @@ __all__ = [
     "STOPWORDS",
     "TokenFilter",
     "readout",
+    "extraction_events",
     "vocab_strings",
     "clean_token_mask",
     "subject_objects",
@@ -82,6 +83,16 @@ def readout(
         return project_to_vocab(model, x, "logit_lens", targets=targets, k=k)
     matrix = "embed" if how == "raw_embed" else "unembed"
     return project_to_vocab(model, x, "raw", matrix=matrix, targets=targets, k=k)
+
+
+def extraction_events(projection: VocabProjection) -> torch.Tensor:
+    """``[*S]`` bool: the target is the *unique* top-1 token (rank 0 and the runner-up scores lower).
+
+    Needs a projection with ``targets`` (one per vector) and ``k ≥ 2``. Geva's extraction event; a
+    tie (e.g. an all-zero update) never counts.
+    """
+    runner_up = projection.topk_logits[..., 1]
+    return ((projection.target_ranks == 0) & (runner_up < projection.target_logits)).cpu()
 
 
 def vocab_strings(model: Model) -> list[str]:

@@ -314,12 +314,7 @@ def _measure(model: Model, vectors: torch.Tensor, targets: torch.Tensor, how: at
         ``extracts [n, L]`` (unique top-1), on the CPU.
     """
     proj = attr.readout(model, vectors, how, targets=targets, k=2)
-    unique = proj.topk_logits[..., 1] < proj.target_logits
-    return (
-        proj.target_ranks.cpu(),
-        proj.target_logits.double().cpu(),
-        ((proj.target_ranks == 0) & unique).cpu(),
-    )
+    return proj.target_ranks.cpu(), proj.target_logits.double().cpu(), attr.extraction_events(proj)
 
 
 def _patched(model, batch, clean, sources, sets, targets, config) -> tuple[torch.Tensor, ...]:

@@ -42,7 +42,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from recallscope.core.attributes import READOUTS, Readout, readout
+from recallscope.core.attributes import READOUTS, Readout, extraction_events, readout
 from recallscope.core.cache import forward
 from recallscope.core.hooks import site_hook
 from recallscope.core.tokens import PromptBatch
@@ -428,7 +428,7 @@ def _run_chunk(model: Model, batch: PromptBatch, config: Config) -> dict[str, np
     proj = readout(model, stacked, config.readout, targets=targets, k=max(2, config.top_k_tokens))
     rank, logit, top = (t.cpu() for t in (proj.target_ranks, proj.target_logits, proj.topk_ids))
     unique = (proj.topk_logits[..., 0] > proj.topk_logits[..., 1]).cpu()  # the top-1 is not tied
-    extracts = ((rank == 0) & (proj.topk_logits[..., 1] < proj.target_logits).cpu()).numpy()
+    extracts = extraction_events(proj).numpy()
     top1 = torch.where(unique, top[..., 0], -1)  # -1: no unique top token (e.g. a zero update)
     logit, top = logit.double(), top[..., : config.top_k_tokens]
     return {
