@@ -19,7 +19,12 @@ from report.browser import chromium_unavailable_reason, open_in_chromium
 
 pytestmark = [pytest.mark.embedded, pytest.mark.slow]
 
-FAST = {"causal_tracing": {"samples": 1, "kinds": ["hidden", "mlp"]}}
+FAST = {
+    "causal_tracing": {"samples": 1, "kinds": ["hidden", "mlp"]},
+    "logprob_attribution": {"n_top": 20, "position_heads": 2},
+    "query_attribution": {"n_value_neurons": 5, "n_value_units": 5, "n_query_neurons": 20, "n_show": 2},
+    "neuron_ablation": {"budgets": ["ffn:5", "attn:5+ffn:5"], "random_seeds": 1},
+}
 XSS = "<script>alert(1)</script>"
 
 
@@ -60,6 +65,9 @@ def test_cli_run_writes_the_output_contract(demo):
         "extraction_rate": 3 * 30,
         "early_patching": 3 * 5 * 3 * 30,  # facts × source layers × position sets × layers
         "head_mappings": 3 * 30 * 9,  # facts × layers × heads
+        "logprob_attribution": 3 * 30 * 2,  # facts × layers × (attn, mlp)
+        "query_attribution": 3 * 2 * 61,  # facts × (ffn_value, attn_unit) × (embed + 2 × 30 layers)
+        "neuron_ablation": 3 * (5 + 1) * 2,  # facts × (5 methods + 1 random seed) × budgets
     }
     for method, n_rows in geva.items():
         assert len(pd.read_parquet(out / "results" / f"{method}.parquet")) == n_rows, method
@@ -87,7 +95,15 @@ def test_cli_run_writes_the_output_contract(demo):
         "extraction_rate_layers.png",
         "early_patching_bars.png",
         "head_mappings_grid.png",
+        "logprob_attribution_layers.png",
+        "logprob_attribution_heads.png",
+        "logprob_attribution_subvalue_layers.png",
+        "query_attribution_ffn_value.png",
+        "query_attribution_attn_unit.png",
+        "neuron_ablation_bars.png",
     } <= figures
+    neurons = pd.read_parquet(out / "results" / "logprob_attribution.neurons.parquet")
+    assert len(neurons) == 3 * 2 * 20 and neurons["logprob_increase"].notna().all()
     facts = pd.read_parquet(out / "facts.parquet")
     assert list(facts["fact_id"]) == list(dict.fromkeys(trace["fact_id"]))
 

@@ -31,6 +31,8 @@ few whose bounds overlap the ``n``-th best (:func:`select_candidates`).
 
 from __future__ import annotations
 
+import hashlib
+import os
 import weakref
 from dataclasses import dataclass
 
@@ -241,7 +243,7 @@ def rank1_increase(
     directions: torch.Tensor,
     targets: torch.Tensor,
     *,
-    chunk_elems: int = 1 << 21,
+    chunk_elems: int | None = None,
 ) -> torch.Tensor:
     """Exact ``log p(t | base + u·D) − log p(t | base)`` for every row, direction and coefficient.
 
@@ -250,29 +252,36 @@ def rank1_increase(
         coeffs: ``[B, K, R]`` scaled coefficients ``u = a/ρ``.
         directions: ``[K, V]`` static directions ``D``.
         targets: ``[B]`` token ids.
-        chunk_elems: elements of the ``[·, V]`` work buffer (memory bound).
+        chunk_elems: elements of the ``[·, V]`` work buffer (memory bound); default 2M on the CPU
+            (cache-sized), 64M on a GPU (few large kernels).
 
     Returns:
         ``[B, K, R]`` log-probability increases.
 
-    Each logsumexp is shifted by the bound ``max(bs(x)) + |u|·max|D|`` instead of an exact maximum
-    (one pass less); rows where that shift could underflow are redone with the exact maximum.
+    Each logsumexp is shifted by the bound ``max(bs(x)) + |u|·max|D|`` instead of an exact maximum,
+    which factorizes ``Σ_v exp(bs_v + u·D_v − shift) = exp(u·D − |u|·max|D|) · exp(bs − max bs)``: one
+    fused multiply-add, one in-place ``exp`` and one matrix-vector product per chunk. Rows where the
+    shift could underflow (``2|u|·max|D| > 60``) are redone with the exact maximum.
     """
     B, K, R = coeffs.shape
+    if chunk_elems is None:
+        chunk_elems = 1 << (26 if base_logits.device.type == "cuda" else 21)
     targets = targets.to(base_logits.device).long()
-    base_lse = base_logits.logsumexp(-1)  # [B]
-    base_max = base_logits.amax(-1)
+    base_max = base_logits.amax(-1)  # [B]
+    base_exp = (base_logits - base_max[:, None]).exp()  # [B, V], ≤ 1
+    base_lse = base_exp.sum(-1).log() + base_max
     out = torch.empty(B, K, R, dtype=base_logits.dtype, device=base_logits.device)
     per = max(1, chunk_elems // max(1, B * R * base_logits.shape[-1]))
     for k in range(0, K, per):
         D = directions[k : k + per].to(base_logits.dtype)  # [k', V]
         u = coeffs[:, k : k + per].to(base_logits.dtype)  # [B, k', R]
         reach = u.abs() * D.abs().amax(-1)[None, :, None]  # [B, k', R] ≥ |u·D| everywhere
-        shift = base_max[:, None, None] + reach
-        x = base_logits[:, None, None, :] + u[..., None] * D[None, :, None, :]  # [B, k', R, V]
-        lse = (x - shift[..., None]).exp_().sum(-1).log_() + shift
+        y = torch.addcmul(-reach[..., None], u[..., None], D[None, :, None, :])  # u·D − reach
+        total = torch.einsum("bkrv,bv->bkr", y.exp_(), base_exp)
+        lse = total.log() + base_max[:, None, None] + reach
         unsafe = 2 * reach > _EXP_SAFE
         if unsafe.any():
+            x = base_logits[:, None, None, :] + u[..., None] * D[None, :, None, :]
             lse = torch.where(unsafe, x.logsumexp(-1), lse)
         gain = u * D[:, targets].T[:, :, None]  # [B, k', R]: u·D[t]
         out[:, k : k + per] = gain - (lse - base_lse[:, None, None])
@@ -347,8 +356,13 @@ def direction_ranges(
     Args:
         kind: a name for the value vectors (``"ffn"``, ``"attn"``) used as the memo key with ``layer``.
         values: ``[K, d]`` static value vectors (the same every call for the same key).
+
+    Models with a weights hash (the embedded model, hub revisions) also keep the ranges on disk in
+    recallscope's cache, so a later process does not project every value vector again.
     """
-    memo = _RANGES.setdefault(model, {})
+    memo = _RANGES.get(model)
+    if memo is None:
+        memo = _RANGES[model] = _load_ranges(model)
     key = (kind, layer, values.shape[0])
     if key not in memo:
         head = FrozenHead(model, torch.ones(1, dtype=_wide(values).dtype, device=values.device), None)
@@ -357,4 +371,36 @@ def direction_ranges(
             D = head.directions(values[i : i + chunk])
             parts.append(D.amax(-1) - D.amin(-1))
         memo[key] = torch.cat(parts)
-    return memo[key]
+        _save_ranges(model, memo)
+    return memo[key].to(values.device)
+
+
+def _ranges_file(model: Model):
+    """Where a model's ranges live on disk, or None when its weights have no stable identity."""
+    info = model.info
+    if not (info.file_sha256 or info.revision):
+        return None
+    from recallscope.models.gguf import cache_dir
+
+    ident = f"{info.name}|{info.source}|{info.file_sha256}|{info.revision}|{model.dtype}"
+    return cache_dir() / "subvalue-ranges" / f"{hashlib.sha256(ident.encode()).hexdigest()[:16]}.pt"
+
+
+def _load_ranges(model: Model) -> dict:
+    path = _ranges_file(model)
+    if path is None or not path.exists():
+        return {}
+    try:
+        return dict(torch.load(path, map_location="cpu"))
+    except Exception:  # a damaged cache file is recomputed, never trusted
+        return {}
+
+
+def _save_ranges(model: Model, memo: dict) -> None:
+    path = _ranges_file(model)
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save({k: v.cpu() for k, v in memo.items()}, tmp)
+    os.replace(tmp, path)

@@ -12,6 +12,9 @@ from recallscope.methods import (
     extraction_rate,
     head_mappings,
     logit_lens,
+    logprob_attribution,
+    neuron_ablation,
+    query_attribution,
     sublayer_knockout,
 )
 
@@ -23,6 +26,9 @@ _MODULES = (
     extraction_rate,
     early_patching,
     head_mappings,
+    logprob_attribution,
+    query_attribution,
+    neuron_ablation,
     causal_tracing,
 )
 REGISTRY = {module.NAME: module for module in _MODULES}
@@ -33,5 +39,8 @@ __all__ = [
     "attributes_rate",
     "causal_tracing",
     "logit_lens",
+    "logprob_attribution",
+    "neuron_ablation",
+    "query_attribution",
     "sublayer_knockout",
 ]

@@ -6,6 +6,7 @@ Weights are exposed in one canonical layout whatever the family (``methods.md`` 
 
     W_U [d_vocab, d_model]   W_E [d_vocab, d_model]
     W_O(layer) [n_heads, d_head, d_model]     W_out(layer) [d_mlp, d_model]
+    W_in(layer), W_gate(layer) [d_model, d_mlp]
 """
 
 from __future__ import annotations
@@ -235,6 +236,38 @@ class Model:
 
     def b_out(self, layer: int) -> torch.Tensor | None:
         return _detached(self.module(self.spec.mlp_out_proj, layer).bias)
+
+    def W_in(self, layer: int) -> torch.Tensor:
+        """MLP input weights ``[d_model, d_mlp]`` (``up_proj`` if gated): ``x W_in + b_in``."""
+        return self._mlp_weight(self.spec.mlp_in, layer)
+
+    def b_in(self, layer: int) -> torch.Tensor | None:
+        return _detached(self.module(self.spec.mlp_in, layer).bias)
+
+    def W_gate(self, layer: int) -> torch.Tensor:
+        """Gated MLPs' gate weights ``[d_model, d_mlp]``: ``c = act(x W_gate + b_gate) ⊙ (x W_in + b_in)``."""
+        return self._mlp_weight(self._gate_path(), layer)
+
+    def b_gate(self, layer: int) -> torch.Tensor | None:
+        return _detached(self.module(self._gate_path(), layer).bias)
+
+    def mlp_act(self, layer: int) -> nn.Module:
+        """The MLP's activation function (applied to ``mlp_pre``), as the native module holds it."""
+        owner = self.module(self.spec.mlp, layer) if self.spec.mlp else self.block(layer)
+        for name in ("act_fn", "act", "activation_fn"):
+            act = getattr(owner, name, None)
+            if act is not None:
+                return act
+        raise SiteError(f"no MLP activation found in {self.spec.family} (act_fn / act / activation_fn)")
+
+    def _gate_path(self) -> str:
+        if self.spec.mlp_gate is None:
+            raise SiteError(f"{self.spec.family} has no gated MLP (no gate projection)")
+        return self.spec.mlp_gate
+
+    def _mlp_weight(self, path: str, layer: int) -> torch.Tensor:
+        weight = self.module(path, layer).weight.detach()
+        return weight if self.spec.conv1d else weight.T
 
     def norm_params(self, path: str, layer: int | None = None) -> NormParams:
         """Parameters of the norm at ``path`` (``self.spec.final_norm`` for the final norm)."""

@@ -249,12 +249,39 @@ def grouped_bars(table: pd.DataFrame, title: str, ylabel: str) -> plt.Figure:
     return fig
 
 
-def head_grid(table: pd.DataFrame, value: str, title: str, label: str) -> plt.Figure:
-    """A ``layer × head`` heat map of ``value`` (one row per head in ``table``)."""
+def layer_bars(table: pd.DataFrame, title: str, ylabel: str, *, xlabel: str = "layer") -> plt.Figure:
+    """Interleaved bars along layers: one group per row of ``table`` (index = layer), one bar per column."""
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(max(6.4, 0.12 * table.size + 1.5), 3.6))
+        width = 0.8 / max(1, table.shape[1])
+        x = np.arange(len(table))
+        for i, column in enumerate(table.columns):
+            ax.bar(x + i * width - 0.4 + width / 2, table[column].to_numpy(), width, label=str(column))
+        step = max(1, len(table) // 15)
+        ax.set_xticks(x[::step], [str(i) for i in table.index[::step]])
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title.replace("$", r"\$"))
+        if table.shape[1] > 1:
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+    return fig
+
+
+def head_grid(
+    table: pd.DataFrame, value: str, title: str, label: str, *, diverging: bool = False
+) -> plt.Figure:
+    """A ``layer × head`` heat map of ``value`` (one row per head in ``table``).
+
+    ``diverging``: a red–blue scale symmetric around 0 (signed values) instead of 0 → max in blue.
+    """
     grid = table.pivot(index="layer", columns="head", values=value).sort_index()
+    limit = max(float(np.nanmax(np.abs(grid.to_numpy()))), 1e-9) if diverging else None
+    colors = dict(cmap="RdBu_r", vmin=-limit, vmax=limit) if diverging else dict(cmap="Blues", vmin=0)
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(0.3 * grid.shape[1] + 2.6, 0.16 * len(grid) + 1.4))
-        image = ax.pcolormesh(grid.to_numpy(), cmap="Blues", vmin=0)
+        image = ax.pcolormesh(grid.to_numpy(), **colors)
         ax.invert_yaxis()
         step = max(1, len(grid) // 10)
         ax.set_yticks(np.arange(0, len(grid), step) + 0.5, grid.index[::step])

@@ -1,0 +1,716 @@
+"""Log-probability attribution of layers, heads, positions, FFN neurons and attention units
+(Yu & Ananiadou, ``methods.md`` §3, Y&A-1 … Y&A-5).
+
+Every component is read through the *frozen-scale head* ("bs-values",
+:class:`~recallscope.core.subvalues.FrozenHead`)::
+
+    bs(v) = W_U (γ ⊙ centre(v)) / ρ  (+ W_U β + b_U when ``bias``)        log p(t | v) = log_softmax(bs(v))[t]
+
+with ``ρ`` the final norm's scale on the row's actual final residual ``x^L_N`` (last position ``N``),
+so ``bs(x^L_N)`` are the model's logits (before Gemma-2's final soft-cap, which bs never applies).
+The importance of a vector ``u`` added to a baseline residual ``x`` is its *log-probability
+increase* ``log p(t | x + u) − log p(t | x)`` of the target ``t`` (the model's top-1, or the gold
+answer's first token). Baselines (§3.6 pitfall 4), at ``N``:
+
+- attention parts of block ``ℓ`` (the layer, a head, a head's source position, an attention unit)
+  are added to the block's input ``x^ℓ`` (``resid_pre``);
+- FFN parts (the layer, a neuron) are added to ``r^ℓ = x^ℓ + a^ℓ`` (for parallel blocks simply the
+  additive baseline: the MLP does not read ``r^ℓ`` there).
+
+Levels:
+
+- ``layer`` (Y&A-1, always computed): ``attn_score[ℓ] = lp(r^ℓ) − lp(x^ℓ)`` and
+  ``ffn_score[ℓ] = lp(r^ℓ + m^ℓ) − lp(r^ℓ)``; they telescope to ``lp(x^L) − lp(x^0)``.
+- ``head`` (Y&A-2): ``o^{ℓ,h} = Σ_j α_{N,j} v_j W_O^h`` (no ``b_O``) added to ``x^ℓ``.
+- ``position`` (Y&A-3): ``α_{N,j} v_j W_O^h`` for every head and real source position ``j``.
+- ``neuron`` (Y&A-4): FFN subvalue ``c_k w_k`` added to ``r^ℓ``.
+- ``attn_unit`` (Y&A-5): ``α_{N,j} v_{j,n} W_O^h[n]`` (unit ``(h, n, j)``) added to ``x^ℓ``.
+
+For Gemma-2 (sandwich norms) the post-norm is linearized at its actual scale: its gain is folded
+into the value vectors and ``1/ρ_post`` into the coefficients
+(:func:`~recallscope.core.subvalues.ffn_subvalues`), so heads, positions and units sum to the
+attention output.
+
+Fast by construction: one forward per ``max_batch_rows`` facts caches every site at ``N`` (and the
+values at all positions). Layers, heads and positions are few vectors each. Neurons and units are
+rank-1 updates of the baseline logits: every one gets two cheap exact bounds
+(:func:`~recallscope.core.subvalues.increase_bounds`); with ``exact="top"`` only the subvalues that
+can be in the fact's exact top or bottom ``n_top`` (by log-prob increase or by probability
+increase, over all layers) are scored exactly, the rest are NaN; ``exact="all"`` scores all of
+them. The naive loops (one vector at a time, full softmax) are in ``tests/oracles`` and give the
+same numbers.
+
+Positions in tables are relative to the start of the real prompt (after left padding); pads are
+never listed, and their entries in the ``[.., T]`` arrays are 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+
+from recallscope.core.cache import forward
+from recallscope.core.hooks import site_hook
+from recallscope.core.subvalues import (
+    FrozenHead,
+    Subvalues,
+    attn_subvalues,
+    direction_ranges,
+    ffn_subvalues,
+    increase_bounds,
+    rank1_increase,
+    select_candidates,
+    vector_increase,
+)
+from recallscope.core.tokens import PromptBatch
+from recallscope.core.vocab import decode_tokens
+from recallscope.data.facts import FactSet
+from recallscope.errors import RecallscopeError
+from recallscope.methods.base import Cost, MethodConfig, as_batch, choose_targets, result_provenance, wide
+from recallscope.models.model import Model
+from recallscope.models.sites import Site
+
+__all__ = ["NAME", "DESCRIPTION", "LEVELS", "Config", "LogprobAttributionResult", "run", "cost"]
+
+NAME = "logprob_attribution"
+DESCRIPTION = "Log-prob increase of layers, heads, positions, FFN neurons, attention units (Yu & Ananiadou)."
+CHUNK_SIZE = 8
+LEVELS = ("layer", "head", "position", "neuron", "attn_unit")
+_WORK = 1 << 24
+"""Elements of a ``[·, d_vocab]`` work buffer (directions, logits of added vectors)."""
+_CANDIDATE_FACTOR = 4
+"""cost(): assumed exact-scored subvalues per fact and kind in ``top`` mode, times ``n_top``."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config(MethodConfig):
+    """Log-prob attribution settings; ``yu`` follows the paper's code (no final-norm bias)."""
+
+    target: Literal["top1", "gold"] = "top1"
+    """Token scored: the model's clean top-1 (the paper) or the gold answer's first token."""
+    bias: bool = True
+    """The frozen head adds ``W_U β_final + b_U`` (then bs of the final residual is the model's
+    logits); the paper's code drops the final norm's bias (``yu``: False)."""
+    levels: tuple[str, ...] = LEVELS
+    """Levels computed besides ``layer`` (always computed): head, position, neuron, attn_unit."""
+    exact: Literal["top", "all"] = "top"
+    """``top``: exact scores for every neuron / unit that can be among its fact's top or bottom
+    ``n_top`` (by log-prob or by probability increase), NaN elsewhere; ``all``: every one exactly."""
+    n_top: int = 300
+    """Neurons and attention units ranked exactly and listed per fact and end (top / bottom)."""
+    position_heads: int | None = 10
+    """The ``position`` level decomposes the fact's top ``position_heads`` heads by absolute increase
+    over all layers (the paper looks at one chosen head; None = every head, ``L·H·T`` projections
+    per fact). Other heads' position scores are NaN."""
+    n_tokens: int = 10
+    """Top and bottom tokens of each listed value vector's direction in the tables."""
+    max_batch_rows: int = 16
+    """Facts per forward (memory bound)."""
+
+    PRESETS = {"yu": dict(bias=False, target="top1", exact="top", n_top=300)}
+
+    def __post_init__(self) -> None:
+        if self.target not in ("top1", "gold"):
+            raise RecallscopeError(f"target must be 'top1' or 'gold', got {self.target!r}")
+        if self.exact not in ("top", "all"):
+            raise RecallscopeError(
+                f"exact must be 'top' (exact scores for possible top/bottom n_top only) or 'all', "
+                f"got {self.exact!r}"
+            )
+        if isinstance(self.levels, str) or not self.levels or set(self.levels) - set(LEVELS):
+            raise RecallscopeError(
+                f"levels must be a non-empty tuple of {LEVELS}, got {self.levels!r}; "
+                "e.g. levels=('layer', 'head') (the layer level is always computed)"
+            )
+        if not isinstance(self.bias, bool):
+            raise RecallscopeError(f"bias must be True or False, got {self.bias!r}")
+        if self.position_heads is not None and self.position_heads < 1:
+            raise RecallscopeError(
+                f"position_heads must be a positive number of heads or None (every head), "
+                f"got {self.position_heads!r}"
+            )
+        if self.n_top < 1 or self.n_tokens < 0 or self.max_batch_rows < 1:
+            raise RecallscopeError(
+                f"n_top and max_batch_rows must be positive and n_tokens non-negative, got "
+                f"n_top={self.n_top}, n_tokens={self.n_tokens}, max_batch_rows={self.max_batch_rows}"
+            )
+
+
+@dataclass
+class LogprobAttributionResult:
+    """Log-probability increases at every level (``F`` facts, ``L`` layers, ``H`` heads, ``Dh`` head
+    width, ``T`` padded length; arrays of a level not computed are None).
+    """
+
+    config: Config
+    fact_ids: list[str]
+    target_ids: np.ndarray
+    """``[F]`` the scored token."""
+    target_tokens: list[str]
+    tokens: list[list[str]]
+    """Each fact's prompt tokens (no padding)."""
+    pad: np.ndarray
+    """``[F]`` left-padding length of each fact in the ``T`` axis."""
+    final_scale: np.ndarray
+    """``[F]`` ``ρ`` of the final norm on the final residual at ``N``."""
+    n_groups: int
+    """Query heads per key/value head (``kv_head = head // n_groups``)."""
+    logprob_resid_pre: np.ndarray
+    """``[F, L+1]`` ``log p(t | x^ℓ)``, ``ℓ = 0..L`` (``x^L`` = final residual)."""
+    logprob_resid_mid: np.ndarray
+    """``[F, L]`` ``log p(t | r^ℓ)``, ``r^ℓ = x^ℓ + a^ℓ``."""
+    attn_score: np.ndarray
+    """``[F, L]`` ``lp(r^ℓ) − lp(x^ℓ)``."""
+    ffn_score: np.ndarray
+    """``[F, L]`` ``lp(r^ℓ + m^ℓ) − lp(r^ℓ)``."""
+    head_score: np.ndarray | None = None
+    """``[F, L, H]``"""
+    position_score: np.ndarray | None = None
+    """``[F, L, H, T]`` (pads 0; NaN for heads not decomposed, see ``Config.position_heads``)."""
+    attention: np.ndarray | None = None
+    """``[F, L, H, T]`` ``α_{N,j}`` (pads 0)."""
+    neuron_coeff: np.ndarray | None = None
+    """``[F, L, d_mlp]`` ``c_k`` at ``N`` (Gemma-2: ``1/ρ_post`` folded in)."""
+    neuron_logit: np.ndarray | None = None
+    """``[F, L, d_mlp]`` direct logit gain ``c_k D_k[t] / ρ``."""
+    neuron_upper: np.ndarray | None = None
+    neuron_lower: np.ndarray | None = None
+    neuron_score: np.ndarray | None = None
+    """``[F, L, d_mlp]`` exact log-prob increase, NaN where not computed."""
+    neuron_prob: np.ndarray | None = None
+    """``[F, L, d_mlp]`` exact probability increase ``p(t | r + s) − p(t | r)``, NaN where not computed
+    (in ``top`` mode the top / bottom ``n_top`` by it are exact too)."""
+    unit_coeff: np.ndarray | None = None
+    """``[F, L, H, Dh, T]`` ``α_{N,j} v_{j,n}`` (Gemma-2: ``1/ρ_post`` folded in; pads 0)."""
+    unit_logit: np.ndarray | None = None
+    unit_upper: np.ndarray | None = None
+    unit_lower: np.ndarray | None = None
+    unit_score: np.ndarray | None = None
+    unit_prob: np.ndarray | None = None
+    neuron_table: pd.DataFrame | None = None
+    """The exact top and bottom ``n_top`` neurons per fact (see :meth:`tables`)."""
+    unit_table: pd.DataFrame | None = None
+    provenance: dict = field(default_factory=dict)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    method: str = NAME
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per fact × layer × sublayer (``attn``, ``mlp``), in that order."""
+        n_facts, n_layers = self.attn_score.shape
+        before = np.stack([self.logprob_resid_pre[:, :n_layers], self.logprob_resid_mid], -1)  # [F, L, 2]
+        increase = np.stack([self.attn_score, self.ffn_score], -1)
+        after = before + increase
+        f, layer, _ = (a.reshape(-1) for a in np.indices(before.shape))
+        return pd.DataFrame(
+            {
+                "fact_id": np.array(self.fact_ids, dtype=object)[f],
+                "layer": layer,
+                "sublayer": np.tile(np.array(["attn", "mlp"], dtype=object), n_facts * n_layers),
+                "logprob_before": before.reshape(-1),
+                "logprob_after": after.reshape(-1),
+                "logprob_increase": increase.reshape(-1),
+                "prob_increase": (np.exp(after) - np.exp(before)).reshape(-1),
+            }
+        )
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        """``heads``, ``positions``, ``neurons``, ``attn_units`` (those computed).
+
+        ``neurons`` / ``attn_units``: per fact the exact top ``n_top`` (``end="top"``, rank 1 = the
+        largest increase) and bottom ``n_top`` (``end="bottom"``, rank 1 = the most negative) with the
+        top / bottom tokens of the value vector's direction; ``promoted_tokens`` are the top tokens
+        when the coefficient is positive and the bottom ones when it is negative.
+        """
+        out = {}
+        if self.head_score is not None:
+            out["heads"] = self._heads()
+        if self.position_score is not None:
+            out["positions"] = self._positions()
+        if self.neuron_table is not None:
+            out["neurons"] = self.neuron_table
+        if self.unit_table is not None:
+            out["attn_units"] = self.unit_table
+        return out
+
+    def _heads(self) -> pd.DataFrame:
+        f, layer, head = (a.reshape(-1) for a in np.indices(self.head_score.shape))
+        return pd.DataFrame(
+            {
+                "fact_id": np.array(self.fact_ids, dtype=object)[f],
+                "layer": layer,
+                "head": head,
+                "kv_head": head // self.n_groups,
+                "logprob_increase": self.head_score.reshape(-1),
+            }
+        )
+
+    def _positions(self) -> pd.DataFrame:
+        frames = []
+        for i, fact in enumerate(self.fact_ids):
+            pad = int(self.pad[i])
+            scores = self.position_score[i, ..., pad:]  # [L, H, T_fact]
+            layer, head, pos = (a.reshape(-1) for a in np.indices(scores.shape))
+            keep = ~np.isnan(scores.reshape(-1))
+            layer, head, pos = layer[keep], head[keep], pos[keep]
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "fact_id": fact,
+                        "layer": layer,
+                        "head": head,
+                        "src_pos": pos,
+                        "token": np.array(self.tokens[i], dtype=object)[pos],
+                        "attention": self.attention[i, ..., pad:].reshape(-1)[keep],
+                        "logprob_increase": scores.reshape(-1)[keep],
+                    }
+                )
+            )
+        return pd.concat(frames, ignore_index=True)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Per fact ``head_score [L,H]``, ``position_score [L,H,T_fact]``, ``neuron_score``,
+        ``neuron_coeff [L,d_mlp]``, ``unit_score [L,H,Dh,T_fact]`` (the levels computed).
+        """
+        named = {}
+        for i, fact in enumerate(self.fact_ids):
+            pad = int(self.pad[i])
+            for name, cut in (
+                ("head_score", False),
+                ("position_score", True),
+                ("neuron_score", False),
+                ("neuron_coeff", False),
+                ("unit_score", True),
+            ):
+                values = getattr(self, name)
+                if values is not None:
+                    named[f"{fact}/{name}"] = values[i, ..., pad:] if cut else values[i]
+        return named
+
+
+def run(model: Model, batch: PromptBatch | FactSet, config: Config | None = None) -> LogprobAttributionResult:
+    """Attribute each fact's target log-probability to layers, heads, positions, neurons and units."""
+    config = config or Config()
+    batch = as_batch(model, batch)
+    if not len(batch):
+        raise RecallscopeError("logprob_attribution got no facts: pass a batch or FactSet with at least one")
+    step = config.max_batch_rows
+    chunks = [
+        _chunk(model, batch.select(range(i, min(i + step, len(batch)))), config)
+        for i in range(0, len(batch), step)
+    ]
+    arrays = {name: torch.cat([c[name] for c in chunks]).numpy() for name in chunks[0]}
+    pads = batch.pad_lengths.tolist()
+    result = LogprobAttributionResult(
+        config=config,
+        fact_ids=list(batch.fact_ids or map(str, range(len(batch)))),
+        target_tokens=decode_tokens(model, torch.as_tensor(arrays["target_ids"])),
+        tokens=[decode_tokens(model, batch.input_ids[b, pads[b] :]) for b in range(len(batch))],
+        pad=np.asarray(pads),
+        n_groups=model.n_groups,
+        provenance=_provenance(model, config),
+        **arrays,
+    )
+    if result.neuron_score is not None:
+        result.neuron_table = _subvalue_table(model, result, "neuron")
+    if result.unit_score is not None:
+        result.unit_table = _subvalue_table(model, result, "attn_unit")
+    return result
+
+
+# -- one chunk of facts -----------------------------------------------------------------------------
+
+
+def _chunk(model: Model, batch: PromptBatch, config: Config) -> dict[str, torch.Tensor]:
+    """Every array of the result for one chunk of ``B`` facts (CPU tensors, batch first)."""
+    logits, cap = _capture(model, batch, config)
+    targets = choose_targets(batch, logits, config.target).to(logits.device)
+    head = FrozenHead.from_final(model, cap["final"], bias=config.bias)
+    out = {"target_ids": targets, "final_scale": head.scale}
+    out.update(_layer_level(head, cap, targets))
+    real = batch.attention_mask.bool().to(logits.device)  # [B, T]
+    if {"head", "position"} & set(config.levels):
+        out.update(_head_level(model, head, cap, targets, real, config))
+    if "neuron" in config.levels:
+        out.update(_subvalue_level(model, head, cap, targets, real, "neuron", config))
+    if "attn_unit" in config.levels:
+        out.update(_subvalue_level(model, head, cap, targets, real, "attn_unit", config))
+    return {name: value.cpu() for name, value in out.items()}
+
+
+def _capture(model: Model, batch: PromptBatch, config: Config) -> tuple[torch.Tensor, dict]:
+    """Clean logits ``[B, V]`` and the cached sites (at least float32).
+
+    ``resid_pre``, ``attn_out``, ``mlp_out``, ``mlp_post`` at ``N`` stacked ``[B, L, ·]``; ``final``
+    ``[B, d]`` (``resid_post`` of the last block); per layer ``pattern`` (the last query row
+    ``[B, H, T]``) and ``v [B, T, H_kv, Dh]``.
+    """
+    levels = set(config.levels)
+    names = ["resid_pre", "attn_out", "mlp_out"] + (["mlp_post"] if "neuron" in levels else [])
+    attention = bool({"head", "position", "attn_unit"} & levels)
+    saved: dict = {}
+
+    def keep(key, pick):
+        def save(act: torch.Tensor) -> None:
+            act = pick(act.detach())
+            saved[key] = act.to(torch.promote_types(act.dtype, torch.float32))
+
+        return save
+
+    last = lambda act: act[:, -1]  # noqa: E731
+    with contextlib.ExitStack() as stack:
+        for layer in range(model.n_layers):
+            for name in names:
+                stack.enter_context(site_hook(model, Site(layer, name), keep((name, layer), last)))
+            if attention:
+                row = lambda act: act[:, :, -1]  # noqa: E731
+                stack.enter_context(site_hook(model, Site(layer, "pattern"), keep(("pattern", layer), row)))
+                stack.enter_context(site_hook(model, Site(layer, "v"), keep(("v", layer), lambda act: act)))
+        final = Site(model.n_layers - 1, "resid_post")
+        stack.enter_context(site_hook(model, final, keep("final", last)))
+        logits = wide(forward(model, batch))
+    cap = {name: torch.stack([saved[(name, layer)] for layer in range(model.n_layers)], 1) for name in names}
+    cap["final"] = saved["final"]
+    if attention:
+        cap["pattern"] = [saved[("pattern", layer)] for layer in range(model.n_layers)]
+        cap["v"] = [saved[("v", layer)] for layer in range(model.n_layers)]
+    cap["resid_mid"] = cap["resid_pre"] + cap["attn_out"]
+    return logits, cap
+
+
+def _logprob(head: FrozenHead, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``log p(t | x)`` for residuals ``x [B, n, d]`` → ``[B, n]`` (one ``[B, V]`` at a time)."""
+    out = []
+    for i in range(x.shape[1]):
+        logits = head.logits(x[:, i])  # [B, V]
+        out.append(logits.gather(-1, targets[:, None])[:, 0] - logits.logsumexp(-1))
+    return torch.stack(out, 1)
+
+
+def _layer_level(head: FrozenHead, cap: dict, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Y&A-1: log-probs of ``x^ℓ``, ``r^ℓ`` and the attention / FFN increases."""
+    pre = _logprob(head, torch.cat([cap["resid_pre"], cap["final"][:, None]], 1), targets)  # [B, L+1]
+    mid = _logprob(head, cap["resid_mid"], targets)  # [B, L]
+    after_ffn = _logprob(head, cap["resid_mid"] + cap["mlp_out"], targets)
+    return {
+        "logprob_resid_pre": pre,
+        "logprob_resid_mid": mid,
+        "attn_score": mid - pre[:, :-1],
+        "ffn_score": after_ffn - mid,
+    }
+
+
+def _attn(model: Model, cap: dict, layer: int) -> Subvalues:
+    return attn_subvalues(model, layer, cap["pattern"][layer], cap["v"][layer])
+
+
+def _head_level(model, head, cap, targets, real, config) -> dict[str, torch.Tensor]:
+    """Y&A-2 / Y&A-3: head outputs ``[B, L, H]`` and per-position outputs ``[B, L, H, T]`` on ``x^ℓ``."""
+    chunk = max(1, _WORK // (len(targets) * model.d_vocab))
+    layers = range(model.n_layers)
+    per_layer = [_head_parts(model, cap, layer) for layer in layers]  # ([B,H,d], [B,H,T,d])
+    heads = []
+    for layer, (outputs, _) in zip(layers, per_layer, strict=True):
+        before, after = vector_increase(head, cap["resid_pre"][:, layer], outputs, targets, chunk=chunk)
+        heads.append(after - before[:, None])
+    out = {"head_score": torch.stack(heads, 1)} if "head" in config.levels else {}
+    if "position" in config.levels:
+        chosen = _top_heads(torch.stack(heads, 1), config.position_heads)  # [B, L, H]
+        positions = [
+            _position_scores(
+                head, cap["resid_pre"][:, layer], per_layer[layer][1], chosen[:, layer], targets, chunk
+            )
+            for layer in layers
+        ]
+        out["position_score"] = torch.where(real[:, None, None], torch.stack(positions, 1), 0.0)
+        out["attention"] = torch.stack(cap["pattern"], 1) * real[:, None, None]
+    return out
+
+
+def _head_parts(model: Model, cap: dict, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Head outputs ``[B, H, d]`` and their per-source parts ``[B, H, T, d]`` at ``N``."""
+    sub = _attn(model, cap, layer)
+    coeffs = sub.coeffs.unflatten(1, (model.n_heads, model.d_head))  # [B, H, Dh, T]
+    values = sub.values.unflatten(0, (model.n_heads, model.d_head))  # [H, Dh, d]
+    parts = torch.einsum("bhnt,hnd->bhtd", coeffs, values)
+    return parts.sum(2), parts
+
+
+def _top_heads(scores: torch.Tensor, n: int | None) -> torch.Tensor:
+    """``[B, L, H]`` bool: each row's ``n`` heads of largest ``|score|`` (all when ``n`` is None)."""
+    flat = scores.flatten(1)
+    if n is None or n >= flat.shape[1]:
+        return torch.ones_like(scores, dtype=torch.bool)
+    chosen = torch.zeros_like(flat, dtype=torch.bool)
+    chosen.scatter_(1, flat.abs().topk(n, dim=1).indices, True)
+    return chosen.view_as(scores)
+
+
+def _position_scores(head, base, parts, chosen, targets, chunk) -> torch.Tensor:
+    """``[B, H, T]``: increases of the chosen heads' parts ``parts [B, H, T, d]``; NaN elsewhere."""
+    B, H, T, _ = parts.shape
+    out = torch.full((B, H, T), float("nan"), dtype=parts.dtype, device=parts.device)
+    n = int(chosen.sum(1).max())
+    if n == 0:
+        return out
+    order = torch.argsort((~chosen).to(torch.int8), dim=1, stable=True)[:, :n]  # chosen heads first
+    picked = parts[torch.arange(B, device=parts.device)[:, None], order]  # [B, n, T, d]
+    before, after = vector_increase(head, base, picked.flatten(1, 2), targets, chunk=chunk)
+    score = (after - before[:, None]).unflatten(1, (n, T))
+    keep = chosen.gather(1, order)[..., None].expand(-1, -1, T)
+    out.scatter_(1, order[..., None].expand(-1, -1, T), torch.where(keep, score, float("nan")))
+    return out
+
+
+def _subvalues(model: Model, cap: dict, kind: str, layer: int) -> Subvalues:
+    if kind == "neuron":
+        return ffn_subvalues(model, layer, cap["mlp_post"][:, layer])
+    return _attn(model, cap, layer)
+
+
+def _subvalue_level(model, head, cap, targets, real, kind, config) -> dict[str, torch.Tensor]:
+    """Y&A-4 / Y&A-5: coefficients, bounds and exact scores of every neuron or attention unit.
+
+    Arrays ``[B, L, K, R]`` (``R = 1`` for neurons, ``T`` source positions for units), reshaped at
+    the end to ``[B, L, d_mlp]`` / ``[B, L, H, Dh, T]``.
+    """
+    base = cap["resid_mid"] if kind == "neuron" else cap["resid_pre"]  # [B, L, d]
+    ranges_kind = "ffn" if kind == "neuron" else "attn"
+    parts: dict[str, list] = {"coeff": [], "logit": [], "upper": [], "lower": []}
+    for layer in range(model.n_layers):
+        sub = _subvalues(model, cap, kind, layer)
+        ranges = direction_ranges(model, ranges_kind, layer, sub.values)
+        bounds = increase_bounds(head, head.logits(base[:, layer]), sub.coeffs, sub.values, targets, ranges)
+        parts["coeff"].append(sub.coeffs)
+        for name in ("logit", "upper", "lower"):
+            parts[name].append(bounds[name])
+    out = {name: torch.stack(values, 1) for name, values in parts.items()}  # [B, L, K, R]
+    before = _logprob(head, base, targets)  # [B, L]
+    valid = torch.ones_like(out["coeff"], dtype=torch.bool)
+    if kind == "attn_unit":
+        valid = valid & real[:, None, None, :]
+    if config.exact == "all":
+        chosen = valid
+    else:
+        chosen = _candidates(out["upper"], out["lower"], before, valid, config.n_top)
+    score = _exact_scores(model, head, cap, base, targets, kind, out["coeff"], chosen)
+    out["score"] = torch.where(valid, score, torch.zeros_like(score))
+    out["prob"] = before.exp()[..., None, None] * torch.expm1(out["score"])
+    prefix = "neuron" if kind == "neuron" else "unit"
+    shape = (model.d_mlp,) if kind == "neuron" else (model.n_heads, model.d_head, -1)
+    return {f"{prefix}_{name}": value.flatten(2).unflatten(2, shape) for name, value in out.items()}
+
+
+def _candidates(upper, lower, before, valid, n: int) -> torch.Tensor:
+    """``[B, L, K, R]`` bool: the valid subvalues that can be in the row's exact top / bottom ``n``.
+
+    By log-prob increase (``upper``, ``lower`` ``[B, L, K, R]``) or by probability increase, whose
+    bounds are ``p_ℓ·expm1(bound)`` (monotone per layer; ``p_ℓ = exp(before [B, L])``), taken in
+    units of the row's largest ``p_ℓ`` so that the selection's slack means the same for both.
+    """
+    p = (before - before.amax(-1, keepdim=True)).double().exp()[..., None, None]  # [B, L, 1, 1], ≤ 1
+    prob_upper = p * torch.expm1(upper.double())
+    prob_lower = p * torch.expm1(lower.double())
+    chosen = torch.zeros_like(valid)
+    for b in range(valid.shape[0]):
+        keep = valid[b]
+        pick = select_candidates(upper[b][keep][None], lower[b][keep][None], n)[0]
+        pick |= select_candidates(prob_upper[b][keep][None], prob_lower[b][keep][None], n)[0]
+        chosen[b][keep] = pick
+    return chosen
+
+
+def _exact_scores(model, head, cap, base, targets, kind, coeffs, chosen) -> torch.Tensor:
+    """``[B, L, K, R]`` exact log-prob increases where ``chosen``, NaN elsewhere.
+
+    Directions are built once per chunk of value vectors with a chosen subvalue in any row; every
+    row then scores only its own chosen subvalues (all of them at once where all are chosen).
+    """
+    score = torch.full_like(coeffs, float("nan"))
+    per = max(1, _WORK // model.d_vocab)  # value vectors whose directions are built at once
+    for layer in range(model.n_layers):
+        mask = chosen[:, layer]  # [B, K, R]
+        index = mask.any(-1).any(0).nonzero()[:, 0]  # value vectors with a candidate
+        if not len(index):
+            continue
+        values = _subvalues(model, cap, kind, layer).values
+        base_logits = head.logits(base[:, layer])  # [B, V]
+        u = coeffs[:, layer] / head.scale[:, None, None]  # [B, K, R]
+        for i in range(0, len(index), per):
+            ks = index[i : i + per]
+            D = head.directions(values[ks])  # [k', V]
+            if mask[:, ks].all():
+                exact = rank1_increase(base_logits, u[:, ks], D, targets, chunk_elems=_WORK)
+                score[:, layer, ks] = exact
+                continue
+            for b in range(len(targets)):
+                k, r = mask[b, ks].nonzero(as_tuple=True)  # the row's chosen subvalues
+                for j in range(0, len(k), per):
+                    kj, rj = k[j : j + per], r[j : j + per]
+                    row = slice(b, b + 1)
+                    exact = rank1_increase(
+                        base_logits[row],
+                        u[b, ks[kj], rj][None, :, None],
+                        D[kj],
+                        targets[row],
+                        chunk_elems=_WORK,
+                    )
+                    score[b, layer, ks[kj], rj] = exact[0, :, 0]
+    return score
+
+
+# -- tables of the top and bottom subvalues -----------------------------------------------------------
+
+
+def _value_vectors(model: Model, kind: str, layer: int) -> torch.Tensor:
+    """``[K, d]`` the value vectors of ``layer`` as the subvalues use them (Gemma-2: post-norm gain)."""
+    if kind == "neuron":
+        values, path = model.W_out(layer), model.spec.mlp_post_norm
+    else:
+        values, path = model.W_O(layer).flatten(0, 1), model.spec.attn_post_norm
+    values = values.to(torch.promote_types(values.dtype, torch.float32))
+    if path is not None:
+        gain = model.norm_params(path, layer).gain(values.dtype, values.device)
+        values = values if gain is None else values * gain
+    return values
+
+
+def _listed(result: LogprobAttributionResult, kind: str) -> list[tuple[int, str, int, np.ndarray]]:
+    """``(fact, end, rank, flat indices)`` of each fact's exact top and bottom ``n_top``."""
+    score = result.neuron_score if kind == "neuron" else result.unit_score
+    n = result.config.n_top
+    out = []
+    for f in range(len(result.fact_ids)):
+        flat = score[f].reshape(-1)
+        if kind == "attn_unit":  # pads are never listed
+            real = np.zeros(score.shape[-1], dtype=bool)
+            real[int(result.pad[f]) :] = True
+            keep = np.broadcast_to(real, score.shape[1:]).reshape(-1)
+        else:
+            keep = np.ones(flat.shape, dtype=bool)
+        index = np.nonzero(keep & ~np.isnan(flat))[0]
+        order = index[np.argsort(-flat[index], kind="stable")]
+        out.append((f, "top", order[:n]))
+        out.append((f, "bottom", order[::-1][:n]))
+    return out
+
+
+def _subvalue_table(model: Model, result: LogprobAttributionResult, kind: str) -> pd.DataFrame:
+    """The exact top / bottom ``n_top`` neurons or attention units of every fact, with tokens."""
+    prefix = "neuron" if kind == "neuron" else "unit"
+    arrays = {name: getattr(result, f"{prefix}_{name}") for name in ("coeff", "score", "prob", "logit")}
+    shape = arrays["score"].shape[1:]
+    rows = _listed(result, kind)
+    fact = np.concatenate([np.full(len(idx), f) for f, _, idx in rows]).astype(int)
+    flat = np.concatenate([idx for _, _, idx in rows]).astype(int)
+    ends = np.concatenate([np.full(len(idx), end, dtype=object) for _, end, idx in rows])
+    ranks = np.concatenate([np.arange(1, len(idx) + 1) for _, _, idx in rows]).astype(int)
+    where = np.unravel_index(flat, shape)
+    columns = {"fact_id": np.array(result.fact_ids, dtype=object)[fact], "rank": ranks, "end": ends}
+    columns["layer"] = where[0]
+    if kind == "neuron":
+        columns["neuron"] = where[1]
+        unit = where[1]
+    else:
+        head, dim, pos = where[1], where[2], where[3]
+        src = pos - result.pad[fact]
+        columns.update(head=head, kv_head=head // result.n_groups, dim=dim, src_pos=src)
+        columns["token"] = [result.tokens[f][s] for f, s in zip(fact, src, strict=True)]
+        unit = head * model.d_head + dim
+    pick = (fact, *where)
+    coeff = arrays["coeff"][pick]
+    columns.update(
+        coeff=coeff,
+        logprob_increase=arrays["score"][pick],
+        prob_increase=arrays["prob"][pick],
+        logit_increase=arrays["logit"][pick],
+    )
+    top, bottom = _value_tokens(model, kind, where[0], unit, result.config.n_tokens)
+    positive = coeff >= 0
+    columns.update(
+        top_tokens=top,
+        bottom_tokens=bottom,
+        promoted_tokens=[t if p else b for t, b, p in zip(top, bottom, positive, strict=True)],
+        demoted_tokens=[b if p else t for t, b, p in zip(top, bottom, positive, strict=True)],
+    )
+    return pd.DataFrame(columns)
+
+
+@torch.no_grad()
+def _value_tokens(model, kind, layers, units, n: int) -> tuple[list[list[str]], list[list[str]]]:
+    """Top and bottom ``n`` tokens of ``D_w = W_U (γ ⊙ centre(w))`` for value vectors ``(layer, unit)``."""
+    top = np.zeros((len(layers), n), dtype=np.int64)
+    bottom = np.zeros((len(layers), n), dtype=np.int64)
+    if n and len(layers):
+        for layer in np.unique(layers):
+            rows = np.nonzero(layers == layer)[0]
+            wanted, inverse = np.unique(units[rows], return_inverse=True)
+            values = _value_vectors(model, kind, int(layer))[torch.as_tensor(wanted)]
+            head = FrozenHead(model, torch.ones(1, dtype=values.dtype, device=values.device), None)
+            D = head.directions(values)  # [k', V]
+            top[rows] = D.topk(n, -1).indices.cpu().numpy()[inverse]
+            bottom[rows] = (-D).topk(n, -1).indices.cpu().numpy()[inverse]
+    decode = lambda ids: decode_tokens(model, torch.as_tensor(ids)) if len(ids) else []  # noqa: E731
+    return decode(top), decode(bottom)
+
+
+def _provenance(model: Model, config: Config) -> dict:
+    post = "; Gemma-2 post-norms linearized at their actual scale" if model.spec.attn_post_norm else ""
+    return result_provenance(
+        model,
+        config,
+        projection="frozen_scale",
+        readout="bs(v) = W_U (γ ⊙ centre(v)) / ρ"
+        + (" + W_U β + b_U" if config.bias else "")
+        + "; ρ = final norm scale of the final residual at the last position; no final soft-cap",
+        bias=config.bias,
+        target=config.target,
+        score="log p(t | baseline + v) − log p(t | baseline)",
+        baselines="attention layer / head / position / unit: x^l (resid_pre); FFN layer / neuron: "
+        "r^l = x^l + a^l",
+        exact=config.exact,
+        n_top=config.n_top,
+        candidates="exact scores for every neuron / unit that can be in the fact's top or bottom n_top "
+        "by log-prob increase or probability increase (over all layers); NaN elsewhere"
+        if config.exact == "top"
+        else "all",
+        units=f"(head h, dim n, source j) = α_Nj v_jn W_O[h, n]; kv_head = h // {model.n_groups}{post}",
+        positions="src_pos relative to the start of the real prompt; pads never listed (0 in arrays)",
+        layers="0-based blocks; resid_pre[l] = x^l is the input of block l, x^L the final residual",
+        bos=model.bos,
+    )
+
+
+def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = None) -> Cost:
+    """One forward per ``max_batch_rows`` facts plus the vocabulary readouts.
+
+    Readouts are counted in token·block units of ``4·d² + 2·d·d_mlp`` multiply-adds: layers, heads
+    and positions ``L·(3 + H·(T+1))·d·V`` per fact; bounds ``3·L·(d_mlp + H·Dh)·d`` per fact; exact
+    scores ``V`` per scored subvalue and ``d·V`` per direction built. ``all`` scores every one;
+    ``top`` is estimated at ``4·n_top`` candidate value vectors per fact and kind (each unit value
+    vector scored at all ``T`` positions of every row of its chunk).
+    """
+    config = config or Config()
+    batch = as_batch(model, batch)
+    n_facts, n_tokens, d, V = len(batch), batch.seq_len, model.d_model, model.d_vocab
+    L, H, Dh, d_mlp = model.n_layers, model.n_heads, model.d_head, model.d_mlp
+    forwards = -(-n_facts // config.max_batch_rows)
+    width = min(n_facts, config.max_batch_rows)
+    levels = set(config.levels)
+    kinds = [(L * d_mlp, 1)] if "neuron" in levels else []  # (value vectors, subvalues per vector)
+    kinds += [(L * H * Dh, n_tokens)] if "attn_unit" in levels else []
+    work = n_facts * L * (3 + H * (n_tokens + 1)) * d * V
+    for vectors, per in kinds:
+        chosen = vectors if config.exact == "all" else min(vectors, width * _CANDIDATE_FACTOR * config.n_top)
+        work += n_facts * 3 * vectors * d + forwards * chosen * (d * V + width * per * V)
+    token_blocks = n_facts * n_tokens * L + work / (4 * d * d + 2 * d * d_mlp)
+    itemsize = max(model.dtype.itemsize, 4)
+    forward_floats = width * n_tokens * (4 * d + 2 * d_mlp + H * n_tokens)
+    cached = width * L * (4 * d + d_mlp + H * n_tokens + n_tokens * model.n_kv_heads * Dh)
+    results = width * L * (11 * d_mlp + 11 * H * Dh * n_tokens + 2 * H * n_tokens)  # + selection buffers
+    buffers = 3 * _WORK + width * L * V
+    return Cost(forwards, float(token_blocks), (forward_floats + cached + results + buffers) * itemsize)

@@ -1,0 +1,691 @@
+"""Neuron ablation: evaluate neuron-level attributions by zeroing what they rank highest
+(Yu & Ananiadou, EMNLP 2024, ``methods.md`` Y&A-7).
+
+Each attribution *method* ranks every subvalue of a fact at the last position ``N`` (FFN neurons
+``(ℓ, k)`` and attention units ``(ℓ, h, n, j)``, see :mod:`recallscope.core.subvalues`); the top
+``K`` of each kind, as a *budget* such as ``"ffn:100"`` or ``"attn:200+ffn:100"`` says, are zeroed
+together in one forward and the target's reciprocal rank ``mrr = 1/(rank + 1)`` (rank 0 = top of
+the final logits), probability and log-probability are compared with the clean run. Methods (the
+scores come from :mod:`recallscope.methods.logprob_attribution`, same target and head ``bias``):
+
+- ``logprob_increase``: ``log p(t | x + s) − log p(t | x)`` (the paper's score, Y&A-4/5);
+- ``prob_increase``: ``p(t | x + s) − p(t | x)``;
+- ``logit_increase``: the direct logit gain ``(c/ρ)·D_w[t]`` of the frozen head;
+- ``coef_norm``: ``|c|·‖w‖``;
+- ``coef_inv_rank``: ``|c| / (rank + 1)`` with ``rank`` the target's rank in the value vector's
+  direction ``D_w = W_U (γ ⊙ centre(w))`` if ``c > 0`` and in ``−D_w`` if ``c < 0`` (Geva et al. 2022);
+- ``coef``: ``|c|``;
+
+plus ``random``: ``K`` subvalues of each kind drawn uniformly, ``random_seeds`` times.
+
+Conventions: ``c`` and ``w`` are :class:`~recallscope.core.subvalues.Subvalues`' coefficients and
+value vectors (Gemma-2's post-norm gain in ``w``, its ``1/ρ`` in ``c``); attention-unit
+coefficients are ``α_{N,j} v_{j,kv(h),n}``. Zeroing FFN neuron ``(ℓ, k)`` sets ``mlp_post[ℓ]`` at
+``N`` to 0; zeroing attention unit ``(ℓ, h, n, j)`` subtracts ``α_{N,j} v_{j,kv(h),n}`` from
+``z[ℓ]`` at ``N``, head ``h``, dimension ``n``, with ``α`` and ``v`` read live in the same
+(already intervened) forward, so later layers see the earlier edits. Only position ``N`` is
+edited; source positions ``j`` are counted from the start of the real prompt (BOS included).
+Top-``K`` ties are broken by the lower flat index ``(ℓ, k)`` / ``(ℓ, h, n, j)``, so a smaller
+budget's selection is a prefix of a larger one's; random draws are nested the same way and
+depend only on ``(seed, fact_id, kind)``.
+
+The core is :func:`ablate` (any per-row selections, every row of a chunk in one batched forward
+with per-row edits); :func:`run` builds the selections; :func:`summary` gives per method × budget
+mean drops across facts with 95% CIs. The naive one-prompt, hand-computed version is in
+``tests/oracles`` and gives the same numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+
+from recallscope.core.attention import pattern_hook
+from recallscope.core.cache import forward
+from recallscope.core.hooks import site_hook
+from recallscope.core.subvalues import FrozenHead, attn_subvalues, ffn_subvalues
+from recallscope.core.tokens import PromptBatch
+from recallscope.core.vocab import decode_tokens
+from recallscope.data.facts import FactSet
+from recallscope.errors import RecallscopeError
+from recallscope.methods import logprob_attribution as la
+from recallscope.methods.base import Cost, MethodConfig, as_batch, choose_targets, result_provenance, wide
+from recallscope.models.model import Model
+from recallscope.models.sites import Site
+from recallscope.stats import mean_ci
+
+__all__ = [
+    "NAME",
+    "DESCRIPTION",
+    "METHODS",
+    "Config",
+    "Budget",
+    "Selection",
+    "NeuronAblationResult",
+    "run",
+    "cost",
+    "ablate",
+    "summary",
+    "parse_budget",
+    "target_metrics",
+]
+
+NAME = "neuron_ablation"
+DESCRIPTION = "Zero the top-K neurons of each attribution method and measure MRR/prob drops (Yu 2024)."
+CHUNK_SIZE = 32
+METHODS = ("logprob_increase", "prob_increase", "logit_increase", "coef_norm", "coef_inv_rank", "coef")
+KINDS = ("ffn", "attn")
+BUDGETS = ("ffn:10", "ffn:100", "ffn:200", "attn:200", "attn:200+ffn:100")
+METRICS = ("mrr", "prob", "logprob")
+_RANK_CHUNK = 1 << 24
+"""Elements of the ``[vectors, d_vocab]`` direction buffer of ``coef_inv_rank``."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How many subvalues of each kind one variant zeroes, e.g. ``attn:200+ffn:100``."""
+
+    label: str
+    n_ffn: int = 0
+    n_attn: int = 0
+
+
+def parse_budget(text: str) -> Budget:
+    """``"ffn:K"``, ``"attn:K"`` or both joined by ``+`` (positive ``K``) → :class:`Budget`."""
+    counts: dict[str, int] = {}
+    parts = [part.strip().lower() for part in str(text).split("+")]
+    for part in parts:
+        kind, _, number = part.partition(":")
+        kind, number = kind.strip(), number.strip()
+        if kind not in KINDS or kind in counts or not number.isdigit() or int(number) < 1:
+            raise RecallscopeError(
+                f"budget {text!r} is not valid: expected 'ffn:K', 'attn:K' or 'attn:K+ffn:K' with "
+                f"positive integers K and each kind at most once, e.g. 'attn:200+ffn:100'"
+            )
+        counts[kind] = int(number)
+    label = "+".join(f"{kind}:{counts[kind]}" for kind in counts)
+    return Budget(label, counts.get("ffn", 0), counts.get("attn", 0))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config(MethodConfig):
+    """Neuron-ablation settings; ``yu`` follows the paper (gold target, head without the ln_f bias)."""
+
+    budgets: tuple[str, ...] = BUDGETS
+    """Subvalues zeroed together per variant: ``ffn:K``, ``attn:K`` or ``attn:K+ffn:K``."""
+    methods: tuple[str, ...] = tuple(m for m in METHODS if m != "coef_inv_rank")
+    """Attribution scores whose top-K are zeroed (module docstring); a subset of :data:`METHODS`.
+    ``coef_inv_rank`` is left out by default: it projects every value vector onto the vocabulary and
+    ranks each fact's target in all of them (``L·(d_mlp + H·d_head)·V`` per fact; minutes per chunk
+    on a CPU for SmolLM2-135M). The ``yu`` preset includes it."""
+    random_seeds: int = 3
+    """Random selections per budget (seeds ``seed``, ``seed + 1``, …); 0 for none."""
+    seed: int = 0
+    """First random seed."""
+    target: Literal["top1", "gold"] = "gold"
+    """Token measured and attributed: the gold answer's first token (paper) or the clean top-1."""
+    bias: bool = True
+    """Frozen head with ``W_U·β + b_U`` for the attribution scores (``logprob_attribution.Config.bias``)."""
+    max_batch_rows: int = 64
+    """Ablated rows (fact × variant) per forward (memory bound)."""
+
+    PRESETS = {"yu": dict(bias=False, target="gold", budgets=BUDGETS, methods=METHODS, random_seeds=3)}
+
+    def __post_init__(self) -> None:
+        if not self.budgets:
+            raise RecallscopeError("budgets must not be empty; e.g. budgets=('ffn:10', 'attn:200+ffn:100')")
+        labels = [parse_budget(b).label for b in self.budgets]
+        if len(set(labels)) != len(labels):
+            raise RecallscopeError(f"budgets {self.budgets!r} repeat a budget; list each once")
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or len(set(self.methods)) != len(self.methods):
+            raise RecallscopeError(
+                f"methods must be distinct names from {METHODS}, got {self.methods!r}"
+                + (f" (unknown: {unknown})" if unknown else "")
+            )
+        if self.random_seeds < 0 or self.seed < 0:
+            raise RecallscopeError(
+                f"random_seeds and seed must be ≥ 0, got random_seeds={self.random_seeds}, seed={self.seed}"
+            )
+        if not self.methods and not self.random_seeds:
+            raise RecallscopeError("nothing to ablate: give at least one method or random_seeds ≥ 1")
+        if self.target not in ("top1", "gold"):
+            raise RecallscopeError(f"target must be 'top1' or 'gold', got {self.target!r}")
+        if self.max_batch_rows < 1:
+            raise RecallscopeError(f"max_batch_rows must be positive, got {self.max_batch_rows}")
+
+    @property
+    def parsed_budgets(self) -> list[Budget]:
+        return [parse_budget(b) for b in self.budgets]
+
+    @property
+    def variants(self) -> list[tuple[str, int, Budget]]:
+        """``(method, seed, budget)`` of each ablated row of a fact: methods, then random (seed ≥ 0)."""
+        budgets = self.parsed_budgets
+        ranked = [(m, -1, b) for m in self.methods for b in budgets]
+        seeds = range(self.seed, self.seed + self.random_seeds)
+        return ranked + [("random", s, b) for s in seeds for b in budgets]
+
+    def max_k(self, kind: str) -> int:
+        return max(getattr(b, f"n_{kind}") for b in self.parsed_budgets)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Subvalues zeroed at the last position of one row.
+
+    Attributes:
+        ffn: ``[n, 2]`` int ``(layer, neuron)``.
+        attn: ``[m, 4]`` int ``(layer, head, dim, src)``, ``src`` counted from the start of the
+            real prompt (no padding).
+    """
+
+    ffn: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), dtype=np.int64))
+    attn: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), dtype=np.int64))
+
+    def __post_init__(self) -> None:
+        for name, width in (("ffn", 2), ("attn", 4)):
+            value = np.asarray(getattr(self, name), dtype=np.int64).reshape(-1, width)
+            object.__setattr__(self, name, np.unique(value, axis=0))
+
+    def __len__(self) -> int:
+        return len(self.ffn) + len(self.attn)
+
+
+@dataclass
+class NeuronAblationResult:
+    """Target metrics ``[fact, variant]`` after zeroing each variant's selection, and the clean ones."""
+
+    config: Config
+    fact_ids: list[str]
+    variants: list[tuple[str, int, str]]
+    """``(method, seed, budget)`` per variant; ``seed`` is -1 except for ``random``."""
+    target_ids: np.ndarray
+    """``[fact]``"""
+    target_tokens: list[str]
+    n_ffn: np.ndarray
+    """``[fact, variant]`` FFN neurons zeroed (fewer than the budget if fewer have a score)."""
+    n_attn: np.ndarray
+    """``[fact, variant]`` attention units zeroed."""
+    mrr: np.ndarray
+    """``[fact, variant]`` ``1/(rank + 1)`` of the target after zeroing."""
+    prob: np.ndarray
+    logprob: np.ndarray
+    clean_mrr: np.ndarray
+    """``[fact]``"""
+    clean_prob: np.ndarray
+    clean_logprob: np.ndarray
+    rankings: list[dict[str, tuple[np.ndarray, np.ndarray]]]
+    """Per fact, method name (``random<seed>`` for random) → ranked ``ffn [K, 2]`` and ``attn [K, 4]``
+    (as :class:`Selection`); a budget zeroes a prefix of each."""
+    provenance: dict = field(default_factory=dict)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    method: str = NAME
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per fact × variant, with the drops ``100·(clean − after)/clean`` and ``clean − after``."""
+        n_facts, n_variants = self.mrr.shape
+        f = np.repeat(np.arange(n_facts), n_variants)
+        v = np.tile(np.arange(n_variants), n_facts)
+        frame = pd.DataFrame(
+            {
+                "fact_id": np.array(self.fact_ids, dtype=object)[f],
+                "method": np.array([m for m, _, _ in self.variants], dtype=object)[v],
+                "seed": np.array([s for _, s, _ in self.variants], dtype=np.int64)[v],
+                "budget": np.array([b for _, _, b in self.variants], dtype=object)[v],
+                "n_ffn": self.n_ffn.reshape(-1),
+                "n_attn": self.n_attn.reshape(-1),
+            }
+        )
+        for name in METRICS:
+            frame[name] = getattr(self, name).reshape(-1)
+        for name in METRICS:
+            frame[f"clean_{name}"] = getattr(self, f"clean_{name}")[f]
+        frame["mrr_drop_pct"] = 100 * (frame["clean_mrr"] - frame["mrr"]) / frame["clean_mrr"]
+        frame["prob_drop_pct"] = 100 * (frame["clean_prob"] - frame["prob"]) / frame["clean_prob"]
+        frame["logprob_drop"] = frame["clean_logprob"] - frame["logprob"]
+        return frame
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        """No extra tables (the selections are in :meth:`arrays`; use :func:`summary` on the frame)."""
+        return {}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Per fact and method the ranked subvalues: ``<name>_ffn [K, 2]`` and ``<name>_attn [K, 4]``."""
+        named = {}
+        for fact, ranking in zip(self.fact_ids, self.rankings, strict=True):
+            for name, (ffn, attn) in ranking.items():
+                named[f"{fact}/{name}_ffn"] = ffn
+                named[f"{fact}/{name}_attn"] = attn
+        return named
+
+
+SUMMARY_COLUMNS = (
+    "mrr_drop_pct",
+    "prob_drop_pct",
+    "logprob_drop",
+    "mrr",
+    "prob",
+    "logprob",
+    "clean_mrr",
+    "clean_prob",
+    "clean_logprob",
+)
+
+
+def summary(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per method × budget: mean drops and metrics across facts with 95% CIs (``<column>_ci``), ``n`` facts.
+
+    Random rows are first averaged over seeds per fact. ``mrr_drop_pct_pooled`` and
+    ``prob_drop_pct_pooled`` are the drops of the means, ``100·(1 − mean after / mean clean)``.
+
+    Args:
+        frame: :meth:`NeuronAblationResult.to_frame` rows, possibly of many chunks.
+    """
+    keys = ["fact_id", "method", "budget"]
+    per_fact = frame.groupby(keys, sort=False)[list(SUMMARY_COLUMNS)].mean().reset_index()
+    out = mean_ci(per_fact, ["method", "budget"], SUMMARY_COLUMNS)
+    for name in ("mrr", "prob"):
+        out[f"{name}_drop_pct_pooled"] = 100 * (1 - out[name] / out[f"clean_{name}"])
+    return out
+
+
+# -- the core: zero selections in batched forwards --------------------------------------------------
+
+
+def target_metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, np.ndarray]:
+    """Metrics of ``targets [R]`` in ``logits [R, d_vocab]``: float64 ``mrr``, ``prob``, ``logprob`` and
+    int64 ``rank`` (0 = top; tokens with a strictly larger logit), each ``[R]``.
+    """
+    logits = wide(logits)
+    targets = torch.as_tensor(targets, device=logits.device).long()
+    at = logits.gather(1, targets[:, None])
+    rank = (logits > at).sum(-1)
+    logprob = (at[:, 0] - logits.logsumexp(-1)).double()
+    return {
+        "mrr": (1.0 / (rank + 1).double()).cpu().numpy(),
+        "prob": logprob.exp().cpu().numpy(),
+        "logprob": logprob.cpu().numpy(),
+        "rank": rank.cpu().numpy(),
+    }
+
+
+@torch.no_grad()
+def ablate(
+    model: Model,
+    batch: PromptBatch,
+    selections: Sequence[Selection],
+    targets: torch.Tensor | Sequence[int],
+    *,
+    rows: Sequence[int] | None = None,
+    max_batch_rows: int = 64,
+) -> dict[str, np.ndarray]:
+    """Zero each selection at the last position and read its row's target.
+
+    Args:
+        model: the model.
+        batch: the prompts (left-padded).
+        selections: ``R`` selections, zeroed together per ablated row.
+        targets: ``[B]`` token id of each prompt of ``batch``.
+        rows: ``[R]`` the prompt each selection is applied to (default: selection ``i`` → prompt ``i``).
+        max_batch_rows: ablated rows per forward.
+
+    Returns:
+        :func:`target_metrics` of the ``R`` ablated rows.
+    """
+    rows = np.arange(len(batch)) if rows is None else np.asarray(rows, dtype=np.int64).reshape(-1)
+    if len(rows) != len(selections):
+        raise RecallscopeError(f"got {len(selections)} selections for {len(rows)} rows; give one per row")
+    targets = torch.as_tensor(targets).long().cpu()
+    lengths = batch.attention_mask.sum(-1).tolist()
+    for row, selection in zip(rows.tolist(), selections, strict=True):
+        _check_selection(model, selection, lengths[row])
+    parts = []
+    for begin in range(0, len(rows), max_batch_rows):
+        part = rows[begin : begin + max_batch_rows]
+        sub = batch.select(part)
+        ffn, attn = _layer_indices(model, sub, selections[begin : begin + max_batch_rows])
+        with _zeroing(model, ffn, attn):
+            logits = forward(model, sub)
+        parts.append(target_metrics(logits, targets[part]))
+    if not parts:
+        return {name: np.zeros(0) for name in (*METRICS, "rank")}
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+
+def _check_selection(model: Model, selection: Selection, length: int) -> None:
+    """Raise if a selected subvalue does not exist in a prompt of ``length`` real tokens."""
+    for name, bounds in (
+        ("ffn", (model.n_layers, model.d_mlp)),
+        ("attn", (model.n_layers, model.n_heads, model.d_head, length)),
+    ):
+        index = getattr(selection, name)
+        if len(index) and ((index < 0).any() or (index >= np.array(bounds)).any()):
+            fields = "(layer, neuron)" if name == "ffn" else "(layer, head, dim, src)"
+            raise RecallscopeError(
+                f"{name} selection out of range: each {fields} must satisfy 0 ≤ value < {bounds} "
+                f"(src counts real prompt tokens from the start, without padding)"
+            )
+
+
+def _layer_indices(model: Model, batch: PromptBatch, selections: Sequence[Selection]) -> tuple[dict, dict]:
+    """Per layer, ``(row, neuron)`` and ``(row, head, dim, padded src)`` index tensors of the chunk."""
+    pads = batch.pad_lengths.numpy()
+    ffn_rows, attn_rows = [], []
+    for r, selection in enumerate(selections):
+        ffn_rows.append(np.column_stack([np.full(len(selection.ffn), r), selection.ffn]))
+        attn = selection.attn + np.array([0, 0, 0, pads[r]])
+        attn_rows.append(np.column_stack([np.full(len(attn), r), attn]))
+    ffn = np.concatenate(ffn_rows).reshape(-1, 3)
+    attn = np.concatenate(attn_rows).reshape(-1, 5)
+    return _by_layer(ffn), _by_layer(attn)
+
+
+def _by_layer(index: np.ndarray) -> dict[int, torch.Tensor]:
+    """``[n, 1 + 1 + m]`` rows ``(row, layer, ...)`` → layer → ``[1 + m, n_layer]`` index tensor."""
+    layers = index[:, 1]
+    return {
+        int(layer): torch.as_tensor(np.delete(index[layers == layer], 1, axis=1).T)
+        for layer in np.unique(layers)
+    }
+
+
+@contextlib.contextmanager
+def _zeroing(model: Model, ffn: dict, attn: dict) -> Iterator[None]:
+    """Hooks zeroing ``ffn[layer] = (row, neuron)`` and ``attn[layer] = (row, head, dim, src)`` at ``N``."""
+    with contextlib.ExitStack() as stack:
+        for layer, (row, neuron) in ffn.items():
+            stack.enter_context(site_hook(model, Site(layer, "mlp_post"), _zero_neurons(row, neuron)))
+        for layer, index in attn.items():
+            _remove_units(model, layer, index, stack)
+        yield
+
+
+def _zero_neurons(row: torch.Tensor, neuron: torch.Tensor):
+    def edit(act: torch.Tensor) -> torch.Tensor:  # [r, T, d_mlp]
+        act = act.clone()
+        act[row.to(act.device), -1, neuron.to(act.device)] = 0
+        return act
+
+    return edit
+
+
+def _remove_units(model: Model, layer: int, index: torch.Tensor, stack: contextlib.ExitStack) -> None:
+    """Subtract ``α_{N,j} v_{j,kv(h),n}`` of each unit from ``z[layer]`` at ``N``, read live."""
+    live: dict[str, torch.Tensor] = {}
+
+    def keep_v(v: torch.Tensor) -> None:  # [r, T, H_kv, d_head]
+        live["v"] = v
+
+    def keep_pattern(pattern: torch.Tensor) -> None:  # [r, H, T, T]
+        live["alpha"] = pattern[:, :, -1]
+
+    def edit_z(z: torch.Tensor) -> torch.Tensor:  # [r, T, H, d_head]
+        row, head, dim, src = index.to(z.device)
+        alpha = wide(live["alpha"][row, head, src])
+        value = wide(live["v"][row, src, head // model.n_groups, dim])
+        removed = torch.zeros(z.shape[0], z.shape[2], z.shape[3], dtype=alpha.dtype, device=z.device)
+        removed.index_put_((row, head, dim), alpha * value, accumulate=True)
+        z = z.clone()
+        z[:, -1] = (wide(z[:, -1]) - removed).to(z.dtype)
+        live.clear()
+        return z
+
+    stack.enter_context(site_hook(model, Site(layer, "v"), keep_v))
+    stack.enter_context(pattern_hook(model, layer, keep_pattern))
+    stack.enter_context(site_hook(model, Site(layer, "z"), edit_z))
+
+
+# -- rankings -------------------------------------------------------------------------------------
+
+
+def top_ranked(score: np.ndarray, k: int) -> np.ndarray:
+    """Flat indices of the ``k`` largest non-NaN entries of ``score``, best first (ties: lower index)."""
+    flat = score.reshape(-1)
+    index = np.flatnonzero(~np.isnan(flat))
+    values = flat[index]
+    if k < len(index):
+        kth = np.partition(values, len(values) - k)[len(values) - k]  # the k-th largest value
+        keep = values >= kth
+        index, values = index[keep], values[keep]
+    order = np.lexsort((index, -values))
+    return index[order][:k]
+
+
+def _attribution_config(config: Config) -> la.Config:
+    n_top = max(config.max_k("ffn"), config.max_k("attn"))
+    return la.Config(levels=("neuron", "attn_unit"), n_top=n_top, target=config.target, bias=config.bias)
+
+
+def _value_vectors(model: Model, layer: int, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
+    """``ffn [d_mlp, d]`` and ``attn [H·d_head, d]`` value vectors of ``layer`` (as in :class:`Subvalues`)."""
+    coeffs = torch.zeros(1, model.d_mlp, dtype=dtype, device=device)
+    pattern = torch.zeros(1, model.n_heads, 1, dtype=dtype, device=device)
+    v = torch.zeros(1, 1, model.n_kv_heads, model.d_head, dtype=dtype, device=device)
+    ffn, attn = ffn_subvalues(model, layer, coeffs), attn_subvalues(model, layer, pattern, v)
+    return {"ffn": ffn.values, "attn": attn.values}
+
+
+@torch.no_grad()
+def _value_stats(model: Model, targets: np.ndarray, ranks: bool) -> dict[str, np.ndarray]:
+    """Value-vector norms ``ffn_norm [L, d_mlp]`` and ``attn_norm [L, H, d_head]``.
+
+    With ``ranks`` also the targets' ranks in ``±D_w``: ``ffn_rank_pos`` / ``ffn_rank_neg``
+    ``[F, L, d_mlp]`` and ``attn_rank_pos`` / ``attn_rank_neg`` ``[F, L, H, d_head]``.
+    """
+    dtype, device = torch.promote_types(model.dtype, torch.float32), model.W_U.device
+    head = FrozenHead(model, torch.ones(1, dtype=dtype, device=device), None)
+    targets = torch.as_tensor(targets, device=device).long()
+    out: dict[str, list] = {}
+    for layer in range(model.n_layers):
+        for kind, vectors in _value_vectors(model, layer, dtype, device).items():
+            out.setdefault(f"{kind}_norm", []).append(vectors.norm(dim=-1).double().cpu().numpy())
+            if ranks:
+                pos, neg = _target_ranks(head, vectors, targets)
+                out.setdefault(f"{kind}_rank_pos", []).append(pos)
+                out.setdefault(f"{kind}_rank_neg", []).append(neg)
+    shapes = {"ffn": (model.d_mlp,), "attn": (model.n_heads, model.d_head)}
+    stacked = {name: np.stack(parts, -2) for name, parts in out.items()}  # [..., L, K]
+    return {name: x.reshape(*x.shape[:-1], *shapes[name.split("_")[0]]) for name, x in stacked.items()}
+
+
+def _target_ranks(head: FrozenHead, vectors: torch.Tensor, targets: torch.Tensor) -> tuple[np.ndarray, ...]:
+    """``[F, K]`` rank of each target in ``D_w`` and in ``−D_w`` for ``vectors [K, d]``."""
+    step = max(1, _RANK_CHUNK // head.model.d_vocab)
+    pos, neg = [], []
+    for i in range(0, len(vectors), step):
+        D = head.directions(vectors[i : i + step])  # [k, V]
+        at = D[:, targets].T  # [F, k]
+        pos.append(torch.stack([(D > at[f, :, None]).sum(-1) for f in range(len(targets))]))
+        neg.append(torch.stack([(D < at[f, :, None]).sum(-1) for f in range(len(targets))]))
+    return torch.cat(pos, 1).cpu().numpy(), torch.cat(neg, 1).cpu().numpy()
+
+
+def _scores(method: str, attribution, a: int, f: int, stats: dict) -> tuple[np.ndarray, np.ndarray]:
+    """``ffn [L, d_mlp]`` and ``attn [L, H, d_head, T]`` scores of attribution fact ``a`` (ours ``f``)."""
+    if method in ("logprob_increase", "prob_increase", "logit_increase"):
+        name = {"logprob_increase": "score", "prob_increase": "prob", "logit_increase": "logit"}[method]
+        ffn, attn = getattr(attribution, f"neuron_{name}")[a], getattr(attribution, f"unit_{name}")[a]
+    else:
+        ffn_c, attn_c = attribution.neuron_coeff[a], attribution.unit_coeff[a]
+        ffn, attn = np.abs(ffn_c), np.abs(attn_c)
+        if method == "coef_norm":
+            ffn, attn = ffn * stats["ffn_norm"], attn * stats["attn_norm"][..., None]
+        elif method == "coef_inv_rank":
+            ffn_rank = np.where(ffn_c < 0, stats["ffn_rank_neg"][f], stats["ffn_rank_pos"][f])
+            attn_rank = np.where(
+                attn_c < 0, stats["attn_rank_neg"][f][..., None], stats["attn_rank_pos"][f][..., None]
+            )
+            ffn, attn = ffn / (ffn_rank + 1), attn / (attn_rank + 1)
+    attn = np.array(attn, dtype=np.float64)
+    attn[..., : int(attribution.pad[a])] = np.nan  # never select pad positions
+    return np.asarray(ffn, dtype=np.float64), attn
+
+
+def _ranked(method: str, attribution, a: int, f: int, stats: dict, config: Config):
+    """Ranked ``ffn [K, 2]`` and ``attn [K, 4]`` (src relative to the prompt start) of one method."""
+    ffn, attn = _scores(method, attribution, a, f, stats)
+    ffn_index = np.stack(np.unravel_index(top_ranked(ffn, config.max_k("ffn")), ffn.shape), 1)
+    attn_index = np.stack(np.unravel_index(top_ranked(attn, config.max_k("attn")), attn.shape), 1)
+    attn_index[:, 3] -= int(attribution.pad[a])
+    return ffn_index, attn_index
+
+
+def _random(model: Model, fact_id: str, seed: int, length: int, config: Config):
+    """Random ``ffn [K, 2]`` and ``attn [K, 4]`` of one fact (``length`` real tokens); nested over K."""
+    spaces = {
+        "ffn": (model.n_layers, model.d_mlp),
+        "attn": (model.n_layers, model.n_heads, model.d_head, length),
+    }
+    drawn = []
+    for i, kind in enumerate(KINDS):
+        shape = spaces[kind]
+        rng = np.random.default_rng([seed, zlib.crc32(fact_id.encode()), i])
+        size = math.prod(shape)
+        flat = rng.permutation(size)[: config.max_k(kind)]  # a prefix of one permutation: nested over K
+        drawn.append(np.stack(np.unravel_index(flat, shape), 1).astype(np.int64))
+    return drawn[0], drawn[1]
+
+
+# -- run ------------------------------------------------------------------------------------------
+
+
+def run(model: Model, batch: PromptBatch | FactSet, config: Config | None = None) -> NeuronAblationResult:
+    """Rank every fact's subvalues by each method, zero each budget's top-K (and random ones), measure."""
+    config = config or Config()
+    batch = as_batch(model, batch)
+    fact_ids = list(batch.fact_ids or map(str, range(len(batch))))
+    clean_logits = _clean_logits(model, batch, config.max_batch_rows)
+    targets = choose_targets(batch, clean_logits, config.target)
+    attribution, keep, skipped = _attribute(model, batch, fact_ids, targets, config)
+    rankings = _rankings(model, batch, config, fact_ids, targets, attribution, keep)
+    selections, rows = [], []
+    for f, row in enumerate(keep):
+        for method, seed, budget in config.variants:
+            ffn, attn = rankings[f][method if seed < 0 else f"random{seed}"]
+            selections.append(Selection(ffn[: budget.n_ffn], attn[: budget.n_attn]))
+            rows.append(row)
+    after = ablate(model, batch, selections, targets, rows=rows, max_batch_rows=config.max_batch_rows)
+    clean = target_metrics(clean_logits[keep], targets[keep])
+    shape = (len(keep), len(config.variants))
+    return NeuronAblationResult(
+        config=config,
+        fact_ids=[fact_ids[row] for row in keep],
+        variants=[(method, seed, budget.label) for method, seed, budget in config.variants],
+        target_ids=targets[keep].numpy(),
+        target_tokens=decode_tokens(model, targets[keep]),
+        n_ffn=np.array([len(s.ffn) for s in selections], dtype=np.int64).reshape(shape),
+        n_attn=np.array([len(s.attn) for s in selections], dtype=np.int64).reshape(shape),
+        **{name: after[name].reshape(shape) for name in METRICS},
+        **{f"clean_{name}": clean[name] for name in METRICS},
+        rankings=rankings,
+        provenance=_provenance(model, config),
+        skipped=skipped,
+    )
+
+
+def _clean_logits(model: Model, batch: PromptBatch, step: int) -> torch.Tensor:
+    """``[B, d_vocab]`` clean last-position logits (at least float32), ``step`` prompts per forward."""
+    parts = [
+        wide(forward(model, batch.select(range(i, min(i + step, len(batch))))))
+        for i in range(0, len(batch), step)
+    ]
+    return torch.cat(parts).cpu() if parts else torch.zeros(0, model.d_vocab)
+
+
+def _attribute(model: Model, batch: PromptBatch, fact_ids: list[str], targets: torch.Tensor, config: Config):
+    """``(logprob_attribution result or None, rows of the facts kept, skipped)``."""
+    if not config.methods:
+        return None, list(range(len(batch))), []
+    attribution = la.run(model, batch, _attribution_config(config))
+    index = {fact: a for a, fact in enumerate(attribution.fact_ids)}
+    keep = [row for row, fact in enumerate(fact_ids) if fact in index]
+    for row in keep:
+        scored = int(attribution.target_ids[index[fact_ids[row]]])
+        if scored != int(targets[row]):
+            raise RecallscopeError(
+                f"fact {fact_ids[row]!r}: logprob_attribution scored token {scored} but the ablation "
+                f"measures {int(targets[row])}; both must use target={config.target!r}"
+            )
+    return attribution, keep, list(attribution.skipped)
+
+
+def _rankings(
+    model: Model,
+    batch: PromptBatch,
+    config: Config,
+    fact_ids: list[str],
+    targets: torch.Tensor,
+    attribution: la.LogprobAttributionResult | None,
+    keep: list[int],
+) -> list[dict]:
+    """Per kept fact: method name (``random<seed>``) → ranked ``(ffn [K, 2], attn [K, 4])``."""
+    ranks = "coef_inv_rank" in config.methods
+    stats = _value_stats(model, targets[keep].numpy(), ranks) if config.methods else {}
+    index = {} if attribution is None else {fact: a for a, fact in enumerate(attribution.fact_ids)}
+    lengths = batch.attention_mask.sum(-1).tolist()
+    rankings = []
+    for f, row in enumerate(keep):
+        ranking = {m: _ranked(m, attribution, index[fact_ids[row]], f, stats, config) for m in config.methods}
+        for seed in range(config.seed, config.seed + config.random_seeds):
+            ranking[f"random{seed}"] = _random(model, fact_ids[row], seed, lengths[row], config)
+        rankings.append(ranking)
+    return rankings
+
+
+def _provenance(model: Model, config: Config) -> dict:
+    return result_provenance(
+        model,
+        config,
+        metrics="mrr = 1/(rank+1), rank 0 = top of the final logits (strictly larger logits); prob; logprob",
+        drops="mrr_drop_pct = 100(clean - after)/clean, same for prob; logprob_drop = clean - after",
+        target=config.target,
+        scores="logprob_attribution (levels neuron, attn_unit; exact top n_top = largest budget), "
+        f"frozen-scale head, bias={config.bias}",
+        methods={
+            "logprob_increase": "neuron_score / unit_score",
+            "prob_increase": "neuron_prob / unit_prob",
+            "logit_increase": "neuron_logit / unit_logit (direct logit of the frozen head)",
+            "coef_norm": "|c| * ||w|| (Gemma-2 post-norm gain in w, 1/rho_post in c)",
+            "coef_inv_rank": "|c| / (rank + 1), rank of the target in D_w (c > 0) or -D_w (c < 0), "
+            "D_w = W_U (gamma * centre(w)), no bias",
+            "coef": "|c|",
+            "random": "uniform without replacement per kind, rng(seed, crc32(fact_id), kind); nested over K",
+        },
+        selection="top K per kind by score, NaN never selected, ties by lower flat index",
+        zeroing="ffn (l, k): mlp_post[l] at N set to 0; attn (l, h, n, j): alpha_Nj v_j,kv(h),n "
+        "(live, same forward) subtracted from z[l] at N; only the last position N is edited",
+        positions="src counted from the real prompt's start (BOS included); pads never selected",
+        layers="0-based blocks",
+        bos=model.bos,
+    )
+
+
+def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = None) -> Cost:
+    """Clean forwards, one ablated row per fact × variant, plus ``logprob_attribution``'s cost.
+
+    ``coef_inv_rank`` also projects every value vector to the vocabulary once per call
+    (``L·(d_mlp + H·d_head)`` directions), which is not counted in forwards.
+    """
+    config = config or Config()
+    batch = as_batch(model, batch)
+    step = config.max_batch_rows
+    rows = len(batch) * len(config.variants)
+    forwards = -(-len(batch) // step) + -(-rows // step)
+    width = min(max(rows, 1), step)
+    floats = width * batch.seq_len * (4 * model.d_model + 2 * model.d_mlp + model.n_heads * batch.seq_len)
+    floats += width * model.d_vocab
+    total = Cost(
+        forwards, float((rows + len(batch)) * batch.seq_len * model.n_layers), floats * model.dtype.itemsize
+    )
+    if config.methods:
+        total = total + la.cost(model, batch, _attribution_config(config))
+    return total

@@ -1,0 +1,706 @@
+"""Query attribution: what activates the top value neurons and units (Yu & Ananiadou, ``methods.md`` Y&A-6).
+
+A subvalue is *activated* by its coefficient, which is (close to) an inner product of a key with the
+normalized residual. The residual is a sum of earlier components, so the inner product splits over
+them. Per fact, with value rows (the top FFN neurons and attention units by log-probability
+increase ``Imp``, Y&A-4/5 from :mod:`~recallscope.methods.logprob_attribution`):
+
+(a) ``ffn_value``: for each of the top ``n_value_neurons`` FFN neurons ``(ℓ, k)``, the components
+    of the residual its MLP reads at the last position ``N``: ``embed`` (``x^0``, with learned
+    positions) then ``A^0, F^0, …, A^{ℓ-1}, F^{ℓ-1}, A^ℓ`` (parallel blocks read ``x^ℓ``: no
+    ``A^ℓ``). Component ``c`` gets ``share_c = (c·key) / Σ_c' (c'·key)``, and ``share_c · Imp(ℓ, k)``
+    is summed over the neurons into a score per component (``2L + 1`` labels ``embed``,
+    ``0.attn_out``, ``0.mlp_out``, …).
+(b) ``attn_unit``: the same for the top ``n_value_units`` attention units ``(ℓ, h, n, j)``, with the
+    key ``W_V^ℓ[kv(h)][:, n] ⊙ γ_1`` (block ℓ's pre-attention norm gain) and the components
+    ``embed_j, A^0_j, …, F^{ℓ-1}_j`` at the unit's **source** position ``j``.
+(c) query FFN neurons: every earlier FFN subvalue at ``j`` (layer ``i < ℓ``, neuron ``k``) scores
+    ``(c^i_{k,j} w^i_k · key) / (x^ℓ_j · key) · Imp(unit)``, summed over the top units; the top
+    ``n_query_neurons`` per fact are listed, flagged when they are also among the fact's top
+    ``n_query_neurons`` value neurons ("query-and-value" vs "query-only"). These shares do not
+    sum to 1: the denominator is the whole residual (embedding, attention, biases included).
+(d) for the top ``n_show`` query neurons: the top tokens of the neuron's value vector ``w_k`` after
+    the OV map of the head whose unit contributed most to its score (``W_O^h W_V^h ln_1(w_k)``,
+    :func:`~recallscope.methods.head_mappings.ov_outputs`), next to the top tokens of ``w_k``.
+
+FFN keys (``ffn_key``; §3.6 pitfall 1): ``linearized`` (default) is the gradient of ``c_k`` with
+respect to the MLP's input residual at the actual input with the norm's scale frozen,
+``(γ_2/ρ_2) ⊙ ∇_x̃ c_k`` with ``∇ = act'(g·x̃+b_g)(u·x̃+b_u) g + act(g·x̃+b_g) u`` (gated) or
+``act'(κ·x̃+b) κ`` (plain), using the model's own activation function; ``input_row`` is ``κ ⊙ γ_2``
+(``up_proj`` row for gated MLPs), ``gate_row`` the gate row ``⊙ γ_2``, ``value`` the output vector
+``w_k ⊙ γ_2`` (what the Llama notebook does), ``as_coded`` = ``value`` for gated MLPs and
+``input_row`` otherwise (the ``yu`` preset). For plain MLPs ``linearized`` and ``input_row`` give the
+same shares (the gradient is a multiple of the row). Pre-activations are recomputed from the
+residual with the norm in at least float32 (HF's RMSNorm rounds through float32 even in float64).
+
+LayerNorm models subtract the mean before normalizing, so with ``centre=True`` (default) every
+inner product uses the centred key (``c · centre(key) = centre(c) · key``); ``centre=False`` is the
+paper's plain inner product (§3.6 pitfall 2). Gemma-2's components are its post-normed outputs
+(``attn_out`` / ``mlp_out``) and its FFN subvalues fold the post-norm in with its actual scale.
+Shares can explode when the denominator nearly cancels: a neuron or unit with
+``|Σ c·key| < guard · Σ |c·key|`` is skipped and counted (``n_unstable``).
+
+The core, :func:`query_scores`, takes the value rows as tables, so any ranking can be analysed;
+:func:`run` gets them from :mod:`~recallscope.methods.logprob_attribution`. Fast by construction:
+one forward per ``max_batch_rows`` facts caches every component at every position, then each
+analysis is a few gathers and matmuls over all facts' rows at once. The naive loops over neurons,
+units and components (one unpadded prompt at a time) are in ``tests/oracles`` and give the same
+numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+
+from recallscope.core.cache import run_with_cache
+from recallscope.core.subvalues import FrozenHead, ffn_subvalues
+from recallscope.core.tokens import PromptBatch
+from recallscope.core.vocab import decode_tokens
+from recallscope.data.facts import FactSet
+from recallscope.errors import RecallscopeError
+from recallscope.methods import logprob_attribution
+from recallscope.methods.base import Cost, MethodConfig, as_batch, result_provenance
+from recallscope.methods.head_mappings import ov_outputs
+from recallscope.models.model import Model
+from recallscope.models.sites import Site
+
+__all__ = [
+    "NAME",
+    "DESCRIPTION",
+    "Config",
+    "QueryAttributionResult",
+    "run",
+    "cost",
+    "query_scores",
+    "component_labels",
+    "FFN_KEYS",
+    "ANALYSES",
+]
+
+NAME = "query_attribution"
+DESCRIPTION = "Layers and FFN neurons that activate the top value neurons and units (Yu & Ananiadou)."
+CHUNK_SIZE = 16
+FFN_KEYS = ("linearized", "input_row", "gate_row", "value", "as_coded")
+ANALYSES = ("ffn_value", "attn_unit")
+
+NEURON_COLUMNS = ("fact_row", "layer", "neuron", "imp")
+UNIT_COLUMNS = ("fact_row", "layer", "head", "dim", "src", "imp")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config(MethodConfig):
+    """Query-attribution settings; ``yu`` is the reference notebooks' behaviour."""
+
+    target: Literal["top1", "gold"] = "top1"
+    """Token the value rows are scored on (passed to ``logprob_attribution``): the model's top-1 (paper)."""
+    bias: bool = True
+    """Frozen head with ``W_U β + b_U`` when scoring the value rows (``yu``: False, the paper drops it)."""
+    n_value_neurons: int = 30
+    """Top FFN value neurons per fact whose query layers are found (a)."""
+    n_value_units: int = 30
+    """Top attention value units per fact whose query layers and query neurons are found (b, c)."""
+    n_query_neurons: int = 300
+    """Query FFN neurons kept per fact (c); also how many top value neurons they are compared with."""
+    n_show: int = 10
+    """Top query neurons whose value vector is decoded through the head's OV map (d)."""
+    n_tokens: int = 10
+    """Tokens listed per decoded vector."""
+    ffn_key: Literal["linearized", "input_row", "gate_row", "value", "as_coded"] = "linearized"
+    """FFN neuron key: the frozen-norm gradient of ``c_k`` (default), a weight row, or ``as_coded``."""
+    centre: bool = True
+    """LayerNorm models: inner products with the centred key (the norm subtracts the mean)."""
+    guard: float = 1e-3
+    """Skip a row when ``|Σ c·key| < guard · Σ |c·key|`` (its shares would explode)."""
+    max_batch_rows: int = 16
+    """Facts per cached forward (memory bound; passed to ``logprob_attribution`` too)."""
+
+    PRESETS = {"yu": dict(ffn_key="as_coded", centre=False, bias=False, target="top1")}
+
+    def __post_init__(self) -> None:
+        if self.target not in ("top1", "gold"):
+            raise RecallscopeError(f"target must be 'top1' or 'gold', got {self.target!r}")
+        if self.ffn_key not in FFN_KEYS:
+            raise RecallscopeError(f"ffn_key must be one of {FFN_KEYS}, got {self.ffn_key!r}")
+        counts = dict(
+            n_value_neurons=self.n_value_neurons,
+            n_value_units=self.n_value_units,
+            n_query_neurons=self.n_query_neurons,
+            n_show=self.n_show,
+        )
+        if any(v < 0 for v in counts.values()) or self.n_tokens < 1 or self.max_batch_rows < 1:
+            raise RecallscopeError(
+                f"counts must be ≥ 0 and n_tokens, max_batch_rows ≥ 1, got {counts}, "
+                f"n_tokens={self.n_tokens}, max_batch_rows={self.max_batch_rows}; e.g. n_value_neurons=30"
+            )
+        if not 0 <= self.guard < 1:
+            raise RecallscopeError(f"guard must be in [0, 1), got {self.guard}; e.g. guard=1e-3")
+
+
+@dataclass
+class QueryAttributionResult:
+    """Per-component query scores ``[fact, component]`` and the ranked query FFN neurons per fact."""
+
+    config: Config
+    fact_ids: list[str]
+    components: list[str]
+    """``2L + 1`` labels: ``embed``, ``0.attn_out``, ``0.mlp_out``, …, ``{L-1}.mlp_out``."""
+    ffn_value_scores: np.ndarray
+    """``[fact, 2L + 1]`` (a): Σ over the top value neurons of ``share_c · Imp``."""
+    attn_unit_scores: np.ndarray
+    """``[fact, 2L + 1]`` (b): Σ over the top attention units of ``share_c · Imp``."""
+    query_score: np.ndarray
+    """``[fact, L, d_mlp]`` (c): Σ over the top units of each earlier FFN subvalue's share × Imp."""
+    n_value_neurons: np.ndarray
+    """``[fact]`` value neurons analysed (unstable ones included)."""
+    n_value_units: np.ndarray
+    """``[fact]`` value units analysed (unstable ones included)."""
+    n_unstable: np.ndarray
+    """``[fact, 3]`` rows skipped by the guard in (a), (b) and (c)."""
+    query_neurons: pd.DataFrame
+    """The top query neurons: ``fact_id, rank, layer, neuron, score, also_value_neuron, head_layer,
+    head, ov_top_tokens, value_top_tokens`` (the last four for the top ``n_show``; ``-1`` / None else)."""
+    value_neurons: pd.DataFrame
+    """The value rows used in (a): ``fact_id, layer, neuron, imp``."""
+    value_units: pd.DataFrame
+    """The value rows used in (b, c): ``fact_id, layer, head, dim, src_pos, imp`` (``src_pos`` from
+    the start of the prompt)."""
+    target_ids: np.ndarray | None = None
+    """``[fact]`` the token the value rows were scored on (when known)."""
+    target_tokens: list[str] | None = None
+    provenance: dict = field(default_factory=dict)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    method: str = NAME
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per fact × analysis (``ffn_value``, ``attn_unit``) × component."""
+        scores = np.stack([self.ffn_value_scores, self.attn_unit_scores], 1)  # [F, 2, C]
+        f, a, c = (x.reshape(-1) for x in np.indices(scores.shape))
+        layer, sublayer = _component_parts(len(self.components))
+        return pd.DataFrame(
+            {
+                "fact_id": np.array(self.fact_ids, dtype=object)[f],
+                "analysis": np.array(ANALYSES, dtype=object)[a],
+                "component": np.array(self.components, dtype=object)[c],
+                "component_layer": layer[c],
+                "sublayer": sublayer[c],
+                "score": scores.reshape(-1),
+                "n_unstable": self.n_unstable[f, a],
+            }
+        )
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        """``query_neurons`` (ranked, decoded for the top ones) and a per-fact ``summary`` of counts."""
+        also = self.query_neurons.groupby("fact_id", sort=False)["also_value_neuron"]
+        n_both = also.sum().reindex(self.fact_ids, fill_value=0).to_numpy()
+        n_query = also.size().reindex(self.fact_ids, fill_value=0).to_numpy()
+        summary = pd.DataFrame(
+            {
+                "fact_id": self.fact_ids,
+                "n_query_neurons": n_query,
+                "n_query_and_value": n_both,
+                "n_query_only": n_query - n_both,
+                "n_value_neurons": self.n_value_neurons,
+                "n_value_units": self.n_value_units,
+                "n_unstable_ffn_value": self.n_unstable[:, 0],
+                "n_unstable_attn_unit": self.n_unstable[:, 1],
+                "n_unstable_query": self.n_unstable[:, 2],
+            }
+        )
+        return {"query_neurons": self.query_neurons, "summary": summary}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Per fact ``ffn_value_scores``, ``attn_unit_scores`` ``[2L+1]``, ``query_score`` ``[L, d_mlp]``."""
+        named = {}
+        for i, fact in enumerate(self.fact_ids):
+            named[f"{fact}/ffn_value_scores"] = self.ffn_value_scores[i]
+            named[f"{fact}/attn_unit_scores"] = self.attn_unit_scores[i]
+            named[f"{fact}/query_score"] = self.query_score[i]
+        return named
+
+
+def component_labels(n_layers: int) -> list[str]:
+    """``["embed", "0.attn_out", "0.mlp_out", …, f"{n_layers-1}.mlp_out"]`` (``2L + 1`` labels)."""
+    return ["embed"] + [f"{i}.{s}" for i in range(n_layers) for s in ("attn_out", "mlp_out")]
+
+
+def _component_parts(n_components: int) -> tuple[np.ndarray, np.ndarray]:
+    """Block (``-1`` for the embedding) and sublayer (``embed`` / ``attn`` / ``mlp``) of each component."""
+    index = np.arange(n_components)
+    layer = np.where(index == 0, -1, (index - 1) // 2)
+    sublayer = np.where(index == 0, "embed", np.where(index % 2 == 1, "attn", "mlp")).astype(object)
+    return layer, sublayer
+
+
+# -- run: value rows from logprob_attribution ---------------------------------------------------------
+
+
+def run(model: Model, batch: PromptBatch | FactSet, config: Config | None = None) -> QueryAttributionResult:
+    """Score the value rows with ``logprob_attribution``, then find their query layers and neurons."""
+    config = config or Config()
+    batch = as_batch(model, batch)
+    values = logprob_attribution.run(model, batch, _value_config(config))
+    row_of = {fact: i for i, fact in enumerate(batch.fact_ids or map(str, range(len(batch))))}
+    rows = [row_of[fact] for fact in values.fact_ids]
+    kept = batch.select(rows)
+    neurons, units, known = value_rows(values, kept, config)
+    result = query_scores(model, kept, neurons, units, config, known_value=known)
+    return replace(
+        result,
+        fact_ids=list(values.fact_ids),
+        target_ids=np.asarray(values.target_ids),
+        target_tokens=list(values.target_tokens),
+        skipped=list(values.skipped),
+    )
+
+
+def _value_config(config: Config) -> logprob_attribution.Config:
+    return logprob_attribution.Config(
+        levels=("neuron", "attn_unit"),
+        n_top=max(config.n_value_neurons, config.n_value_units, config.n_query_neurons, 1),
+        target=config.target,
+        bias=config.bias,
+        max_batch_rows=config.max_batch_rows,
+    )
+
+
+def value_rows(values, batch: PromptBatch, config: Config) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """The value rows of a ``logprob_attribution`` result whose facts are the rows of ``batch``.
+
+    Returns:
+        ``neurons`` (``fact_row, layer, neuron, imp``: the top ``n_value_neurons``), ``units``
+        (``fact_row, layer, head, dim, src, imp``: the top ``n_value_units``, ``src`` absolute in the
+        padded batch) and ``known`` (the top ``n_query_neurons`` value neurons, compared with the
+        query neurons).
+    """
+    tables = values.tables()
+    row_of = {fact: i for i, fact in enumerate(values.fact_ids)}
+    top = tables["neurons"][tables["neurons"]["end"] == "top"].sort_values(["fact_id", "rank"], kind="stable")
+    top = top.assign(fact_row=top["fact_id"].map(row_of), imp=top["logprob_increase"])
+    units = tables["attn_units"][tables["attn_units"]["end"] == "top"]
+    units = units.sort_values(["fact_id", "rank"], kind="stable")
+    pads = batch.pad_lengths.numpy()
+    units = units.assign(fact_row=units["fact_id"].map(row_of), imp=units["logprob_increase"])
+    units = units.assign(src=units["src_pos"].to_numpy() + pads[units["fact_row"].to_numpy()])
+    neurons = top[top["rank"] <= config.n_value_neurons]
+    known = top[top["rank"] <= config.n_query_neurons]
+    units = units[units["rank"] <= config.n_value_units]
+    return (
+        neurons[list(NEURON_COLUMNS)].reset_index(drop=True),
+        units[list(UNIT_COLUMNS)].reset_index(drop=True),
+        known[["fact_row", "layer", "neuron"]].reset_index(drop=True),
+    )
+
+
+# -- the core ---------------------------------------------------------------------------------------------
+
+
+def query_scores(
+    model: Model,
+    batch: PromptBatch,
+    value_neurons: pd.DataFrame,
+    value_units: pd.DataFrame,
+    config: Config | None = None,
+    *,
+    known_value: pd.DataFrame | None = None,
+) -> QueryAttributionResult:
+    """Query layers (a, b), query neurons (c) and their OV tokens (d) for given value rows.
+
+    Args:
+        batch: the facts (left-padded).
+        value_neurons: FFN value neurons, columns ``fact_row, layer, neuron, imp`` (every row is
+            used; ``fact_row`` indexes ``batch``).
+        value_units: attention value units, columns ``fact_row, layer, head, dim, src, imp`` with
+            ``src`` the source position in the padded batch.
+        known_value: ``fact_row, layer, neuron`` of the fact's value neurons the query neurons are
+            compared with (default: ``value_neurons``).
+    """
+    config = config or Config()
+    known_value = value_neurons if known_value is None else known_value
+    _check_rows(model, batch, value_neurons, NEURON_COLUMNS, "value_neurons")
+    _check_rows(model, batch, value_units, UNIT_COLUMNS, "value_units")
+    parts = []
+    for start in range(0, len(batch), config.max_batch_rows):
+        rows = range(start, min(len(batch), start + config.max_batch_rows))
+        neurons, units = _shift(value_neurons, rows), _shift(value_units, rows)
+        parts.append(_chunk(model, batch.select(list(rows)), neurons, units, config))
+    merged = {k: torch.cat([p[k] for p in parts]).cpu() for k in parts[0] if k != "shown"}
+    shown = [s for p in parts for s in p["shown"]]
+    fact_ids = list(batch.fact_ids or map(str, range(len(batch))))
+    pads = batch.pad_lengths.numpy()
+    return QueryAttributionResult(
+        config=config,
+        fact_ids=fact_ids,
+        components=component_labels(model.n_layers),
+        ffn_value_scores=merged["ffn_value"].numpy(),
+        attn_unit_scores=merged["attn_unit"].numpy(),
+        query_score=merged["query"].numpy(),
+        n_value_neurons=np.bincount(value_neurons["fact_row"].to_numpy(int), minlength=len(batch)),
+        n_value_units=np.bincount(value_units["fact_row"].to_numpy(int), minlength=len(batch)),
+        n_unstable=merged["unstable"].numpy(),
+        query_neurons=_query_table(model, fact_ids, merged, shown, known_value, config),
+        value_neurons=_with_fact_ids(value_neurons, fact_ids),
+        value_units=_with_fact_ids(value_units, fact_ids, pads),
+        provenance=_provenance(model, config),
+    )
+
+
+def _check_rows(model, batch, frame: pd.DataFrame, columns, name: str) -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise RecallscopeError(f"{name} lacks columns {missing}; expected {list(columns)}")
+    if len(frame) == 0:
+        return
+    if frame["fact_row"].min() < 0 or frame["fact_row"].max() >= len(batch):
+        raise RecallscopeError(f"{name}.fact_row must index the batch (0 ≤ row < {len(batch)})")
+    if frame["layer"].min() < 0 or frame["layer"].max() >= model.n_layers:
+        raise RecallscopeError(f"{name}.layer must be a block index (0 ≤ layer < {model.n_layers})")
+
+
+def _shift(frame: pd.DataFrame, rows: range) -> pd.DataFrame:
+    """The rows of facts ``rows``, with ``fact_row`` counted from the chunk's start."""
+    kept = frame[(frame["fact_row"] >= rows.start) & (frame["fact_row"] < rows.stop)]
+    return kept.assign(fact_row=kept["fact_row"] - rows.start)
+
+
+def _with_fact_ids(frame: pd.DataFrame, fact_ids: list[str], pads: np.ndarray | None = None) -> pd.DataFrame:
+    rows = frame["fact_row"].to_numpy(int)
+    out = frame.drop(columns="fact_row").assign(fact_id=np.array(fact_ids, dtype=object)[rows])
+    if pads is not None:
+        out = out.drop(columns="src").assign(src_pos=frame["src"].to_numpy(int) - pads[rows])
+    return out[["fact_id", *[c for c in out.columns if c != "fact_id"]]].reset_index(drop=True)
+
+
+def _long(frame: pd.DataFrame, column: str, device) -> torch.Tensor:
+    return torch.tensor(frame[column].to_numpy(np.int64), device=device)
+
+
+def _imp(frame: pd.DataFrame, like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(frame["imp"].to_numpy(np.float64), dtype=like.dtype, device=like.device)
+
+
+def _chunk(model: Model, batch: PromptBatch, neurons: pd.DataFrame, units: pd.DataFrame, config: Config):
+    """Everything for one chunk of facts: one cached forward, then (a), (b), (c) for all rows at once."""
+    acts = _cache(model, batch, neurons, units)
+    out = {"unstable": torch.zeros(len(batch), 3, dtype=torch.long)}
+    out["ffn_value"], out["unstable"][:, 0] = _ffn_value(model, acts, neurons, config)
+    out["attn_unit"], out["unstable"][:, 1], unit_keys = _attn_unit(model, acts, units, config)
+    query, best, out["unstable"][:, 2] = _query_neurons(model, acts, units, unit_keys, config)
+    out["query"], out["best"] = query, best
+    out["shown"] = _show(model, acts, units, query, best, config)
+    return out
+
+
+def _cache(model: Model, batch: PromptBatch, neurons: pd.DataFrame, units: pd.DataFrame) -> dict:
+    """One forward's activations at every position, as float32 at least.
+
+    Returns ``comps [B, T, 2L+1, d]`` (components; zero past the deepest row's layer), ``resid
+    [B, T, L', d]`` (``x^ℓ``, up to that layer) and ``posts``: ``mlp_post [B, T, d_mlp]`` of each
+    layer below the deepest unit.
+    """
+    n_post = int(units["layer"].max()) if len(units) else 0  # query neurons lie below the deepest unit
+    deepest = max(n_post, int(neurons["layer"].max()) if len(neurons) else 0)
+    sites = [Site(i, n) for i in range(deepest + 1) for n in ("resid_pre", "attn_out", "mlp_out")]
+    sites += [Site(i, "mlp_post") for i in range(n_post)]
+    dtype = torch.promote_types(model.dtype, torch.float32)
+    cache = run_with_cache(model, batch, sites, dtype=dtype)
+    resid = cache.stack([Site(i, "resid_pre") for i in range(deepest + 1)], 2)  # [B, T, L', d]
+    parts = [resid[:, :, 0]]
+    for i in range(deepest + 1):
+        parts += [cache[Site(i, "attn_out")], cache[Site(i, "mlp_out")]]
+    comps = torch.stack(parts, 2)  # [B, T, 2L'+1, d]
+    comps = torch.nn.functional.pad(comps, (0, 0, 0, 2 * model.n_layers + 1 - comps.shape[2]))
+    posts = [cache[Site(i, "mlp_post")] for i in range(n_post)]
+    return {"comps": comps, "resid": resid, "posts": posts}
+
+
+def _centred(model: Model, key: torch.Tensor, config: Config) -> torch.Tensor:
+    """``key [..., d]`` minus its mean when the norms are LayerNorms and ``centre``."""
+    return key - key.mean(-1, keepdim=True) if config.centre and model.spec.norm == "layer" else key
+
+
+def _shares(comps: torch.Tensor, keys: torch.Tensor, n_used: torch.Tensor, guard: float):
+    """Per-row component dots ``[R, C]`` (zero past ``n_used [R]``), their sum and the unstable mask."""
+    used = torch.arange(comps.shape[1], device=comps.device)[None] < n_used[:, None]
+    dots = torch.einsum("rcd,rd->rc", comps, keys) * used
+    total = dots.sum(-1)
+    unstable = (total.abs() < guard * dots.abs().sum(-1)) | (total == 0)
+    return dots, total, unstable
+
+
+def _accumulate(B: int, fact: torch.Tensor, dots, total, unstable, imp) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Σ_rows share · Imp`` per fact ``[B, C]`` and the unstable count per fact ``[B]``."""
+    weight = torch.where(unstable, 0.0, imp / torch.where(unstable, 1.0, total))
+    scores = torch.zeros(B, dots.shape[1], dtype=dots.dtype, device=dots.device)
+    scores.index_add_(0, fact, dots * weight[:, None])
+    count = torch.zeros(B, dtype=torch.long, device=dots.device).index_add_(0, fact, unstable.long())
+    return scores.cpu(), count.cpu()
+
+
+def _ffn_value(model: Model, acts: dict, neurons: pd.DataFrame, config: Config):
+    """(a): scores ``[B, 2L+1]`` and unstable counts ``[B]``."""
+    comps = acts["comps"]
+    B, device = comps.shape[0], comps.device
+    fact, layer = _long(neurons, "fact_row", device), _long(neurons, "layer", device)
+    imp = _imp(neurons, comps)
+    keys = _centred(model, _ffn_keys(model, acts, neurons, config), config)  # [M, d]
+    n_used = 2 * layer + (1 if model.spec.parallel else 2)
+    dots, total, unstable = _shares(comps[fact, -1], keys, n_used, config.guard)
+    return _accumulate(B, fact, dots, total, unstable, imp)
+
+
+def _ffn_keys(model: Model, acts: dict, neurons: pd.DataFrame, config: Config) -> torch.Tensor:
+    """Key ``[M, d]`` of each value neuron (before centring)."""
+    comps = acts["comps"]
+    keys = torch.zeros(len(neurons), model.d_model, dtype=comps.dtype, device=comps.device)
+    how = config.ffn_key
+    if how == "as_coded":
+        how = "value" if model.spec.gated_mlp else "input_row"
+    if how == "gate_row" and not model.spec.gated_mlp:
+        raise RecallscopeError(f"ffn_key='gate_row' needs a gated MLP; {model.spec.family} has none")
+    for layer in sorted(set(neurons["layer"].tolist())):
+        at = np.flatnonzero(neurons["layer"].to_numpy() == layer)
+        rows = neurons.iloc[at]
+        k, fact = _long(rows, "neuron", comps.device), _long(rows, "fact_row", comps.device)
+        keys[torch.as_tensor(at, device=comps.device)] = _layer_keys(model, acts, layer, fact, k, how)
+    return keys
+
+
+def _weight(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return tensor.to(like.device, like.dtype)
+
+
+def _layer_keys(model: Model, acts: dict, layer: int, fact, k, how: str) -> torch.Tensor:
+    """Keys ``[m, d]`` of neurons ``k [m]`` of ``layer`` (rows ``fact [m]``)."""
+    like = acts["comps"]
+    params = model.norm_params(model.spec.mlp_norm, layer)
+    gain = params.gain(like.dtype, like.device)
+    gain = torch.ones(model.d_model, dtype=like.dtype, device=like.device) if gain is None else gain
+    if how == "value":
+        return _weight(model.W_out(layer), like)[k] * gain
+    if how in ("input_row", "gate_row"):
+        W = model.W_in(layer) if how == "input_row" else model.W_gate(layer)
+        return _weight(W, like)[:, k].T * gain
+    x = acts["resid"][fact, -1, layer]  # x^ℓ_N; sequential blocks: r^ℓ = x^ℓ + a^ℓ
+    x = x if model.spec.parallel else x + acts["comps"][fact, -1, 2 * layer + 1]
+    normed, inv_rho = _frozen_norm(params, x, gain)  # [m, d], [m]
+    return _mlp_gradient(model, layer, normed, k) * gain * inv_rho[:, None]
+
+
+def _frozen_norm(params, x: torch.Tensor, gain: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The norm's output ``x̃ [m, d]`` and its scale ``1/ρ [m]`` for inputs ``x [m, d]``."""
+    if params.kind == "layer":
+        x = x - x.mean(-1, keepdim=True)
+    inv_rho = (x.pow(2).mean(-1) + params.eps).rsqrt()
+    normed = x * inv_rho[:, None] * gain
+    return (normed if params.bias is None else normed + _weight(params.bias, x)), inv_rho
+
+
+def _mlp_gradient(model: Model, layer: int, normed: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``∇_x̃ c_k [m, d]`` at ``x̃ = normed [m, d]`` for neurons ``k [m]``."""
+    W_in = _weight(model.W_in(layer), normed)[:, k].T  # [m, d]
+    pre_in = (normed * W_in).sum(-1) + _bias(model.b_in(layer), k, normed)
+    act = model.mlp_act(layer)
+    if not model.spec.gated_mlp:
+        return _act_grad(act, pre_in)[1][:, None] * W_in
+    W_gate = _weight(model.W_gate(layer), normed)[:, k].T
+    pre_gate = (normed * W_gate).sum(-1) + _bias(model.b_gate(layer), k, normed)
+    value, slope = _act_grad(act, pre_gate)
+    return (slope * pre_in)[:, None] * W_gate + value[:, None] * W_in
+
+
+def _bias(bias: torch.Tensor | None, k: torch.Tensor, like: torch.Tensor) -> torch.Tensor | float:
+    return 0.0 if bias is None else _weight(bias, like)[k]
+
+
+def _act_grad(act, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``act(z)`` and ``act'(z)`` elementwise, by autograd on the activation alone."""
+    with torch.enable_grad():
+        z = z.detach().requires_grad_(True)
+        y = act(z)
+        (slope,) = torch.autograd.grad(y.sum(), z)
+    return y.detach(), slope
+
+
+def _unit_keys(model: Model, units: pd.DataFrame, config: Config, like: torch.Tensor) -> torch.Tensor:
+    """``W_V^ℓ[kv(h)][:, n] ⊙ γ_1`` (centred) per unit: ``[U, d]``."""
+    keys = torch.zeros(len(units), model.d_model, dtype=like.dtype, device=like.device)
+    for layer in sorted(set(units["layer"].tolist())):
+        at = np.flatnonzero(units["layer"].to_numpy() == layer)
+        rows = units.iloc[at]
+        kv, n = _long(rows, "head", like.device) // model.n_groups, _long(rows, "dim", like.device)
+        W_V = _weight(model.W_V(layer), like)  # [n_kv, d, d_head]
+        gain = model.norm_params(model.spec.ln_1, layer).gain(like.dtype, like.device)
+        rows = W_V[kv, :, n]  # [m, d]
+        keys[torch.as_tensor(at, device=like.device)] = rows if gain is None else rows * gain
+    return _centred(model, keys, config)
+
+
+def _attn_unit(model: Model, acts: dict, units: pd.DataFrame, config: Config):
+    """(b): scores ``[B, 2L+1]``, unstable counts ``[B]`` and the unit keys ``[U, d]``."""
+    comps = acts["comps"]
+    B, device = comps.shape[0], comps.device
+    fact, layer = _long(units, "fact_row", device), _long(units, "layer", device)
+    src = _long(units, "src", device)
+    imp = _imp(units, comps)
+    keys = _unit_keys(model, units, config, comps)
+    dots, total, unstable = _shares(comps[fact, src], keys, 2 * layer + 1, config.guard)
+    scores, count = _accumulate(B, fact, dots, total, unstable, imp)
+    return scores, count, keys
+
+
+def _query_neurons(model: Model, acts: dict, units: pd.DataFrame, keys: torch.Tensor, config: Config):
+    """(c): query scores ``[B, L, d_mlp]``, each one's best unit ``[B, L, d_mlp]`` (``-1``: none),
+    unstable counts ``[B]``.
+    """
+    comps, resid = acts["comps"], acts["resid"]
+    B, device, dtype = comps.shape[0], comps.device, comps.dtype
+    fact, layer = _long(units, "fact_row", device), _long(units, "layer", device)
+    src = _long(units, "src", device)
+    imp = _imp(units, comps)
+    used = torch.arange(comps.shape[2], device=device)[None] < (2 * layer + 1)[:, None]
+    spread = (torch.einsum("ucd,ud->uc", comps[fact, src], keys).abs() * used).sum(-1)
+    denom = (resid[fact, src, layer] * keys).sum(-1)  # x^ℓ_j · key
+    unstable = (denom.abs() < config.guard * spread) | (denom == 0)
+    weight = torch.where(unstable, 0.0, imp / torch.where(unstable, 1.0, denom))  # [U]
+    score = torch.zeros(B, model.n_layers, model.d_mlp, dtype=dtype, device=device)
+    best = torch.full((B, model.n_layers, model.d_mlp), -1, dtype=torch.long, device=device)
+    for i, post in enumerate(acts["posts"]):
+        sub = ffn_subvalues(model, i, post[fact, src])  # coeffs [U, d_mlp, 1], values [d_mlp, d]
+        live = (layer > i) & ~unstable  # [U]
+        contrib = sub.coeffs[..., 0] * (keys @ sub.values.T) * weight[:, None]  # [U, d_mlp]
+        score[:, i].index_add_(0, fact, contrib * live[:, None])
+        best[:, i] = _best_unit(B, fact, torch.where(live[:, None], contrib, -torch.inf))
+    count = torch.zeros(B, dtype=torch.long, device=device).index_add_(0, fact, unstable.long())
+    return score.cpu(), best.cpu(), count.cpu()
+
+
+def _best_unit(B: int, fact: torch.Tensor, contrib: torch.Tensor) -> torch.Tensor:
+    """``[B, d_mlp]`` index (into the units) of each fact's largest finite contribution, ``-1`` if none."""
+    U, K = contrib.shape
+    index = fact[:, None].expand(U, K)
+    top = torch.full((B, K), -torch.inf, dtype=contrib.dtype, device=contrib.device)
+    top = top.scatter_reduce(0, index, contrib, "amax")
+    unit = torch.arange(U, device=contrib.device)[:, None].expand(U, K)
+    hit = (contrib == top[fact]) & torch.isfinite(contrib)
+    first = torch.full((B, K), U, dtype=torch.long, device=contrib.device)
+    first = first.scatter_reduce(0, index, torch.where(hit, unit, U), "amin")
+    return torch.where(first == U, -1, first)
+
+
+def _ranked(query: torch.Tensor, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per fact: flat indices ``[r]`` and scores of the top ``n`` non-zero query scores, best first."""
+    out = []
+    for row in query.flatten(1):
+        nonzero = torch.nonzero(row != 0)[:, 0]
+        order = torch.argsort(row[nonzero], descending=True, stable=True)[:n]
+        out.append((nonzero[order], row[nonzero[order]]))
+    return out
+
+
+def _show(model: Model, acts: dict, units: pd.DataFrame, query, best, config: Config) -> list[dict]:
+    """(d): per fact, the top ``n_show`` query neurons with their OV-mapped and own top tokens."""
+    shown = []
+    head = FrozenHead(model, torch.ones(1, dtype=acts["comps"].dtype, device=acts["comps"].device), None)
+    for b, (flat, _) in enumerate(_ranked(query, config.n_show)):
+        rows = {}
+        for index in flat.tolist():
+            i, k = divmod(index, model.d_mlp)
+            unit = int(best[b, i, k])
+            if unit < 0:
+                continue
+            l_unit, h = int(units["layer"].iloc[unit]), int(units["head"].iloc[unit])
+            w = ffn_subvalues(model, i, acts["posts"][i][:1, -1]).values[k]  # [d] (post-norm gain folded)
+            mapped = ov_outputs(model, l_unit, w[None].to(model.dtype))[0, h]
+            rows[(i, k)] = dict(
+                head_layer=l_unit,
+                head=h,
+                ov_top_tokens=_top_tokens(model, head, mapped, config.n_tokens),
+                value_top_tokens=_top_tokens(model, head, w, config.n_tokens),
+            )
+        shown.append(rows)
+    return shown
+
+
+def _top_tokens(model: Model, head: FrozenHead, vector: torch.Tensor, n: int) -> list[str]:
+    ids = head.directions(vector).topk(min(n, model.d_vocab)).indices
+    return decode_tokens(model, ids.cpu())
+
+
+def _query_table(model, fact_ids, merged, shown, known: pd.DataFrame, config: Config) -> pd.DataFrame:
+    """The ranked query neurons of every fact (decoded for the top ``n_show``)."""
+    frames = []
+    known_set = set(known[["fact_row", "layer", "neuron"]].itertuples(index=False, name=None))
+    for b, (flat, scores) in enumerate(_ranked(merged["query"], config.n_query_neurons)):
+        layer, neuron = (flat // model.d_mlp).numpy(), (flat % model.d_mlp).numpy()
+        pairs = [(int(i), int(k)) for i, k in zip(layer, neuron, strict=True)]
+        extra = [shown[b].get(pair, {}) for pair in pairs]
+        frames.append(
+            pd.DataFrame(
+                {
+                    "fact_id": fact_ids[b],
+                    "rank": np.arange(1, len(flat) + 1),
+                    "layer": layer,
+                    "neuron": neuron,
+                    "score": scores.numpy(),
+                    "also_value_neuron": [(b, *pair) in known_set for pair in pairs],
+                    "head_layer": [e.get("head_layer", -1) for e in extra],
+                    "head": [e.get("head", -1) for e in extra],
+                    "ov_top_tokens": [e.get("ov_top_tokens") for e in extra],
+                    "value_top_tokens": [e.get("value_top_tokens") for e in extra],
+                }
+            )
+        )
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _provenance(model: Model, config: Config) -> dict:
+    gated = model.spec.gated_mlp
+    key = config.ffn_key if config.ffn_key != "as_coded" else ("value" if gated else "input_row")
+    return result_provenance(
+        model,
+        config,
+        value_rows="logprob_attribution top rows (log-prob increase, frozen-scale head) unless given",
+        ffn_key=key,
+        ffn_key_rule={
+            "linearized": "(γ_2/ρ_2) ⊙ ∇_x̃ c_k at the actual input, norm scale frozen",
+            "input_row": "MLP input row (up_proj for gated) ⊙ γ_2",
+            "gate_row": "gate_proj row ⊙ γ_2",
+            "value": "output vector w_k ⊙ γ_2 (the Llama notebook)",
+        }[key],
+        centre=bool(config.centre and model.spec.norm == "layer"),
+        guard=f"skip a row when |Σ c·key| < {config.guard} · Σ|c·key| (or Σ c·key = 0)",
+        ffn_components="at the last position: embed (x^0), A^0, F^0, …, F^{l-1}, A^l (parallel: no A^l)",
+        unit_components="at the unit's source position j: embed_j, A^0_j, …, F^{l-1}_j",
+        unit_key="W_V^l[kv(h)][:, n] ⊙ γ_1 (block l's pre-attention norm gain)",
+        query_denominator="x^l_j · key (the true residual at the source position)",
+        query_neuron_value="c^i_{k,j} w^i_k (Gemma-2: post-norm folded with its actual scale)",
+        ov_map="W_O^h (W_V^h ln_1(w_k) + b_V^h) (+ Gemma-2 post-norm), decoded with W_U (γ_f ⊙ centre(·))",
+        also_value_neuron=f"among the fact's top {config.n_query_neurons} value neurons",
+        target=config.target,
+        bias=config.bias,
+        layers="0-based blocks; component 'l.attn_out' / 'l.mlp_out' is block l's update",
+        positions="last position N = -1 (left padding); src_pos counted from the prompt start",
+        bos=model.bos,
+    )
+
+
+def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = None) -> Cost:
+    """``logprob_attribution``'s cost plus one cached forward per ``max_batch_rows`` facts.
+
+    Memory: the cache keeps ``resid_pre``, ``attn_out``, ``mlp_out`` and ``mlp_post`` of every layer
+    at every position, plus the stacked residuals and components, for ``max_batch_rows`` facts.
+    """
+    config = config or Config()
+    batch = as_batch(model, batch)
+    n, T, L, d = len(batch), batch.seq_len, model.n_layers, model.d_model
+    rows = min(n, config.max_batch_rows)
+    floats = rows * T * (L * (4 * d + model.d_mlp) + (2 * L + 1) * d) + 2 * rows * L * model.d_mlp
+    width = torch.promote_types(model.dtype, torch.float32).itemsize
+    own = Cost(math.ceil(n / config.max_batch_rows), float(n * T * L), floats * width)
+    return logprob_attribution.cost(model, batch, _value_config(config)) + own
