@@ -236,10 +236,7 @@ def grouped_bars(table: pd.DataFrame, title: str, ylabel: str) -> plt.Figure:
     """Bars of ``table``'s values: one group per row (index), one bar per column."""
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(max(4.0, 0.55 * table.size + 1.5), 3.6))
-        width = 0.8 / max(1, table.shape[1])
-        x = np.arange(len(table))
-        for i, column in enumerate(table.columns):
-            ax.bar(x + i * width - 0.4 + width / 2, table[column].to_numpy(), width, label=str(column))
+        x = _bars(ax, table)
         ax.set_xticks(x, [token_label(str(i)) for i in table.index], rotation=30, ha="right")
         ax.set_ylabel(ylabel)
         ax.set_title(title.replace("$", r"\$"))
@@ -249,14 +246,20 @@ def grouped_bars(table: pd.DataFrame, title: str, ylabel: str) -> plt.Figure:
     return fig
 
 
+def _bars(ax, table: pd.DataFrame) -> np.ndarray:
+    """Draw one bar per column side by side in each row's group; return the group centres."""
+    width = 0.8 / max(1, table.shape[1])
+    x = np.arange(len(table))
+    for i, column in enumerate(table.columns):
+        ax.bar(x + i * width - 0.4 + width / 2, table[column].to_numpy(), width, label=str(column))
+    return x
+
+
 def layer_bars(table: pd.DataFrame, title: str, ylabel: str, *, xlabel: str = "layer") -> plt.Figure:
     """Interleaved bars along layers: one group per row of ``table`` (index = layer), one bar per column."""
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(max(6.4, 0.12 * table.size + 1.5), 3.6))
-        width = 0.8 / max(1, table.shape[1])
-        x = np.arange(len(table))
-        for i, column in enumerate(table.columns):
-            ax.bar(x + i * width - 0.4 + width / 2, table[column].to_numpy(), width, label=str(column))
+        x = _bars(ax, table)
         step = max(1, len(table) // 15)
         ax.set_xticks(x[::step], [str(i) for i in table.index[::step]])
         ax.axhline(0, color="grey", lw=0.5)
