@@ -47,7 +47,8 @@ class Table:
 
     @classmethod
     def of(cls, caption: str, frame: pd.DataFrame, digits: int = 4) -> Table:
-        rounded = frame.round(digits) if len(frame) else frame
+        wide = frame.astype({c: "float64" for c in frame.select_dtypes("float32").columns})
+        rounded = wide.round(digits) if len(frame) else frame  # float64 first: 1.991, not 1.9910000562
         return cls(caption, [str(c) for c in frame.columns], rounded.astype(object).values.tolist())
 
 
