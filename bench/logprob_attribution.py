@@ -27,7 +27,7 @@ import torch
 import transformers
 
 import recallscope as rs
-from recallscope.core.subvalues import FrozenHead, ffn_subvalues, rank1_increase
+from recallscope.core.subvalues import FrozenHead, ffn_subvalues, rank1_increase, value_directions
 from recallscope.methods import logprob_attribution as la
 
 
@@ -172,9 +172,10 @@ def main(argv: list[str] | None = None) -> None:
 
 def _all_directions(model) -> list[torch.Tensor]:
     """``D_l [d_mlp, V]`` per layer (the frozen head without ρ; only the gain enters)."""
-    head = FrozenHead(model, torch.ones(1, device=model.device), None)
     zeros = torch.zeros(1, model.d_mlp, device=model.device)
-    return [head.directions(ffn_subvalues(model, layer, zeros).values) for layer in range(model.n_layers)]
+    return [
+        value_directions(model, ffn_subvalues(model, layer, zeros).values) for layer in range(model.n_layers)
+    ]
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ from recallscope.models.model import Model
 
 __all__ = [
     "FrozenHead",
+    "value_directions",
     "Subvalues",
     "ffn_subvalues",
     "attn_subvalues",
@@ -60,6 +61,24 @@ _EXP_SAFE = 60.0
 
 def _wide(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def value_directions(
+    model: Model, vectors: torch.Tensor, *, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Static directions ``D_v = W_U (γ ⊙ centre(v))`` of ``vectors [..., d]`` → ``[..., d_vocab]``.
+
+    The frozen head without ``1/ρ`` or bias (so it needs no forward), in ``dtype`` (default: the
+    vectors' dtype, at least float32) on the vectors' device.
+    """
+    dtype = dtype or _wide(vectors).dtype
+    params = model.norm_params(model.spec.final_norm)
+    x = vectors.to(dtype)
+    if params.kind == "layer":
+        x = x - x.mean(-1, keepdim=True)
+    gain = params.gain(dtype, x.device)
+    x = x if gain is None else x * gain
+    return x @ model.W_U.to(x.device, dtype).T
 
 
 @dataclass(frozen=True)
@@ -98,18 +117,9 @@ class FrozenHead:
     def dtype(self) -> torch.dtype:
         return self.scale.dtype
 
-    def _fold(self, vectors: torch.Tensor) -> torch.Tensor:
-        """``γ ⊙ centre(v)`` for ``vectors [..., d]`` (the linear part of the final norm, no ``1/ρ``)."""
-        params = self.model.norm_params(self.model.spec.final_norm)
-        x = vectors.to(self.scale.device, self.dtype)
-        if params.kind == "layer":
-            x = x - x.mean(-1, keepdim=True)
-        gain = params.gain(self.dtype, x.device)
-        return x if gain is None else x * gain
-
     def directions(self, vectors: torch.Tensor) -> torch.Tensor:
         """Static directions ``D_v = W_U (γ ⊙ centre(v))``, ``[..., d]`` → ``[..., V]``; no ρ, no bias."""
-        return self._fold(vectors) @ self.model.W_U.to(self.scale.device, self.dtype).T
+        return value_directions(self.model, vectors.to(self.scale.device), dtype=self.dtype)
 
     def covectors(self, weights: torch.Tensor) -> torch.Tensor:
         """Covectors ``y [..., d]`` with ``y · v = Σ_t weights[t] D_v[t]`` for every ``v``.
@@ -122,7 +132,9 @@ class FrozenHead:
         params = self.model.norm_params(self.model.spec.final_norm)
         gain = params.gain(self.dtype, back.device)
         back = back if gain is None else back * gain
-        return back - back.mean(-1, keepdim=True) if params.kind == "layer" else back  # adjoint of _fold
+        return (
+            back - back.mean(-1, keepdim=True) if params.kind == "layer" else back
+        )  # adjoint of γ ⊙ centre(·)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """``bs(x)`` for ``x [B, ..., d]`` → ``[B, ..., d_vocab]``."""
@@ -365,10 +377,9 @@ def direction_ranges(
         memo = _RANGES[model] = _load_ranges(model)
     key = (kind, layer, values.shape[0])
     if key not in memo:
-        head = FrozenHead(model, torch.ones(1, dtype=_wide(values).dtype, device=values.device), None)
         parts = []
         for i in range(0, values.shape[0], chunk):
-            D = head.directions(values[i : i + chunk])
+            D = value_directions(model, values[i : i + chunk])
             parts.append(D.amax(-1) - D.amin(-1))
         memo[key] = torch.cat(parts)
         _save_ranges(model, memo)

@@ -65,6 +65,7 @@ from recallscope.core.subvalues import (
     increase_bounds,
     rank1_increase,
     select_candidates,
+    value_directions,
     vector_increase,
 )
 from recallscope.core.tokens import PromptBatch
@@ -650,8 +651,7 @@ def _value_tokens(model, kind, layers, units, n: int) -> tuple[list[list[str]], 
             rows = np.nonzero(layers == layer)[0]
             wanted, inverse = np.unique(units[rows], return_inverse=True)
             values = _value_vectors(model, kind, int(layer))[torch.as_tensor(wanted)]
-            head = FrozenHead(model, torch.ones(1, dtype=values.dtype, device=values.device), None)
-            D = head.directions(values)  # [k', V]
+            D = value_directions(model, values)  # [k', V]
             top[rows] = D.topk(n, -1).indices.cpu().numpy()[inverse]
             bottom[rows] = (-D).topk(n, -1).indices.cpu().numpy()[inverse]
     decode = lambda ids: decode_tokens(model, torch.as_tensor(ids)) if len(ids) else []  # noqa: E731

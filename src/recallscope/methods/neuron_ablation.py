@@ -51,7 +51,7 @@ import torch
 from recallscope.core.attention import pattern_hook
 from recallscope.core.cache import forward
 from recallscope.core.hooks import site_hook
-from recallscope.core.subvalues import FrozenHead, attn_subvalues, ffn_subvalues
+from recallscope.core.subvalues import attn_subvalues, ffn_subvalues, value_directions
 from recallscope.core.tokens import PromptBatch
 from recallscope.core.vocab import decode_tokens
 from recallscope.data.facts import FactSet
@@ -482,14 +482,13 @@ def _value_stats(model: Model, targets: np.ndarray, ranks: bool) -> dict[str, np
     ``[F, L, d_mlp]`` and ``attn_rank_pos`` / ``attn_rank_neg`` ``[F, L, H, d_head]``.
     """
     dtype, device = torch.promote_types(model.dtype, torch.float32), model.W_U.device
-    head = FrozenHead(model, torch.ones(1, dtype=dtype, device=device), None)
     targets = torch.as_tensor(targets, device=device).long()
     out: dict[str, list] = {}
     for layer in range(model.n_layers):
         for kind, vectors in _value_vectors(model, layer, dtype, device).items():
             out.setdefault(f"{kind}_norm", []).append(vectors.norm(dim=-1).double().cpu().numpy())
             if ranks:
-                pos, neg = _target_ranks(head, vectors, targets)
+                pos, neg = _target_ranks(model, vectors, targets)
                 out.setdefault(f"{kind}_rank_pos", []).append(pos)
                 out.setdefault(f"{kind}_rank_neg", []).append(neg)
     shapes = {"ffn": (model.d_mlp,), "attn": (model.n_heads, model.d_head)}
@@ -497,12 +496,12 @@ def _value_stats(model: Model, targets: np.ndarray, ranks: bool) -> dict[str, np
     return {name: x.reshape(*x.shape[:-1], *shapes[name.split("_")[0]]) for name, x in stacked.items()}
 
 
-def _target_ranks(head: FrozenHead, vectors: torch.Tensor, targets: torch.Tensor) -> tuple[np.ndarray, ...]:
+def _target_ranks(model: Model, vectors: torch.Tensor, targets: torch.Tensor) -> tuple[np.ndarray, ...]:
     """``[F, K]`` rank of each target in ``D_w`` and in ``−D_w`` for ``vectors [K, d]``."""
-    step = max(1, _RANK_CHUNK // head.model.d_vocab)
+    step = max(1, _RANK_CHUNK // model.d_vocab)
     pos, neg = [], []
     for i in range(0, len(vectors), step):
-        D = head.directions(vectors[i : i + step])  # [k, V]
+        D = value_directions(model, vectors[i : i + step])  # [k, V]
         at = D[:, targets].T  # [F, k]
         pos.append(torch.stack([(D > at[f, :, None]).sum(-1) for f in range(len(targets))]))
         neg.append(torch.stack([(D < at[f, :, None]).sum(-1) for f in range(len(targets))]))

@@ -59,7 +59,7 @@ import pandas as pd
 import torch
 
 from recallscope.core.cache import run_with_cache
-from recallscope.core.subvalues import FrozenHead, ffn_subvalues
+from recallscope.core.subvalues import ffn_subvalues, value_directions
 from recallscope.core.tokens import PromptBatch
 from recallscope.core.vocab import decode_tokens
 from recallscope.data.facts import FactSet
@@ -606,7 +606,6 @@ def _ranked(query: torch.Tensor, n: int) -> list[tuple[torch.Tensor, torch.Tenso
 def _show(model: Model, acts: dict, units: pd.DataFrame, query, best, config: Config) -> list[dict]:
     """(d): per fact, the top ``n_show`` query neurons with their OV-mapped and own top tokens."""
     shown = []
-    head = FrozenHead(model, torch.ones(1, dtype=acts["comps"].dtype, device=acts["comps"].device), None)
     for b, (flat, _) in enumerate(_ranked(query, config.n_show)):
         rows = {}
         for index in flat.tolist():
@@ -620,15 +619,15 @@ def _show(model: Model, acts: dict, units: pd.DataFrame, query, best, config: Co
             rows[(i, k)] = dict(
                 head_layer=l_unit,
                 head=h,
-                ov_top_tokens=_top_tokens(model, head, mapped, config.n_tokens),
-                value_top_tokens=_top_tokens(model, head, w, config.n_tokens),
+                ov_top_tokens=_top_tokens(model, mapped, config.n_tokens, acts["comps"].dtype),
+                value_top_tokens=_top_tokens(model, w, config.n_tokens, acts["comps"].dtype),
             )
         shown.append(rows)
     return shown
 
 
-def _top_tokens(model: Model, head: FrozenHead, vector: torch.Tensor, n: int) -> list[str]:
-    ids = head.directions(vector).topk(min(n, model.d_vocab)).indices
+def _top_tokens(model: Model, vector: torch.Tensor, n: int, dtype: torch.dtype) -> list[str]:
+    ids = value_directions(model, vector, dtype=dtype).topk(min(n, model.d_vocab)).indices
     return decode_tokens(model, ids.cpu())
 
 
