@@ -161,3 +161,43 @@ def tiny_model(name: str, dtype: torch.dtype = torch.float64, seed: int = 0, tok
 
         hf_model.config._attn_implementation_internal = EAGER_IMPLEMENTATION
     return rs.load_model(hf_model, tokenizer=tokenizer or byte_level_tokenizer(), device="cpu")
+
+
+ONE_TO_MANY = [
+    # (prompt up to the answer step, subject, previous answers, first-token texts of the 3 answers)
+    ("List three cities from France: 1.", "France", [], " Paris"),
+    ("List three cities from Italy: 1. Rome, 2.", "Italy", ["Rome"], " Paris"),
+    ("List three cities from France: 1. Paris, 2. Rome, 3.", "France", ["Paris", "Rome"], " Miles"),
+    ("The capital of Japan is", "Japan", [], " the"),
+]
+"""Prompts of a mixed-step one-to-many batch (steps 1, 2, 3 and a plain step-1 fact)."""
+
+
+def one_to_many_batch(model, rows=None):
+    """A left-padded batch shaped like one-to-many steps: spans ``subject``, ``relation``,
+    ``answer_1``/``answer_2`` where a row has them, a target, and ``tracked`` answer_1…answer_3.
+    """
+    import dataclasses
+
+    rows = ONE_TO_MANY if rows is None else rows
+    prompts = [r[0] for r in rows]
+    spans = {"subject": [r[1] for r in rows], "relation": [None for _ in rows]}
+    for j in range(max(len(r[2]) for r in rows)):
+        spans[f"answer_{j + 1}"] = [
+            (p.index(r[2][j], p.index("1.")), p.index(r[2][j], p.index("1.")) + len(r[2][j]))
+            if j < len(r[2])
+            else None
+            for p, r in zip(prompts, rows, strict=True)
+        ]
+    batch = rs.tokenize(
+        model,
+        prompts,
+        spans=spans,
+        targets=[r[3] for r in rows],
+        fact_ids=[f"f{i}" for i in range(len(rows))],
+    )
+    ids = [
+        model.tokenizer(t, add_special_tokens=False)["input_ids"][0] for t in (" Paris", " Rome", " Miles")
+    ]
+    tracked = {f"answer_{j + 1}": torch.full((len(rows),), ids[j]) for j in range(3)}
+    return dataclasses.replace(batch, tracked=tracked)

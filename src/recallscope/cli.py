@@ -65,13 +65,15 @@ def _job_options(command):
             "--limit",
             default=str(DEFAULT_LIMIT),
             show_default=True,
-            help="Analyse at most N facts (a seeded sample, in dataset order), or 'all'.",
+            help="Analyse at most N facts (a seeded sample, in dataset order), or 'all'. One-to-many "
+            "sets: N of the model's k-item lists, each giving k answer-step facts.",
         ),
         click.option(
             "--known-only/--all-facts",
             default=True,
             show_default=True,
-            help="Keep only the facts the model answers correctly (first token).",
+            help="Keep only the facts the model answers correctly (first token); one-to-many sets: "
+            "lists whose k items are all correct (else any k distinct items).",
         ),
         click.option("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)."),
         click.option("--dtype", default=None, help="float32 (default), float64, bfloat16, float16."),

@@ -105,3 +105,37 @@ def test_generate_lists_reports_what_was_dropped(tiny_models):
     )
     assert len(lists.generations[0].text) > 0 and lists.steps(1) == []
     assert isinstance(lists.tracked_ids(1), torch.Tensor)
+
+
+def test_to_facts_are_step_facts_the_batch_reads(tiny_models):
+    model = tiny_models("llama_gqa")
+    gen = _with_tracked(model, _generation(model, " Paris, 2. Lyon (1999) - big, 3. Nice\n"), 3)
+    assert gen.items == ("Paris", "Lyon", "Nice")  # a year cuts the item anywhere
+    lists = OneToManySet(k=3, generations=[gen], kept=[gen])
+    facts = lists.to_facts()
+    assert [f.fact_id for f in facts] == [f"{gen.fact.fact_id}/step{s}" for s in (1, 2, 3)]
+    step3 = facts[2]
+    assert step3.prompt == PROMPT + " Paris, 2. Lyon (1999) - big, 3." and step3.target == " Nice"
+    assert step3.attributes["step"] == 3 and step3.attributes["gold_answers"] == ["Paris", "Lyon", "Nice"]
+    batch = facts.to_batch(model)
+    assert set(batch.spans) == {"subject", "relation", "answer_1", "answer_2"}
+    assert batch.spans["answer_2"][0].tolist() == [-1, -1] and batch.spans["answer_2"][2, 0] >= 0
+    for step in (1, 2, 3):
+        same = lists.step_batch(model, step)
+        assert torch.equal(batch.select([step - 1]).input_ids[:, -same.seq_len :], same.input_ids)
+        assert int(batch.target_ids[step - 1]) == int(same.target_ids[0])
+    assert [int(batch.tracked[f"answer_{j}"][0]) for j in (1, 2, 3)] == list(gen.tracked_ids)
+
+
+def test_generate_lists_reuses_texts_and_can_skip_the_gold_check(tiny_models):
+    model = tiny_models("gpt2")
+    fact = Fact.from_template("List three [cities] from {subject}: 1.", "France", ["Paris"], fact_id="f")
+    facts = FactSet([fact])
+    given = {"f": " Paris 2. Berlin 3. Rome"}
+    strict = rs.generate_lists(model, facts, k=3, texts=given)  # nothing generated: the text is given
+    assert strict.generations[0].text == given["f"] and strict.report["kept"] == 0
+    loose = rs.generate_lists(model, facts, k=3, texts=given, correct=False)
+    assert loose.report["kept"] == 1 and loose.report["criterion"] == "k distinct items"
+    assert loose.to_facts()[1].target == " Berlin"
+    repeated = rs.generate_lists(model, facts, k=3, texts={"f": " Rome 2. Rome 3. Oslo"}, correct=False)
+    assert repeated.report["dropped"] == {"repeated answers": 1}

@@ -136,6 +136,21 @@ class FrozenHead:
             back - back.mean(-1, keepdim=True) if params.kind == "layer" else back
         )  # adjoint of γ ⊙ centre(·)
 
+    def token_covectors(self, ids: torch.Tensor) -> torch.Tensor:
+        """Per-row covectors of chosen tokens: ``u [B, n, d]`` with ``c · u[b, i] = bs(c)[ids[b, i]]``
+        (without the bias) for any component ``c [d]`` of row ``b``.
+
+        ``ids`` is ``[B, n]``; cheaper than :meth:`logits` when only a few tokens are followed.
+        """
+        ids = torch.as_tensor(ids, dtype=torch.long, device=self.scale.device)
+        rows = self.model.W_U.to(self.scale.device, self.dtype)[ids]  # [B, n, d]
+        params = self.model.norm_params(self.model.spec.final_norm)
+        gain = params.gain(self.dtype, rows.device)
+        rows = rows if gain is None else rows * gain
+        if params.kind == "layer":
+            rows = rows - rows.mean(-1, keepdim=True)  # centring is self-adjoint
+        return rows / self.scale[:, None, None]
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """``bs(x)`` for ``x [B, ..., d]`` → ``[B, ..., d_vocab]``."""
         view = self.scale.reshape(-1, *([1] * (x.dim() - 1)))

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, overload
 
+import torch
+
 from recallscope.errors import DatasetError
 
 __all__ = ["Fact", "FactSet", "SkippedRow", "render_template", "annotate"]
@@ -60,6 +62,10 @@ class Fact:
         template: the prompt with ``{subject}`` in place of the subject, when known.
         description: a few sentences about the subject (used by the attributes rate).
         attributes: anything else (e.g. CounterFact's ``target_new``, a model's top-1 token).
+            Keys the batches read: ``spans`` (more named character spans, e.g. ``answer_1``),
+            ``tracked`` (name → token id followed besides the target, e.g. every answer of a
+            one-to-many list) and ``target_text`` (the exact continuation to score, when it is not
+            the canonical answer after a space).
     """
 
     fact_id: str
@@ -97,8 +103,10 @@ class Fact:
 
     @property
     def target(self) -> str:
-        """The continuation the analyses score: the canonical answer with its leading space."""
-        return self.continuation(self.answers[0])
+        """The continuation the analyses score: the canonical answer with its leading space (or the
+        ``target_text`` attribute, e.g. a one-to-many answer exactly as the model wrote it).
+        """
+        return self.attributes.get("target_text") or self.continuation(self.answers[0])
 
     def continuation(self, answer: str) -> str:
         """``answer`` as the text that follows the prompt (a space unless the prompt ends in one)."""
@@ -270,19 +278,34 @@ class FactSet(Sequence[Fact]):
     def to_batch(self, model, indices: Sequence[int] | None = None):
         """A left-padded :class:`~recallscope.core.tokens.PromptBatch` of (some of) the facts.
 
-        Spans ``subject`` and ``relation`` (``(-1, -1)`` where unknown); targets are each fact's
-        canonical answer.
+        Spans ``subject``, ``relation`` and those of each fact's ``spans`` attribute (``(-1, -1)``
+        where unknown); targets are each fact's :attr:`Fact.target`; ``tracked`` holds the facts'
+        ``tracked`` token ids (every fact of the batch must track the same names).
         """
         from recallscope.core.tokens import tokenize
 
         facts = [self._facts[i] for i in indices] if indices is not None else list(self._facts)
-        return tokenize(
+        spans = {"subject": [f.subject_span for f in facts], "relation": [f.relation_span for f in facts]}
+        extra = dict.fromkeys(name for f in facts for name in f.attributes.get("spans", {}))
+        for name in extra:
+            spans[name] = [_tuple(f.attributes.get("spans", {}).get(name)) for f in facts]
+        batch = tokenize(
             model,
             [f.prompt for f in facts],
-            spans={"subject": [f.subject_span for f in facts], "relation": [f.relation_span for f in facts]},
+            spans=spans,
             targets=[f.target for f in facts],
             fact_ids=[f.fact_id for f in facts],
         )
+        tracked = {tuple(f.attributes.get("tracked", {})) for f in facts}
+        if len(tracked) > 1:
+            raise DatasetError(
+                f"facts of one batch track different tokens ({sorted(tracked)}): batch them separately"
+            )
+        names = tracked.pop()
+        if not names:
+            return batch
+        ids = {n: torch.tensor([int(f.attributes["tracked"][n]) for f in facts]) for n in names}
+        return replace(batch, tracked=ids)
 
     def batches(self, model, batch_size: int) -> Iterator:
         """Consecutive :class:`PromptBatch` chunks of at most ``batch_size`` facts."""
@@ -317,6 +340,10 @@ class FactSet(Sequence[Fact]):
         from recallscope.data.known import known_by
 
         return known_by(model, self, criterion=criterion, batch_size=batch_size)
+
+
+def _tuple(span) -> tuple[int, int] | None:
+    return None if span is None else (int(span[0]), int(span[1]))
 
 
 def annotate(fact: Fact, **attributes: Any) -> Fact:

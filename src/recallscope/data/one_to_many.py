@@ -16,7 +16,6 @@ first token of **every** answer is tracked at every step, including answers not 
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import unicodedata
 from collections import Counter
@@ -26,14 +25,14 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from recallscope.core.generate import generate_greedy
-from recallscope.core.tokens import PromptBatch, answer_ids, tokenize
+from recallscope.core.tokens import PromptBatch, answer_ids
 from recallscope.data.facts import Fact, FactSet
 from recallscope.errors import DatasetError
 
 __all__ = ["ListGeneration", "OneToManyStep", "OneToManySet", "generate_lists", "parse_items", "match_item"]
 
 _QUOTES = "\"'“”‘’«»"
-_YEAR = re.compile(r"\s*\(\d{4}\)\s*$")
+_YEAR = re.compile(r"\s*\(\d{4}\)")
 
 
 @dataclass(frozen=True)
@@ -56,14 +55,18 @@ class ListGeneration:
     def full_text(self) -> str:
         return self.fact.prompt + self.text
 
-    def problem(self, k: int) -> str | None:
-        """Why this generation cannot be used (None when its k items are correct and distinct)."""
+    def problem(self, k: int, correct: bool = True) -> str | None:
+        """Why this generation cannot be used (None when its k items are distinct and, with
+        ``correct``, all in the gold list).
+        """
         if len(self.items) < k:
             return f"generated {len(self.items)} of {k} items"
-        wrong = [item for item, match in zip(self.items, self.matches, strict=True) if match is None]
-        if wrong:
+        pairs = list(zip(self.items[:k], self.matches[:k], strict=True))
+        wrong = [item for item, match in pairs if match is None]
+        if correct and wrong:
             return f"not in the gold list: {wrong}"
-        if len(set(self.matches[:k])) < k:
+        names = [match or _normalize(item) for item, match in pairs]
+        if len(set(names)) < k:
             return "repeated answers"
         return None
 
@@ -78,7 +81,9 @@ class OneToManyStep:
     target: str
     """The continuation scored at this step: the model's own s-th answer, verbatim."""
     answers: tuple[str, ...]
-    """The gold names of all k answers the model gave."""
+    """The gold names of all k answers the model gave (None for an item not in the gold list)."""
+    items: tuple[str, ...]
+    """The k answers as the model wrote them."""
     answer_spans: tuple[tuple[int, int], ...]
     """Character spans of the previous answers (``step - 1`` of them) in ``prompt``."""
     tracked_ids: tuple[int, ...]
@@ -104,22 +109,7 @@ class OneToManySet:
         """Left-padded batch of step ``step``: spans ``subject``, ``relation``, ``answer_1`` …, the
         model's s-th answer as target, and the first token of every answer in ``tracked``.
         """
-        steps = self.steps(step)
-        spans = {
-            "subject": [s.fact.subject_span for s in steps],
-            "relation": [s.fact.relation_span for s in steps],
-        }
-        for j in range(step - 1):
-            spans[f"answer_{j + 1}"] = [s.answer_spans[j] for s in steps]
-        batch = tokenize(
-            model,
-            [s.prompt for s in steps],
-            spans=spans,
-            targets=[s.target for s in steps],
-            fact_ids=[s.fact.fact_id for s in steps],
-        )
-        ids = torch.tensor([s.tracked_ids for s in steps], dtype=torch.long).reshape(len(steps), self.k)
-        return dataclasses.replace(batch, tracked={f"answer_{j + 1}": ids[:, j] for j in range(self.k)})
+        return self.to_facts([step]).to_batch(model)
 
     def to_records(self, model) -> list[dict]:
         """Every step of every kept subject as a 1MKR record (Yan & Jia's jsonl format, ``methods.md``
@@ -132,13 +122,38 @@ class OneToManySet:
                 records.append(_record(batch, row, item, step))
         return records
 
+    def to_facts(self, steps: Sequence[int] | None = None) -> FactSet:
+        """Every answer step of every kept subject as a :class:`Fact`, ordered by step.
+
+        Step facts have id ``"<fact_id>/step<s>"``, the step prompt, the model's s-th answer as
+        ``target_text``, the previous answers as spans ``answer_1`` … and the first token of all k
+        answers as ``tracked`` (attributes ``step``, ``k``, ``subject_fact_id``, ``list_answers``,
+        ``gold_answers``), so ``to_facts().to_batch(model)`` is what the one-to-many analyses read.
+        """
+        steps = range(1, self.k + 1) if steps is None else steps
+        facts = [_step_fact(item, self.k) for step in steps for item in self.steps(step)]
+        provenance = {
+            "source": "one_to_many",
+            "n_loaded": len(facts),
+            "steps": [{"step": "generate_lists", **self.report}],
+        }
+        name = self.kept[0].fact.relation if self.kept else "one_to_many"
+        return FactSet(facts, name=name, provenance=provenance)
+
     def tracked_ids(self, step: int) -> torch.Tensor:
         """``[n, k]`` first tokens of the k answers for the prompts of ``step``."""
         return torch.tensor([s.tracked_ids for s in self.steps(step)], dtype=torch.long)
 
 
 def generate_lists(
-    model, facts: FactSet, *, k: int = 3, batch_size: int = 16, max_new_tokens: int | None = None
+    model,
+    facts: FactSet,
+    *,
+    k: int = 3,
+    batch_size: int = 16,
+    max_new_tokens: int | None = None,
+    correct: bool = True,
+    texts: dict[str, str] | None = None,
 ) -> OneToManySet:
     """Generate, parse and match a k-item list for every fact of a one-to-many set.
 
@@ -149,24 +164,31 @@ def generate_lists(
         k: items required.
         batch_size: prompts per generation batch.
         max_new_tokens: generation length (default ``12 * k``).
+        correct: keep only lists whose k items are all in the gold list (False: any k distinct
+            items, e.g. to study what the model lists when it is wrong).
+        texts: generations already made, by fact id (e.g. saved by an earlier run); only the
+            other facts are generated.
     """
     max_new_tokens = max_new_tokens or 12 * k
-    generations = []
-    for start in range(0, len(facts), batch_size):
-        rows = range(start, min(start + batch_size, len(facts)))
+    texts = dict(texts or {})
+    todo = [i for i, fact in enumerate(facts) if fact.fact_id not in texts]
+    for start in range(0, len(todo), batch_size):
+        rows = todo[start : start + batch_size]
         batch = facts.to_batch(model, rows)
         new_tokens = generate_greedy(model, batch, max_new_tokens)
-        texts = model.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        generations += [_parse(facts[i], text, k) for i, text in zip(rows, texts, strict=True)]
+        decoded = model.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        texts.update({facts[i].fact_id: text for i, text in zip(rows, decoded, strict=True)})
+    generations = [_parse(fact, texts[fact.fact_id], k) for fact in facts]
     kept, reasons = [], Counter()
     for gen in generations:
-        problem = gen.problem(k)
+        problem = gen.problem(k, correct)
         if problem is None:
             kept.append(_with_tracked(model, gen, k))
         else:
             reasons[problem.split(":")[0]] += 1
     report = {
         "k": k,
+        "criterion": "k distinct items in the gold list" if correct else "k distinct items",
         "subjects": len(generations),
         "kept": len(kept),
         "dropped": dict(reasons),
@@ -228,10 +250,9 @@ def _clean_span(full: str, start: int, end: int) -> tuple[int, int] | None:
     """Trim whitespace, quotes, trailing separators and a trailing ``(year)`` from an item."""
     while start < end and (full[start].isspace() or full[start] in _QUOTES):
         start += 1
-    text = full[start:end]
-    year = _YEAR.search(text)
+    year = _YEAR.search(full, start, end)  # "Titanic (1997) - a film by …" is "Titanic"
     if year:
-        end = start + year.start()
+        end = year.start()
     while end > start and (full[end - 1].isspace() or full[end - 1] in _QUOTES + ",;.-–"):
         end -= 1
     return (start, end) if end > start else None
@@ -280,8 +301,31 @@ def _step(gen: ListGeneration, step: int, k: int) -> OneToManyStep:
         prompt=prompt,
         target=target,
         answers=tuple(gen.matches[:k]),
+        items=tuple(gen.items[:k]),
         answer_spans=tuple(gen.spans[: step - 1]),
         tracked_ids=gen.tracked_ids,
+    )
+
+
+def _step_fact(item: OneToManyStep, k: int) -> Fact:
+    fact = item.fact
+    extra = {
+        "kind": "one_to_many_step",
+        "subject_fact_id": fact.fact_id,
+        "step": item.step,
+        "k": k,
+        "target_text": item.target,
+        "list_answers": list(item.items),
+        "gold_answers": list(item.answers),
+        "spans": {f"answer_{j + 1}": span for j, span in enumerate(item.answer_spans)},
+        "tracked": {f"answer_{j + 1}": int(t) for j, t in enumerate(item.tracked_ids)},
+    }
+    return replace(
+        fact,
+        fact_id=f"{fact.fact_id}/step{item.step}",
+        prompt=item.prompt,
+        answers=(item.items[item.step - 1],),
+        attributes={**{a: v for a, v in fact.attributes.items() if a != "aliases"}, **extra},
     )
 
 

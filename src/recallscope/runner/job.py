@@ -19,7 +19,8 @@ from typing import Any
 
 import pandas as pd
 
-from recallscope.data import FactSet, load_facts
+from recallscope.data import FactSet, generate_lists, load_facts
+from recallscope.data.builtin import one_to_many_names
 from recallscope.errors import RecallscopeError
 from recallscope.methods import REGISTRY
 from recallscope.models.load import DEFAULT_MODEL
@@ -163,6 +164,8 @@ def select_facts(model, job: Job, store=None, *, write: bool = True) -> FactSet:
     then kept in dataset order. With a ``store``, verdicts are read from ``known.json`` and, with
     ``write``, saved there.
     """
+    if job.dataset in one_to_many_names():
+        return select_lists(model, job, store, write=write)
     facts = load_facts(job.dataset).fit_context(model)
     seed = job.seed or 0
     if not job.known_only:
@@ -197,6 +200,49 @@ def select_facts(model, job: Job, store=None, *, write: bool = True) -> FactSet:
 
 _KNOWN_BATCH = 32
 """Facts tested per forward by the known filter."""
+
+
+def select_lists(model, job: Job, store=None, *, write: bool = True) -> FactSet:
+    """One-to-many datasets: the model's own k-item lists, as per-step facts (Yan & Jia, §2.1).
+
+    Every template of every subject is a candidate list. In a seeded random order (with a
+    ``limit``), lists are generated greedily in blocks until ``limit`` of them are kept: k distinct
+    items that are all in the gold list (``known_only``) or just k distinct items (``--all-facts``).
+    The kept lists, in dataset order, become ``k`` step facts each (:meth:`OneToManySet.to_facts`).
+    Generated texts are saved in ``one_to_many.json`` (with ``write``) and reused on resume.
+    """
+    facts = load_facts(job.dataset, templates="all").fit_context(model)
+    k = int(facts[0].attributes.get("k", 3))
+    order = list(range(len(facts)))
+    if job.limit is not None:
+        random.Random(job.seed or 0).shuffle(order)
+    cached = store.read_json("one_to_many.json") if store is not None else None
+    texts = dict(cached["texts"]) if cached and cached.get("model_key") == model_key(model) else {}
+    kept_ids: set[str] = set()
+    checked = 0
+    while checked < len(order) and (job.limit is None or len(kept_ids) < job.limit):
+        rows = order[checked : checked + _LIST_BATCH]
+        block = facts.with_facts([facts[i] for i in rows], {"step": "chunk"})
+        checked += len(block)
+        lists = generate_lists(model, block, k=k, correct=job.known_only, texts=texts)
+        texts.update({g.fact.fact_id: g.text for g in lists.generations})
+        kept_ids.update(g.fact.fact_id for g in lists.kept)
+    tried = facts.with_facts([facts[i] for i in sorted(order[:checked])], {"step": "chunk"})
+    lists = generate_lists(model, tried, k=k, correct=job.known_only, texts=texts)  # parses only
+    chosen = [facts[i].fact_id for i in order if facts[i].fact_id in kept_ids][: job.limit]
+    lists.kept = [g for g in lists.kept if g.fact.fact_id in set(chosen)]
+    report = {**lists.report, "checked": checked, "kept": len(lists.kept), "seed": job.seed or 0}
+    if store is not None and write:
+        store.write_json(
+            "one_to_many.json",
+            {"model_key": model_key(model), "k": k, "report": report, "texts": texts, "kept": sorted(chosen)},
+        )
+    steps = lists.to_facts()
+    return facts.with_facts(list(steps), {"step": "one_to_many_lists", **report})
+
+
+_LIST_BATCH = 16
+"""Lists generated per block by :func:`select_lists`."""
 
 
 def _cached_verdicts(model, store) -> dict[str, bool]:
