@@ -68,7 +68,7 @@ def run_naive(model, batch, result, config, n_cells: int | None, rng: random.Ran
                 trace.span,
                 trace.target_ids[0],
                 samples=config.samples,
-                noise=result.noise,
+                noise=trace.noise,
                 seed=config.seed,
                 restore=layers,
                 site=SITE[kind],

@@ -101,7 +101,7 @@ def test_noise_level_is_three_std_of_the_span_embeddings(tiny_models):
     expected = 3 * float(embeds[batch.span_mask("subject")].std())
     assert ct.noise_level(model, batch) == pytest.approx(expected, rel=1e-12)
     result = ct.run(model, batch, ct.Config(samples=1, kinds=("hidden",)))
-    assert result.noise == pytest.approx(expected, rel=1e-12)
+    assert result.noise == {"subject": pytest.approx(expected, rel=1e-12)}
     assert result.provenance["conventions"]["noise_rule"].startswith("3.0 x std")
 
 
@@ -134,9 +134,12 @@ def test_result_tables(tiny_models):
 
 def test_presets_and_errors():
     assert ct.Config.preset("rome").kinds == ("hidden", "mlp", "attn")
-    yan_jia = ct.Config.preset("yan_jia", span="answer_1")
+    yan_jia = ct.Config.preset("yan_jia", spans=("answer_1",))
     assert (
-        yan_jia.kinds == ("mlp", "attn") and yan_jia.span == "answer_1" and yan_jia.preset_name == "yan_jia"
+        yan_jia.kinds == ("mlp", "attn")
+        and yan_jia.spans == ("answer_1",)
+        and yan_jia.preset_name == "yan_jia"
+        and ct.Config.preset("yan_jia").spans == ("subject", "answers")
     )
     with pytest.raises(rs.RecallscopeError, match="no preset 'romee'"):
         ct.Config.preset("romee")
@@ -157,9 +160,9 @@ def test_missing_span_is_reported(tiny_models):
         model, ["The capital of France is", "Hello there"], spans={"subject": ["France", None]}
     )
     result = ct.run(model, batch, ct.Config(samples=1, kinds=("hidden",), noise=0.1))
-    assert len(result.traces) == 1 and result.skipped == [("1", "no subject span")]
-    with pytest.raises(rs.RecallscopeError, match="no 'answer_1' span"):
-        ct.run(model, batch, ct.Config(span="answer_1"))
+    assert len(result.traces) == 1 and result.skipped == [("1", "no subject or answers span")]
+    with pytest.raises(rs.RecallscopeError, match="none of the spans \\['answer_1'\\]"):
+        ct.run(model, batch, ct.Config(spans=("answer_1",)))
 
 
 def test_reused_states_are_not_modified(tiny_models):
@@ -182,3 +185,50 @@ def test_runs_on_a_factset(tiny_models):
     assert [t.fact_id for t in result.traces] == ["c"] and result.traces[0].tokens[
         result.traces[0].span[0]
     ].strip() == "France"
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "gpt2"])
+def test_one_to_many_traces_each_previous_answer_separately(name, tiny_models):
+    """Yan & Jia's noise_prev_ans: each previous answer span is traced on its own, equal to the naive loop."""
+    from tiny import one_to_many_batch
+
+    model = tiny_models(name)
+    batch = one_to_many_batch(model)
+    config = ct.Config(samples=2, window=2, kinds=("mlp", "attn"), target="gold", max_batch_rows=64)
+    config = ct.prepare(model, batch, config)
+    levels = dict(config.noise_levels)
+    answers = batch.span_mask("answer_1") | batch.span_mask("answer_2")
+    embeds = rs.run_with_cache(model, batch, ["embed"])["embed"]
+    assert levels["answers"] == pytest.approx(3 * float(embeds[answers].std()), rel=1e-12)
+    assert levels["subject"] == pytest.approx(3 * float(embeds[batch.span_mask("subject")].std()), rel=1e-12)
+    result = ct.run(model, batch, config)
+    spans = [(t.fact_id, t.span_name, t.step) for t in result.traces]
+    assert spans == [
+        ("f0", "subject", 1),
+        ("f1", "subject", 2),
+        ("f1", "answer_1", 2),
+        ("f2", "subject", 3),
+        ("f2", "answer_1", 3),
+        ("f2", "answer_2", 3),
+        ("f3", "subject", 1),
+    ]
+    trace = result.traces[4]  # step 3, the first answer corrupted
+    pad = int(batch.pad_lengths[2])
+    assert trace.noise == levels["answers"] and trace.buckets()[trace.span[1] - 1] == "last answer_1"
+    scores, low, high = naive_trace(
+        model,
+        batch.input_ids[2, pad:],
+        trace.span,
+        int(batch.target_ids[2]),
+        kinds=config.kinds,
+        samples=2,
+        noise=levels["answers"],
+        window=2,
+    )
+    for kind in config.kinds:
+        np.testing.assert_allclose(trace.scores[kind], scores[kind], rtol=0, atol=1e-12)
+    frame = result.to_frame()
+    assert set(frame["span"]) == {"subject", "answer_1", "answer_2"} and set(frame["step"]) == {1, 2, 3}
+    assert "f2/answer_2/mlp" in result.arrays() and "f2/mlp" in result.arrays()
+    average = result.average_by_bucket()
+    assert {"last answer_2", "last token"} <= set(average.loc[average["span"] == "answer_2", "bucket"])

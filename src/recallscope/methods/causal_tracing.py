@@ -1,7 +1,8 @@
 """Causal tracing (Meng et al. 2022, ROME; as used by Yan & Jia 2025, ``methods.md`` Y2, §5.7).
 
-Corrupt a span of the prompt (the subject by default) by adding Gaussian noise ``ν·ε`` to its token
-embeddings, in ``S`` noisy copies; then, for every position ``t`` and layer ``ℓ``, restore the clean
+Corrupt a span of the prompt (the subject; in one-to-many step prompts also each previous answer,
+Yan & Jia's ``noise_prev_ans``) by adding Gaussian noise ``ν·ε`` to its token embeddings, in ``S``
+noisy copies; then, for every position ``t`` and layer ``ℓ``, restore the clean
 value of one state and measure how much of the answer's probability comes back:
 
 - ``hidden``: the output of block ``ℓ`` (``resid_post``) at ``t``;
@@ -14,7 +15,9 @@ answer). ``low`` is the corrupted score (nothing restored), ``high`` the clean o
 effect of a cell is ``score - low``.
 
 Our choices, recorded in every result: ``ν = noise_factor × std`` of the corrupted spans'
-embedding entries (``noise_level``; ROME's "s3"), computed over the batch unless given; the noise
+embedding entries (``noise_level``; ROME's "s3"), one level for subjects and one for answers (as Yan &
+Jia), calibrated over the whole dataset by :func:`prepare` (over the batch when run directly) unless
+given; each span of a fact is traced separately (``span`` column); the noise
 comes from ``numpy.random.RandomState(seed)`` with shape ``[S, span, d_model]`` and is the same for
 every restoration (ROME's generator and seed); the target is the model's own clean top-1 token
 (``"top1"``, ROME) or the first token of the gold answer (``"gold"``).
@@ -41,6 +44,7 @@ import torch
 from recallscope.core.cache import run_with_cache
 from recallscope.core.patching import add_noise, patch_cells
 from recallscope.core.resume import RunState, record_run, resume
+from recallscope.core.steps import answer_span_names, answer_steps, span_masks
 from recallscope.core.tokens import PromptBatch
 from recallscope.core.vocab import decode_tokens
 from recallscope.data.facts import FactSet
@@ -61,6 +65,8 @@ __all__ = [
     "prepare",
     "cost",
     "average_by_bucket",
+    "bucket_names",
+    "trace_spans",
 ]
 
 NAME = "causal_tracing"
@@ -82,6 +88,12 @@ BUCKETS = (
     "further tokens",
     "last token",
 )
+"""ROME's position classes when the subject is corrupted (:func:`bucket_names` for other spans)."""
+
+
+def bucket_names(span: str = "subject") -> tuple[str, ...]:
+    """The position classes, in order, when ``span`` is corrupted ("first answer_1", …)."""
+    return tuple(b.replace("subject", span) for b in BUCKETS)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -95,14 +107,19 @@ class Config(MethodConfig):
     samples: int = 10
     """Noise samples ``S`` (noisy copies) per fact."""
     noise: float | None = None
-    """Noise scale ``ν``; None: ``noise_factor × std`` of the span embeddings of the batch."""
+    """Noise scale ``ν`` for every span; None: calibrated (``noise_factor × std`` of the span
+    embeddings), separately for subjects and for answers."""
     noise_factor: float = 3.0
+    noise_levels: tuple[tuple[str, float], ...] = ()
+    """Set by :func:`prepare`: calibrated ``(span group, ν)`` pairs; groups ``subject``, ``answers``."""
     noise_calibrated_on: str | None = None
-    """Set by :func:`prepare`: which facts ``noise`` was calibrated on (recorded in results)."""
+    """Set by :func:`prepare`: which facts the noise levels were calibrated on (recorded in results)."""
     seed: int = 1
     """Seed of ``numpy.random.RandomState`` drawing the noise (ROME: 1)."""
-    span: str = "subject"
-    """Name of the PromptBatch span to corrupt (e.g. ``"subject"``, ``"answer_1"``)."""
+    spans: tuple[str, ...] = ("subject", "answers")
+    """Spans to corrupt, each traced separately: names of PromptBatch spans (``"subject"``,
+    ``"answer_1"``, …) or ``"answers"``: every previous-answer span a fact has (one-to-many step
+    prompts; plain facts have none). A fact is skipped only when it has none of them."""
     target: Literal["top1", "gold"] = "top1"
     metric: Literal["prob", "answer_logprob"] = "prob"
     """``prob``: P(target); ``answer_logprob``: Σ log P of the gold answer's tokens."""
@@ -129,6 +146,7 @@ class Config(MethodConfig):
             samples=10,
             noise_factor=3.0,
             seed=1,
+            spans=("subject", "answers"),
             target="gold",
             metric="prob",
         ),
@@ -145,7 +163,7 @@ class Config(MethodConfig):
 
 @dataclass
 class FactTrace:
-    """The trace of one fact. ``scores[kind]`` is ``[n_positions, n_layers]``."""
+    """The trace of one fact with one span corrupted. ``scores[kind]`` is ``[n_positions, n_layers]``."""
 
     fact_id: str
     tokens: list[str]
@@ -155,12 +173,24 @@ class FactTrace:
     low: float
     high: float
     scores: dict[str, np.ndarray]
+    span_name: str = "subject"
+    """Which span was corrupted."""
+    step: int = 1
+    """Answer step of the fact (1 for plain facts)."""
+    noise: float | None = None
 
     def buckets(self) -> list[str]:
-        """ROME's position classes (first/middle/last subject, first subsequent, further, last)."""
+        """ROME's position classes (first/middle/last subject, first subsequent, further, last),
+        named after the corrupted span.
+        """
         b, e = self.span
         n = len(self.tokens)
-        return [_bucket(t, b, e, n) for t in range(n)]
+        return [_bucket(t, b, e, n).replace("subject", self.span_name) for t in range(n)]
+
+    @property
+    def key(self) -> str:
+        """``"<fact_id>"`` for the subject, ``"<fact_id>/<span>"`` for another span (array keys)."""
+        return self.fact_id if self.span_name == "subject" else f"{self.fact_id}/{self.span_name}"
 
 
 def _bucket(t: int, b: int, e: int, n: int) -> str:
@@ -183,13 +213,14 @@ class CausalTracingResult:
 
     config: Config
     traces: list[FactTrace]
-    noise: float
+    noise: dict[str, float]
+    """ν per corrupted span name."""
     provenance: dict
     skipped: list[tuple[str, str]] = field(default_factory=list)
     method: str = NAME
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per fact × kind × position × layer."""
+        """One row per fact × corrupted span × kind × position × layer."""
         frames = []
         for tr in self.traces:
             n_pos, n_layers = next(iter(tr.scores.values())).shape
@@ -199,6 +230,8 @@ class CausalTracingResult:
                     pd.DataFrame(
                         {
                             "fact_id": tr.fact_id,
+                            "step": tr.step,
+                            "span": tr.span_name,
                             "kind": kind,
                             "position": np.repeat(np.arange(n_pos), n_layers),
                             "layer": np.tile(np.arange(n_layers), n_pos),
@@ -219,8 +252,10 @@ class CausalTracingResult:
         return {}
 
     def arrays(self) -> dict[str, np.ndarray]:
-        """Per-fact ``[positions × layers]`` score maps, keyed ``"<fact_id>/<kind>"``."""
-        return {f"{tr.fact_id}/{kind}": s for tr in self.traces for kind, s in tr.scores.items()}
+        """Per-fact ``[positions × layers]`` score maps, keyed ``"<fact_id>/<kind>"`` (subject) or
+        ``"<fact_id>/<span>/<kind>"`` (another corrupted span).
+        """
+        return {f"{tr.key}/{kind}": s for tr in self.traces for kind, s in tr.scores.items()}
 
     def average_by_bucket(self) -> pd.DataFrame:
         """Mean indirect effect per kind × position class × layer (ROME's average plot)."""
@@ -231,35 +266,62 @@ def average_by_bucket(frame: pd.DataFrame) -> pd.DataFrame:
     """ROME's average over facts of a :meth:`CausalTracingResult.to_frame` table.
 
     Each fact's positions of a class (e.g. the middle subject tokens) are averaged first, then the
-    facts, so that every fact weighs the same. Columns: kind, bucket, layer, indirect_effect, score,
-    n_facts.
+    facts, so that every fact weighs the same. Columns: (span,) kind, bucket, layer, indirect_effect,
+    score, n_facts.
     """
     if frame.empty:
         return frame
-    per_fact = frame.groupby(["fact_id", "kind", "bucket", "layer"], sort=False)[["indirect_effect", "score"]]
-    grouped = per_fact.mean().reset_index().groupby(["kind", "bucket", "layer"], sort=False)
+    spans = ["span"] if "span" in frame else []
+    keys = [*spans, "kind", "bucket", "layer"]
+    per_fact = frame.groupby(["fact_id", *keys], sort=False)[["indirect_effect", "score"]]
+    grouped = per_fact.mean().reset_index().groupby(keys, sort=False)
     out = grouped[["indirect_effect", "score"]].mean()
     out["n_facts"] = grouped.size()
     return out.reset_index()
 
 
 def noise_level(model: Model, batch: PromptBatch, span: str = "subject", factor: float = 3.0) -> float:
-    """``factor ×`` the standard deviation of the token-embedding entries of ``span`` over ``batch``."""
+    """``factor ×`` the standard deviation of the token-embedding entries of ``span`` over ``batch``
+    (``"answers"``: of every previous-answer span).
+    """
     site = Site(None, "embed")
     embeds = run_with_cache(model, batch, [site])[site]  # [B, T, d]
-    mask = batch.span_mask(span).to(embeds.device)
-    if not mask.any():
+    masks = span_masks(batch, [span]).values()
+    mask = torch.stack(list(masks)).any(0).to(embeds.device) if masks else None
+    if mask is None or not mask.any():
         raise RecallscopeError(f"no {span!r} span in the batch: cannot calibrate the noise")
     return factor * float(embeds[mask].double().std())
 
 
+def trace_spans(batch: PromptBatch, config: Config) -> list[str]:
+    """The span names ``config.spans`` stands for in ``batch`` ("answers" expanded)."""
+    names = []
+    for name in config.spans:
+        names += answer_span_names(batch) if name == "answers" else [name]
+    return list(dict.fromkeys(names))
+
+
+def _group(span: str) -> str:
+    return "answers" if span.startswith("answer_") else span
+
+
 def prepare(model: Model, facts: PromptBatch | FactSet, config: Config) -> Config:
-    """Fix the noise level over the whole dataset (the runner calls this once, before chunking)."""
+    """Fix the noise levels over the whole dataset (the runner calls this once, before chunking)."""
     if config.noise is not None:
         return config
     batch = as_batch(model, facts)
-    noise = noise_level(model, batch, config.span, config.noise_factor)
-    return replace(config, noise=noise, noise_calibrated_on=f"the dataset's {len(batch)} facts")
+    groups = dict.fromkeys(_group(s) for s in trace_spans(batch, config) if s in batch.spans)
+    levels = tuple((g, noise_level(model, batch, g, config.noise_factor)) for g in groups)
+    return replace(config, noise_levels=levels, noise_calibrated_on=f"the dataset's {len(batch)} facts")
+
+
+def _noise_for(model, batch: PromptBatch, config: Config, span: str) -> float:
+    if config.noise is not None:
+        return config.noise
+    levels = dict(config.noise_levels)
+    if _group(span) in levels:
+        return levels[_group(span)]
+    return noise_level(model, batch, _group(span), config.noise_factor)
 
 
 def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = None) -> Cost:
@@ -269,11 +331,9 @@ def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = Non
     n_layers = model.n_layers
     total = Cost(0, 0.0, 0)
     per_chunk = max(1, config.max_batch_rows // config.samples)
-    for row in range(len(batch)):
-        start = int(batch.spans[config.span][row, 0]) - int(batch.pad_lengths[row])
+    for row, span in _row_spans(batch, config):
+        start = int(batch.spans[span][row, 0]) - int(batch.pad_lengths[row])
         n_tokens = batch.seq_len - int(batch.pad_lengths[row])
-        if start < 0:
-            continue
         groups = _plan(_cells(config, n_layers, range(start, n_tokens)), config, n_layers, n_tokens)
         forwards = 2 + sum(-(-len(g) // per_chunk) for g in groups.values())
         work = (1 + config.samples) * n_tokens * n_layers + sum(
@@ -295,50 +355,60 @@ def run(model: Model, batch: PromptBatch | FactSet, config: Config | None = None
     """Trace every fact of ``batch`` (each fact on its own; see the module docstring)."""
     config = config or Config()
     batch = as_batch(model, batch)
-    if config.span not in batch.spans:
-        raise RecallscopeError(f"the batch has no {config.span!r} span (spans: {', '.join(batch.spans)})")
-    noise = (
-        config.noise
-        if config.noise is not None
-        else noise_level(model, batch, config.span, config.noise_factor)
-    )
+    names = trace_spans(batch, config)
+    if not any(name in batch.spans for name in names):
+        raise RecallscopeError(
+            f"the batch has none of the spans {list(config.spans)} (spans: {', '.join(batch.spans)})"
+        )
+    if config.target == "gold" and _gold(batch, 0) is None:
+        raise RecallscopeError("target='gold' needs a batch with targets (tokenize(..., targets=...))")
+    noises = {name: _noise_for(model, batch, config, name) for name in names if name in batch.spans}
+    steps = answer_steps(batch)
     traces, skipped = [], []
+    pairs = _row_spans(batch, config)
     for row in range(len(batch)):
         fact_id = batch.fact_ids[row] if batch.fact_ids else str(row)
-        start, end = (int(v) for v in batch.spans[config.span][row])
-        if start < 0:
-            skipped.append((fact_id, f"no {config.span} span"))
-            continue
+        if not any(r == row for r, _ in pairs):
+            skipped.append((fact_id, f"no {' or '.join(config.spans)} span"))
+    for row, name in pairs:
+        fact_id = batch.fact_ids[row] if batch.fact_ids else str(row)
+        start, end = (int(v) for v in batch.spans[name][row])
         pad = int(batch.pad_lengths[row])
         ids = batch.input_ids[row, pad:]
-        gold = _gold(batch, row)
-        if gold is None and config.target == "gold":
-            raise RecallscopeError("target='gold' needs a batch with targets (tokenize(..., targets=...))")
-        traces.append(_trace(model, ids, (start - pad, end - pad), gold, noise, config, fact_id))
+        trace = _trace(model, ids, (start - pad, end - pad), _gold(batch, row), noises[name], config, fact_id)
+        traces.append(replace(trace, span_name=name, step=int(steps[row]), noise=noises[name]))
     conventions = dict(
         kinds=config.kinds,
         window=config.window,
         window_rule="[l - w//2, l - (-w//2))",
         samples=config.samples,
-        noise=noise,
+        noise=noises,
         noise_rule=_noise_rule(config),
         noise_rng=f"numpy RandomState({config.seed})",
-        span=config.span,
+        spans=list(config.spans),
         target=config.target,
         metric=config.metric,
         layers="block index l (hidden: output of block l)",
         bos=model.bos,
     )
     return CausalTracingResult(
-        config, traces, noise, result_provenance(model, config, **conventions), skipped
+        config, traces, noises, result_provenance(model, config, **conventions), skipped
     )
 
 
+def _row_spans(batch: PromptBatch, config: Config) -> list[tuple[int, str]]:
+    """``(row, span)`` pairs to trace, row by row: the configured spans each row has."""
+    names = [n for n in trace_spans(batch, config) if n in batch.spans]
+    return [(row, n) for row in range(len(batch)) for n in names if int(batch.spans[n][row, 0]) >= 0]
+
+
 def _noise_rule(config: Config) -> str:
-    rule = f"{config.noise_factor} x std of the {config.span} embeddings"
-    if config.noise is None:
-        return f"{rule} of this batch"
-    return f"{rule} of {config.noise_calibrated_on}" if config.noise_calibrated_on else "given"
+    rule = f"{config.noise_factor} x std of the span's embeddings (subjects and answers separately)"
+    if config.noise is not None:
+        return "given"
+    return (
+        f"{rule} of {config.noise_calibrated_on}" if config.noise_calibrated_on else f"{rule} of this batch"
+    )
 
 
 def _gold(batch: PromptBatch, row: int) -> list[int] | None:

@@ -33,6 +33,8 @@ __all__ = [
     "knockout_curves",
     "mean_curves",
     "head_grid",
+    "head_scatter",
+    "step_curves",
     "grouped_bars",
     "knockout_token_map",
     "token_label",
@@ -293,6 +295,73 @@ def head_grid(
         ax.set_ylabel("layer")
         ax.set_title(title.replace("$", r"\$"))
         fig.colorbar(image, ax=ax, label=label)
+    return fig
+
+
+ROLE_COLORS = {"subject": "tab:gray", "previous": "tab:red", "current": "tab:blue", "future": "tab:green"}
+"""Line colours of the one-to-many roles (tracked tokens relative to the answer step)."""
+
+
+def step_curves(
+    frame: pd.DataFrame, *, y: str, row: str, title: str, ylabel: str, line: str = "role"
+) -> plt.Figure:
+    """Yan & Jia's figure layout: mean of ``y`` per layer, one panel per ``row`` value × answer step,
+    one line (95% band) per ``line`` value (the tracked token's role by default).
+
+    ``frame``: rows with ``step``, ``layer``, ``row``, ``line``, ``y`` and ``fact_id``.
+    """
+    stats = mean_ci(frame.dropna(subset=[y]), [row, "step", line, "layer"], [y])
+    panels, steps = list(dict.fromkeys(frame[row])), sorted(frame["step"].unique())
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(
+            len(panels), len(steps), figsize=(2.9 * len(steps) + 0.6, 2.2 * len(panels) + 0.8), squeeze=False
+        )
+        for i, panel in enumerate(panels):
+            for j, step in enumerate(steps):
+                ax = axes[i, j]
+                cell = stats[(stats[row] == panel) & (stats["step"] == step)]
+                for name, curve in cell.groupby(line, sort=False):
+                    color = ROLE_COLORS.get(name) if line == "role" else None
+                    ax.plot(curve["layer"], curve[y], label=token_label(str(name)), color=color)
+                    band = curve[f"{y}_ci"]
+                    ax.fill_between(curve["layer"], curve[y] - band, curve[y] + band, alpha=0.2, color=color)
+                ax.axhline(0, color="grey", lw=0.5)
+                n = frame.loc[(frame[row] == panel) & (frame["step"] == step), "fact_id"].nunique()
+                ax.set_title(f"{token_label(str(panel))}, step {step} (n={n})", fontsize=8)
+                ax.set_xlabel("layer" if i == len(panels) - 1 else "")
+                ax.set_ylabel(ylabel if j == 0 else "")
+        axes[0, -1].legend(fontsize=7)
+        fig.suptitle(title.replace("$", r"\$"))
+        fig.tight_layout()
+    return fig
+
+
+def head_scatter(rates: pd.DataFrame, title: str, *, label_top: int = 5) -> plt.Figure:
+    """Per-head promotion vs suppression rate (%), one panel per answer step, coloured by layer;
+    the ``label_top`` heads with the highest combined rate are labelled ``L<layer>H<head>``.
+    """
+    steps = sorted(rates["step"].unique())
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, len(steps), figsize=(3.2 * len(steps) + 0.8, 3.2), squeeze=False)
+        for ax, step in zip(axes[0], steps, strict=True):
+            cell = rates[rates["step"] == step]
+            x, y = 100 * cell["promotion_rate"], 100 * cell["suppression_rate"]
+            points = ax.scatter(x, y, c=cell["layer"], cmap="viridis", s=12)
+            top = cell.assign(total=x + y).nlargest(label_top, "total")
+            for _, head in top.iterrows():
+                ax.annotate(
+                    f"L{head['layer']}H{head['head']}",
+                    (100 * head["promotion_rate"], 100 * head["suppression_rate"]),
+                    fontsize=6,
+                    xytext=(2, 2),
+                    textcoords="offset points",
+                )
+            ax.set_xlabel("promotion rate (%)")
+            ax.set_ylabel("suppression rate (%)")
+            ax.set_title(f"step {step}", fontsize=8)
+        fig.colorbar(points, ax=axes[0, -1], label="layer")
+        fig.suptitle(title.replace("$", r"\$"))
+        fig.tight_layout()
     return fig
 
 

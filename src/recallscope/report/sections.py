@@ -8,19 +8,16 @@ a method without one gets a generic preview of its table.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
-from recallscope.methods.causal_tracing import BUCKETS
+from recallscope.methods.causal_tracing import bucket_names
 from recallscope.methods.early_patching import summary as early_summary
 from recallscope.methods.extraction_rate import summary
 from recallscope.methods.head_mappings import rank_heads
 from recallscope.methods.neuron_ablation import summary as neuron_ablation_summary
 from recallscope.report.figures import (
-    FigureFile,
     causal_trace_average,
     causal_trace_fact,
     grouped_bars,
@@ -33,86 +30,70 @@ from recallscope.report.figures import (
     save_figure,
     token_text,
 )
+from recallscope.report.section import Options, Section, Table, fact_title, method_config, new_section
 
-__all__ = ["Section", "Table", "SECTIONS", "build_section"]
-
-
-@dataclass
-class Table:
-    """A small table for the report: column names and rows of plain values (escaped when rendered)."""
-
-    caption: str
-    columns: list[str]
-    rows: list[list[Any]]
-
-    @classmethod
-    def of(cls, caption: str, frame: pd.DataFrame, digits: int = 4) -> Table:
-        wide = frame.astype({c: "float64" for c in frame.select_dtypes("float32").columns})
-        rounded = wide.round(digits) if len(frame) else frame  # float64 first: 1.991, not 1.9910000562
-        return cls(caption, [str(c) for c in frame.columns], rounded.astype(object).values.tolist())
-
-
-@dataclass
-class Section:
-    """What the report shows for one method."""
-
-    method: str
-    title: str
-    intro: str
-    figures: list[FigureFile] = field(default_factory=list)
-    tables: list[Table] = field(default_factory=list)
-    per_fact: dict[str, list[FigureFile | Table]] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class Options:
-    """Report options."""
-
-    max_fact_figures: int = 40
-    """Facts that get per-fact figures (the rest get tables only, to keep the file small)."""
+__all__ = ["Section", "Table", "Options", "SECTIONS", "build_section"]
 
 
 def causal_tracing_section(store, facts: pd.DataFrame, folder: Path, options: Options) -> Section:
     frame = store.read_table("causal_tracing")
-    section = _new_section(
+    section = new_section(
         "causal_tracing",
         "Causal tracing",
-        "Noise corrupts the subject; restoring one clean state at a time shows where the answer's "
-        "probability comes back. ROME reports two sites: the last subject token in early-middle MLPs "
-        "and the last token in late layers.",
+        "Noise corrupts the subject (and, in one-to-many step prompts, each previous answer on its "
+        "own); restoring one clean state at a time shows where the answer's probability comes back. "
+        "ROME reports two sites: the last subject token in early-middle MLPs and the last token in "
+        "late layers.",
         frame,
     )
     if frame.empty:
         return section
+    if "span" not in frame:  # stores written before spans were recorded
+        frame = frame.assign(span="subject", step=1)
     kinds = list(dict.fromkeys(frame["kind"]))
-    n_facts = frame["fact_id"].nunique()
-    for kind in kinds:
-        fig = causal_trace_average(frame, kind, BUCKETS, n_facts)
-        section.figures.append(
-            save_figure(fig, folder, f"causal_tracing_average_{kind}", f"Average indirect effect, {kind}")
-        )
-    summary = frame.drop_duplicates("fact_id")[["fact_id", "target", "low", "high"]]
-    peak = frame.loc[frame.groupby(["fact_id", "kind"])["indirect_effect"].idxmax()]
+    for (span, step), rows in _trace_groups(frame):
+        n_facts = rows["fact_id"].nunique()
+        suffix = "" if span == "subject" else f"_{span}_step{step}"
+        label = "" if span == "subject" else f", {span} corrupted, step {step}"
+        for kind in kinds:
+            fig = causal_trace_average(rows, kind, bucket_names(span), n_facts)
+            name = f"causal_tracing_average_{kind}{suffix}"
+            section.figures.append(save_figure(fig, folder, name, f"Average indirect effect, {kind}{label}"))
+    keys = ["fact_id", "span"]
+    summary = frame.drop_duplicates(keys)[[*keys, "target", "low", "high"]]
+    peak = frame.loc[frame.groupby([*keys, "kind"])["indirect_effect"].idxmax()]
     peak = peak.assign(peak=peak["token"].map(token_text) + " @ L" + peak["layer"].astype(str))
-    peaks = peak.pivot(index="fact_id", columns="kind", values="peak").add_prefix("peak ").reset_index()
-    table = summary.merge(peaks, on="fact_id")
+    peaks = peak.pivot(index=keys, columns="kind", values="peak").add_prefix("peak ").reset_index()
+    table = summary.merge(peaks, on=keys)
     section.tables.append(
-        Table.of("Per fact: corrupted (low) and clean (high) scores, strongest cell", table)
+        Table.of(
+            "Per fact and corrupted span: corrupted (low) and clean (high) scores, strongest cell", table
+        )
     )
-    for n, (fact_id, rows) in enumerate(frame.groupby("fact_id", sort=False)):
+    subject = frame[frame["span"] == "subject"]
+    n_facts = subject["fact_id"].nunique()
+    for n, (fact_id, rows) in enumerate(subject.groupby("fact_id", sort=False)):
         if n < options.max_fact_figures:
-            fig = causal_trace_fact(rows, kinds, _fact_title(facts, fact_id))
+            fig = causal_trace_fact(rows, kinds, fact_title(facts, fact_id))
             section.per_fact[fact_id] = [save_figure(fig, folder, f"causal_tracing_{n:04d}", "Causal trace")]
     if n_facts > options.max_fact_figures:
         section.notes.append(f"Per-fact figures for the first {options.max_fact_figures} of {n_facts} facts.")
     return section
 
 
+def _trace_groups(frame: pd.DataFrame):
+    """``((span, step), rows)``: the subject over all steps, each other span per answer step."""
+    subject = frame[frame["span"] == "subject"]
+    if not subject.empty:
+        yield ("subject", 0), subject
+    others = frame[frame["span"] != "subject"]
+    yield from others.groupby(["span", "step"], sort=True)
+
+
 def logit_lens_section(store, facts: pd.DataFrame, folder: Path, options: Options) -> Section:
     frame = store.read_table("logit_lens")
     topk = store.read_table("logit_lens", "topk")
-    section = _new_section(
+    section = new_section(
         "logit_lens",
         "Logit lens",
         "Each layer's residual stream and sublayer updates decoded into the vocabulary: when does the "
@@ -149,7 +130,7 @@ def logit_lens_section(store, facts: pd.DataFrame, folder: Path, options: Option
 def attention_knockout_section(store, facts: pd.DataFrame, folder: Path, options: Options) -> Section:
     frame = store.read_table("attention_knockout")
     tokens = store.read_table("attention_knockout", "tokens")
-    section = _new_section(
+    section = new_section(
         "attention_knockout",
         "Attention knockout",
         "The last position is stopped from attending to the subject, to the other (relation) tokens or "
@@ -175,7 +156,7 @@ def attention_knockout_section(store, facts: pd.DataFrame, folder: Path, options
     )
     for n, (fact_id, rows) in enumerate(tokens.groupby("fact_id", sort=False) if len(tokens) else []):
         if n < options.max_fact_figures:
-            fig = knockout_token_map(rows, "one position blocked: " + _fact_title(facts, fact_id))
+            fig = knockout_token_map(rows, "one position blocked: " + fact_title(facts, fact_id))
             item = save_figure(fig, folder, f"attention_knockout_{n:04d}", "Attention knockout, per token")
             section.per_fact.setdefault(fact_id, []).append(item)
     return section
@@ -183,7 +164,7 @@ def attention_knockout_section(store, facts: pd.DataFrame, folder: Path, options
 
 def attributes_rate_section(store, facts: pd.DataFrame, folder: Path, options: Options) -> Section:
     frame = store.read_table("attributes_rate")
-    section = _new_section(
+    section = new_section(
         "attributes_rate",
         "Attributes rate (subject enrichment)",
         "Each layer's hidden state at five positions is decoded; the share of its top clean tokens that "
@@ -236,7 +217,7 @@ def attributes_rate_section(store, facts: pd.DataFrame, folder: Path, options: O
 
 def sublayer_knockout_section(store, facts: pd.DataFrame, folder: Path, options: Options) -> Section:
     frame = store.read_table("sublayer_knockout")
-    section = _new_section(
+    section = new_section(
         "sublayer_knockout",
         "Sublayer knockout",
         "The MLP or attention updates of a window of layers are removed at every position, and the "
@@ -276,7 +257,7 @@ def sublayer_knockout_section(store, facts: pd.DataFrame, folder: Path, options:
 
 def extraction_rate_section(store, facts: pd.DataFrame, folder: Path, options: Options) -> Section:
     frame = store.read_table("extraction_rate")
-    section = _new_section(
+    section = new_section(
         "extraction_rate",
         "Attribute extraction",
         "At each layer, does the attention update or the MLP update at the last position have the "
@@ -336,7 +317,7 @@ def extraction_rate_section(store, facts: pd.DataFrame, folder: Path, options: O
 
 def early_patching_section(store, facts: pd.DataFrame, folder: Path, options: Options) -> Section:
     frame = store.read_table("early_patching")
-    section = _new_section(
+    section = new_section(
         "early_patching",
         "Extraction after patching early representations",
         "The input of each block is patched, at the subject, the other tokens or the last token, with "
@@ -362,7 +343,7 @@ def early_patching_section(store, facts: pd.DataFrame, folder: Path, options: Op
 
 def head_mappings_section(store, facts: pd.DataFrame, folder: Path, options: Options) -> Section:
     frame = store.read_table("head_mappings")
-    section = _new_section(
+    section = new_section(
         "head_mappings",
         "Head mappings (OV circuits)",
         "Each head's value-output circuit is applied to the subject's token embeddings and read in the "
@@ -373,7 +354,7 @@ def head_mappings_section(store, facts: pd.DataFrame, folder: Path, options: Opt
     if frame.empty:
         return section
     ranked = rank_heads(frame)
-    k = int(_config(store, "head_mappings").get("top_k", 10))
+    k = int(method_config(store, "head_mappings").get("top_k", 10))
     fig = head_grid(
         ranked,
         "frac_in_top_k",
@@ -412,7 +393,7 @@ def head_mappings_section(store, facts: pd.DataFrame, folder: Path, options: Opt
 
 def logprob_attribution_section(store, facts: pd.DataFrame, folder: Path, options: Options) -> Section:
     frame = store.read_table("logprob_attribution")
-    section = _new_section(
+    section = new_section(
         "logprob_attribution",
         "Log-probability attribution (layers, heads, neurons)",
         "Each component is added alone to the residual stream it enters (attention to the layer's input, "
@@ -516,7 +497,7 @@ def _tokens(tokens, n: int = 6) -> str:
 
 def query_attribution_section(store, facts: pd.DataFrame, folder: Path, options: Options) -> Section:
     frame = store.read_table("query_attribution")
-    section = _new_section(
+    section = new_section(
         "query_attribution",
         "Query attribution (what activates the value neurons)",
         "A top value neuron's coefficient is set by the inner product of its key with the residual "
@@ -567,7 +548,7 @@ def query_attribution_section(store, facts: pd.DataFrame, folder: Path, options:
 
 def neuron_ablation_section(store, facts: pd.DataFrame, folder: Path, options: Options) -> Section:
     frame = store.read_table("neuron_ablation")
-    section = _new_section(
+    section = new_section(
         "neuron_ablation",
         "Neuron ablation (evaluation of the attributions)",
         "The top-K FFN neurons and attention units chosen by each attribution score are zeroed at the "
@@ -601,17 +582,11 @@ def neuron_ablation_section(store, facts: pd.DataFrame, folder: Path, options: O
     table = table.rename(columns=lambda c: c.replace("_pct", " %").replace("_ci", " ±95%").replace("_", " "))
     section.tables.append(Table.of("Mean drops per attribution method and budget", table, 2))
     clean = frame.drop_duplicates("fact_id")[["clean_mrr", "clean_prob"]].mean()
+    target = method_config(store, "neuron_ablation").get("target", "gold")
     section.notes.append(
         f"Before ablation: mean reciprocal rank {clean['clean_mrr']:.3f}, mean probability "
-        f"{clean['clean_prob']:.3f} (target: {_config(store, 'neuron_ablation').get('target', 'gold')})."
+        f"{clean['clean_prob']:.3f} (target: {target})."
     )
-    return section
-
-
-def _new_section(method: str, title: str, intro: str, frame: pd.DataFrame) -> Section:
-    section = Section(method, title, intro)
-    if frame.empty:
-        section.notes.append("No fact was analysed.")
     return section
 
 
@@ -642,14 +617,3 @@ SECTIONS: dict[str, Callable[..., Section]] = {
 
 def build_section(method: str, store, facts: pd.DataFrame, folder: Path, options: Options) -> Section:
     return SECTIONS.get(method, generic_section(method))(store, facts, folder, options)
-
-
-def _config(store, method: str) -> dict[str, Any]:
-    """The config a method ran with, from the manifest (empty when unknown)."""
-    entry = store.read_manifest().get("methods", {}).get(method, {})
-    return entry.get("config", {}) if isinstance(entry, dict) else {}
-
-
-def _fact_title(facts: pd.DataFrame, fact_id: str) -> str:
-    row = facts[facts["fact_id"] == fact_id]
-    return fact_id if row.empty else f"{row['prompt'].iloc[0]} →{row['target'].iloc[0]}"
