@@ -24,6 +24,9 @@ import pandas as pd
 
 __all__ = ["promote_then_suppress", "STATS"]
 
+_NEGATIVE = ("lens_previous", "lens_current", "attn_previous")
+"""Statistics whose ``_frac`` counts facts below 0 (the others: above 0)."""
+
 STATS = {
     "mlp_current": "upper MLPs on the current answer",
     "mlp_future": "upper MLPs on the answers not generated yet",
@@ -90,7 +93,9 @@ def promote_then_suppress(
     Returns:
         Columns ``step, n_facts, upper_from``, for each statistic of :data:`STATS` its mean, ``_ci``
         (95% half-width) and ``_frac`` (fraction of facts with the expected sign: > 0 for MLP
-        promotion, < 0 for suppression), ``promote``, ``suppress`` (bool or None when a step has
+        promotion, < 0 for the attention statistics), ``promote`` (upper MLPs raise the current
+        answer and do not lower the future ones), ``suppress`` (attention from each previous answer's
+        span lowers that answer, and more than it lowers the current one; None when a step has
         nothing to suppress) and ``line`` (the sentence).
     """
     n_layers = n_layers or int(early["layer"].max()) + 1
@@ -102,12 +107,13 @@ def promote_then_suppress(
         row: dict = {"step": int(step), "n_facts": e["fact_id"].nunique(), "upper_from": upper_from}
         for name, values in _stats(e, lens_step).items():
             mean, ci, n = _mean_ci(values)
-            negative = name in ("lens_previous", "attn_previous")
+            negative = name in _NEGATIVE
             frac = float(((values < 0) if negative else (values > 0)).mean()) if n else float("nan")
             row.update({name: mean, f"{name}_ci": ci, f"{name}_frac": frac})
         row["promote"] = bool(row["mlp_current"] > 0 and not row.get("mlp_future", 0) < 0)
-        previous = row.get("lens_previous", float("nan"))
-        row["suppress"] = None if np.isnan(previous) else bool(previous < 0)
+        previous, current = row.get("lens_previous", np.nan), row.get("lens_current", np.nan)
+        specific = np.isnan(current) or previous < current  # the given answer more than the new one
+        row["suppress"] = None if np.isnan(previous) else bool(previous < 0 and specific)
         row["line"] = _line(row, n_layers)
         rows.append(row)
     return pd.DataFrame(rows)
@@ -116,7 +122,7 @@ def promote_then_suppress(
 def _fmt(row: dict, name: str) -> str:
     mean, ci, frac = row.get(name, np.nan), row.get(f"{name}_ci", np.nan), row.get(f"{name}_frac", np.nan)
     ci_text = "" if np.isnan(ci) else f" ± {ci:.2f}"
-    return f"{mean:+.2f}{ci_text} ({frac:.0%} of facts)"
+    return f"{mean:+.2f}{ci_text} ({frac:.0%} of facts {'<' if name in _NEGATIVE else '>'} 0)"
 
 
 def _line(row: dict, n_layers: int) -> str:
@@ -124,7 +130,9 @@ def _line(row: dict, n_layers: int) -> str:
     parts = [f"Step {row['step']} ({row['n_facts']} facts): MLPs in {layers} give the current answer "]
     parts.append(_fmt(row, "mlp_current"))
     if not np.isnan(row.get("mlp_future", np.nan)):
-        parts.append(f" and the answers not generated yet {_fmt(row, 'mlp_future')}")
+        parts.append(f", the answers not generated yet {_fmt(row, 'mlp_future')}")
+    if not np.isnan(row.get("mlp_previous", np.nan)):
+        parts.append(f", the answers already given {_fmt(row, 'mlp_previous')}")
     if row["suppress"] is None:
         parts.append(f"; no previous answer to suppress. Promotion: {'yes' if row['promote'] else 'no'}.")
         return "".join(parts)

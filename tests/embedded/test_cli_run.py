@@ -68,6 +68,10 @@ def test_cli_run_writes_the_output_contract(demo):
         "logprob_attribution": 3 * 30 * 2,  # facts × layers × (attn, mlp)
         "query_attribution": 3 * 2 * 61,  # facts × (ffn_value, attn_unit) × (embed + 2 × 30 layers)
         "neuron_ablation": 3 * (5 + 1) * 2,  # facts × (5 methods + 1 random seed) × budgets
+        "early_decoding": 3 * 2 * 30 * 2,  # facts × (attn, mlp) × layers × (subject, answer)
+        "token_lens": 3 * 30 * 3 * 2,  # facts × layers × (subject, last token, other) × tracked
+        "span_knockout_mlp": 3 * 2 * 30 * 2,  # facts × (subject, last token) × layers × tracked
+        "head_promotion": 3 * 30 * 9 * 2,  # facts × layers × heads × tracked
     }
     for method, n_rows in geva.items():
         assert len(pd.read_parquet(out / "results" / f"{method}.parquet")) == n_rows, method
@@ -101,6 +105,10 @@ def test_cli_run_writes_the_output_contract(demo):
         "query_attribution_ffn_value.png",
         "query_attribution_attn_unit.png",
         "neuron_ablation_bars.png",
+        "early_decoding_steps.png",
+        "token_lens_steps.png",
+        "span_knockout_mlp_steps.png",
+        "head_promotion_scatter.png",
     } <= figures
     neurons = pd.read_parquet(out / "results" / "logprob_attribution.neurons.parquet")
     assert len(neurons) == 3 * 2 * 20 and neurons["logprob_increase"].notna().all()
@@ -212,3 +220,55 @@ def test_report_opens_in_chromium(hostile):
         assert image["naturalWidth"] > 0 and image["naturalHeight"] > 0, image["alt"]
     assert XSS in page.text  # shown as text, not run
     assert "smollm2-135m" in page.title
+
+
+def test_one_to_many_run_gives_the_yan_jia_figures_and_summary(tmp_path):
+    """`run --dataset country_cities`: the model's own lists, 3 steps each, the Y&J suite and its report."""
+    config = tmp_path / "o2m.json"
+    config.write_text(json.dumps({"causal_tracing": {"samples": 1, "kinds": ["mlp"], "target": "gold"}}))
+    methods = "early_decoding,token_lens,span_knockout_mlp,head_promotion,causal_tracing"
+    out = tmp_path / "o2m"
+    recallscope(
+        "run",
+        "--dataset",
+        "country_cities",
+        "--methods",
+        methods,
+        "--limit",
+        2,
+        "--config",
+        config,
+        "--out",
+        out,
+    )
+    lists = json.loads((out / "one_to_many.json").read_text())
+    assert lists["report"]["kept"] == 2 and len(lists["kept"]) == 2
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["dataset"]["n_facts"] == 6 and manifest["status"] == "complete"
+    early = pd.read_parquet(out / "results" / "early_decoding.parquet")
+    assert len(early) == 6 * 2 * 30 * 4 and set(early["step"]) == {1, 2, 3}
+    assert set(early["role"]) == {"subject", "previous", "current", "future"}
+    lens = pd.read_parquet(out / "results" / "token_lens.parquet")
+    assert len(lens) == 2 * (3 + 4 + 5) * 30 * 4  # parts: subject, answers so far, last token, other
+    keys = ["fact_id", "layer", "tracked"]
+    summed = lens.groupby(keys)["logit"].sum()
+    attn = early[early["site"] == "attn"].set_index(keys)["logit"]
+    np.testing.assert_allclose(summed.sort_index(), attn.sort_index(), atol=2e-4)  # the parts add up
+    knockout = pd.read_parquet(out / "results" / "span_knockout_mlp.parquet")
+    assert len(knockout) == 2 * (2 + 3 + 4) * 30 * 4
+    heads = pd.read_parquet(out / "results" / "head_promotion.parquet")
+    assert len(heads) == 6 * 30 * 9 * 4
+    trace = pd.read_parquet(out / "results" / "causal_tracing.parquet")
+    assert trace.groupby("fact_id")["span"].nunique().sort_values().tolist() == [1, 1, 2, 2, 3, 3]
+    figures = {p.name for p in (out / "figures").iterdir()}
+    assert {
+        "early_decoding_steps.png",
+        "token_lens_steps.png",
+        "span_knockout_mlp_steps.png",
+        "head_promotion_scatter.png",
+        "causal_tracing_average_mlp.png",
+        "causal_tracing_average_mlp_answer_1_step2.png",
+        "causal_tracing_average_mlp_answer_2_step3.png",
+    } <= figures
+    html = (out / "report.html").read_text()
+    assert "Step 2 (2 facts): MLPs in L15–29" in html and "Promote-then-suppress:" in html

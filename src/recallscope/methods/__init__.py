@@ -8,14 +8,18 @@ from recallscope.methods import (
     attention_knockout,
     attributes_rate,
     causal_tracing,
+    early_decoding,
     early_patching,
     extraction_rate,
     head_mappings,
+    head_promotion,
     logit_lens,
     logprob_attribution,
     neuron_ablation,
     query_attribution,
+    span_knockout_mlp,
     sublayer_knockout,
+    token_lens,
 )
 
 _MODULES = (
@@ -29,6 +33,10 @@ _MODULES = (
     logprob_attribution,
     query_attribution,
     neuron_ablation,
+    early_decoding,
+    token_lens,
+    span_knockout_mlp,
+    head_promotion,
     causal_tracing,
 )
 REGISTRY = {module.NAME: module for module in _MODULES}
@@ -38,9 +46,16 @@ __all__ = [
     "attention_knockout",
     "attributes_rate",
     "causal_tracing",
+    "early_decoding",
+    "early_patching",
+    "extraction_rate",
+    "head_mappings",
+    "head_promotion",
     "logit_lens",
     "logprob_attribution",
     "neuron_ablation",
     "query_attribution",
+    "span_knockout_mlp",
     "sublayer_knockout",
+    "token_lens",
 ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -303,36 +304,54 @@ ROLE_COLORS = {"subject": "tab:gray", "previous": "tab:red", "current": "tab:blu
 
 
 def step_curves(
-    frame: pd.DataFrame, *, y: str, row: str, title: str, ylabel: str, line: str = "role"
+    frame: pd.DataFrame,
+    *,
+    y: str,
+    row: str,
+    title: str,
+    ylabel: str,
+    line: str = "role",
+    order: Sequence[str] | None = None,
 ) -> plt.Figure:
     """Yan & Jia's figure layout: mean of ``y`` per layer, one panel per ``row`` value × answer step,
     one line (95% band) per ``line`` value (the tracked token's role by default).
 
-    ``frame``: rows with ``step``, ``layer``, ``row``, ``line``, ``y`` and ``fact_id``.
+    ``frame``: rows with ``step``, ``layer``, ``row``, ``line``, ``y`` and ``fact_id``. ``order``:
+    the panel rows first (others follow in order of appearance). Panels without data are blank.
     """
     stats = mean_ci(frame.dropna(subset=[y]), [row, "step", line, "layer"], [y])
-    panels, steps = list(dict.fromkeys(frame[row])), sorted(frame["step"].unique())
+    present = list(dict.fromkeys(frame[row]))
+    panels = [p for p in (order or []) if p in present] + [p for p in present if p not in (order or [])]
+    steps = sorted(frame["step"].unique())
+    names = list(dict.fromkeys(frame[line]))
+    if line == "role":
+        names = [r for r in ROLE_COLORS if r in names]
+    colors = {n: ROLE_COLORS.get(n, f"C{i}") if line == "role" else f"C{i}" for i, n in enumerate(names)}
     with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(
-            len(panels), len(steps), figsize=(2.9 * len(steps) + 0.6, 2.2 * len(panels) + 0.8), squeeze=False
-        )
-        for i, panel in enumerate(panels):
-            for j, step in enumerate(steps):
-                ax = axes[i, j]
-                cell = stats[(stats[row] == panel) & (stats["step"] == step)]
-                for name, curve in cell.groupby(line, sort=False):
-                    color = ROLE_COLORS.get(name) if line == "role" else None
-                    ax.plot(curve["layer"], curve[y], label=token_label(str(name)), color=color)
-                    band = curve[f"{y}_ci"]
-                    ax.fill_between(curve["layer"], curve[y] - band, curve[y] + band, alpha=0.2, color=color)
-                ax.axhline(0, color="grey", lw=0.5)
-                n = frame.loc[(frame[row] == panel) & (frame["step"] == step), "fact_id"].nunique()
-                ax.set_title(f"{token_label(str(panel))}, step {step} (n={n})", fontsize=8)
-                ax.set_xlabel("layer" if i == len(panels) - 1 else "")
-                ax.set_ylabel(ylabel if j == 0 else "")
-        axes[0, -1].legend(fontsize=7)
+        size = (2.9 * len(steps) + 1.4, 2.2 * len(panels) + 0.8)
+        fig, axes = plt.subplots(len(panels), len(steps), figsize=size, squeeze=False)
+        for (i, panel), (j, step) in itertools.product(enumerate(panels), enumerate(steps)):
+            ax = axes[i, j]
+            cell = stats[(stats[row] == panel) & (stats["step"] == step)]
+            if cell.empty:
+                ax.set_axis_off()
+                ax.text(0.5, 0.5, f"no {token_label(str(panel))} at step {step}", ha="center", fontsize=7)
+                continue
+            for name, curve in cell.groupby(line, sort=False):
+                band = curve[f"{y}_ci"]
+                ax.plot(curve["layer"], curve[y], color=colors[name])
+                ax.fill_between(
+                    curve["layer"], curve[y] - band, curve[y] + band, alpha=0.2, color=colors[name]
+                )
+            ax.axhline(0, color="grey", lw=0.5)
+            n = frame.loc[(frame[row] == panel) & (frame["step"] == step), "fact_id"].nunique()
+            ax.set_title(f"{token_label(str(panel))}, step {step} (n={n})", fontsize=8)
+            ax.set_xlabel("layer" if i == len(panels) - 1 else "")
+            ax.set_ylabel(ylabel if j == 0 else "")
+        handles = [plt.Line2D([], [], color=colors[n], label=token_label(str(n))) for n in names]
+        fig.legend(handles=handles, loc="upper right", fontsize=7)
         fig.suptitle(title.replace("$", r"\$"))
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0, 0.9, 1))
     return fig
 
 
@@ -348,10 +367,10 @@ def head_scatter(rates: pd.DataFrame, title: str, *, label_top: int = 5) -> plt.
             x, y = 100 * cell["promotion_rate"], 100 * cell["suppression_rate"]
             points = ax.scatter(x, y, c=cell["layer"], cmap="viridis", s=12)
             top = cell.assign(total=x + y).nlargest(label_top, "total")
-            for _, head in top.iterrows():
+            for head in top.itertuples():
                 ax.annotate(
-                    f"L{head['layer']}H{head['head']}",
-                    (100 * head["promotion_rate"], 100 * head["suppression_rate"]),
+                    f"L{int(head.layer)}H{int(head.head)}",
+                    (100 * head.promotion_rate, 100 * head.suppression_rate),
                     fontsize=6,
                     xytext=(2, 2),
                     textcoords="offset points",

@@ -30,6 +30,7 @@ from recallscope.report.figures import (
     save_figure,
     token_text,
 )
+from recallscope.report.one_to_many import SECTIONS as ONE_TO_MANY_SECTIONS
 from recallscope.report.section import Options, Section, Table, fact_title, method_config, new_section
 
 __all__ = ["Section", "Table", "Options", "SECTIONS", "build_section"]
@@ -612,6 +613,7 @@ SECTIONS: dict[str, Callable[..., Section]] = {
     "logprob_attribution": logprob_attribution_section,
     "query_attribution": query_attribution_section,
     "neuron_ablation": neuron_ablation_section,
+    **ONE_TO_MANY_SECTIONS,
 }
 
 

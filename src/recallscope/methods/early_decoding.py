@@ -1,0 +1,292 @@
+"""Early decoding of every layer's attention and MLP update (Yan & Jia 2025, Y1; ``methods.md`` §2.2).
+
+For every layer ``ℓ`` the attention update ``a^ℓ_N`` (site ``attn_out``) and the MLP update
+``m^ℓ_N`` (site ``mlp_out``) at the last position ``N`` are read into vocabulary space with the
+final norm's scale frozen on the final residual of the same forward::
+
+    logits(c) = W_U (γ ⊙ centre(c) / ρ_N)        ρ_N = the final norm's scale on x^L_N
+
+(``centre`` is LayerNorm's mean subtraction, the identity for RMSNorm), and only the logits of the
+tracked tokens are kept: the first token of the subject and of **every** answer ``answer_1`` …
+``answer_k`` of the one-to-many list, including answers not generated yet (§2.6 pitfall 1), each
+with its role in the row (``subject``, ``previous``, ``current``, ``future``;
+:func:`~recallscope.core.steps.tracked_tokens`). A plain factual batch tracks its target as
+``answer_1`` (step 1, role ``current``).
+
+This decodes the *sublayer updates* (direct logit attribution per sublayer), not the residual
+stream. The decoding is linear, so the embeddings' logits plus every update's logits equal the
+frozen-head logits of the final residual. ``attn_out`` / ``mlp_out`` are what each block adds to the
+residual stream: for parallel blocks (GPT-J, GPT-NeoX, Phi) both read the block input; for Gemma-2
+they are the outputs of the sandwich post-norms.
+
+The frozen head's constant ``W_U β + b_U`` (final LayerNorm bias, unembedding bias) belongs to no
+component and is left out (``bias=False``, as in the paper, whose Llama/Mistral heads have none);
+``bias=True`` adds it to every decoded vector, which breaks the additivity above.
+
+Fast by construction: one forward per chunk of facts keeps only the ``2·L`` update vectors and the
+final residual at ``N``; the tracked tokens are decoded through per-row covectors
+(:meth:`~recallscope.core.subvalues.FrozenHead.token_covectors`), never the full vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+from recallscope.core.cache import run_with_cache
+from recallscope.core.steps import Tracked, tracked_tokens
+from recallscope.core.subvalues import FrozenHead
+from recallscope.core.tokens import PromptBatch
+from recallscope.data.facts import FactSet
+from recallscope.errors import RecallscopeError
+from recallscope.methods.base import Cost, MethodConfig, as_batch, result_provenance
+from recallscope.models.model import Model
+from recallscope.models.sites import Site
+from recallscope.stats import mean_ci
+
+__all__ = [
+    "NAME",
+    "DESCRIPTION",
+    "CHUNK_SIZE",
+    "SITES",
+    "Config",
+    "EarlyDecodingResult",
+    "run",
+    "cost",
+    "TrackedInfo",
+    "last_position_cache",
+    "decode_tracked",
+    "tracked_frame",
+    "work_dtype",
+]
+
+NAME = "early_decoding"
+DESCRIPTION = (
+    "Decode each layer's attention and MLP update at the last token into the answers' logits (Yan & Jia)."
+)
+CHUNK_SIZE = 16
+"""Facts per runner chunk (one forward each)."""
+SITES = {"attn": "attn_out", "mlp": "mlp_out"}
+"""Config site names and the model sites they read."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config(MethodConfig):
+    """Early-decoding settings; the defaults (and preset ``yan_jia``) are the paper's Y1."""
+
+    sites: tuple[str, ...] = ("attn", "mlp")
+    """Sublayer updates decoded at every layer: ``attn`` (``attn_out``) and/or ``mlp`` (``mlp_out``)."""
+    subject: bool = True
+    """Also track the first token of the subject (the paper does)."""
+    bias: bool = False
+    """Add the frozen head's constant ``W_U β + b_U`` to every decoded update (not part of any
+    component; the paper's models have none). Off keeps the logits additive over components."""
+
+    PRESETS = {"yan_jia": dict(sites=("attn", "mlp"), subject=True, bias=False)}
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sites, str) or not self.sites or set(self.sites) - set(SITES):
+            raise RecallscopeError(
+                f"early_decoding sites must be a non-empty tuple of {tuple(SITES)}, got {self.sites!r}; "
+                "e.g. sites=('attn', 'mlp')"
+            )
+        if len(set(self.sites)) != len(self.sites):
+            raise RecallscopeError(f"early_decoding sites repeat a name: {self.sites!r}")
+        if not isinstance(self.subject, bool) or not isinstance(self.bias, bool):
+            raise RecallscopeError(
+                f"subject and bias must be True or False, got subject={self.subject!r}, bias={self.bias!r}"
+            )
+
+
+@dataclass(frozen=True)
+class TrackedInfo:
+    """The tracked tokens of ``F`` facts as plain data (what results keep of a :class:`Tracked`).
+
+    Attributes:
+        names: ``[n]`` ``subject``, ``answer_1`` … ``answer_k``.
+        ids: ``[F, n]`` token ids.
+        roles: ``[F][n]`` ``subject`` / ``previous`` / ``current`` / ``future``.
+        steps: ``[F]`` answer step of each fact.
+        tokens: ``[F][n]`` token strings.
+    """
+
+    names: list[str]
+    ids: np.ndarray
+    roles: list[list[str]]
+    steps: np.ndarray
+    tokens: list[list[str]]
+
+    @classmethod
+    def from_tracked(cls, tracked: Tracked) -> TrackedInfo:
+        return cls(
+            names=list(tracked.names),
+            ids=tracked.ids.numpy(),
+            roles=[list(r) for r in tracked.roles],
+            steps=tracked.steps.numpy(),
+            tokens=[list(t) for t in tracked.tokens],
+        )
+
+
+@dataclass
+class EarlyDecodingResult:
+    """Frozen-scale logits of the tracked tokens for every fact, site and layer."""
+
+    config: Config
+    fact_ids: list[str]
+    sites: list[str]
+    tracked: TrackedInfo
+    logit: np.ndarray
+    """``[F, site, layer, tracked]`` logits of the tracked tokens."""
+    final_scale: np.ndarray
+    """``[F]`` ``ρ_N`` of the final norm on the final residual at the last position."""
+    provenance: dict = field(default_factory=dict)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    method: str = NAME
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per fact × site × layer × tracked token.
+
+        Columns ``fact_id``, ``step``, ``site``, ``layer``, ``tracked``, ``role``, ``token``, ``logit``.
+        """
+        axes = {"site": self.sites, "layer": range(self.logit.shape[2])}
+        return tracked_frame(self.fact_ids, self.tracked, self.logit, axes)
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        """No extra tables."""
+        return {}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """``"<fact_id>/logit"`` → ``[site, layer, tracked]``."""
+        return {f"{fact}/logit": self.logit[f] for f, fact in enumerate(self.fact_ids)}
+
+    def average(self) -> pd.DataFrame:
+        """Mean logit over facts by step, site, layer, tracked token and role.
+
+        With a 95% normal-approximation band ``logit_ci`` and the count ``n``.
+        """
+        return mean_ci(self.to_frame(), ["step", "site", "layer", "tracked", "role"], ["logit"])
+
+
+def run(model: Model, batch: PromptBatch | FactSet, config: Config | None = None) -> EarlyDecodingResult:
+    """Decode every layer's attention / MLP update at the last position for every fact of ``batch``."""
+    config = config or Config()
+    batch = as_batch(model, batch)
+    if not len(batch):
+        raise RecallscopeError("early_decoding got no facts: pass a batch or FactSet with at least one")
+    tracked = tracked_tokens(model, batch, subject=config.subject)
+    sites = [Site(layer, SITES[name]) for name in config.sites for layer in range(model.n_layers)]
+    cache, final = last_position_cache(model, batch, sites)
+    updates = torch.stack([cache[s] for s in sites], 1).unflatten(1, (len(config.sites), model.n_layers))
+    head = FrozenHead.from_final(model, final, bias=config.bias)
+    logits = decode_tracked(head, updates, tracked.ids)  # [B, site, layer, n]
+    return EarlyDecodingResult(
+        config=config,
+        fact_ids=list(batch.fact_ids or map(str, range(len(batch)))),
+        sites=list(config.sites),
+        tracked=TrackedInfo.from_tracked(tracked),
+        logit=logits.cpu().numpy(),
+        final_scale=head.scale.cpu().numpy(),
+        provenance=_provenance(model, config),
+    )
+
+
+def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = None) -> Cost:
+    """One forward; memory: the forward's activations plus the kept update vectors at ``N``."""
+    config = config or Config()
+    batch = as_batch(model, batch)
+    kept = len(batch) * (len(config.sites) * model.n_layers + 1) * model.d_model
+    forward = len(batch) * batch.seq_len * (4 * model.d_model + 2 * model.d_mlp)
+    work = float(sum(batch.seq_len - int(p) for p in batch.pad_lengths) * model.n_layers)
+    return Cost(1, work, (kept + forward) * max(model.dtype.itemsize, 4))
+
+
+# -- helpers shared with head_promotion ---------------------------------------------------------------
+
+
+def work_dtype(model: Model) -> torch.dtype:
+    """The dtype activations are kept in: the model's, at least float32."""
+    return torch.promote_types(model.dtype, torch.float32)
+
+
+def last_position_cache(model: Model, batch: PromptBatch, sites: Sequence[Site]) -> tuple[dict, torch.Tensor]:
+    """One forward keeping ``sites`` and the final residual at the last position ``N``.
+
+    Returns:
+        ``{site: [B, ...]}`` (the site's shape without the position axis) and the final residual
+        ``[B, d_model]`` (``resid_post`` of the last block), in :func:`work_dtype`.
+    """
+    final = Site(model.n_layers - 1, "resid_post")
+    cache = run_with_cache(model, batch, [*sites, final], positions=[-1], dtype=work_dtype(model))
+    return {site: cache[site][:, 0] for site in sites}, cache[final][:, 0]
+
+
+def decode_tracked(head: FrozenHead, vectors: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Frozen-scale logits of each row's tracked tokens for vectors read at ``N``.
+
+    Args:
+        head: the frozen head of the ``B`` rows.
+        vectors: ``[B, ..., d_model]`` components of each row.
+        ids: ``[B, n]`` tracked token ids.
+
+    Returns:
+        ``[B, ..., n]``; with ``head.bias`` its constant logits of the tokens are added.
+    """
+    u = head.token_covectors(ids)  # [B, n, d]
+    flat = vectors.to(u.device, u.dtype).reshape(len(vectors), -1, vectors.shape[-1])  # [B, M, d]
+    logits = torch.einsum("bmd,bnd->bmn", flat, u).reshape(*vectors.shape[:-1], u.shape[1])
+    if head.bias is not None:
+        constant = head.bias[ids.to(head.bias.device).long()]  # [B, n]
+        logits = logits + constant.view(len(ids), *[1] * (vectors.dim() - 2), -1)
+    return logits
+
+
+def tracked_frame(
+    fact_ids: Sequence[str], tracked: TrackedInfo, values: np.ndarray, axes: Mapping[str, Sequence]
+) -> pd.DataFrame:
+    """A tidy frame of ``values [F, *axes, n]`` (one row per fact × axes × tracked token).
+
+    Columns ``fact_id``, ``step``, the ``axes`` (labelled by their sequences), ``tracked``, ``role``,
+    ``token`` and ``logit``.
+    """
+    index = np.indices(values.shape).reshape(values.ndim, -1)
+    f, t = index[0], index[-1]
+    columns: dict[str, np.ndarray] = {
+        "fact_id": np.array(fact_ids, dtype=object)[f],
+        "step": np.asarray(tracked.steps, dtype=np.int64)[f],
+    }
+    for i, (name, labels) in enumerate(axes.items()):
+        columns[name] = np.asarray(list(labels))[index[1 + i]]
+    columns["tracked"] = np.array(tracked.names, dtype=object)[t]
+    columns["role"] = _object_grid(tracked.roles)[f, t]
+    columns["token"] = _object_grid(tracked.tokens)[f, t]
+    columns["logit"] = values.reshape(-1)
+    return pd.DataFrame(columns)
+
+
+def _object_grid(rows: Sequence[Sequence[str]]) -> np.ndarray:
+    """``[F][n]`` strings as an ``[F, n]`` object array (never splits strings into characters)."""
+    grid = np.empty((len(rows), len(rows[0]) if rows else 0), dtype=object)
+    for i, row in enumerate(rows):
+        grid[i, :] = list(row)
+    return grid
+
+
+def _provenance(model: Model, config: Config) -> dict:
+    return result_provenance(
+        model,
+        config,
+        projection="frozen_scale (final residual of the same forward)",
+        readout="W_U (γ ⊙ centre(c)) / ρ_N"
+        + (" + W_U β + b_U" if config.bias else "")
+        + "; tracked tokens only; no final soft-cap",
+        sites={name: SITES[name] for name in config.sites},
+        tracked="subject first token (if subject) + first token of every answer (all k); plain facts: "
+        "the target as answer_1",
+        layers="block index",
+        positions="last",
+        bos=model.bos,
+    )

@@ -1,0 +1,290 @@
+"""Per-head promotion and suppression of the answers (Yan & Jia 2025, Y5; ``methods.md`` §2.2).
+
+For every layer ``ℓ`` and head ``h`` the head's output at the last position ``N``::
+
+    o^{ℓ,h}_N = z^{ℓ,h}_N W_O^{ℓ,h}        z^{ℓ,h}_N = Σ_j α^{ℓ,h}_{N,j} v^{ℓ,kv(h)}_j      [d_model]
+
+(``W_O^{ℓ,h}`` = the rows ``h·d_h … (h+1)·d_h`` of ``W_O [H·d_h, d]``, i.e. the *input-column* block
+of the HF ``o_proj`` weight; Gemma-2's attention post-norm is folded in at its actual scale, see
+:func:`~recallscope.core.decompose.head_outputs`) is decoded with the final norm's scale frozen on
+the final residual, like early decoding (:mod:`recallscope.methods.early_decoding`), for the tracked
+tokens: the subject's first token and the first token of every answer. Summed over heads, plus the
+logits of ``b_O``, this is the decoded attention update.
+
+Rates (:func:`rates`) are dataset-wide: per answer step and layer, ``μ`` and ``σ`` are the mean and
+the (population, ``np.std``) standard deviation of all tracked-token logits over all heads and
+examples (:func:`thresholds`). A head *promotes* in an example when any tracked logit exceeds
+``μ + kσ`` and *suppresses* when any falls below ``μ − kσ`` (both can hold); its promotion and
+suppression rates are the fractions of examples. Per-role rates (``promotes_current``,
+``suppresses_previous``, …) ask the suite's question: do heads suppress the answers already
+generated? Call :func:`rates` on the concatenated frame of all chunks (the stored table);
+:meth:`HeadPromotionResult.rates` uses only the facts of one result.
+
+Compatibility option ``wo_slicing="reference_code"``: the released code multiplies ``z_h`` by
+``o_proj.weight.view(H, d_h, d)``, a memory reinterpretation of the ``[d_out, H·d_h]`` weight that
+slices *output* rows instead of the head's input columns (§2.6 pitfall 3). It reproduces the
+released figures' per-head numbers, not the heads' true outputs; heads then no longer sum to the
+attention update.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+
+from recallscope.core.decompose import head_outputs
+from recallscope.core.steps import ROLES, tracked_tokens
+from recallscope.core.subvalues import FrozenHead
+from recallscope.core.tokens import PromptBatch
+from recallscope.data.facts import FactSet
+from recallscope.errors import RecallscopeError
+from recallscope.methods.base import Cost, MethodConfig, as_batch, result_provenance
+from recallscope.methods.early_decoding import TrackedInfo, decode_tracked, last_position_cache, tracked_frame
+from recallscope.models.model import Model
+from recallscope.models.sites import Site
+
+__all__ = [
+    "NAME",
+    "DESCRIPTION",
+    "CHUNK_SIZE",
+    "SLICINGS",
+    "Config",
+    "HeadPromotionResult",
+    "run",
+    "cost",
+    "head_vectors",
+    "thresholds",
+    "rates",
+]
+
+NAME = "head_promotion"
+DESCRIPTION = (
+    "Decode each attention head at the last token: which heads promote or suppress answers (Yan & Jia)."
+)
+CHUNK_SIZE = 16
+"""Facts per runner chunk (one forward each)."""
+SLICINGS = ("input_columns", "reference_code")
+_KEYS = ["step", "layer", "head"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config(MethodConfig):
+    """Per-head decoding settings.
+
+    Preset ``yan_jia`` is the paper's method with the correct ``W_O`` slice; ``yan_jia_code``
+    reproduces the released code's slicing.
+    """
+
+    k: float = 1.0
+    """Threshold width: promotion above ``μ + kσ``, suppression below ``μ − kσ`` (the paper: 1)."""
+    wo_slicing: Literal["input_columns", "reference_code"] = "input_columns"
+    """``input_columns``: head ``h`` owns ``W_O[h·d_h:(h+1)·d_h]`` (its true output);
+    ``reference_code``: the released code's ``o_proj.weight.view(H, d_h, d)`` (compatibility only)."""
+    subject: bool = True
+    """Also track the first token of the subject (the paper does)."""
+
+    PRESETS = {
+        "yan_jia": dict(k=1.0, wo_slicing="input_columns", subject=True),
+        "yan_jia_code": dict(k=1.0, wo_slicing="reference_code", subject=True),
+    }
+
+    def __post_init__(self) -> None:
+        if self.wo_slicing not in SLICINGS:
+            raise RecallscopeError(
+                f"wo_slicing must be one of {SLICINGS}, got {self.wo_slicing!r}; 'input_columns' is the "
+                "head's true output, 'reference_code' reproduces the released code"
+            )
+        if isinstance(self.k, bool) or not isinstance(self.k, int | float) or not self.k >= 0:
+            raise RecallscopeError(f"k must be a non-negative number of standard deviations, got {self.k!r}")
+        object.__setattr__(self, "k", float(self.k))  # k=1 and k=1.0 are one config (one store hash)
+        if not isinstance(self.subject, bool):
+            raise RecallscopeError(f"subject must be True or False, got {self.subject!r}")
+
+
+@dataclass
+class HeadPromotionResult:
+    """Frozen-scale logits of the tracked tokens for every fact, layer and head."""
+
+    config: Config
+    fact_ids: list[str]
+    tracked: TrackedInfo
+    logit: np.ndarray
+    """``[F, layer, head, tracked]`` logits of the tracked tokens."""
+    final_scale: np.ndarray
+    """``[F]`` ``ρ_N`` of the final norm on the final residual at the last position."""
+    provenance: dict = field(default_factory=dict)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    method: str = NAME
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per fact × layer × head × tracked token.
+
+        Columns ``fact_id``, ``step``, ``layer``, ``head``, ``tracked``, ``role``, ``token``, ``logit``.
+        """
+        _, n_layers, n_heads, _ = self.logit.shape
+        return tracked_frame(
+            self.fact_ids, self.tracked, self.logit, {"layer": range(n_layers), "head": range(n_heads)}
+        )
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        """No extra tables (rates need every chunk: call :func:`rates` on the stored frame)."""
+        return {}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """``"<fact_id>/logit"`` → ``[layer, head, tracked]``."""
+        return {f"{fact}/logit": self.logit[f] for f, fact in enumerate(self.fact_ids)}
+
+    def rates(self, k: float | None = None) -> pd.DataFrame:
+        """:func:`rates` of this result's facts only (default ``k``: the config's)."""
+        return rates(self.to_frame(), self.config.k if k is None else k)
+
+
+def run(model: Model, batch: PromptBatch | FactSet, config: Config | None = None) -> HeadPromotionResult:
+    """Decode every head's output at the last position for every fact of ``batch`` (one forward)."""
+    config = config or Config()
+    batch = as_batch(model, batch)
+    if not len(batch):
+        raise RecallscopeError("head_promotion got no facts: pass a batch or FactSet with at least one")
+    tracked = tracked_tokens(model, batch, subject=config.subject)
+    sites = [Site(layer, "z") for layer in range(model.n_layers)]
+    cache, final = last_position_cache(model, batch, sites)  # z: [B, H, d_head]
+    head = FrozenHead.from_final(model, final, bias=False)
+    logits = [
+        decode_tracked(head, head_vectors(model, s.layer, cache[s], config.wo_slicing), tracked.ids)
+        for s in sites
+    ]  # L × [B, H, n]
+    return HeadPromotionResult(
+        config=config,
+        fact_ids=list(batch.fact_ids or map(str, range(len(batch)))),
+        tracked=TrackedInfo.from_tracked(tracked),
+        logit=torch.stack(logits, 1).cpu().numpy(),
+        final_scale=head.scale.cpu().numpy(),
+        provenance=_provenance(model, config),
+    )
+
+
+def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = None) -> Cost:
+    """One forward; memory: the forward's activations, ``z`` at ``N`` and one layer's head outputs."""
+    batch = as_batch(model, batch)
+    kept = len(batch) * (model.n_layers * model.n_heads * model.d_head + (model.n_heads + 1) * model.d_model)
+    forward = len(batch) * batch.seq_len * (4 * model.d_model + 2 * model.d_mlp)
+    work = float(sum(batch.seq_len - int(p) for p in batch.pad_lengths) * model.n_layers)
+    return Cost(1, work, (kept + forward) * max(model.dtype.itemsize, 4))
+
+
+def head_vectors(model: Model, layer: int, z: torch.Tensor, slicing: str = "input_columns") -> torch.Tensor:
+    """Per-head outputs ``[B, n_heads, d_model]`` of ``layer`` from ``z [B, n_heads, d_head]`` (one position).
+
+    ``input_columns``: ``z_h W_O[h]`` (Gemma-2's post-norm folded in); ``reference_code``: the released
+    code's ``z_h · o_proj.weight.view(H, d_h, d)[h]`` (same post-norm folding).
+    """
+    if slicing == "input_columns":
+        return head_outputs(model, layer, z[:, None]).parts[:, 0]
+    if slicing != "reference_code":
+        raise RecallscopeError(f"wo_slicing must be one of {SLICINGS}, got {slicing!r}")
+    W_O = model.W_O(layer).to(z.device, z.dtype)  # [H, d_head, d]
+    weight = W_O.flatten(0, 1).T.contiguous()  # HF Linear layout [d_out, H·d_head]
+    sliced = weight.view(
+        model.n_heads, model.d_head, model.d_model
+    )  # memory reinterpretation, not a transpose
+    parts = torch.einsum("bhe,hed->bhd", z, sliced)
+    factor = _post_norm_factor(model, layer, z, W_O)
+    return parts if factor is None else parts * factor[:, None]
+
+
+def _post_norm_factor(model: Model, layer: int, z: torch.Tensor, W_O: torch.Tensor) -> torch.Tensor | None:
+    """Gemma-2: ``γ / ρ`` ``[B, d]`` of the attention post-norm at the true attention output; else None."""
+    path = model.spec.attn_post_norm
+    if path is None:
+        return None
+    b_O = model.b_O(layer)
+    pre = torch.einsum("bhe,hed->bd", z, W_O) + (0 if b_O is None else b_O.to(z.device, z.dtype))
+    params = model.norm_params(path, layer)
+    rho = (pre.pow(2).mean(-1, keepdim=True) + params.eps).sqrt()
+    gain = params.gain(z.dtype, z.device)
+    return (1.0 if gain is None else gain) / rho
+
+
+# -- dataset-wide thresholds and rates ----------------------------------------------------------------
+
+
+def thresholds(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per ``step`` × ``layer``: ``mean`` and population ``std`` of every tracked logit.
+
+    Taken over all heads and examples of ``frame`` (a :meth:`HeadPromotionResult.to_frame`, or
+    several concatenated).
+    """
+    _check_frame(frame)
+    grouped = frame.groupby(["step", "layer"], sort=True)["logit"]
+    out = grouped.mean().to_frame("mean")
+    out["std"] = grouped.std(ddof=0)
+    return out.reset_index()
+
+
+def rates(frame: pd.DataFrame, k: float = 1.0) -> pd.DataFrame:
+    """Promotion and suppression rates of every head, with dataset-wide thresholds ``μ ± kσ``.
+
+    Args:
+        frame: a :meth:`HeadPromotionResult.to_frame` of all the facts (chunks concatenated).
+        k: threshold width in standard deviations.
+
+    Returns:
+        One row per ``step`` × ``layer`` × ``head``: ``promotion_rate`` and ``suppression_rate``
+        (fractions of examples with any tracked logit above ``μ + kσ`` / below ``μ − kσ``),
+        ``n_examples``, the layer's ``mean`` and ``std``, and per role ``promotes_<role>`` /
+        ``suppresses_<role>`` (role ∈ subject, previous, current, future): the same fractions over
+        the examples that have a token of that role (NaN where none has).
+    """
+    limits = thresholds(frame)
+    flags = frame.merge(limits, on=["step", "layer"], how="left")
+    flags["promotes"] = (flags["logit"] > flags["mean"] + k * flags["std"]).astype(float)
+    flags["suppresses"] = (flags["logit"] < flags["mean"] - k * flags["std"]).astype(float)
+    per_example = flags.groupby([*_KEYS, "fact_id"], sort=True)[["promotes", "suppresses"]].max()
+    out = per_example.groupby(level=_KEYS).mean()
+    out.columns = ["promotion_rate", "suppression_rate"]
+    out["n_examples"] = per_example.groupby(level=_KEYS).size()
+    out = out.join(_role_rates(flags)).reset_index()
+    return out.merge(limits, on=["step", "layer"], how="left")
+
+
+def _role_rates(flags: pd.DataFrame) -> pd.DataFrame:
+    """``promotes_<role>`` / ``suppresses_<role>`` per step × layer × head (NaN for absent roles)."""
+    by_role = flags.pivot_table(
+        index=[*_KEYS, "fact_id"], columns="role", values=["promotes", "suppresses"], aggfunc="max"
+    )  # [examples, (verb, role)], NaN where the example has no token of the role
+    out = by_role.groupby(level=_KEYS).mean()
+    out.columns = [f"{verb}_{role}" for verb, role in out.columns]
+    return out.reindex(columns=[f"{verb}_{role}" for verb in ("promotes", "suppresses") for role in ROLES])
+
+
+def _check_frame(frame: pd.DataFrame) -> None:
+    missing = {"fact_id", "step", "layer", "head", "role", "logit"} - set(frame.columns)
+    if missing:
+        raise RecallscopeError(
+            f"head_promotion rates need a frame with columns fact_id, step, layer, head, role, logit; "
+            f"missing {sorted(missing)}: pass HeadPromotionResult.to_frame() (or the stored table)"
+        )
+
+
+def _provenance(model: Model, config: Config) -> dict:
+    slicing = {
+        "input_columns": "o_h = z_h W_O[h·d_h:(h+1)·d_h] (input-column block of o_proj.weight)",
+        "reference_code": "o_h = z_h · o_proj.weight.view(H, d_h, d)[h] (released code; slices output rows)",
+    }[config.wo_slicing]
+    post = "; Gemma-2 attention post-norm folded in at its actual scale" if model.spec.attn_post_norm else ""
+    return result_provenance(
+        model,
+        config,
+        projection="frozen_scale (final residual of the same forward)",
+        readout="W_U (γ ⊙ centre(o_h)) / ρ_N; no bias, no final soft-cap; tracked tokens only",
+        heads=slicing + post + f"; kv_head = head // {model.n_groups}",
+        thresholds=f"per step × layer over all heads and examples: mean ± {config.k}·std (population std); "
+        "computed by rates() on the concatenated frame",
+        layers="block index",
+        positions="last",
+        bos=model.bos,
+    )
