@@ -42,6 +42,7 @@ from recallscope.errors import (
     UnsupportedModelError,
 )
 from recallscope.models import DEFAULT_MODEL, Model, Site, load_model, parse_site
+from recallscope.promote_suppress import promote_then_suppress
 
 __version__ = "0.1.0"
 
@@ -72,6 +73,7 @@ __all__ = [
     "decode_tokens",
     "forward",
     "generate_lists",
+    "promote_then_suppress",
     "head_outputs",
     "head_source_outputs",
     "load_facts",
