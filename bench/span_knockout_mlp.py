@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -29,16 +28,13 @@ import torch
 import transformers
 
 import recallscope as rs
+from early_decoding import peak_rss_mb
 from recallscope.core.steps import span_masks
 from recallscope.data import generate_lists
 from recallscope.methods import span_knockout_mlp as sk
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 from oracles.span_knockout_mlp import knockout  # noqa: E402
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def paper_run(model, ids: torch.Tensor, src: list[int], mode: str, W_U: torch.Tensor) -> torch.Tensor:

@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -31,14 +29,11 @@ import torch
 import transformers
 
 import recallscope as rs
+from early_decoding import peak_rss_mb, timed
 from recallscope.methods import token_lens as tl
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 from oracles.token_lens import naive_token_lens  # noqa: E402
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def naive(model, batch, result) -> np.ndarray:
@@ -62,12 +57,6 @@ def naive(model, batch, result) -> np.ndarray:
         present = result.present[row]
         out[row][:, present] = logit[:, present]
     return out
-
-
-def timed(fn):
-    start = time.perf_counter()
-    value = fn()
-    return time.perf_counter() - start, value
 
 
 def main(argv: list[str] | None = None) -> None:
