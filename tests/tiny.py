@@ -201,3 +201,39 @@ def one_to_many_batch(model, rows=None):
     ]
     tracked = {f"answer_{j + 1}": torch.full((len(rows),), ids[j]) for j in range(3)}
     return dataclasses.replace(batch, tracked=tracked)
+
+
+CAPITALS = [
+    ("France", "Paris"),
+    ("Italy", "Rome"),
+    ("Japan", "Tokyo"),
+    ("Spain", "Madrid"),
+    ("Egypt", "Cairo"),
+]
+"""(nation, capital) pairs of the tiny Lv-style facts (:func:`capital_facts`)."""
+
+
+def capital_facts(shots: int = 0, n: int = 5):
+    """A FactSet of ``n`` capital facts in two templates, with counterfactual partners and, with
+    ``shots``, one-shot variants (``recallscope.data.variants``), like ``lv_capitals``."""
+    from recallscope.data.variants import add_relation_context, shot_variants
+
+    templates = ("The [capital] of {subject} is", "As we all know, the [capital] of {subject} is")
+    facts = rs.FactSet(
+        [
+            rs.Fact.from_template(
+                templates[i % 2],
+                nation,
+                [capital],
+                relation="country_capital",
+                fact_id=f"capital/{nation}",
+                attributes={"shot_template": "The capital of {subject} is"},
+            )
+            for i, (nation, capital) in enumerate(CAPITALS[:n])
+        ],
+        name="tiny_capitals",
+    )
+    pool = list(facts)
+    if shots:
+        facts = shot_variants(facts, (0, shots), pool=pool)
+    return add_relation_context(facts, pool=pool)

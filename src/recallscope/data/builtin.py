@@ -22,7 +22,14 @@ from typing import Any, Literal
 from recallscope.data.facts import Fact, FactSet
 from recallscope.errors import DatasetError
 
-__all__ = ["builtin_names", "load_builtin", "builtin_summary", "relation_names", "one_to_many_names"]
+__all__ = [
+    "generic_text",
+    "builtin_names",
+    "load_builtin",
+    "builtin_summary",
+    "relation_names",
+    "one_to_many_names",
+]
 
 TemplateChoice = Literal["rotate", "all", "first"] | int
 
@@ -84,6 +91,17 @@ def descriptions() -> dict[str, str]:
     for name in _files("descriptions"):
         merged.update(_read("descriptions", name))
     return merged
+
+
+@functools.cache
+def generic_text() -> str:
+    """A few paragraphs of everyday English prose, written for recallscope (no facts to recall).
+
+    Used to measure side effects of interventions on ordinary text (perplexity), e.g. by the
+    anti-overconfidence mitigation.
+    """
+    path = resources.files("recallscope.data") / "builtin" / "text" / "generic.txt"
+    return path.read_text(encoding="utf-8").strip()
 
 
 def relation_names() -> tuple[str, ...]:
@@ -173,7 +191,11 @@ def _render(
                     relation=name,
                     fact_id=f"{name}/{row['subject']}/t{t}",
                     description=about.get(row["subject"]),
-                    attributes={"template_index": t, **(extra(row) if extra else {})},
+                    attributes={
+                        "template_index": t,
+                        **({"mention": row["mention"]} if row.get("mention") else {}),
+                        **(extra(row) if extra else {}),
+                    },
                 )
             )
     return facts
@@ -190,7 +212,7 @@ def _lv_capitals() -> list[Fact]:
             relation="country_capital",
             fact_id=f"lv_capitals/{nation}/t{t}",
             description=about.get(nation),
-            attributes={"template_index": t},
+            attributes={"template_index": t, "shot_template": "The capital of {subject} is"},
         )
         for t, prefix in enumerate(LV_PREFIXES)
         for nation, capital in LV_PAIRS

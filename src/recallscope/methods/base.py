@@ -12,7 +12,11 @@ module defines:
 - ``cost(model, batch, config) -> Cost``: forward passes, work and peak memory, without running;
 - optionally ``prepare(model, facts, config) -> Config``: dataset-wide calibration done once before
   the facts are split into chunks (e.g. the causal-tracing noise level);
-- ``CHUNK_SIZE``: facts per chunk the runner uses by default.
+- ``CHUNK_SIZE``: facts per chunk the runner uses by default;
+- optionally ``needs_all_facts(config) -> bool``: true when a result depends on the whole fact
+  list (a fit on a training split evaluated on held-out facts, a pooled regression, a mean over
+  the dataset). The runner then calls ``run`` once with every fact (the method batches its own
+  forwards) under a store key that hashes the fact list.
 
 Methods do no file I/O, plotting or progress bars.
 """
@@ -30,7 +34,16 @@ import torch
 
 from recallscope.errors import RecallscopeError
 
-__all__ = ["MethodConfig", "Cost", "result_provenance", "as_batch", "window", "wide", "choose_targets"]
+__all__ = [
+    "MethodConfig",
+    "Cost",
+    "result_provenance",
+    "as_batch",
+    "window",
+    "wide",
+    "choose_targets",
+    "logit_minus_mean",
+]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -136,3 +149,18 @@ def choose_targets(batch, logits: torch.Tensor, target: str) -> torch.Tensor:
     if batch.target_ids is None:
         raise RecallscopeError("target='gold' needs a batch with targets (facts have answers)")
     return batch.target_ids.long().cpu()
+
+
+def logit_minus_mean(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Lv et al.'s ``iw`` metric (``methods.md`` L2): ``ℓ[target] − mean_v ℓ[v]``.
+
+    Args:
+        logits: ``[B, d_vocab]``.
+        targets: ``[B]`` token ids.
+
+    Returns:
+        ``[B]`` in at least float32.
+    """
+    logits = wide(logits)
+    picked = logits.gather(-1, targets.to(logits.device).long()[:, None])[:, 0]
+    return picked - logits.mean(-1)

@@ -17,7 +17,7 @@ from recallscope.core.cache import forward
 from recallscope.methods import REGISTRY
 from recallscope.methods.base import Cost
 from recallscope.runner.job import Job, model_key
-from recallscope.runner.run import chunks, fact_digest, prepare_job
+from recallscope.runner.run import chunking, chunks, fact_digest, prepare_job
 from recallscope.runner.store import Store
 
 __all__ = ["MethodPlan", "Plan", "plan_job"]
@@ -74,9 +74,9 @@ def plan_job(job: Job, *, model=None, log=print) -> Plan:
     plans = []
     for name, config in configs.items():
         module = REGISTRY[name]
-        size = job.batch_size or getattr(module, "CHUNK_SIZE", 8)
+        size, key = chunking(module, config, job, facts, f"{config.stable_hash()}-{mkey}")
         current = {f.fact_id: fact_digest(f) for f in facts}
-        done = store.done_facts(name, f"{config.stable_hash()}-{mkey}", current) if store else set()
+        done = store.done_facts(name, key, current) if store else set()
         cost = Cost(0, 0.0, 0)
         for rows in chunks(len(facts), size):
             todo = [i for i in rows if facts[i].fact_id not in done]

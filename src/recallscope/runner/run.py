@@ -138,10 +138,28 @@ class ChunkOutput:
         return list(dict.fromkeys(self.frame["fact_id"])) if "fact_id" in self.frame else []
 
 
+def whole_dataset(module: ModuleType, config) -> bool:
+    """Whether ``module`` needs every fact in one call (``needs_all_facts(config)``, e.g. a fit on a
+    training split evaluated on held-out facts, or a regression pooled over the dataset).
+    """
+    check = getattr(module, "needs_all_facts", None)
+    return bool(check is not None and check(config))
+
+
+def chunking(module: ModuleType, config, job, facts: FactSet, key: str) -> tuple[int, str]:
+    """``(chunk size, store key)`` of a method: its ``CHUNK_SIZE`` (or ``--batch-size``), or, for a
+    whole-dataset method, one chunk under a key that also hashes the fact list (a different sample
+    is a different result, never mixed with the old one).
+    """
+    if whole_dataset(module, config):
+        return max(len(facts), 1), f"{key}-{_digest([fact_digest(f) for f in facts])}"
+    return job.batch_size or getattr(module, "CHUNK_SIZE", 8), key
+
+
 def _run_method(module: ModuleType, model, facts: FactSet, config, store: Store, key, job, progress):
     """Run the facts not done yet, chunk by chunk; combine; return the method's manifest entry."""
     name = module.NAME
-    size = job.batch_size or getattr(module, "CHUNK_SIZE", 8)
+    size, key = chunking(module, config, job, facts, key)
     current = {f.fact_id: fact_digest(f) for f in facts}
     done = store.done_facts(name, key, current)
     todo = [c for c in chunks(len(facts), size) if any(facts[i].fact_id not in done for i in c)]
@@ -151,7 +169,10 @@ def _run_method(module: ModuleType, model, facts: FactSet, config, store: Store,
         for rows in todo:
             indices = [i for i in rows if facts[i].fact_id not in done]
             start = time.perf_counter()
-            output = _run_chunk(module, model, facts, indices, config)
+            if whole_dataset(module, config):
+                output = _run_whole(module, model, facts, config)
+            else:
+                output = _run_chunk(module, model, facts, indices, config)
             record = {
                 "fact_ids": output.fact_ids,
                 "digests": {facts[i].fact_id: current[facts[i].fact_id] for i in indices},
@@ -198,6 +219,14 @@ def _run_chunk(module, model, facts: FactSet, indices: list[int], config) -> Chu
         except RecallscopeError as err:
             skipped.append([facts[i].fact_id, str(err)])
     return ChunkOutput.merge(outputs, skipped)
+
+
+def _run_whole(module, model, facts: FactSet, config) -> ChunkOutput:
+    """A whole-dataset method's output; if it fails, every fact is reported skipped with the error."""
+    try:
+        return ChunkOutput.of(module.run(model, facts, config))
+    except RecallscopeError as err:
+        return ChunkOutput.merge([], [[f.fact_id, str(err)] for f in facts])
 
 
 def _manifest(job: Job, model, facts: FactSet, timings: dict[str, float]) -> dict[str, Any]:
