@@ -84,6 +84,13 @@ def _job_options(command):
             "--seed", type=int, default=None, help="Seed of the fact sample and of every method's noise."
         ),
         click.option(
+            "--shots",
+            default="0",
+            show_default=True,
+            help="Demonstrations in front of each prompt, comma-separated: '0,1' analyses every fact "
+            "zero-shot and one-shot (Lv et al.'s few-shot check).",
+        ),
+        click.option(
             "--config",
             "config_file",
             type=click.Path(dir_okay=False),
@@ -103,6 +110,12 @@ def _job(**flags):
     limit = flags["limit"]
     if limit != "all" and not limit.isdigit():
         raise click.BadParameter(f"expected a number of facts or 'all', got {limit!r}", param_hint="--limit")
+    shots = [s.strip() for s in flags["shots"].split(",") if s.strip()]
+    if not shots or not all(s.isdigit() for s in shots):
+        raise click.BadParameter(
+            f"expected numbers of demonstrations such as '0' or '0,1', got {flags['shots']!r}",
+            param_hint="--shots",
+        )
     return Job(
         out=flags["out"],
         model=flags["model_name"],
@@ -114,6 +127,7 @@ def _job(**flags):
         dtype=flags["dtype"],
         batch_size=flags["batch_size"],
         seed=flags["seed"],
+        shots=tuple(int(s) for s in shots),
         configs=load_config_file(flags["config_file"]) if flags["config_file"] else {},
     )
 

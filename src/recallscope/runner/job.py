@@ -21,6 +21,7 @@ import pandas as pd
 
 from recallscope.data import FactSet, generate_lists, load_facts
 from recallscope.data.builtin import one_to_many_names
+from recallscope.data.variants import add_relation_context, shot_variants
 from recallscope.errors import RecallscopeError
 from recallscope.methods import REGISTRY
 from recallscope.models.load import DEFAULT_MODEL
@@ -50,6 +51,8 @@ class Job:
         device, dtype: where and in which precision the model runs (None: defaults).
         batch_size: facts per chunk for every method (None: each method's ``CHUNK_SIZE``).
         seed: seed of the fact sample and, when given, of every method with a ``seed`` field.
+        shots: prompt variants by number of demonstrations (``(0, 1)``: each selected fact zero-shot
+            and with one demonstration of its relation; Lv et al. L8). Single-answer datasets only.
         configs: per method, config fields (and optionally ``preset``) overriding the defaults.
     """
 
@@ -63,6 +66,7 @@ class Job:
     dtype: str | None = None
     batch_size: int | None = None
     seed: int | None = None
+    shots: tuple[int, ...] = (0,)
     configs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -71,6 +75,12 @@ class Job:
             raise RecallscopeError(
                 f"limit must be a positive number of facts (or None for all), got {self.limit}"
             )
+        shots = tuple(sorted(set(int(n) for n in self.shots)))
+        if not shots or shots[0] < 0:
+            raise RecallscopeError(
+                f"shots must be numbers of demonstrations >= 0 such as (0, 1), got {self.shots}"
+            )
+        object.__setattr__(self, "shots", shots)
         if self.batch_size is not None and self.batch_size < 1:
             raise RecallscopeError(f"batch_size must be positive, got {self.batch_size}")
         names = tuple(m.NAME for m in resolve_methods(self.methods))
@@ -162,18 +172,46 @@ def select_facts(model, job: Job, store=None, *, write: bool = True) -> FactSet:
     With ``known_only`` and a ``limit``, facts are tested in a seeded random order until ``limit``
     known ones are found (a uniform sample of the known facts, without testing the whole dataset),
     then kept in dataset order. With a ``store``, verdicts are read from ``known.json`` and, with
-    ``write``, saved there.
+    ``write``, saved there. With ``job.shots``, each chosen fact comes in every shot variant (a few-shot
+    variant the model does not know is dropped under ``known_only``). Every fact gets a counterfactual
+    partner and its relation's answers from the whole loaded dataset
+    (:func:`~recallscope.data.variants.add_relation_context`).
     """
     if job.dataset in one_to_many_names():
+        if job.shots != (0,):
+            raise RecallscopeError("--shots applies to single-answer datasets, not to one-to-many lists")
         return select_lists(model, job, store, write=write)
     facts = load_facts(job.dataset).fit_context(model)
+    verdicts = _cached_verdicts(model, store)
+    chosen = _known_sample(model, job, facts, verdicts)
+    if job.shots != (0,):
+        chosen = shot_variants(chosen, job.shots, pool=list(facts), seed=job.seed or 0).fit_context(model)
+        if job.known_only:
+            chosen = _known_only(model, chosen, verdicts)
+    if store is not None and write and job.known_only:
+        store.write_json("known.json", {"model_key": model_key(model), "verdicts": verdicts})
+    return add_relation_context(chosen, pool=list(facts), seed=job.seed or 0)
+
+
+def _known_only(model, facts: FactSet, verdicts: dict[str, bool]) -> FactSet:
+    """The facts the model knows (verdicts cached in ``verdicts``, updated in place)."""
+    todo = [f for f in facts if f.fact_id not in verdicts]
+    for start in range(0, len(todo), _KNOWN_BATCH):
+        block = todo[start : start + _KNOWN_BATCH]
+        kept = {f.fact_id for f in facts.with_facts(block, {"step": "chunk"}).known_by(model)}
+        verdicts.update({f.fact_id: f.fact_id in kept for f in block})
+    step = {"step": "known_by", "model": model.info.name, "criterion": "first_token", "variants": True}
+    return facts.with_facts([f for f in facts if verdicts[f.fact_id]], step)
+
+
+def _known_sample(model, job: Job, facts: FactSet, verdicts: dict[str, bool]) -> FactSet:
+    """The seeded sample of ``job.limit`` facts (known ones with ``job.known_only``), in dataset order."""
     seed = job.seed or 0
     if not job.known_only:
         return facts.sample(job.limit, seed=seed) if job.limit is not None else facts
     order = list(range(len(facts)))
     if job.limit is not None:
         random.Random(seed).shuffle(order)
-    verdicts = _cached_verdicts(model, store)
     known: list[int] = []
     checked = 0
     while checked < len(order) and (job.limit is None or len(known) < job.limit):
@@ -184,8 +222,6 @@ def select_facts(model, job: Job, store=None, *, write: bool = True) -> FactSet:
             kept = {f.fact_id for f in facts.with_facts(todo, {"step": "chunk"}).known_by(model)}
             verdicts.update({f.fact_id: f.fact_id in kept for f in todo})
         known += [i for i in block if verdicts[facts[i].fact_id]]
-    if store is not None and write:
-        store.write_json("known.json", {"model_key": model_key(model), "verdicts": verdicts})
     step = {
         "step": "known_by",
         "model": model.info.name,
@@ -260,5 +296,7 @@ def facts_frame(facts: FactSet) -> pd.DataFrame:
             "prompt": [f.prompt for f in facts],
             "target": [f.target for f in facts],
             "answers": [list(f.answers) for f in facts],
+            "shots": [int(f.attributes.get("shots", 0)) for f in facts],
+            "base_id": [f.attributes.get("base_id", f.fact_id) for f in facts],
         }
     )

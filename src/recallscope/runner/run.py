@@ -45,6 +45,8 @@ def fact_digest(fact) -> str:
     """A short hash of what a fact's results depend on (so an edited fact is redone on resume)."""
     content = [fact.fact_id, fact.subject, fact.prompt, list(fact.answers), list(fact.subject_span or ())]
     content.append(list(fact.relation_span or ()))
+    if "counterfactual" in fact.attributes:  # Lv et al.'s path patching reads the partner's prompt
+        content.append(fact.attributes["counterfactual"]["prompt"])
     return hashlib.sha256(json.dumps(content).encode()).hexdigest()[:12]
 
 
