@@ -72,6 +72,9 @@ def test_cli_run_writes_the_output_contract(demo):
         "token_lens": 3 * 30 * 3 * 2,  # facts × layers × (subject, last token, other) × tracked
         "span_knockout_mlp": 3 * 2 * 30 * 2,  # facts × (subject, last token) × layers × tracked
         "head_promotion": 3 * 30 * 9 * 2,  # facts × layers × heads × tracked
+        "argument_heads": 3 * 30 * 9,  # facts × layers × heads
+        "mlp_regression": 3 * 30 * 9,  # facts × MLP layers × feeding heads
+        "function_application": 3 * 30 * 2,  # facts × layers × (mlp_out, remainder)
     }
     for method, n_rows in geva.items():
         assert len(pd.read_parquet(out / "results" / f"{method}.parquet")) == n_rows, method
@@ -109,7 +112,13 @@ def test_cli_run_writes_the_output_contract(demo):
         "token_lens_steps.png",
         "span_knockout_mlp_steps.png",
         "head_promotion_scatter.png",
+        "argument_heads_patching.png",
+        "mlp_regression_coef.png",
+        "function_application_relation_rank.png",
     } <= figures
+    anti = manifest["methods"]["anti_overconfidence"]  # 3 facts cannot be split into 2 + 2
+    assert len(anti["skipped"]) == 3 and all("at least 2 facts" in reason for _, reason in anti["skipped"])
+    assert "at least 2 facts" in (out / "report.html").read_text()
     neurons = pd.read_parquet(out / "results" / "logprob_attribution.neurons.parquet")
     assert len(neurons) == 3 * 2 * 20 and neurons["logprob_increase"].notna().all()
     facts = pd.read_parquet(out / "facts.parquet")
@@ -272,3 +281,47 @@ def test_one_to_many_run_gives_the_yan_jia_figures_and_summary(tmp_path):
     } <= figures
     html = (out / "report.html").read_text()
     assert "Step 2 (2 facts): MLPs in L15–29" in html and "Promote-then-suppress:" in html
+
+
+def test_lv_run_gives_the_four_analyses_zero_and_one_shot(tmp_path):
+    """`run --dataset lv_capitals --shots 0,1`: Lv et al.'s suite on known capitals, zero- and one-shot."""
+    methods = "argument_heads,mlp_regression,function_application,anti_overconfidence"
+    out = tmp_path / "lv"
+    flags = ["--dataset", "lv_capitals", "--methods", methods, "--limit", 4, "--shots", "0,1"]
+    recallscope("run", *flags, "--out", out)
+    facts = pd.read_parquet(out / "facts.parquet")
+    n = len(facts)
+    assert set(facts["shots"]) == {0, 1} and 6 <= n <= 8 and facts["base_id"].nunique() == 4
+    one_shot = facts[facts["shots"] == 1]
+    assert one_shot["prompt"].str.match(r"^The capital of \w+ is \w+\. ").all()
+    heads = pd.read_parquet(out / "results" / "argument_heads.parquet")
+    assert len(heads) == n * 30 * 9 and heads["delta"].notna().all()
+    assert len(pd.read_parquet(out / "results" / "argument_heads.mlp.parquet")) == n * 30
+    assert len(pd.read_parquet(out / "results" / "mlp_regression.parquet")) == n * 30 * 9
+    fit = pd.read_parquet(out / "results" / "mlp_regression.fit.parquet")
+    assert len(fit) == n * 30 and fit["r2"].between(-1e-9, 1 + 1e-9).all()
+    function = pd.read_parquet(out / "results" / "function_application.parquet")
+    assert len(function) == n * 30 * 2 and function["follows"].notna().all()
+    assert (function["relation_rank"] <= function["n_candidates"]).all()
+    anti = pd.read_parquet(out / "results" / "anti_overconfidence.parquet")
+    assert (
+        set(anti["split"]) == {"train", "heldout"} and anti.groupby("fact_id")["split"].nunique().max() == 1
+    )
+    per_fact = pd.read_parquet(out / "results" / "anti_overconfidence.facts.parquet").merge(
+        facts, on="fact_id"
+    )
+    assert len(per_fact) == n and per_fact.groupby("base_id")["split"].nunique().max() == 1
+    mitigation = pd.read_parquet(out / "results" / "anti_overconfidence.mitigation.parquet")
+    assert len(mitigation) == 1 and mitigation["perplexity_before"].iloc[0] > 1
+    figures = {p.name for p in (out / "figures").iterdir()}
+    for name in (
+        "argument_heads_patching",
+        "argument_heads_r",
+        "mlp_regression_coef",
+        "function_application_shift",
+    ):
+        assert {f"{name}_0shot.png", f"{name}_1shot.png"} <= figures, name
+    assert "anti_overconfidence_components.png" in figures
+    html = (out / "report.html").read_text()
+    assert "Argument-passing heads" in html and "pass the argument (1-shot)" in html
+    assert "Held-out mean probability" in html or "No candidate" in html

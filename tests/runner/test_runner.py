@@ -116,6 +116,38 @@ def test_bad_fact_is_skipped_and_reported(tiny_models, tmp_path, dataset, monkey
     assert "something about Rome" in (job.out / "report.html").read_text()
 
 
+def test_whole_dataset_method_gets_every_fact_in_one_call(tiny_models, tmp_path, dataset, monkeypatch):
+    model = tiny_models("gpt2")
+    calls = []
+    original = logit_lens.run
+    monkeypatch.setattr(logit_lens, "needs_all_facts", lambda config: True, raising=False)
+    monkeypatch.setattr(logit_lens, "run", lambda m, f, c: calls.append(len(f)) or original(m, f, c))
+    job = _job(tmp_path, dataset, batch_size=2, methods=("logit_lens",))
+    store = run_job(job, model=model, progress=False, report=False)
+    assert calls == [5] and store.read_manifest()["methods"]["logit_lens"]["chunks"] == 1
+    run_job(job, model=model, progress=False, report=False)
+    assert calls == [5]  # done: resumed
+    smaller = _job(tmp_path, dataset, batch_size=2, methods=("logit_lens",), limit=3)
+    store = run_job(smaller, model=model, progress=False, report=False)
+    assert calls == [5, 3]  # another fact list: another store key, recomputed as a whole
+    assert store.read_table("logit_lens")["fact_id"].nunique() == 3
+
+
+def test_shots_give_zero_and_one_shot_variants_with_counterfactual_partners(tiny_models, tmp_path):
+    from recallscope.runner.job import select_facts
+
+    facts = select_facts(
+        tiny_models("gpt2"),
+        Job(out=tmp_path, dataset="lv_capitals", limit=3, known_only=False, shots=(1, 0), seed=2),
+    )
+    assert [f.attributes.get("shots", 0) for f in facts] == [0, 1] * 3
+    for zero, one in zip(facts[::2], facts[1::2], strict=True):
+        assert one.prompt.endswith(zero.prompt) and one.fact_id == zero.fact_id + "/1shot"
+        assert zero.attributes["counterfactual"]["subject"] == one.attributes["counterfactual"]["subject"]
+    with pytest.raises(rs.RecallscopeError, match="shots"):
+        Job(out=tmp_path, shots=(-1,))
+
+
 def test_plan_counts_work_and_resume(tiny_models, tmp_path, dataset):
     model = tiny_models("gpt2")
     job = _job(tmp_path, dataset, batch_size=2)
@@ -184,14 +216,21 @@ def test_every_method_follows_the_protocol(tiny_models):
         rs.Fact(fact_id=f["subject"], subject=f["subject"], prompt=f["prompt"], answers=[f["target"]])
         for f in FACTS[:2]
     )
+    everything = rs.FactSet(
+        rs.Fact(fact_id=f["subject"], subject=f["subject"], prompt=f["prompt"], answers=[f["target"]])
+        for f in FACTS
+    )
     for name, module in REGISTRY.items():
         assert module.NAME == name and module.DESCRIPTION and module.CHUNK_SIZE >= 1
         config = module.Config.from_dict(FAST.get(name, {}))
+        whole = getattr(module, "needs_all_facts", lambda c: False)(config)  # a train/held-out split
+        given = everything if whole else facts
         if hasattr(module, "prepare"):
-            config = module.prepare(model, facts, config)
-        result = module.run(model, facts, config)
+            config = module.prepare(model, given, config)
+        result = module.run(model, given, config)
         frame = result.to_frame()
-        assert set(frame["fact_id"]) == {"France", "Germany"}
-        assert all(key.split("/")[0] in {"France", "Germany"} for key in result.arrays())
+        ids = {f.fact_id for f in given}
+        assert set(frame["fact_id"]) == ids
+        assert all(key.split("/")[0] in ids for key in result.arrays())
         assert isinstance(result.tables(), dict) and result.skipped == []
         assert result.provenance["conventions"] and module.cost(model, facts, config).forwards >= 1

@@ -5,16 +5,20 @@ a result class with ``to_frame()`` / ``arrays()``, and ``run(model, batch, confi
 """
 
 from recallscope.methods import (
+    anti_overconfidence,
+    argument_heads,
     attention_knockout,
     attributes_rate,
     causal_tracing,
     early_decoding,
     early_patching,
     extraction_rate,
+    function_application,
     head_mappings,
     head_promotion,
     logit_lens,
     logprob_attribution,
+    mlp_regression,
     neuron_ablation,
     query_attribution,
     span_knockout_mlp,
@@ -37,12 +41,20 @@ _MODULES = (
     token_lens,
     span_knockout_mlp,
     head_promotion,
+    argument_heads,
+    mlp_regression,
+    function_application,
+    anti_overconfidence,
     causal_tracing,
 )
 REGISTRY = {module.NAME: module for module in _MODULES}
 
 __all__ = [
     "REGISTRY",
+    "anti_overconfidence",
+    "argument_heads",
+    "function_application",
+    "mlp_regression",
     "attention_knockout",
     "attributes_rate",
     "causal_tracing",

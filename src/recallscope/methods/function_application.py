@@ -44,9 +44,6 @@ import pandas as pd
 import torch
 
 from recallscope.core.cache import run_with_cache
-from recallscope.core.decompose import head_outputs
-from recallscope.core.mlp import feeding_attention_layer, mlp_input_site
-from recallscope.core.regression import least_squares
 from recallscope.core.subvalues import FrozenHead
 from recallscope.core.tokens import PromptBatch, answer_ids
 from recallscope.data.facts import FactSet
@@ -54,6 +51,7 @@ from recallscope.data.variants import add_relation_context, counterfactual_facts
 from recallscope.errors import RecallscopeError
 from recallscope.methods.base import Cost, MethodConfig, result_provenance
 from recallscope.methods.early_decoding import decode_tracked, work_dtype
+from recallscope.methods.mlp_regression import needed_sites, regressor_heads, remainders
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
 from recallscope.stats import mean_ci
@@ -250,10 +248,10 @@ def run(model: Model, facts: FactSet, config: Config | None = None) -> FunctionA
     paired = (
         [i for i, f in enumerate(clean) if "counterfactual" in f.attributes] if config.counterfactual else []
     )
+    lonely = [f for f in clean if config.counterfactual and "counterfactual" not in f.attributes]
     skipped = [
         (f.fact_id, "no counterfactual partner in the relation: counterfactual columns are NaN")
-        for i, f in enumerate(clean)
-        if config.counterfactual and i not in set(paired)
+        for f in lonely
     ]
     partners = list(counterfactual_facts(facts.with_facts([clean[i] for i in paired], {}))) if paired else []
     batch = facts.with_facts([*clean, *partners], {"step": "function_application"}).to_batch(model)
@@ -269,24 +267,7 @@ def run(model: Model, facts: FactSet, config: Config | None = None) -> FunctionA
     if paired:
         rows = torch.tensor(paired)
         _counterfactual(values, head, vectors, rows, targets[rows], targets[F:], F)
-    table = pd.DataFrame(
-        {
-            "fact_id": [f.fact_id for f in clean],
-            "target_id": targets[:F].numpy(),
-            "target_token": [model.tokenizer.decode([int(t)]) for t in targets[:F]],
-            "counterfactual_id": [None] * F,
-            "new_id": np.full(F, -1, dtype=np.int64),
-            "new_token": [None] * F,
-            "n_candidates": [len(c) for c in candidates],
-            "final_scale": head.scale[:F].cpu().double().numpy(),
-        }
-    )
-    for j, i in enumerate(paired):
-        table.loc[i, ["counterfactual_id", "new_id", "new_token"]] = [
-            partners[j].fact_id,
-            int(targets[F + j]),
-            model.tokenizer.decode([int(targets[F + j])]),
-        ]
+    table = _facts_table(model, clean, partners, paired, targets, candidates, head.scale[:F])
     return FunctionApplicationResult(
         config=config,
         fact_ids=[f.fact_id for f in clean],
@@ -309,11 +290,11 @@ def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = Non
     config = config or Config()
     n = len(batch)
     if isinstance(batch, FactSet):
-        n_rows = n * (2 if config.counterfactual else 1)
-        lengths = [len(model.tokenizer(f.prompt)["input_ids"]) for f in batch] * (n_rows // max(n, 1))
+        lengths = [len(model.tokenizer(f.prompt)["input_ids"]) for f in batch]
     else:
-        n_rows = n
         lengths = [batch.seq_len - int(p) for p in batch.pad_lengths]
+    copies = 2 if config.counterfactual else 1  # counterfactual prompts: about as long as the clean ones
+    n_rows, lengths = n * copies, lengths * copies
     seq_len = max(lengths, default=0)
     n_layers = len(config.layers) if config.layers is not None else model.n_layers
     kept = n_rows * n_layers * (model.n_heads * model.d_head + 3 * model.d_model)
@@ -352,61 +333,28 @@ def _layers(model: Model, config: Config) -> list[int]:
 
 
 def _components(model: Model, batch: PromptBatch, layers: Sequence[int], config: Config):
-    """``mlp_out [B, L, d]``, ``remainder [B, L, d]``, final residual ``[B, d]`` and clean logits
-    ``[B, V]`` (``top1`` only, else None) at the last position, from one forward.
+    """``mlp_out [B, L, d]``, ``remainder [B, L, d]`` (float64), the final residual ``[B, d]`` and the
+    clean logits ``[B, V]`` (``top1`` only, else None) at the last position, from one forward.
     """
-    feeding = {layer: feeding_attention_layer(model, layer) for layer in layers}
     if config.regressors == "earlier_layers":
-        most = max(((f + 1) * model.n_heads for f in feeding.values() if f is not None), default=0)
+        most = max(len(regressor_heads(model, layer, config.regressors)) for layer in layers)
         if most >= model.d_model:
             raise RecallscopeError(
                 f"regressors='earlier_layers' fits up to {most} heads on d_model={model.d_model} "
-                "coordinates: "
-                "the fit is exact and the remainder empty; use regressors='feeding_layer' or earlier layers"
+                "coordinates: the fit is exact and the remainder empty; use regressors='feeding_layer' "
+                "or earlier layers"
             )
-    heads = sorted({h for f in feeding.values() if f is not None for h in _head_layers(config, f)})
-    sites = [Site(layer, "mlp_out") for layer in layers] + [Site(h, "z") for h in heads]
-    if config.space == "normalized":
-        sites += [mlp_input_site(model, layer) for layer in layers]
     final_site = Site(model.n_layers - 1, "resid_post")
-    cache = run_with_cache(
-        model,
-        batch,
-        [*dict.fromkeys(sites), final_site],
-        positions=[-1],
-        logits="last" if config.target == "top1" else None,
-        dtype=work_dtype(model),
-    )
-    outputs = {h: head_outputs(model, h, cache[Site(h, "z")]).parts[:, 0] for h in heads}  # [B, H, d]
-    mlp_out, remainder = [], []
-    for layer in layers:
-        y = cache[Site(layer, "mlp_out")][:, 0]  # [B, d]
-        mlp_out.append(y)
-        if feeding[layer] is None:  # nothing feeds MLP 0 of a parallel block: an empty fit
-            remainder.append(y - y.mean(-1, keepdim=True) if config.intercept else y)
-            continue
-        X = torch.cat([outputs[h] for h in _head_layers(config, feeding[layer])], 1)  # [B, n, d]
-        if config.space == "normalized":
-            X = _normalized(model, layer, X, cache[mlp_input_site(model, layer)][:, 0])
-        fit = least_squares(y, X, intercept=config.intercept)
-        remainder.append(fit.remainder.to(y.dtype))
-    logits = None if cache.logits is None else cache.logits
-    return torch.stack(mlp_out, 1), torch.stack(remainder, 1), cache[final_site][:, 0], logits
-
-
-def _head_layers(config: Config, feeding: int) -> list[int]:
-    return [feeding] if config.regressors == "feeding_layer" else list(range(feeding + 1))
-
-
-def _normalized(model: Model, layer: int, X: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
-    """``γ ⊙ centre(X) / ρ`` with ``ρ`` the MLP norm's scale on its actual input ``resid [B, d]``."""
-    params = model.norm_params(model.spec.mlp_norm, layer)
-    if params.kind == "layer":
-        X = X - X.mean(-1, keepdim=True)
-        resid = resid - resid.mean(-1, keepdim=True)
-    rho = (resid.pow(2).mean(-1) + params.eps).sqrt()  # [B]
-    gain = params.gain(X.dtype, X.device)
-    return (X if gain is None else X * gain) / rho[:, None, None]
+    sites = [*needed_sites(model, layers, regressors=config.regressors), final_site]
+    sites = list(dict.fromkeys(sites))
+    logits = "last" if config.target == "top1" else None
+    cache = run_with_cache(model, batch, sites, positions=[-1], logits=logits, dtype=work_dtype(model))
+    acts = {site: cache[site][:, 0] for site in sites}
+    fit = dict(regressors=config.regressors, intercept=config.intercept, space=config.space)
+    pairs = [remainders(model, acts, layer, **fit) for layer in layers]  # L × ([B, d], [B, d])
+    mlp_out = torch.stack([y for y, _ in pairs], 1)
+    remainder = torch.stack([f for _, f in pairs], 1)
+    return mlp_out, remainder, acts[final_site], cache.logits
 
 
 def _targets(batch: PromptBatch, logits: torch.Tensor | None, target: str) -> torch.Tensor:
@@ -475,6 +423,28 @@ def _decode_clean(model: Model, head: FrozenHead, vectors: torch.Tensor, targets
         cand[:, layer] = picked.double().cpu()
     cand_logits = [cand[i, ..., : len(c)].numpy() for i, c in enumerate(candidates)]
     return values, top, cand_logits
+
+
+def _facts_table(model: Model, clean, partners, paired, targets, candidates, scale) -> pd.DataFrame:
+    """One row per clean fact: its target, its counterfactual partner's answer ``C'`` and ``ρ_N``."""
+    F = len(clean)
+    decode = _decoder(model)
+    table = pd.DataFrame(
+        {
+            "fact_id": [f.fact_id for f in clean],
+            "target_id": targets[:F].numpy(),
+            "target_token": [decode(t) for t in targets[:F]],
+            "counterfactual_id": [None] * F,
+            "new_id": np.full(F, -1, dtype=np.int64),
+            "new_token": [None] * F,
+            "n_candidates": [len(c) for c in candidates],
+            "final_scale": scale.cpu().double().numpy(),
+        }
+    )
+    for j, i in enumerate(paired):
+        new = int(targets[F + j])
+        table.loc[i, ["counterfactual_id", "new_id", "new_token"]] = [partners[j].fact_id, new, decode(new)]
+    return table
 
 
 def _decoder(model: Model):

@@ -238,7 +238,7 @@ def knockout_token_map(frame: pd.DataFrame, title: str) -> plt.Figure:
 def grouped_bars(table: pd.DataFrame, title: str, ylabel: str) -> plt.Figure:
     """Bars of ``table``'s values: one group per row (index), one bar per column."""
     with plt.rc_context(STYLE):
-        fig, ax = plt.subplots(figsize=(max(4.0, 0.55 * table.size + 1.5), 3.6))
+        fig, ax = plt.subplots(figsize=(min(14.0, max(4.0, 0.55 * table.size + 1.5)), 3.6))
         x = _bars(ax, table)
         ax.set_xticks(x, [token_label(str(i)) for i in table.index], rotation=30, ha="right")
         ax.set_ylabel(ylabel)

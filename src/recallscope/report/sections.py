@@ -30,6 +30,7 @@ from recallscope.report.figures import (
     save_figure,
     token_text,
 )
+from recallscope.report.lv import SECTIONS as LV_SECTIONS
 from recallscope.report.one_to_many import SECTIONS as ONE_TO_MANY_SECTIONS
 from recallscope.report.section import Options, Section, Table, fact_title, method_config, new_section
 
@@ -614,6 +615,7 @@ SECTIONS: dict[str, Callable[..., Section]] = {
     "query_attribution": query_attribution_section,
     "neuron_ablation": neuron_ablation_section,
     **ONE_TO_MANY_SECTIONS,
+    **LV_SECTIONS,
 }
 
 

@@ -1,0 +1,700 @@
+"""Argument-passing heads: which heads move the subject to the last position (Lv et al. 2024, L3 + L4).
+
+Two measurements per fact and attention head ``(ℓ, h)`` (``methods.md`` §1.2), giving ``[layers × heads]``
+maps:
+
+**L4, attention × subject projection** (one forward per chunk of facts). At the last position ``N``:
+
+- ``attention``: the head's attention from ``N`` to the subject, summed over the subject's tokens
+  (``attend_to="span"``) or to its first token only (``"first"``, the paper's ``pos_N``);
+- ``subject_logit``: the head's output ``o^{ℓ,h}_N = z^{ℓ,h}_N W_O^{ℓ,h}``
+  (:func:`~recallscope.methods.head_promotion.head_vectors`, Gemma-2's post-norm folded in) read on
+  the subject's first token: the frozen-scale logit ``W_U (γ ⊙ centre(o)) / ρ_N`` of that token
+  (``projection="frozen_scale"``, ``ρ_N`` the final norm's scale on the same forward's final residual,
+  no bias, no soft-cap) or the raw ``⟨o, W_U[tok]⟩`` (``"raw"``, the paper's scatter).
+
+An argument passer attends to the subject and writes its unembedding direction: over the facts,
+``attention`` and ``subject_logit`` correlate positively (:func:`scores` gives Pearson's ``r``).
+
+**L3, path patching to the logits.** Sender = each head (and each MLP), receiver = the final logits,
+metric ``iw`` = target logit − mean logit (:func:`~recallscope.methods.base.logit_minus_mean`). The
+paper's forward C runs the clean prompt with *every* head's ``q``, ``k``, ``v`` frozen to their clean
+values and the sender's output at ``N`` only replaced by its counterfactual value; MLPs run freely
+unless ``freeze_mlps``. With ``q/k/v`` frozen no head output changes anywhere, and since only
+position ``N`` is touched, nothing but the residual stream at ``N`` changes, through the later MLPs
+and the final norm. So this module:
+
+1. records the clean run once (:func:`~recallscope.core.resume.record_run`, facts grouped by prompt
+   length because a recorded run has no padding);
+2. for each layer ``ℓ`` resumes it at block ``ℓ``, position ``N`` only
+   (:func:`~recallscope.core.resume.resume`), with one row per fact × sender of layer ``ℓ``;
+3. sets the sender head's ``z`` at ``N`` (or, for an MLP sender, ``mlp_out`` at ``N``) to the
+   counterfactual value;
+4. holds ``attn_out`` at ``N`` of every later layer (and of layer ``ℓ`` for MLP senders) to its
+   clean value. This is exactly freezing ``q/k/v``: frozen ``q/k/v`` give the clean attention
+   output, the only thing attention adds to the stream at ``N``;
+5. with ``freeze_mlps`` also holds ``mlp_out`` at ``N`` of every later layer (for a head sender, the
+   MLP of its own layer too, which in a sequential block reads the head's output);
+6. reads ``iw`` on the resumed logits (the model's own final norm, soft-cap included).
+
+Counterfactual values: ``patching="per_example"`` uses each fact's own counterfactual prompt
+(:func:`~recallscope.data.variants.counterfactual_facts`: the same prompt with another subject of the
+relation); ``"mean"`` (the reference code) uses the mean, over *all* counterfactual prompts given to
+:func:`run`, of the sender's value at ``N``; then :func:`needs_all_facts` is true and the runner
+passes the whole dataset, which is batched here by ``batch_size``.
+
+Per fact and sender: ``clean`` and ``patched`` ``iw``, ``delta = patched − clean`` and
+``delta_pct = 100·delta/clean`` (§1.6 pitfall 6: a % change is unstable when ``clean`` is small, so
+both are kept). Strongly negative = the sender carries task information to the logits.
+:func:`scores` summarizes per head over the dataset, :func:`argument_passers` flags the heads that
+both move the subject and matter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+
+from recallscope.core.cache import run_with_cache
+from recallscope.core.hooks import site_hook
+from recallscope.core.resume import record_run, resume
+from recallscope.core.subvalues import FrozenHead
+from recallscope.core.tokens import PromptBatch
+from recallscope.data.facts import FactSet
+from recallscope.data.variants import add_relation_context, counterfactual_facts
+from recallscope.errors import RecallscopeError
+from recallscope.methods.base import Cost, MethodConfig, choose_targets, logit_minus_mean, result_provenance
+from recallscope.methods.early_decoding import work_dtype
+from recallscope.methods.head_promotion import head_vectors
+from recallscope.models.model import Model
+from recallscope.models.sites import Site
+from recallscope.stats import mean_ci
+
+__all__ = [
+    "NAME",
+    "DESCRIPTION",
+    "CHUNK_SIZE",
+    "Config",
+    "ArgumentHeadsResult",
+    "run",
+    "cost",
+    "needs_all_facts",
+    "scores",
+    "argument_passers",
+]
+
+NAME = "argument_heads"
+DESCRIPTION = (
+    "Heads that move the subject to the last token: attention × subject logit and path patching "
+    "of every head to the logits (Lv et al.)."
+)
+CHUNK_SIZE = 16
+"""Facts per runner chunk (per-example patching; mean patching takes the whole dataset)."""
+PATCHINGS = ("per_example", "mean")
+ATTEND_TO = ("span", "first")
+PROJECTIONS = ("frozen_scale", "raw")
+TARGETS = ("gold", "top1")
+_METRICS = ("clean", "patched", "delta", "delta_pct")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config(MethodConfig):
+    """Argument-head settings.
+
+    Preset ``lv``: the paper as ``methods.md`` §1 describes it (attention to the subject's first
+    token, raw projection, per-example counterfactuals); ``lv_code``: the reference code's mean
+    patching with the same readouts.
+    """
+
+    path_patching: bool = True
+    """Run L3 path patching (the expensive part); False leaves ``clean`` … ``delta_pct`` NaN."""
+    mlps: bool = True
+    """Also patch every MLP as a sender (table ``mlp``)."""
+    freeze_mlps: bool = False
+    """Hold the later MLP outputs at their clean values too (only the direct path to the logits)."""
+    patching: Literal["per_example", "mean"] = "per_example"
+    """Counterfactual value of a sender: each fact's own counterfactual prompt, or the mean over all
+    counterfactual prompts given to :func:`run` (the reference code)."""
+    attend_to: Literal["span", "first"] = "span"
+    """``attention``: summed over the subject's tokens, or to its first token only (the paper)."""
+    projection: Literal["frozen_scale", "raw"] = "frozen_scale"
+    """``subject_logit``: frozen-scale logit of the subject's first token, or raw ``⟨o, W_U[tok]⟩``."""
+    target: Literal["gold", "top1"] = "gold"
+    """Token of the ``iw`` metric: the gold answer's first token or the model's clean top-1."""
+    batch_size: int = 16
+    """Facts per forward (and per recorded run)."""
+
+    PRESETS = {
+        "lv": dict(patching="per_example", attend_to="first", projection="raw", freeze_mlps=False),
+        "lv_code": dict(patching="mean", attend_to="first", projection="raw", freeze_mlps=False),
+    }
+
+    def __post_init__(self) -> None:
+        choices = {
+            "patching": PATCHINGS,
+            "attend_to": ATTEND_TO,
+            "projection": PROJECTIONS,
+            "target": TARGETS,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise RecallscopeError(
+                    f"argument_heads {name} must be one of {allowed}, got {getattr(self, name)!r}"
+                )
+        for name in ("path_patching", "mlps", "freeze_mlps"):
+            if not isinstance(getattr(self, name), bool):
+                raise RecallscopeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise RecallscopeError(
+                f"batch_size must be a positive number of facts, got {self.batch_size!r}; e.g. batch_size=16"
+            )
+
+
+def needs_all_facts(config: Config) -> bool:
+    """Mean patching averages over every counterfactual prompt: the runner passes the whole dataset."""
+    return config.path_patching and config.patching == "mean"
+
+
+@dataclass
+class ArgumentHeadsResult:
+    """Attention, subject logits and path-patching effects of every head for every fact."""
+
+    config: Config
+    fact_ids: list[str]
+    attention: np.ndarray
+    """``[F, layer, head]`` attention from the last position to the subject."""
+    subject_logit: np.ndarray
+    """``[F, layer, head]`` head output read on the subject's first token."""
+    subject_token: np.ndarray
+    """``[F]`` the subject's first token id."""
+    clean: np.ndarray
+    """``[F]`` clean ``iw`` (NaN without path patching)."""
+    patched: np.ndarray
+    """``[F, layer, head]`` ``iw`` with the head patched (NaN without path patching)."""
+    mlp_patched: np.ndarray
+    """``[F, layer]`` ``iw`` with the MLP patched (NaN without path patching or MLP senders)."""
+    target: np.ndarray
+    """``[F]`` the metric's token id (-1 without path patching)."""
+    provenance: dict = field(default_factory=dict)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    method: str = NAME
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per fact × layer × head.
+
+        Columns ``fact_id``, ``layer``, ``head``, ``attention``, ``subject_logit``, ``clean``,
+        ``patched``, ``delta``, ``delta_pct`` (the last four NaN without path patching).
+        """
+        n_facts, n_layers, n_heads = self.attention.shape
+        f, layer, head = (a.reshape(-1) for a in np.indices((n_facts, n_layers, n_heads)))
+        clean = np.broadcast_to(self.clean[:, None, None], self.patched.shape)
+        frame = pd.DataFrame(
+            {
+                "fact_id": np.array(self.fact_ids, dtype=object)[f],
+                "layer": layer,
+                "head": head,
+                "attention": self.attention.reshape(-1),
+                "subject_logit": self.subject_logit.reshape(-1),
+            }
+        )
+        return pd.concat([frame, _effects(clean.reshape(-1), self.patched.reshape(-1))], axis=1)
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        """``mlp``: one row per fact × layer with ``clean``, ``patched``, ``delta``, ``delta_pct`` of
+        the MLP sender (only with path patching and ``mlps``).
+        """
+        if not (self.config.path_patching and self.config.mlps):
+            return {}
+        n_facts, n_layers = self.mlp_patched.shape
+        f, layer = (a.reshape(-1) for a in np.indices((n_facts, n_layers)))
+        frame = pd.DataFrame({"fact_id": np.array(self.fact_ids, dtype=object)[f], "layer": layer})
+        clean = np.broadcast_to(self.clean[:, None], self.mlp_patched.shape).reshape(-1)
+        return {"mlp": pd.concat([frame, _effects(clean, self.mlp_patched.reshape(-1))], axis=1)}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Per fact ``attention`` and ``subject_logit`` ``[layer, head]``; with path patching
+        ``delta`` ``[layer, head]`` and, with MLP senders, ``mlp_delta`` ``[layer]``.
+        """
+        named = {"attention": self.attention, "subject_logit": self.subject_logit}
+        if self.config.path_patching:
+            named["delta"] = self.patched - self.clean[:, None, None]
+            if self.config.mlps:
+                named["mlp_delta"] = self.mlp_patched - self.clean[:, None]
+        return {f"{fact}/{name}": a[i] for i, fact in enumerate(self.fact_ids) for name, a in named.items()}
+
+    def scores(self) -> pd.DataFrame:
+        """:func:`scores` of this result's facts only."""
+        return scores(self.to_frame())
+
+
+def _effects(clean: np.ndarray, patched: np.ndarray) -> pd.DataFrame:
+    delta = patched - clean
+    with np.errstate(divide="ignore", invalid="ignore"):
+        pct = 100.0 * delta / clean
+    return pd.DataFrame({"clean": clean, "patched": patched, "delta": delta, "delta_pct": pct})
+
+
+# -- run ------------------------------------------------------------------------------------------
+
+
+def run(model: Model, facts: FactSet | PromptBatch, config: Config | None = None) -> ArgumentHeadsResult:
+    """Attention × subject projection of every head, and (by default) path patching of every head
+    and MLP to the logits, for every fact.
+
+    Args:
+        model: the model.
+        facts: a :class:`FactSet` (facts without a counterfactual partner get one from the facts
+            themselves; those that still have none are skipped), or a :class:`PromptBatch` when
+            ``path_patching=False``.
+        config: settings (default :class:`Config`).
+
+    Raises:
+        RecallscopeError: path patching on a bare batch, or no fact left to analyse.
+    """
+    config = config or Config()
+    facts, skipped = _usable(facts, config)
+    batch = facts.to_batch(model) if isinstance(facts, FactSet) else facts
+    keep = [i for i in range(len(batch)) if int(batch.spans["subject"][i, 0]) >= 0]
+    skipped += [
+        (_fact_id(batch, i), "no subject span in the prompt") for i in range(len(batch)) if i not in keep
+    ]
+    if not keep:
+        raise RecallscopeError(
+            "argument_heads has no fact with a subject span to analyse: pass facts with subjects"
+        )
+    if len(keep) < len(batch):
+        batch = batch.select(keep)
+        facts = (
+            facts.with_facts([facts[i] for i in keep], {"step": "subject"})
+            if isinstance(facts, FactSet)
+            else None
+        )
+    attention, subject_logit, tokens = _readouts(model, batch, config)
+    n_facts, n_layers, n_heads = len(batch), model.n_layers, model.n_heads
+    clean, target = np.full(n_facts, np.nan), np.full(n_facts, -1, dtype=np.int64)
+    patched = np.full((n_facts, n_layers, n_heads), np.nan)
+    mlp_patched = np.full((n_facts, n_layers), np.nan)
+    if config.path_patching:
+        values = _counterfactual_values(model, counterfactual_facts(facts), config)
+        clean, target, patched, mlp_patched = _path_patching(model, batch, values, config)
+    return ArgumentHeadsResult(
+        config=config,
+        fact_ids=[_fact_id(batch, i) for i in range(n_facts)],
+        attention=attention,
+        subject_logit=subject_logit,
+        subject_token=tokens,
+        clean=clean,
+        patched=patched,
+        mlp_patched=mlp_patched,
+        target=target,
+        provenance=_provenance(model, config),
+        skipped=skipped,
+    )
+
+
+def _fact_id(batch: PromptBatch, row: int) -> str:
+    return batch.fact_ids[row] if batch.fact_ids else str(row)
+
+
+def _usable(facts: FactSet | PromptBatch, config: Config) -> tuple[FactSet | PromptBatch, list]:
+    """The facts that can be analysed (with a counterfactual partner when path patching) and the skipped."""
+    if not len(facts):
+        raise RecallscopeError("argument_heads got no facts: pass a FactSet with at least one fact")
+    if not config.path_patching:
+        return facts, []
+    if isinstance(facts, PromptBatch):
+        raise RecallscopeError(
+            "argument_heads path patching needs counterfactual prompts, which a PromptBatch does not "
+            "carry: pass a FactSet (facts of one relation with different subjects and answers), or "
+            "set path_patching=False for the attention × subject projection only"
+        )
+    if any("counterfactual" not in f.attributes for f in facts):
+        facts = add_relation_context(facts)
+    skipped = [
+        (f.fact_id, "no counterfactual partner (no other subject of the relation with another answer)")
+        for f in facts
+        if "counterfactual" not in f.attributes
+    ]
+    kept = [f for f in facts if "counterfactual" in f.attributes]
+    if not kept:
+        raise RecallscopeError(
+            "argument_heads path patching found no counterfactual partner for any fact: add facts of "
+            "the same relation with other subjects and answers (or add_relation_context with a pool)"
+        )
+    return facts.with_facts(kept, {"step": "counterfactual partner"}) if skipped else facts, skipped
+
+
+def _chunks(n: int, size: int) -> Iterator[range]:
+    return (range(i, min(i + size, n)) for i in range(0, n, size))
+
+
+def _readouts(model: Model, batch: PromptBatch, config: Config) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """L4 per chunk of ``batch_size`` facts: ``attention``, ``subject_logit`` ``[F, L, H]`` and the
+    subject's first token ``[F]`` (one eager forward per chunk).
+    """
+    attention, logits = [], []
+    starts = batch.spans["subject"][:, 0].long()
+    tokens = batch.input_ids[torch.arange(len(batch)), starts]
+    for rows in _chunks(len(batch), config.batch_size):
+        part = batch.select(rows)
+        a, s = _chunk_readouts(model, part, tokens[rows.start : rows.stop], config)
+        attention.append(a)
+        logits.append(s)
+    return np.concatenate(attention), np.concatenate(logits), tokens.numpy()
+
+
+def _chunk_readouts(model: Model, batch: PromptBatch, tokens: torch.Tensor, config: Config):
+    layers = range(model.n_layers)
+    final = Site(model.n_layers - 1, "resid_post")
+    sites = [*(Site(layer, "z") for layer in layers), *(Site(layer, "pattern") for layer in layers), final]
+    cache = run_with_cache(model, batch, sites, positions=[-1], dtype=work_dtype(model))
+    if config.attend_to == "span":
+        keys = batch.span_mask("subject")
+    else:
+        keys = torch.arange(batch.seq_len) == batch.spans["subject"][:, :1]  # [B, T] the first token
+    keys = keys.to(model.device, cache[final].dtype)
+    attention = torch.stack(
+        [torch.einsum("bht,bt->bh", cache[Site(layer, "pattern")][:, :, 0], keys) for layer in layers], 1
+    )  # [B, L, H]
+    if config.projection == "frozen_scale":
+        u = FrozenHead.from_final(model, cache[final][:, 0], bias=False).token_covectors(tokens[:, None])[
+            :, 0
+        ]
+    else:
+        u = model.W_U[tokens.to(model.W_U.device)].to(model.device, cache[final].dtype)  # [B, d]
+    logit = torch.stack(
+        [
+            torch.einsum(
+                "bhd,bd->bh", head_vectors(model, layer, cache[Site(layer, "z")][:, 0]), u.to(model.device)
+            )
+            for layer in layers
+        ],
+        1,
+    )  # [B, L, H]
+    return attention.cpu().double().numpy(), logit.cpu().double().numpy()
+
+
+# -- L3: path patching ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Values:
+    """Counterfactual sender values at the last position, per fact or one mean broadcast to all.
+
+    Attributes:
+        z: ``[F | 1, L, H, d_head]``.
+        mlp: ``[F | 1, L, d_model]``.
+    """
+
+    z: torch.Tensor
+    mlp: torch.Tensor
+
+    def rows(self, index: Sequence[int]) -> _Values:
+        if self.z.shape[0] == 1:
+            return self
+        index = torch.as_tensor(list(index), dtype=torch.long)
+        return _Values(self.z[index], self.mlp[index])
+
+
+def _counterfactual_values(model: Model, cf: FactSet, config: Config) -> _Values:
+    """``z`` and ``mlp_out`` at the last position of every counterfactual prompt (their mean in
+    ``mean`` mode), ``batch_size`` prompts per forward.
+    """
+    layers = range(model.n_layers)
+    z_sites = [Site(layer, "z") for layer in layers]
+    mlp_sites = [Site(layer, "mlp_out") for layer in layers] if config.mlps else []
+    zs, mlps = [], []
+    for rows in _chunks(len(cf), config.batch_size):
+        cache = run_with_cache(model, cf.to_batch(model, list(rows)), [*z_sites, *mlp_sites], positions=[-1])
+        zs.append(cache.stack(z_sites)[:, :, 0])  # [B, L, H, d_head]
+        mlps.append(cache.stack(mlp_sites)[:, :, 0] if mlp_sites else torch.zeros(len(rows), 0))
+    z, mlp = torch.cat(zs), torch.cat(mlps)
+    if config.patching == "mean":  # averaged in float64 at least, then back to the model's dtype
+        mean = lambda x: x.to(torch.promote_types(x.dtype, torch.float64)).mean(0, keepdim=True).to(x.dtype)  # noqa: E731
+        z, mlp = mean(z), mean(mlp)
+    return _Values(z, mlp)
+
+
+def _path_patching(model: Model, batch: PromptBatch, values: _Values, config: Config):
+    """``clean [F]``, ``target [F]``, ``patched [F, L, H]``, ``mlp_patched [F, L]`` of every fact.
+
+    Facts are grouped by prompt length (a recorded run is unpadded), ``batch_size`` per recorded run.
+    """
+    n_facts, n_layers, n_heads = len(batch), model.n_layers, model.n_heads
+    clean, target = np.full(n_facts, np.nan), np.full(n_facts, -1, dtype=np.int64)
+    patched = np.full((n_facts, n_layers, n_heads), np.nan)
+    mlp_patched = np.full((n_facts, n_layers), np.nan)
+    pads = batch.pad_lengths.tolist()
+    by_length: dict[int, list[int]] = {}
+    for row, pad in enumerate(pads):
+        by_length.setdefault(batch.seq_len - pad, []).append(row)
+    for length, rows in by_length.items():
+        for part in _chunks(len(rows), config.batch_size):
+            group = [rows[i] for i in part]
+            ids = batch.input_ids[group, batch.seq_len - length :]
+            gold = batch.target_ids[group] if batch.target_ids is not None else None
+            out = _patch_group(model, ids, gold, values.rows(group), config)
+            clean[group], target[group], patched[group], mlp_patched[group] = out
+    return clean, target, patched, mlp_patched
+
+
+def _patch_group(model: Model, ids: torch.Tensor, gold: torch.Tensor | None, values: _Values, config: Config):
+    """Path patching of the ``G`` unpadded prompts ``ids [G, T]``: one recorded run, one resume per layer."""
+    n_groups, n_layers, n_heads = len(ids), model.n_layers, model.n_heads
+    held: dict[Site, torch.Tensor] = {}  # clean attn_out / mlp_out at N, [G, d]
+    with contextlib.ExitStack() as stack:
+        for layer in range(n_layers):
+            for name in ("attn_out", "mlp_out"):
+                stack.enter_context(site_hook(model, Site(layer, name), _keeper(held, Site(layer, name))))
+        state = record_run(model, ids)
+    logits = state.logits[:, -1]
+    targets = choose_targets(_TargetRows(gold), logits, config.target)
+    clean = logit_minus_mean(logits, targets).double()
+    n_send = n_heads + int(config.mlps)
+    rows = torch.arange(n_groups).repeat_interleave(n_send)  # recorded row each resumed row continues
+    patched = torch.empty(n_groups, n_layers, n_send, dtype=torch.float64)
+    for layer in range(n_layers):
+        with contextlib.ExitStack() as stack:
+            for site, fn in _layer_edits(model, layer, held, values, n_groups, config):
+                stack.enter_context(site_hook(model, site, fn))
+            out = resume(
+                model,
+                state,
+                rows,
+                start_layer=layer,
+                start_pos=state.seq_len - 1,
+                hidden=state.stream[rows.to(state.stream.device), layer, -1:],
+            )
+        metric = logit_minus_mean(out[:, -1], targets.repeat_interleave(n_send)).double().cpu()
+        patched[:, layer] = metric.view(n_groups, n_send)
+    patched, clean = patched.numpy(), clean.cpu().numpy()
+    mlp = patched[:, :, n_heads] if config.mlps else np.full((n_groups, n_layers), np.nan)
+    return clean, targets.numpy(), patched[:, :, :n_heads], mlp
+
+
+@dataclass(frozen=True)
+class _TargetRows:
+    """The only field of a batch :func:`choose_targets` reads."""
+
+    target_ids: torch.Tensor | None
+
+
+def _keeper(held: dict, site: Site):
+    def keep(act: torch.Tensor) -> None:
+        held[site] = act[:, -1].detach().clone()
+
+    return keep
+
+
+def _layer_edits(model: Model, layer: int, held: dict, values: _Values, n_groups: int, config: Config):
+    """``(site, fn)`` edits of the resumed forward at ``layer``: rows are ``G × senders`` (heads of
+    ``layer``, then its MLP), all at the one resumed position.
+    """
+    n_heads, device = model.n_heads, model.device
+    n_send = n_heads + int(config.mlps)
+    group = torch.arange(n_groups, device=device)
+    head_rows = (group[:, None] * n_send + torch.arange(n_heads, device=device)).reshape(-1)
+    heads = torch.arange(n_heads, device=device).repeat(n_groups)
+    z = values.z[:, layer].to(device).expand(n_groups, -1, -1).reshape(-1, model.d_head)  # [G·H, d_head]
+    edits = [(Site(layer, "z"), _set_rows(head_rows, z, heads))]
+    every = torch.arange(n_groups * n_send, device=device)
+    for later in range(layer + 1, model.n_layers):  # frozen q/k/v = clean attention output at N
+        edits.append(
+            (Site(later, "attn_out"), _set_rows(every, _per_row(held, Site(later, "attn_out"), n_send)))
+        )
+        if config.freeze_mlps:
+            edits.append(
+                (Site(later, "mlp_out"), _set_rows(every, _per_row(held, Site(later, "mlp_out"), n_send)))
+            )
+    mlp_rows, mlp_values = [], []
+    if config.mlps:
+        rows = group * n_send + n_heads
+        edits.append((Site(layer, "attn_out"), _set_rows(rows, held[Site(layer, "attn_out")])))
+        mlp_rows.append(rows)
+        mlp_values.append(values.mlp[:, layer].to(device).expand(n_groups, -1))
+    if config.freeze_mlps:  # a head sender's own MLP (reads it in a sequential block)
+        mlp_rows.append(head_rows)
+        mlp_values.append(held[Site(layer, "mlp_out")].repeat_interleave(n_heads, 0))
+    if mlp_rows:
+        edits.append((Site(layer, "mlp_out"), _set_rows(torch.cat(mlp_rows), torch.cat(mlp_values))))
+    return edits
+
+
+def _per_row(held: dict, site: Site, n_send: int) -> torch.Tensor:
+    return held[site].repeat_interleave(n_send, 0)  # [G · senders, d]
+
+
+def _set_rows(rows: torch.Tensor, values: torch.Tensor, heads: torch.Tensor | None = None):
+    """A site edit writing ``values`` at the last position of ``rows`` (and query ``heads`` for ``z``)."""
+
+    def edit(act: torch.Tensor) -> torch.Tensor:
+        new = act.clone()
+        if heads is None:
+            new[rows, -1] = values.to(act.dtype)
+        else:
+            new[rows, -1, heads] = values.to(act.dtype)
+        return new
+
+    return edit
+
+
+# -- cost -----------------------------------------------------------------------------------------
+
+
+def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = None) -> Cost:
+    """Forwards and work of :func:`run` on ``batch``.
+
+    L4: one forward per ``batch_size`` facts. L3: as many for the counterfactual prompts, one
+    recorded run per prompt length and ``batch_size`` facts, and per recorded run one resume per
+    layer of ``facts × senders`` rows at one position (``Σ_ℓ (L − ℓ)`` blocks each).
+    """
+    config = config or Config()
+    batch = batch.to_batch(model) if isinstance(batch, FactSet) else batch
+    n_layers, n_facts = model.n_layers, len(batch)
+    real = batch.seq_len - batch.pad_lengths
+    tokens = float(real.sum())
+    chunks = -(-n_facts // config.batch_size)
+    itemsize = max(model.dtype.itemsize, 4)
+    forward = min(n_facts, config.batch_size) * batch.seq_len * (4 * model.d_model + 2 * model.d_mlp)
+    kept = n_facts * n_layers * model.n_heads * 2
+    if not config.path_patching:
+        return Cost(chunks, tokens * n_layers, (forward + kept) * itemsize)
+    lengths = {int(n): int((real == n).sum()) for n in real.unique()}
+    records = sum(-(-count // config.batch_size) for count in lengths.values())
+    senders = model.n_heads + int(config.mlps)
+    resumed = n_facts * senders * n_layers * (n_layers + 1) / 2
+    stream = min(n_facts, config.batch_size) * batch.seq_len * (n_layers + 1) * model.d_model
+    kv = 2 * min(n_facts, config.batch_size) * batch.seq_len * n_layers * model.n_kv_heads * model.d_head
+    values = n_facts * n_layers * (model.n_heads * model.d_head + model.d_model)
+    return Cost(
+        2 * chunks + records * (1 + n_layers),
+        3 * tokens * n_layers + resumed,
+        (forward + stream + kv + values + kept) * itemsize,
+    )
+
+
+# -- dataset-wide summary -------------------------------------------------------------------------
+
+
+def scores(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per head over the facts of ``frame`` (:meth:`ArgumentHeadsResult.to_frame`, chunks concatenated).
+
+    Returns:
+        One row per ``layer`` × ``head``: ``attention`` and ``subject_logit`` (means over facts),
+        ``r`` (Pearson correlation of attention and subject_logit over facts; NaN with fewer than 2
+        facts or a constant column), ``delta`` and ``delta_pct`` (means) with ``delta_ci`` and
+        ``delta_pct_ci`` (95% normal half-widths, 1.96 × standard error; NaN without path
+        patching), and ``n`` (facts).
+    """
+    missing = {"fact_id", "layer", "head", "attention", "subject_logit", "delta", "delta_pct"} - set(
+        frame.columns
+    )
+    if missing:
+        raise RecallscopeError(
+            f"argument_heads scores need a frame with columns fact_id, layer, head, attention, "
+            f"subject_logit, delta, delta_pct; missing {sorted(missing)}: pass "
+            "ArgumentHeadsResult.to_frame() (or the stored table)"
+        )
+    frame = frame.sort_values(["layer", "head"], kind="stable")
+    out = mean_ci(frame, ["layer", "head"], ["attention", "subject_logit", "delta", "delta_pct"])
+    out = out.drop(columns=["attention_ci", "subject_logit_ci"])
+    r = frame.groupby(["layer", "head"], sort=False).apply(_pearson, include_groups=False)
+    out["r"] = r.to_numpy()
+    columns = [
+        "layer",
+        "head",
+        "attention",
+        "subject_logit",
+        "r",
+        "delta",
+        "delta_ci",
+        "delta_pct",
+        "delta_pct_ci",
+        "n",
+    ]
+    return out[columns].reset_index(drop=True)
+
+
+def _pearson(group: pd.DataFrame) -> float:
+    x, y = group["attention"].to_numpy(float), group["subject_logit"].to_numpy(float)
+    if len(x) < 2 or x.std() == 0 or y.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def argument_passers(
+    frame: pd.DataFrame, *, min_r: float = 0.0, min_attention: float = 0.1, top: int = 5
+) -> pd.DataFrame:
+    """:func:`scores` with the rule that flags argument-passing heads.
+
+    A head **moves** the subject when, over the facts, ``r > min_r`` (a positive correlation by
+    default: a head whose attention to the subject is saturated on every fact has little variance to
+    correlate, so a high bar would reject the clearest passers), the mean ``attention ≥
+    min_attention`` and the mean ``subject_logit > 0``. It **matters** when its mean path-patching
+    ``delta`` is negative and among the ``top`` most negative of all heads. It **passes** the
+    argument when both hold. Without path-patching numbers (``delta`` all NaN), ``matters`` is NaN
+    and heads pass on ``moves`` alone.
+
+    Returns:
+        The scores with ``delta_rank`` (0 = most negative mean delta), ``moves``, ``matters``,
+        ``passes``; passers first, then by ``delta``.
+    """
+    out = scores(frame)
+    out["moves"] = (out["r"] > min_r) & (out["attention"] >= min_attention) & (out["subject_logit"] > 0)
+    if out["delta"].notna().any():
+        out["delta_rank"] = out["delta"].rank(method="first").astype("Int64") - 1
+        out["matters"] = (out["delta"] < 0) & (out["delta_rank"] < top)
+        out["passes"] = out["moves"] & out["matters"]
+    else:
+        out["delta_rank"] = pd.array([pd.NA] * len(out), dtype="Int64")
+        out["matters"] = np.nan
+        out["passes"] = out["moves"]
+    order = out.assign(_not=~out["passes"].astype(bool)).sort_values(
+        ["_not", "delta", "r"], ascending=[True, True, False]
+    )
+    return order.drop(columns="_not").reset_index(drop=True)
+
+
+def _provenance(model: Model, config: Config) -> dict:
+    projection = {
+        "frozen_scale": "frozen_scale: W_U (γ ⊙ centre(o_h)) / ρ_N of the subject's first token "
+        "(final residual of the same forward); no bias, no soft-cap",
+        "raw": "raw: ⟨o_h, W_U[subject first token]⟩ (no norm, no bias)",
+    }[config.projection]
+    patching = {
+        "per_example": "each fact's own counterfactual prompt (another subject of the relation)",
+        "mean": "mean over all counterfactual prompts given to run (reference code)",
+    }[config.patching]
+    post = "; Gemma-2 attention post-norm folded in at its actual scale" if model.spec.attn_post_norm else ""
+    return result_provenance(
+        model,
+        config,
+        attention="pattern row of the last position summed over the subject's tokens"
+        if config.attend_to == "span"
+        else "pattern row of the last position at the subject's first token",
+        head_output=f"o_h = z_h W_O[h·d_h:(h+1)·d_h] at the last position{post}; "
+        f"kv_head = head // {model.n_groups}",
+        projection=projection,
+        path_patching="off"
+        if not config.path_patching
+        else (
+            "sender = each head's z (and each MLP's mlp_out) at the last position only, set to its "
+            f"counterfactual value ({patching}); q/k/v of every head frozen to clean values, realised as "
+            "attn_out at the last position of every later layer held clean (resume from the recorded clean "
+            "run at block ℓ, last position); "
+            + ("later MLP outputs held clean (freeze_mlps)" if config.freeze_mlps else "MLPs recomputed")
+            + "; receiver = final logits (model's final norm and soft-cap)"
+        ),
+        metric="iw = logit[target] − mean logit (Lv L2); delta = patched − clean; "
+        "delta_pct = 100·delta/clean",
+        target=f"{config.target} (gold = first token of the answer; top1 = clean argmax)",
+        layers="block index",
+        positions="last",
+        bos=model.bos,
+    )

@@ -1,0 +1,635 @@
+"""The MLP as "activation": regress its output on the heads that feed it (Lv et al. 2024, L5;
+``methods.md`` §1.2 L5 and §1.6 pitfalls 1–2).
+
+Shared helper for the function-application analysis (L6)::
+
+    remainders(model, cache_or_acts, layer, *, regressors="feeding_layer", intercept=False,
+               space="raw") -> (mlp_out [B, d_model], remainder [B, d_model])   # float64
+
+``cache_or_acts`` is a :class:`~recallscope.core.tokens.PromptBatch` / :class:`FactSet` (one forward
+is run) or the last-position activations ``{Site: [B, ...]}`` of :func:`needed_sites` (e.g. from
+:func:`last_position_acts`).
+
+For an MLP ``ℓ`` at the last position ``N``, with ``y = m^ℓ_N`` (site ``mlp_out``) and the regressor
+heads' outputs ``o^{ℓ',h}_N = z^{ℓ',h}_N W_O^{ℓ',h}`` (input-column block of ``W_O``; Gemma-2's
+attention post-norm folded in at its actual scale)::
+
+    y = Σ_{(ℓ',h)} β_{ℓ',h} o^{ℓ',h} (+ c) + f        (least squares, float64)
+
+``β > 0``: the MLP re-emits (amplifies) the head; ``β < 0``: it erases it; ``1 + β`` is the head's
+effective weight after the MLP (its own direct write plus what the MLP adds back). ``f`` is the
+head-independent remainder (the "function application" component of L6). R² says how much of
+``y`` the heads explain; a coefficient of a poor fit means little.
+
+Choices (the paper's regression could not be read, ``methods.md`` §1.6 pitfall 1):
+
+- ``regressors="feeding_layer"``: the heads of the attention layer the MLP reads
+  (:func:`~recallscope.core.mlp.feeding_attention_layer`: the same block, or the previous one in
+  parallel blocks, where MLP 0 has none and gives NaN); ``"earlier_layers"``: every head of that
+  layer and all layers before it.
+- ``pooled``: one ``β`` per head shared by all facts (the runner then passes every fact at once);
+  otherwise one fit per fact.
+- ``intercept``: a scalar per fact (per-coordinate offset when pooled); see
+  :func:`~recallscope.core.regression.least_squares` for the R² conventions.
+- ``space="normalized"``: the regressors are the heads as the MLP's norm sees them, the norm
+  linearized at the actual MLP input, ``γ ⊙ centre(o) / ρ(r)`` (``centre`` for LayerNorm only;
+  ``ρ`` the norm's scale on the MLP input ``r``, no bias); ``y`` stays ``m^ℓ``. ``β`` then has other
+  units and ``1 + β`` is not defined (NaN).
+
+The exact linearized alternative (pitfall 2): with ``J`` the Jacobian of ``MLP∘norm`` at the actual
+input (:func:`~recallscope.core.mlp.mlp_jvp`), per head ``linear_coef = ⟨J o, o⟩ / ‖o‖²`` (comparable to
+``β``) and ``linear_norm = ‖J o‖``; per layer the first-order total ``Σ_h J o_h``, its norm and its
+cosine with ``y``.
+
+Interpretation check (L5 item 4): the 1-based rank of the subject's first token and of the gold
+target's first token under the logit lens (the model's own final norm, :func:`project_to_vocab`
+mode ``logit_lens``) of the residual before the MLP (``resid_post − mlp_out``) and after it
+(``resid_post``).
+
+Fast by construction: one forward per ``batch_size`` facts keeps ``z`` of the needed layers, the
+MLP input, ``mlp_out`` and ``resid_post`` at ``N`` only; fits, JVPs and ranks run on those.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+
+from recallscope.core.cache import run_with_cache
+from recallscope.core.decompose import head_outputs
+from recallscope.core.mlp import feeding_attention_layer, mlp_input_site, mlp_jvp
+from recallscope.core.regression import least_squares
+from recallscope.core.tokens import PromptBatch
+from recallscope.core.vocab import project_to_vocab
+from recallscope.data.facts import FactSet
+from recallscope.errors import RecallscopeError
+from recallscope.methods.base import Cost, MethodConfig, as_batch, result_provenance
+from recallscope.models.model import Model
+from recallscope.models.sites import Site
+from recallscope.stats import mean_ci
+
+__all__ = [
+    "NAME",
+    "DESCRIPTION",
+    "CHUNK_SIZE",
+    "Config",
+    "MlpRegressionResult",
+    "run",
+    "cost",
+    "needs_all_facts",
+    "remainders",
+    "regressor_heads",
+    "needed_sites",
+    "last_position_acts",
+    "coefficients",
+]
+
+NAME = "mlp_regression"
+DESCRIPTION = (
+    "Regress each MLP's output on the heads feeding it: which heads it amplifies or erases (Lv et al.)."
+)
+CHUNK_SIZE = 32
+"""Facts per runner chunk (per-example fits); ``batch_size`` facts per forward inside ``run``."""
+REGRESSORS = ("feeding_layer", "earlier_layers")
+SPACES = ("raw", "normalized")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config(MethodConfig):
+    """Regression settings; the defaults (and preset ``lv``) are our reading of Lv et al.'s L5."""
+
+    layers: tuple[int, ...] | None = None
+    """MLP layers (block indices) to analyse; None = every MLP."""
+    regressors: Literal["feeding_layer", "earlier_layers"] = "feeding_layer"
+    """``feeding_layer``: the heads of the attention layer the MLP reads (the same block; the previous
+    one in parallel blocks); ``earlier_layers``: all heads of that layer and every earlier one."""
+    pooled: bool = False
+    """One coefficient per head shared by all facts (the runner then passes every fact at once)."""
+    intercept: bool = False
+    """Add a constant regressor: a scalar per fact, or a per-coordinate offset when pooled."""
+    space: Literal["raw", "normalized"] = "raw"
+    """``raw``: regress on the head outputs; ``normalized``: on the heads as the MLP's norm sees them,
+    ``γ ⊙ centre(o) / ρ`` with ``ρ`` frozen on the actual MLP input (no bias)."""
+    linearized: bool = True
+    """Also compute the exact linearized alternative ``J·o_h`` (Jacobian of the MLP and its norm)."""
+    batch_size: int = 16
+    """Facts per forward inside ``run``."""
+
+    PRESETS = {
+        "lv": dict(
+            layers=None,
+            regressors="feeding_layer",
+            pooled=False,
+            intercept=False,
+            space="raw",
+            linearized=True,
+        )
+    }
+
+    def __post_init__(self) -> None:
+        if self.layers is not None:
+            if (
+                isinstance(self.layers, str | int)
+                or not self.layers
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in self.layers)
+                or len(set(self.layers)) != len(self.layers)
+            ):
+                raise RecallscopeError(
+                    f"layers must be None (every MLP) or a non-empty tuple of distinct block indices ≥ 0, "
+                    f"got {self.layers!r}; e.g. layers=(8, 9, 10)"
+                )
+        if self.regressors not in REGRESSORS:
+            raise RecallscopeError(
+                f"regressors must be one of {REGRESSORS}, got {self.regressors!r}; 'feeding_layer' regresses "
+                "on the heads the MLP reads, 'earlier_layers' on every head up to that layer"
+            )
+        if self.space not in SPACES:
+            raise RecallscopeError(
+                f"space must be one of {SPACES}, got {self.space!r}; 'normalized' regresses on the heads "
+                "after the MLP's norm (linearized at the actual input)"
+            )
+        for name in ("pooled", "intercept", "linearized"):
+            if not isinstance(getattr(self, name), bool):
+                raise RecallscopeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise RecallscopeError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+
+
+def needs_all_facts(config: Config) -> bool:
+    """A pooled fit needs every fact in one call."""
+    return config.pooled
+
+
+# -- shared helpers (also used by the function-application analysis, L6) ------------------------------
+
+
+def regressor_heads(model: Model, layer: int, regressors: str = "feeding_layer") -> list[tuple[int, int]]:
+    """The ``(source_layer, head)`` pairs regressed for MLP ``layer`` (empty for MLP 0 of parallel blocks)."""
+    if regressors not in REGRESSORS:
+        raise RecallscopeError(f"regressors must be one of {REGRESSORS}, got {regressors!r}")
+    feeding = feeding_attention_layer(model, layer)
+    if feeding is None:
+        return []
+    sources = [feeding] if regressors == "feeding_layer" else range(feeding + 1)
+    return [(src, h) for src in sources for h in range(model.n_heads)]
+
+
+def needed_sites(
+    model: Model, layers: Sequence[int], *, regressors: str = "feeding_layer", ranks: bool = False
+) -> list[Site]:
+    """Last-position sites the fits of MLPs ``layers`` read: ``z`` of the regressor layers, the MLP
+    input and ``mlp_out`` (and ``resid_post`` with ``ranks``).
+    """
+    sources = sorted({src for layer in layers for src, _ in regressor_heads(model, layer, regressors)})
+    sites = [Site(src, "z") for src in sources]
+    for layer in layers:
+        sites += [mlp_input_site(model, layer), Site(layer, "mlp_out")]
+        sites += [Site(layer, "resid_post")] if ranks else []
+    return list(dict.fromkeys(sites))
+
+
+def last_position_acts(model: Model, batch: PromptBatch, sites: Sequence[Site]) -> dict[Site, torch.Tensor]:
+    """One forward keeping ``sites`` at the last position: ``{site: [B, ...]}`` in float64."""
+    cache = run_with_cache(model, batch, list(sites), positions=[-1])
+    return {site: cache[site][:, 0].double() for site in sites}
+
+
+def remainders(
+    model: Model,
+    cache_or_acts: PromptBatch | FactSet | Mapping[Site, torch.Tensor],
+    layer: int,
+    *,
+    regressors: str = "feeding_layer",
+    intercept: bool = False,
+    space: str = "raw",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mlp_out [B, d], remainder [B, d]) at the last position of MLP `layer`, per-example fit.
+
+    Args:
+        model: the model.
+        cache_or_acts: a batch or fact set (one forward is run), or last-position activations
+            ``{Site: [B, ...]}`` holding :func:`needed_sites` of ``[layer]``.
+        layer: the MLP's block index.
+        regressors, intercept, space: as in :class:`Config`.
+
+    Returns:
+        float64 ``y = m^ℓ_N`` and ``f = y − Σ β o (− c)``; with no regressor heads (MLP 0 of a
+        parallel model) ``f = y`` (minus its mean with ``intercept``).
+    """
+    model.check_layer(layer)
+    if space not in SPACES:
+        raise RecallscopeError(f"space must be one of {SPACES}, got {space!r}")
+    acts = cache_or_acts
+    if isinstance(acts, PromptBatch | FactSet):
+        batch = as_batch(model, acts)
+        acts = last_position_acts(model, batch, needed_sites(model, [layer], regressors=regressors))
+    heads = regressor_heads(model, layer, regressors)
+    y, raw, _ = _layer_inputs(model, acts, layer, heads)
+    X = _regressors(model, acts, layer, raw, space)
+    return y, _fit(y, X, intercept=intercept, pooled=False)[0]
+
+
+def _layer_inputs(model, acts, layer, heads) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``y [B, d]``, raw head outputs ``[B, n, d]`` and the MLP input ``[B, d]`` (float64)."""
+    try:
+        y = acts[Site(layer, "mlp_out")].double()
+        resid = acts[mlp_input_site(model, layer)].double()
+        by_source = {}
+        for src in sorted({s for s, _ in heads}):
+            z = acts[Site(src, "z")].double()  # [B, H, d_head]
+            by_source[src] = head_outputs(model, src, z[:, None]).parts[:, 0]  # [B, H, d]
+    except KeyError as err:
+        raise RecallscopeError(
+            f"the activations lack site {err.args[0]} needed for MLP {layer}: pass the last-position "
+            f"activations of needed_sites(model, [{layer}]) or a batch"
+        ) from None
+    raw = (
+        torch.stack([by_source[s][:, h] for s, h in heads], 1) if heads else y.new_zeros(len(y), 0, len(y[0]))
+    )
+    return y, raw, resid
+
+
+def _regressors(model, acts, layer, raw: torch.Tensor, space: str) -> torch.Tensor:
+    """The regressors ``[B, n, d]``: raw head outputs, or as the MLP's norm sees them."""
+    if space == "raw":
+        return raw
+    resid = acts[mlp_input_site(model, layer)].double()
+    params = model.norm_params(model.spec.mlp_norm, layer)
+    if params.kind == "layer":
+        rho = (resid.var(-1, keepdim=True, unbiased=False) + params.eps).sqrt()
+        raw = raw - raw.mean(-1, keepdim=True)
+    else:
+        rho = (resid.pow(2).mean(-1, keepdim=True) + params.eps).sqrt()
+    gain = params.gain(torch.float64, raw.device)
+    normed = raw / rho[:, None]
+    return normed if gain is None else normed * gain
+
+
+def _fit(y: torch.Tensor, X: torch.Tensor, *, intercept: bool, pooled: bool):
+    """``(remainder [B, d], Fit | None)``; with no regressors only the intercept (if any) is removed."""
+    if X.shape[1]:
+        fit = least_squares(y, X, intercept=intercept, pooled=pooled)
+        return fit.remainder, fit
+    if not intercept:
+        return y.clone(), None
+    return (y - (y.mean(0, keepdim=True) if pooled else y.mean(1, keepdim=True))), None
+
+
+# -- the method ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class MlpRegressionResult:
+    """Per-head coefficients, fit quality, the linearized alternative and rank checks per fact and MLP."""
+
+    config: Config
+    fact_ids: list[str]
+    layers: list[int]
+    source_layer: np.ndarray
+    """``[layer, n_max]`` source layer of each regressor (-1 pads layers with fewer)."""
+    head: np.ndarray
+    """``[layer, n_max]`` head of each regressor (-1 pads)."""
+    coef: np.ndarray
+    """``[F, layer, n_max]`` ``β`` (NaN pads)."""
+    head_norm: np.ndarray
+    """``[F, layer, n_max]`` ``‖o‖`` of the raw head output."""
+    linear_coef: np.ndarray
+    """``[F, layer, n_max]`` ``⟨J o, o⟩ / ‖o‖²`` (NaN without ``linearized``)."""
+    linear_norm: np.ndarray
+    """``[F, layer, n_max]`` ``‖J o‖``."""
+    fit: dict[str, np.ndarray]
+    """Per-fact, per-layer ``[F, layer]`` arrays of the ``fit`` table."""
+    remainder: np.ndarray
+    """``[F, layer, d_model]`` the remainders ``f``."""
+    provenance: dict = field(default_factory=dict)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    method: str = NAME
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per fact × layer × regressor head.
+
+        Columns ``fact_id``, ``layer``, ``source_layer``, ``head``, ``coef``, ``effective_weight``
+        (``1 + coef``; NaN in normalized space), ``head_norm``, ``linear_coef``, ``linear_norm``.
+        """
+        F, n_layers, n_max = self.coef.shape
+        valid = self.head >= 0  # [layer, n_max]
+        li, ki = np.nonzero(valid)
+        fi = np.repeat(np.arange(F), len(li))
+        li_all, ki_all = np.tile(li, F), np.tile(ki, F)
+        coef = self.coef[fi, li_all, ki_all]
+        raw = self.config.space == "raw"
+        return pd.DataFrame(
+            {
+                "fact_id": np.asarray(self.fact_ids, dtype=object)[fi],
+                "layer": np.asarray(self.layers, dtype=np.int64)[li_all],
+                "source_layer": self.source_layer[li_all, ki_all].astype(np.int64),
+                "head": self.head[li_all, ki_all].astype(np.int64),
+                "coef": coef,
+                "effective_weight": 1.0 + coef if raw else np.full_like(coef, np.nan),
+                "head_norm": self.head_norm[fi, li_all, ki_all],
+                "linear_coef": self.linear_coef[fi, li_all, ki_all],
+                "linear_norm": self.linear_norm[fi, li_all, ki_all],
+            }
+        )
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        """``fit``: one row per fact × layer.
+
+        Columns ``fact_id``, ``layer``, ``r2``, ``r2_adjusted``, ``y_norm``, ``fitted_norm``,
+        ``remainder_norm``, ``n_regressors``, with ``intercept`` ``intercept`` (scalar per fact; NaN
+        when pooled) and ``intercept_norm``, then ``linear_total_norm``, ``linear_total_cos`` and the
+        1-based logit-lens ranks ``subject_rank_before``, ``subject_rank_after``,
+        ``target_rank_before``, ``target_rank_after``. NaN fit columns for an MLP without regressors.
+        """
+        F, n_layers = len(self.fact_ids), len(self.layers)
+        frame = pd.DataFrame(
+            {
+                "fact_id": np.repeat(np.asarray(self.fact_ids, dtype=object), n_layers),
+                "layer": np.tile(np.asarray(self.layers, dtype=np.int64), F),
+            }
+        )
+        for name, values in self.fit.items():
+            frame[name] = values.reshape(-1)
+        return {"fit": frame}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """``"<fact_id>/coef"``, ``"<fact_id>/linear_coef"`` ``[layer, n_max]`` (NaN pads) and
+        ``"<fact_id>/remainder"`` ``[layer, d_model]``.
+        """
+        out = {}
+        for f, fact in enumerate(self.fact_ids):
+            out[f"{fact}/coef"] = self.coef[f]
+            out[f"{fact}/linear_coef"] = self.linear_coef[f]
+            out[f"{fact}/remainder"] = self.remainder[f]
+        return out
+
+    def coefficients(self) -> pd.DataFrame:
+        """:func:`coefficients` of this result's facts."""
+        return coefficients(self.to_frame(), self.tables()["fit"])
+
+
+def run(model: Model, facts: PromptBatch | FactSet, config: Config | None = None) -> MlpRegressionResult:
+    """Fit every chosen MLP's output on its regressor heads for every fact (``batch_size`` per forward)."""
+    config = config or Config()
+    if not len(facts):
+        raise RecallscopeError("mlp_regression got no facts: pass a batch or FactSet with at least one")
+    layers = _layers(model, config)
+    heads = {layer: regressor_heads(model, layer, config.regressors) for layer in layers}
+    _check_sizes(model, config, heads, len(facts))
+    sites = needed_sites(model, layers, regressors=config.regressors, ranks=True)
+    acts, fact_ids, tokens = _collect(model, facts, sites, config.batch_size)
+    F, n_max, d = len(fact_ids), max(len(h) for h in heads.values()), model.d_model
+    shape = (F, len(layers), n_max)
+    out = {k: np.full(shape, np.nan) for k in ("coef", "head_norm", "linear_coef", "linear_norm")}
+    fit_names = ["r2", "r2_adjusted", "y_norm", "fitted_norm", "remainder_norm", "n_regressors"]
+    fit_names += ["intercept", "intercept_norm"] if config.intercept else []
+    fit_names += ["linear_total_norm", "linear_total_cos"]
+    fit = {name: np.full((F, len(layers)), np.nan) for name in fit_names}
+    remainder = np.zeros((F, len(layers), d))
+    for i, layer in enumerate(layers):
+        n = len(heads[layer])
+        y, raw, resid = _layer_inputs(model, acts, layer, heads[layer])
+        X = _regressors(model, acts, layer, raw, config.space)
+        rest, result = _fit(y, X, intercept=config.intercept, pooled=config.pooled)
+        remainder[:, i] = rest.numpy()
+        fit["y_norm"][:, i] = y.norm(dim=-1).numpy()
+        fit["n_regressors"][:, i] = n
+        if result is not None:
+            out["coef"][:, i, :n] = result.coef.numpy()
+            fit["r2"][:, i] = result.r2.numpy()
+            equations = d * (F if config.pooled else 1)
+            fit["r2_adjusted"][:, i] = _adjusted(result.r2.numpy(), n, equations, config)
+            fit["fitted_norm"][:, i] = result.fitted.norm(dim=-1).numpy()
+            fit["remainder_norm"][:, i] = rest.norm(dim=-1).numpy()
+            if config.intercept:
+                _intercepts(fit, i, result.intercept, config.pooled, d)
+        out["head_norm"][:, i, :n] = raw.norm(dim=-1).numpy()
+        if config.linearized and n:
+            _linearized(model, layer, resid, raw, y, config.batch_size, out, fit, i)
+    fit.update(_ranks(model, acts, layers, tokens))
+    source = np.full((len(layers), n_max), -1, dtype=np.int64)
+    head = np.full((len(layers), n_max), -1, dtype=np.int64)
+    for i, layer in enumerate(layers):
+        for k, (s, h) in enumerate(heads[layer]):
+            source[i, k], head[i, k] = s, h
+    return MlpRegressionResult(
+        config=config,
+        fact_ids=fact_ids,
+        layers=layers,
+        source_layer=source,
+        head=head,
+        fit=fit,
+        remainder=remainder,
+        provenance=_provenance(model, config, [layer for layer in layers if not heads[layer]]),
+        **out,
+    )
+
+
+def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = None) -> Cost:
+    """One forward per ``batch_size`` facts; memory: one forward's activations, the kept last-position
+    vectors of every fact, and one layer's regressors and JVPs.
+    """
+    config = config or Config()
+    batch = as_batch(model, batch)
+    B, d = len(batch), model.d_model
+    layers = list(range(model.n_layers)) if config.layers is None else list(config.layers)
+    n_max = max((len(regressor_heads(model, layer, config.regressors)) for layer in layers), default=0)
+    rows = min(B, config.batch_size)
+    forward = rows * batch.seq_len * (4 * d + 2 * model.d_mlp) * max(model.dtype.itemsize, 4)
+    kept = B * (model.n_layers * model.n_heads * model.d_head + 3 * len(layers) * d) * 8
+    per_layer = B * n_max * d * 8 * (3 if config.linearized else 1)
+    ranks = 256 * model.d_vocab * 8
+    work = float(sum(batch.seq_len - int(p) for p in batch.pad_lengths) * (max(layers) + 1))
+    return Cost(math.ceil(B / config.batch_size), work, forward + kept + per_layer + ranks)
+
+
+def coefficients(frame: pd.DataFrame, fit: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Dataset-wide summary per MLP layer and regressor head (call it on all chunks concatenated).
+
+    Args:
+        frame: :meth:`MlpRegressionResult.to_frame` rows (several results concatenated).
+        fit: the matching ``fit`` tables, for the layer's mean R².
+
+    Returns:
+        One row per ``layer`` × ``source_layer`` × ``head``: ``coef`` (mean over facts), ``coef_ci``
+        (95% normal band, 1.96 standard errors), ``n`` (facts), ``frac_positive`` (fraction of facts
+        with ``coef > 0``: amplified), ``effective_weight`` (mean ``1 + coef``), ``linear_coef`` (mean),
+        ``linear_coef_ci``, and with ``fit`` ``r2`` and ``r2_adjusted`` (means over the layer's fits).
+    """
+    missing = {"fact_id", "layer", "source_layer", "head", "coef", "linear_coef"} - set(frame.columns)
+    if missing:
+        raise RecallscopeError(
+            f"coefficients needs an mlp_regression frame (fact_id, layer, source_layer, head, coef, "
+            f"linear_coef); missing {sorted(missing)}: pass MlpRegressionResult.to_frame() or the stored "
+            "table"
+        )
+    keys = ["layer", "source_layer", "head"]
+    out = mean_ci(frame.sort_values(keys, kind="stable"), keys, ["coef", "linear_coef"])
+    grouped = frame.groupby(keys, sort=False)
+    positive = grouped["coef"].apply(lambda c: float((c > 0).mean()))
+    out = out.merge(positive.rename("frac_positive").reset_index(), on=keys)
+    weight = grouped["effective_weight"].mean() if "effective_weight" in frame else None
+    if weight is not None:
+        out = out.merge(weight.rename("effective_weight").reset_index(), on=keys)
+    if fit is not None:
+        if not {"layer", "r2"} <= set(fit.columns):
+            raise RecallscopeError("coefficients: fit must be the mlp_regression 'fit' table (layer, r2)")
+        r2 = [c for c in ("r2", "r2_adjusted") if c in fit.columns]
+        out = out.merge(fit.groupby("layer")[r2].mean().reset_index(), on="layer", how="left")
+    order = [
+        *keys,
+        "coef",
+        "coef_ci",
+        "n",
+        "frac_positive",
+        "effective_weight",
+        "linear_coef",
+        "linear_coef_ci",
+    ]
+    order += ["r2", "r2_adjusted"] if fit is not None else []
+    return out[[c for c in order if c in out.columns]]
+
+
+# -- internals ----------------------------------------------------------------------------------------
+
+
+def _layers(model: Model, config: Config) -> list[int]:
+    if config.layers is None:
+        return list(range(model.n_layers))
+    return [model.check_layer(layer) for layer in config.layers]
+
+
+def _check_sizes(model: Model, config: Config, heads: dict, n_facts: int) -> None:
+    """Per-example fits need fewer regressors than coordinates (pooled: than coordinates × facts)."""
+    rows = model.d_model * (n_facts if config.pooled else 1)
+    for layer, chosen in heads.items():
+        n = len(chosen) + int(config.intercept)
+        if n >= rows:
+            raise RecallscopeError(
+                f"MLP {layer} has {n} regressors but a {'pooled' if config.pooled else 'per-example'} fit "
+                f"has only {rows} equations (d_model={model.d_model}): the fit is not determined; use "
+                "regressors='feeding_layer', fewer layers, or pooled=True"
+            )
+
+
+def _collect(model: Model, facts, sites, batch_size: int):
+    """Last-position activations of every fact (one forward per ``batch_size``), fact ids, and the
+    ``[F, 2]`` tracked tokens (subject's first token, gold target; -1 where unknown).
+    """
+    parts, fact_ids, tokens = [], [], []
+    for start in range(0, len(facts), batch_size):
+        rows = range(start, min(start + batch_size, len(facts)))
+        batch = facts.select(rows) if isinstance(facts, PromptBatch) else facts.to_batch(model, rows)
+        parts.append(last_position_acts(model, batch, sites))
+        fact_ids += list(batch.fact_ids or map(str, rows))
+        tokens.append(_tracked(batch))
+    acts = {site: torch.cat([p[site] for p in parts]) for site in sites}
+    return acts, fact_ids, torch.cat(tokens)
+
+
+def _tracked(batch: PromptBatch) -> torch.Tensor:
+    """``[B, 2]``: the subject's first token and the gold target's first token (-1 where unknown)."""
+    out = torch.full((len(batch), 2), -1, dtype=torch.long)
+    if "subject" in batch.spans:
+        start = batch.spans["subject"][:, 0].long()
+        known = start >= 0
+        out[known, 0] = batch.input_ids[known, start[known]]
+    if batch.target_ids is not None:
+        out[:, 1] = batch.target_ids.long()
+    return out
+
+
+def _adjusted(r2: np.ndarray, n: int, m: int, config: Config) -> np.ndarray:
+    """R² adjusted for ``n`` regressors over ``m`` equations: ``1 − (1 − R²)(m − c)/(m − n − c)``,
+    ``c`` = 1 with an intercept. Random regressors give about 0 (the raw R² of ``n`` random
+    regressors is about ``n / m``).
+    """
+    c = int(config.intercept)
+    return 1 - (1 - r2) * (m - c) / (m - n - c)
+
+
+def _intercepts(fit: dict, i: int, intercept: torch.Tensor, pooled: bool, d: int) -> None:
+    if pooled:  # a per-coordinate offset vector [d], shared by every fact
+        fit["intercept_norm"][:, i] = float(intercept.norm())
+    else:  # a scalar per fact added to every coordinate
+        fit["intercept"][:, i] = intercept.numpy()
+        fit["intercept_norm"][:, i] = intercept.abs().numpy() * math.sqrt(d)
+
+
+def _linearized(model, layer, resid, raw, y, batch_size, out, fit, i) -> None:
+    """``J o_h`` in chunks of facts: per-head ``linear_coef`` / ``linear_norm``, per-layer total."""
+    n = raw.shape[1]
+    Jo = torch.cat(
+        [
+            mlp_jvp(model, layer, resid[s : s + batch_size], raw[s : s + batch_size]).double()
+            for s in range(0, len(raw), batch_size)
+        ]
+    )  # [F, n, d]
+    sq = raw.pow(2).sum(-1)  # [F, n]
+    coef = (Jo * raw).sum(-1) / sq
+    out["linear_coef"][:, i, :n] = torch.where(sq > 0, coef, torch.nan).numpy()
+    out["linear_norm"][:, i, :n] = Jo.norm(dim=-1).numpy()
+    total = Jo.sum(1)  # [F, d]
+    fit["linear_total_norm"][:, i] = total.norm(dim=-1).numpy()
+    fit["linear_total_cos"][:, i] = torch.nn.functional.cosine_similarity(total, y, dim=-1).numpy()
+
+
+def _ranks(model: Model, acts, layers: list[int], tokens: torch.Tensor) -> dict[str, np.ndarray]:
+    """1-based logit-lens ranks of the subject / target token before and after each MLP."""
+    after = torch.stack([acts[Site(layer, "resid_post")] for layer in layers], 1)  # [F, layer, d]
+    mlp = torch.stack([acts[Site(layer, "mlp_out")] for layer in layers], 1)
+    x = torch.stack([after - mlp, after], 2)  # [F, layer, 2 (before/after), d]
+    proj = project_to_vocab(model, x.to(model.dtype), "logit_lens", targets=tokens.clamp(min=0))
+    ranks = (proj.target_ranks + 1).double()  # [F, layer, 2, 2 (subject/target)]
+    ranks[(tokens < 0)[:, None, None, :].expand_as(ranks)] = torch.nan
+    out = {}
+    for t, token in enumerate(("subject", "target")):
+        for w, when in enumerate(("before", "after")):
+            out[f"{token}_rank_{when}"] = ranks[:, :, w, t].numpy()
+    return out
+
+
+def _provenance(model: Model, config: Config, without: list[int]) -> dict:
+    fit = "pooled: one β per head over all facts" if config.pooled else "per example: one β per head per fact"
+    intercept = (
+        ("per-coordinate offset shared by facts" if config.pooled else "scalar per fact")
+        if config.intercept
+        else "none"
+    )
+    regressors = {
+        "feeding_layer": "heads of feeding_attention_layer(ℓ) (ℓ; ℓ−1 in parallel blocks)",
+        "earlier_layers": "all heads of layers ≤ feeding_attention_layer(ℓ)",
+    }[config.regressors]
+    space = {
+        "raw": "raw head outputs o_h",
+        "normalized": "γ ⊙ centre(o_h) / ρ(MLP input) of the MLP's norm (frozen scale, no bias); "
+        "effective_weight undefined (NaN)",
+    }[config.space]
+    post = "; Gemma-2 attention post-norm folded in at its actual scale" if model.spec.attn_post_norm else ""
+    return result_provenance(
+        model,
+        config,
+        target="y = mlp_out at the last position (Gemma-2: after the MLP post-norm)",
+        heads="o_h = z_h W_O[h·d_h:(h+1)·d_h] (input-column block of o_proj.weight)" + post,
+        regressors=regressors,
+        layers_without_regressors=without,
+        regression=f"least squares in float64; {fit}; intercept: {intercept}; R² uncentred without an "
+        "intercept, centred with one (over coordinates per fact; over facts when pooled)",
+        space=space,
+        effective_weight="1 + β",
+        linearized="J·o_h with J the Jacobian of norm→MLP(→post-norm) at the actual MLP input "
+        f"({mlp_input_site(model, 0).name}); linear_coef = ⟨J o, o⟩/‖o‖²"
+        if config.linearized
+        else "off",
+        ranks="logit_lens (the model's own final norm, b_U, soft-cap) of resid_post − mlp_out (before) "
+        "and resid_post (after); 1-based; subject's first token and the gold target's first token",
+        layers="block index",
+        positions="last",
+        bos=model.bos,
+    )
