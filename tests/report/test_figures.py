@@ -72,3 +72,17 @@ def test_logit_lens_curves(tmp_path):
     ]
     written = save_figure(logit_lens_curves(pd.DataFrame(rows)), tmp_path, "lens", "c")
     assert written.png.stat().st_size > 1000
+
+
+def test_head_grid_clips_a_few_extreme_cells_and_says_so():
+    from recallscope.report.figures import head_grid
+
+    values = np.linspace(-1, 1, 12)
+    values[0] = -40.0
+    table = pd.DataFrame({"layer": np.repeat(range(3), 4), "head": np.tile(range(4), 3), "coef": values})
+    fig = head_grid(table, "coef", "t", "β", diverging=True, clip=0.9)
+    colorbar = fig.axes[-1]
+    low, high = colorbar.get_ylim()
+    assert high == -low and high < 2 and "clipped" in colorbar.get_ylabel()
+    plain = head_grid(table, "coef", "t", "β", diverging=True).axes[-1]
+    assert plain.get_ylim()[1] == 40.0 and "clipped" not in plain.get_ylabel()

@@ -276,14 +276,28 @@ def layer_bars(table: pd.DataFrame, title: str, ylabel: str, *, xlabel: str = "l
 
 
 def head_grid(
-    table: pd.DataFrame, value: str, title: str, label: str, *, diverging: bool = False
+    table: pd.DataFrame,
+    value: str,
+    title: str,
+    label: str,
+    *,
+    diverging: bool = False,
+    clip: float | None = None,
 ) -> plt.Figure:
     """A ``layer × head`` heat map of ``value`` (one row per head in ``table``).
 
     ``diverging``: a red–blue scale symmetric around 0 (signed values) instead of 0 → max in blue.
+    ``clip``: with ``diverging``, the scale ends at this quantile of ``|value|`` (e.g. 0.95), so a
+    few extreme cells do not wash out the rest; the colour-bar label says so.
     """
     grid = table.pivot(index="layer", columns="head", values=value).sort_index()
-    limit = max(float(np.nanmax(np.abs(grid.to_numpy()))), 1e-9) if diverging else None
+    magnitudes = np.abs(grid.to_numpy())
+    limit = None
+    if diverging:
+        top = np.nanquantile(magnitudes, clip) if clip is not None else np.nanmax(magnitudes)
+        limit = max(float(top), 1e-9)
+        if clip is not None and limit < np.nanmax(magnitudes):
+            label = f"{label} (colours clipped at ±{limit:.3g})"
     colors = dict(cmap="RdBu_r", vmin=-limit, vmax=limit) if diverging else dict(cmap="Blues", vmin=0)
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(0.3 * grid.shape[1] + 2.6, 0.16 * len(grid) + 1.4))

@@ -84,7 +84,10 @@ def argument_heads_section(store, facts: pd.DataFrame, folder: Path, options: Op
             save_figure(fig, folder, f"argument_heads_attention{suffix}", f"Attention{label}")
         )
         top = passers.assign(head_label=_head_label(passers)).head(8)[columns]
-        n = int(passers["passes"].fillna(False).astype(bool).sum())
+        passing = passers[passers["passes"].fillna(False).astype(bool)]
+        n = len(passing)
+        names = ", ".join(_head_label(passing)) or "none"
+        section.notes.append(f"Heads that pass the argument{label}: {names}.")
         section.tables.append(Table.of(f"Heads ranked: {n} pass the argument{label}", top, 3))
     mlp = store.read_table("argument_heads", "mlp")
     if not mlp.empty and "delta" in mlp:
@@ -117,7 +120,9 @@ def mlp_regression_section(store, facts: pd.DataFrame, folder: Path, options: Op
         fits = fit[fit["fact_id"].isin(set(rows["fact_id"]))]
         coefs = coefficients(rows, fits)
         feeding = coefs[coefs["source_layer"] == coefs.groupby("layer")["source_layer"].transform("max")]
-        fig = head_grid(feeding, "coef", f"Regression coefficient of each head{label}", "β", diverging=True)
+        fig = head_grid(
+            feeding, "coef", f"Regression coefficient of each head{label}", "β", diverging=True, clip=0.95
+        )
         section.figures.append(
             save_figure(fig, folder, f"mlp_regression_coef{suffix}", f"Coefficients{label}")
         )
@@ -132,6 +137,7 @@ def mlp_regression_section(store, facts: pd.DataFrame, folder: Path, options: Op
             section.figures.append(
                 save_figure(fig, folder, f"mlp_regression_linear{suffix}", f"Linearized coefficients{label}")
             )
+        section.notes.append(_activation_sentence(store, coefs, label))
         fig = mean_curves(
             fits.assign(fit="R²"),
             y="r2",
@@ -153,6 +159,27 @@ def mlp_regression_section(store, facts: pd.DataFrame, folder: Path, options: Op
                 Table.of(f"Layers whose MLP most raises the subject's rank (median ranks){label}", best, 1)
             )
     return section
+
+
+def _activation_sentence(store, coefs: pd.DataFrame, label: str) -> str:
+    """What the MLP right after the strongest argument passer does with that head (when both ran)."""
+    if "argument_heads" not in store.methods():
+        return f"Mean R² over layers{label}: {coefs.groupby('layer')['r2'].first().mean():.3f}."
+    heads = store.read_table("argument_heads")
+    if heads.empty or heads["delta"].isna().all():
+        return f"Mean R² over layers{label}: {coefs.groupby('layer')['r2'].first().mean():.3f}."
+    best = heads.groupby(["layer", "head"])["delta"].mean().idxmin()
+    row = coefs[(coefs["source_layer"] == best[0]) & (coefs["head"] == best[1])]
+    if row.empty:
+        return f"The MLPs fitted here do not read head L{best[0]}H{best[1]} (the strongest argument passer)."
+    row = row.iloc[0]
+    low, high = row["coef"] - row["coef_ci"], row["coef"] + row["coef_ci"]
+    verdict = "amplified" if low > 0 else "erased" if high < 0 else "neither amplified nor erased"
+    return (
+        f"MLP {int(row['layer'])} after the strongest argument passer L{best[0]}H{best[1]}{label}: β = "
+        f"{row['coef']:+.3f} ± {row['coef_ci']:.3f} (linearized {row['linear_coef']:+.3f}), R² of the fit "
+        f"{row['r2']:.3f}: {verdict}."
+    )
 
 
 def function_application_section(store, facts: pd.DataFrame, folder: Path, options: Options) -> Section:
