@@ -28,7 +28,7 @@ import torch
 
 import recallscope as rs
 from early_decoding import peak_rss_mb, timed
-from recallscope.data.variants import add_relation_context
+from lv_facts import known_lv_facts
 from recallscope.methods import anti_overconfidence as ao
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
@@ -78,9 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     model = rs.load_model(args.model, device="cpu")
-    pool = rs.load_facts("lv_capitals")
-    known = pool[: 4 * args.facts].known_by(model)[: args.facts]  # the first facts only: quick
-    facts = add_relation_context(known, pool=list(pool))
+    facts = known_lv_facts(model, args.facts, scan=4 * args.facts)  # the first facts only: quick
     config = ao.Config(perplexity=False, max_candidates=args.candidates)
     print(
         f"recallscope {rs.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads, "

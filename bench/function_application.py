@@ -27,7 +27,8 @@ import torch
 
 import recallscope as rs
 from early_decoding import peak_rss_mb, print_speed, timed
-from recallscope.data.variants import add_relation_context, counterfactual_facts
+from lv_facts import known_lv_facts
+from recallscope.data.variants import counterfactual_facts
 from recallscope.methods import function_application as fa
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
@@ -71,9 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     model = rs.load_model(args.model, device="cpu")
-    pool = rs.load_facts("lv_capitals")
-    known = pool[: 4 * args.facts].known_by(model)  # a prefix: known_by on all 225 prompts is slow on CPU
-    facts = add_relation_context(known[: args.facts], pool=list(pool))
+    facts = known_lv_facts(model, args.facts, scan=4 * args.facts)  # known_by on all 225 is slow on CPU
     config = fa.Config.preset("lv")
     print(
         f"recallscope {rs.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads, model "

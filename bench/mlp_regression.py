@@ -30,7 +30,7 @@ import transformers
 
 import recallscope as rs
 from early_decoding import peak_rss_mb, timed
-from recallscope.data.variants import add_relation_context
+from lv_facts import known_lv_facts
 from recallscope.methods import mlp_regression as mr
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
@@ -47,8 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = rs.load_model(args.model, device="cpu")
-    pool = rs.load_facts("lv_capitals")
-    facts = add_relation_context(pool.known_by(model)[: args.facts], pool=list(pool))
+    facts = known_lv_facts(model, args.facts)
     config = mr.Config.preset("lv")
     print(
         f"recallscope {rs.__version__}, torch {torch.__version__}, transformers {transformers.__version__}, "
