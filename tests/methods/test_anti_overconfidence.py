@@ -14,6 +14,7 @@ import torch
 import recallscope as rs
 from oracles.anti_overconfidence import naive_anti_overconfidence
 from recallscope.core.cache import forward
+from recallscope.core.resume import equal_length_rows
 from recallscope.core.subvalues import FrozenHead
 from recallscope.core.tokens import encode_prompt
 from recallscope.data.builtin import generic_text
@@ -122,7 +123,7 @@ def test_scale_one_is_the_clean_model(tiny_models, family):
     config = ao.Config()
     for positions in ("all", "last"):
         config = ao.Config(positions=positions)
-        for rows in ao._length_chunks(batch, 16):
+        for rows in map(np.asarray, equal_length_rows(batch, 16)):
             chunk, _, scores = ao._record(model, batch, rows, L - 1, config)
             local = np.arange(len(rows))
             untouched = ao._resumed_logits(model, chunk, local, [None] * len(rows), L - 1)

@@ -33,7 +33,20 @@ from recallscope.models.families import get_module
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
 
-__all__ = ["RunState", "record_run", "resume"]
+__all__ = ["RunState", "record_run", "resume", "equal_length_rows"]
+
+
+def equal_length_rows(batch, size: int) -> Iterator[list[int]]:
+    """Rows of a left-padded ``batch`` grouped by prompt length, at most ``size`` per group, in row order.
+
+    :func:`record_run` takes unpadded prompts, so a padded batch is recorded one group at a time
+    (``batch.input_ids[group, -length:]``).
+    """
+    lengths = batch.attention_mask.sum(-1).tolist()
+    for length in sorted(set(lengths)):
+        rows = [row for row, n in enumerate(lengths) if n == length]
+        for start in range(0, len(rows), size):
+            yield rows[start : start + size]
 
 
 @dataclass

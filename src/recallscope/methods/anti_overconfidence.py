@@ -61,7 +61,7 @@ import torch
 from recallscope.core.cache import forward
 from recallscope.core.decompose import head_outputs, neuron_outputs
 from recallscope.core.hooks import site_hook
-from recallscope.core.resume import RunState, record_run, resume
+from recallscope.core.resume import RunState, equal_length_rows, record_run, resume
 from recallscope.core.subvalues import FrozenHead
 from recallscope.core.tokens import PromptBatch, encode_prompt
 from recallscope.data.builtin import generic_text
@@ -305,7 +305,7 @@ def run(model: Model, facts: FactSet | PromptBatch, config: Config | None = None
     train = split_facts(_split_keys(facts, fact_ids, config.split_by), config.train_fraction, config.seed)
     start_layer = model.n_layers - min(config.layers_from_end, model.n_layers)
     chunks, parts, before = [], [], []
-    for rows in _length_chunks(batch, config.batch_size):
+    for rows in map(np.asarray, equal_length_rows(batch, config.batch_size)):
         chunk, attribution, scores = _record(model, batch, rows, start_layer, config)
         chunks.append(chunk)
         parts.append(attribution)
@@ -392,15 +392,6 @@ def _split_keys(facts, fact_ids: list[str], split_by: str) -> list[str]:
     if split_by == "base_id" and isinstance(facts, FactSet):
         return [str(f.attributes.get("base_id", f.fact_id)) for f in facts]
     return fact_ids
-
-
-def _length_chunks(batch: PromptBatch, size: int) -> Iterator[np.ndarray]:
-    """Row indices of facts with one token length, at most ``size`` per chunk."""
-    lengths = batch.attention_mask.sum(-1).numpy()
-    for n in np.unique(lengths):
-        rows = np.flatnonzero(lengths == n)
-        for start in range(0, len(rows), size):
-            yield rows[start : start + size]
 
 
 # -- recording and attribution -------------------------------------------------------------------

@@ -63,7 +63,7 @@ import torch
 
 from recallscope.core.cache import run_with_cache
 from recallscope.core.hooks import site_hook
-from recallscope.core.resume import record_run, resume
+from recallscope.core.resume import equal_length_rows, record_run, resume
 from recallscope.core.subvalues import FrozenHead
 from recallscope.core.tokens import PromptBatch
 from recallscope.data.facts import FactSet
@@ -430,17 +430,12 @@ def _path_patching(model: Model, batch: PromptBatch, values: _Values, config: Co
     clean, target = np.full(n_facts, np.nan), np.full(n_facts, -1, dtype=np.int64)
     patched = np.full((n_facts, n_layers, n_heads), np.nan)
     mlp_patched = np.full((n_facts, n_layers), np.nan)
-    pads = batch.pad_lengths.tolist()
-    by_length: dict[int, list[int]] = {}
-    for row, pad in enumerate(pads):
-        by_length.setdefault(batch.seq_len - pad, []).append(row)
-    for length, rows in by_length.items():
-        for part in _chunks(len(rows), config.batch_size):
-            group = [rows[i] for i in part]
-            ids = batch.input_ids[group, batch.seq_len - length :]
-            gold = batch.target_ids[group] if batch.target_ids is not None else None
-            out = _patch_group(model, ids, gold, values.rows(group), config)
-            clean[group], target[group], patched[group], mlp_patched[group] = out
+    for group in equal_length_rows(batch, config.batch_size):
+        length = batch.seq_len - int(batch.pad_lengths[group[0]])
+        ids = batch.input_ids[group, batch.seq_len - length :]
+        gold = batch.target_ids[group] if batch.target_ids is not None else None
+        out = _patch_group(model, ids, gold, values.rows(group), config)
+        clean[group], target[group], patched[group], mlp_patched[group] = out
     return clean, target, patched, mlp_patched
 
 
