@@ -7,7 +7,10 @@ for local files only, and go online only if that fails and ``HF_HUB_OFFLINE`` is
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +55,8 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
     device_map: str | dict | None = None,
+    max_memory: dict | None = None,
+    offload_folder: str | os.PathLike | None = None,
     revision: str | None = None,
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
@@ -67,8 +72,14 @@ def load_model(
         dtype: weights dtype; default float32.
         device: where to put the model; default ``"cuda"`` when available, else ``"cpu"``.
             Ignored when ``device_map`` is given.
-        device_map: passed to transformers/accelerate (e.g. ``"auto"``) for models larger than
-            one device.
+        device_map: spread the model over devices with accelerate, for models larger than one
+            device: ``"auto"``, ``"balanced"``, ``"sequential"`` or an explicit
+            ``{module name: device}`` (devices ``0``, ``"cuda:1"``, ``"cpu"``, ``"disk"``). Every
+            method works on such a model and gives the numbers of the undivided one.
+        max_memory: with ``device_map``, the memory each device may hold, e.g.
+            ``{0: "20GiB", "cpu": "60GiB"}``; what does not fit goes to disk.
+        offload_folder: where weights offloaded to disk are kept (default: a folder in
+            recallscope's cache).
         revision: hub branch, tag or commit.
         trust_remote_code: allow custom modeling code from the hub (off by default).
         attn_implementation: ``"sdpa"`` (default where supported) or ``"eager"``.
@@ -79,15 +90,17 @@ def load_model(
         UnsupportedModelError: the architecture is not supported.
     """
     torch_dtype = resolve_dtype(dtype)
+    placement = _placement_kwargs(device_map, max_memory, offload_folder)
     if isinstance(name_or_path, nn.Module):
-        model = Model(name_or_path, tokenizer, info=ModelInfo(_model_label(name_or_path), "object"), bos=bos)
-        return model if device is None else _move(model, device)
+        hf_model = _dispatch(name_or_path, **placement) if placement else name_or_path
+        model = Model(hf_model, tokenizer, info=ModelInfo(_model_label(name_or_path), "object"), bos=bos)
+        return model if device is None or placement else _move(model, device)
     name = os.fspath(name_or_path)
     kwargs = dict(
         dtype=torch_dtype,
-        device_map=device_map,
         trust_remote_code=trust_remote_code,
         attn_implementation=attn_implementation,
+        **placement,
     )
     if name in EMBEDDED_MODELS:
         folder, sha = cached_gguf_dir(embedded_gguf_path(name))
@@ -109,6 +122,50 @@ def load_model(
     if device_map is None:
         model = _move(model, device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return model
+
+
+def _placement_kwargs(device_map, max_memory, offload_folder) -> dict[str, Any]:
+    """The accelerate arguments of a device map (empty without one)."""
+    if device_map is None:
+        if max_memory is not None or offload_folder is not None:
+            raise ValueError("max_memory and offload_folder apply only with a device_map (e.g. 'auto')")
+        return {}
+    if isinstance(device_map, str) and device_map not in _DEVICE_MAPS:
+        raise ValueError(
+            f"unknown device_map {device_map!r}: expected one of {', '.join(_DEVICE_MAPS)} or a "
+            "{module name: device} mapping"
+        )
+    if offload_folder is None:
+        offload_folder = _scratch_offload_folder()
+    kwargs = {"device_map": device_map, "offload_folder": str(offload_folder)}
+    return kwargs if max_memory is None else {**kwargs, "max_memory": max_memory}
+
+
+def _scratch_offload_folder() -> Path:
+    """A fresh folder in recallscope's cache for weights offloaded to disk, removed at exit."""
+    from recallscope.models.gguf import cache_dir
+
+    root = cache_dir() / "offload"
+    root.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=root))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
+_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _dispatch(hf_model: nn.Module, device_map, offload_folder: str, max_memory=None) -> nn.Module:
+    """Spread an already-built model over devices (``device_map`` as for ``from_pretrained``)."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    if isinstance(device_map, str):
+        no_split = getattr(hf_model, "_no_split_modules", None) or []
+        if device_map != "sequential":
+            max_memory = get_balanced_memory(hf_model, max_memory, no_split_module_classes=no_split)
+        device_map = infer_auto_device_map(hf_model, max_memory, no_split_module_classes=no_split)
+    return dispatch_model(hf_model, device_map, offload_dir=offload_folder)
 
 
 def _model_label(hf_model: nn.Module) -> str:

@@ -108,12 +108,27 @@ class Model:
     # -- properties ---------------------------------------------------------------------------
     @property
     def dtype(self) -> torch.dtype:
-        return self.W_U.dtype
+        return self.module(self.spec.unembed).weight.dtype
 
     @property
     def device(self) -> torch.device:
-        """Device of the input embedding (where token ids must go)."""
-        return get_module(self.hf_model, self.spec.embed).weight.device
+        """Device of the input embedding (where token ids must go).
+
+        With an accelerate device map that offloads the embedding, this is the device it runs on.
+        """
+        embed = get_module(self.hf_model, self.spec.embed)
+        weight = embed.weight
+        if weight.device.type != "meta":
+            return weight.device
+        return torch.device(self._offloaded(embed, "weight")[1])
+
+    @property
+    def device_map(self) -> dict[str, str] | None:
+        """Where accelerate placed each module (``{"model.layers.3": "cuda:0" | "cpu" | "disk"}``),
+        or None for a model on one device.
+        """
+        placed = getattr(self.hf_model, "hf_device_map", None)
+        return None if not placed else {k: str(v) for k, v in placed.items()}
 
     @property
     def attn_implementation(self) -> str:
@@ -146,6 +161,7 @@ class Model:
             "model_class": type(self.hf_model).__name__,
             "dtype": str(self.dtype).removeprefix("torch."),
             "device": str(self.device),
+            "device_map": _placement(self.device_map),
             "attn_implementation": self.attn_implementation,
             "bos": self.bos,
             "layer_indexing": "0-based blocks; resid_pre[l] is the input of block l",
@@ -181,26 +197,26 @@ class Model:
     @property
     def W_U(self) -> torch.Tensor:
         """Unembedding ``[d_vocab, d_model]``."""
-        return self.module(self.spec.unembed).weight.detach()
+        return self.tensor(self.module(self.spec.unembed), "weight")
 
     @property
     def b_U(self) -> torch.Tensor | None:
         """Unembedding bias ``[d_vocab]`` (GPT-J, Phi) or None."""
-        return _detached(self.module(self.spec.unembed).bias)
+        return self.tensor(self.module(self.spec.unembed), "bias")
 
     @property
     def W_E(self) -> torch.Tensor:
         """Token embedding matrix ``[d_vocab_in, d_model]`` (without Gemma's scale)."""
-        return self.module(self.spec.embed).weight.detach()
+        return self.tensor(self.module(self.spec.embed), "weight")
 
     def W_O(self, layer: int) -> torch.Tensor:
         """Attention output weights ``[n_heads, d_head, d_model]``; head h owns ``W_O[h]``."""
-        weight = self.module(self.spec.o_proj, layer).weight.detach()
+        weight = self.tensor(self.module(self.spec.o_proj, layer), "weight")
         weight = weight if self.spec.conv1d else weight.T  # [n_heads * d_head, d_model]
         return weight.reshape(self.n_heads, self.d_head, self.d_model)
 
     def b_O(self, layer: int) -> torch.Tensor | None:
-        return _detached(self.module(self.spec.o_proj, layer).bias)
+        return self.tensor(self.module(self.spec.o_proj, layer), "bias")
 
     def W_V(self, layer: int) -> torch.Tensor:
         """Value weights ``[n_kv_heads, d_model, d_head]``: ``v^{kv} = x W_V[kv] + b_V[kv]``.
@@ -208,13 +224,13 @@ class Model:
         ``x`` is the output of the block's pre-attention norm. Read from ``v_proj`` or from the
         value part of a fused projection (GPT-2's ``[q | k | v]``, NeoX's per-head ``[q k v]``).
         """
-        weight = self._v_module(layer).weight.detach()
+        weight = self.tensor(self._v_module(layer), "weight")
         weight = weight if self.spec.conv1d else weight.T  # [d_model, out_features]
         return self._value_part(weight).permute(1, 0, 2)
 
     def b_V(self, layer: int) -> torch.Tensor | None:
         """Value bias ``[n_kv_heads, d_head]``, or None."""
-        bias = _detached(self._v_module(layer).bias)
+        bias = self.tensor(self._v_module(layer), "bias")
         return None if bias is None else self._value_part(bias)
 
     def _v_module(self, layer: int) -> nn.Module:
@@ -231,25 +247,25 @@ class Model:
 
     def W_out(self, layer: int) -> torch.Tensor:
         """MLP output weights ``[d_mlp, d_model]``; neuron k writes ``W_out[k]``."""
-        weight = self.module(self.spec.mlp_out_proj, layer).weight.detach()
+        weight = self.tensor(self.module(self.spec.mlp_out_proj, layer), "weight")
         return weight if self.spec.conv1d else weight.T
 
     def b_out(self, layer: int) -> torch.Tensor | None:
-        return _detached(self.module(self.spec.mlp_out_proj, layer).bias)
+        return self.tensor(self.module(self.spec.mlp_out_proj, layer), "bias")
 
     def W_in(self, layer: int) -> torch.Tensor:
         """MLP input weights ``[d_model, d_mlp]`` (``up_proj`` if gated): ``x W_in + b_in``."""
         return self._mlp_weight(self.spec.mlp_in, layer)
 
     def b_in(self, layer: int) -> torch.Tensor | None:
-        return _detached(self.module(self.spec.mlp_in, layer).bias)
+        return self.tensor(self.module(self.spec.mlp_in, layer), "bias")
 
     def W_gate(self, layer: int) -> torch.Tensor:
         """Gated MLPs' gate weights ``[d_model, d_mlp]``: ``c = act(x W_gate + b_gate) ⊙ (x W_in + b_in)``."""
         return self._mlp_weight(self._gate_path(), layer)
 
     def b_gate(self, layer: int) -> torch.Tensor | None:
-        return _detached(self.module(self._gate_path(), layer).bias)
+        return self.tensor(self.module(self._gate_path(), layer), "bias")
 
     def mlp_act(self, layer: int) -> nn.Module:
         """The MLP's activation function (applied to ``mlp_pre``), as the native module holds it."""
@@ -266,7 +282,7 @@ class Model:
         return self.spec.mlp_gate
 
     def _mlp_weight(self, path: str, layer: int) -> torch.Tensor:
-        weight = self.module(path, layer).weight.detach()
+        weight = self.tensor(self.module(path, layer), "weight")
         return weight if self.spec.conv1d else weight.T
 
     def norm_params(self, path: str, layer: int | None = None) -> NormParams:
@@ -276,12 +292,65 @@ class Model:
         eps = getattr(norm, "variance_epsilon", None) if eps is None else eps
         return NormParams(
             kind=self.spec.norm,
-            weight=_detached(getattr(norm, "weight", None)),
-            bias=_detached(getattr(norm, "bias", None)),
+            weight=self.tensor(norm, "weight"),
+            bias=self.tensor(norm, "bias"),
             eps=float(eps if eps is not None else 1e-6),
             offset_one=self.spec.norm_offset_one,
         )
 
+    # -- offloaded weights (accelerate device maps) ---------------------------------------------
+    def tensor(self, module: nn.Module, name: str) -> torch.Tensor | None:
+        """``module.<name>`` (a parameter or buffer) detached, or None if it has none.
 
-def _detached(tensor: torch.Tensor | None) -> torch.Tensor | None:
-    return None if tensor is None else tensor.detach()
+        Under an accelerate device map that offloads ``module`` to the CPU or disk, the parameter
+        sits on the meta device between forwards; its value is then read from accelerate's
+        offload store and put on the device the module runs on, as its own forward would.
+        """
+        value = getattr(module, name, None)
+        if not isinstance(value, torch.Tensor):
+            return None
+        if value.device.type != "meta":
+            return value.detach()
+        stored, device = self._offloaded(module, name)
+        return stored.detach().to(device)
+
+    def _offloaded(self, module: nn.Module, name: str) -> tuple[torch.Tensor, torch.device | str]:
+        """``(value, execution device)`` of an offloaded ``module.<name>``."""
+        if self._offload_index is None:
+            self._offload_index = _offload_index(self.hf_model)
+        if id(module) not in self._offload_index:
+            raise SiteError(
+                f"{type(module).__name__}.{name} is on the meta device but no accelerate hook holds its "
+                "value: load the model with load_model(..., device_map=...) (or dispatch it with "
+                "accelerate.dispatch_model) rather than building it on the meta device"
+            )
+        weights, prefix, device = self._offload_index[id(module)]
+        return weights[prefix + name], device
+
+    _offload_index: dict[int, tuple[Any, str, Any]] | None = None
+
+
+def _placement(device_map: dict[str, str] | None) -> dict[str, int] | None:
+    """Blocks and other modules per device, e.g. ``{"cpu": 14, "disk": 20}`` (None: one device)."""
+    if device_map is None:
+        return None
+    counts: dict[str, int] = {}
+    for device in device_map.values():
+        counts[device] = counts.get(device, 0) + 1
+    return counts
+
+
+def _offload_index(hf_model: nn.Module) -> dict[int, tuple[Any, str, Any]]:
+    """``{id(module): (offload store, key prefix, execution device)}`` for every module whose
+    weights an accelerate ``AlignDevicesHook`` keeps offloaded (the hook may sit on the module or
+    on a parent that places its submodules).
+    """
+    index: dict[int, tuple[Any, str, Any]] = {}
+    for owner in hf_model.modules():
+        hook = getattr(owner, "_hf_hook", None)
+        for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+            if getattr(h, "offload", False) and getattr(h, "weights_map", None) is not None:
+                for sub_name, sub in owner.named_modules():
+                    prefix = f"{sub_name}." if sub_name else ""
+                    index.setdefault(id(sub), (h.weights_map, prefix, h.execution_device))
+    return index

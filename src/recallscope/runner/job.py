@@ -33,6 +33,8 @@ else:  # pragma: no cover
 
 __all__ = ["Job", "DEFAULT_LIMIT", "resolve_methods", "method_configs", "select_facts", "load_config_file"]
 
+EXECUTORS = ("local", "ray")
+
 DEFAULT_LIMIT = 8
 """Facts analysed by default: enough to see the average maps, a few minutes on a laptop CPU."""
 
@@ -49,6 +51,14 @@ class Job:
         limit: analyse at most this many facts (a seeded sample, in dataset order); None: all.
         known_only: keep only facts the model answers correctly (first token).
         device, dtype: where and in which precision the model runs (None: defaults).
+        device_map: spread the model over devices with accelerate (``"auto"`` …, or a
+            ``{module: device}`` mapping; see :func:`~recallscope.models.load.load_model`), with
+            ``max_memory`` per device and ``offload_folder`` for weights offloaded to disk.
+        executor: ``"local"`` (this process) or ``"ray"`` (facts sharded over Ray workers, each
+            holding the model; ``pip install 'recallscope[ray]'``).
+        ray_address: the Ray cluster to join (``"auto"``, ``"ray://head:10001"``); None starts a
+            local one.
+        workers: Ray workers (None: one per GPU of the cluster, or 2 on a cluster without GPUs).
         batch_size: facts per chunk for every method (None: each method's ``CHUNK_SIZE``).
         seed: seed of the fact sample and, when given, of every method with a ``seed`` field.
         shots: prompt variants by number of demonstrations (``(0, 1)``: each selected fact zero-shot
@@ -64,6 +74,12 @@ class Job:
     known_only: bool = True
     device: str | None = None
     dtype: str | None = None
+    device_map: str | Mapping[str, Any] | None = None
+    max_memory: Mapping[str, Any] | None = None
+    offload_folder: str | None = None
+    executor: str = "local"
+    ray_address: str | None = None
+    workers: int | None = None
     batch_size: int | None = None
     seed: int | None = None
     shots: tuple[int, ...] = (0,)
@@ -81,6 +97,12 @@ class Job:
                 f"shots must be numbers of demonstrations >= 0 such as (0, 1), got {self.shots}"
             )
         object.__setattr__(self, "shots", shots)
+        if self.executor not in EXECUTORS:
+            raise RecallscopeError(
+                f"unknown executor {self.executor!r}: expected one of {', '.join(EXECUTORS)}"
+            )
+        if self.workers is not None and self.workers < 1:
+            raise RecallscopeError(f"workers must be a positive number of Ray workers, got {self.workers}")
         if self.batch_size is not None and self.batch_size < 1:
             raise RecallscopeError(f"batch_size must be positive, got {self.batch_size}")
         names = tuple(m.NAME for m in resolve_methods(self.methods))
@@ -98,7 +120,22 @@ class Job:
             **asdict(self),
             "out": str(self.out),
             "configs": {k: dict(v) for k, v in self.configs.items()},
+            "device_map": dict(self.device_map) if isinstance(self.device_map, Mapping) else self.device_map,
+            "max_memory": None if self.max_memory is None else dict(self.max_memory),
         }
+
+    def load_model(self):
+        """The job's model, placed as the job says (device, dtype, device map)."""
+        from recallscope.models.load import load_model
+
+        return load_model(
+            self.model,
+            dtype=self.dtype,
+            device=self.device,
+            device_map=self.device_map,
+            max_memory=self.max_memory,
+            offload_folder=self.offload_folder,
+        )
 
 
 def resolve_methods(names: tuple[str, ...] | list[str]) -> list[ModuleType]:

@@ -15,7 +15,7 @@ import datetime as dt
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -26,11 +26,10 @@ from tqdm.auto import tqdm
 from recallscope.data import FactSet
 from recallscope.errors import RecallscopeError
 from recallscope.methods import REGISTRY
-from recallscope.models.load import load_model
 from recallscope.runner.job import Job, facts_frame, method_configs, model_key, select_facts
 from recallscope.runner.store import Store
 
-__all__ = ["run_job", "prepare_job", "chunks"]
+__all__ = ["run_job", "prepare_job", "chunks", "WorkItem", "run_item", "LocalExecutor"]
 
 
 def _now() -> str:
@@ -63,7 +62,7 @@ def prepare_job(
     start = time.perf_counter()
     if model is None:
         log(f"loading {job.model} ...")
-        model = load_model(job.model, dtype=job.dtype, device=job.device)
+        model = job.load_model()
     timings["load_model_s"] = time.perf_counter() - start
     start = time.perf_counter()
     facts = select_facts(model, job, store, write=write)
@@ -84,6 +83,7 @@ def run_job(job: Job, *, model=None, progress: bool = True, report: bool = True)
     """Run ``job`` (resuming finished work in ``job.out``) and write its report; return the store."""
     store = Store(job.out)
     log = tqdm.write if progress else (lambda _: None)
+    given = model is not None  # a model object from the caller: executors ship it to their workers
     model, facts, configs, timings = prepare_job(job, model, store, log)
     store.write_facts(facts_frame(facts))
     manifest = _manifest(job, model, facts, timings)
@@ -91,11 +91,15 @@ def run_job(job: Job, *, model=None, progress: bool = True, report: bool = True)
     manifest["status"] = "running"
     store.write_manifest(manifest)
     mkey = model_key(model)
-    for name, config in configs.items():
-        key = f"{config.stable_hash()}-{mkey}"
-        entry = _run_method(REGISTRY[name], model, facts, config, store, key, job, progress)
-        manifest["methods"][name] = entry
-        store.write_manifest(manifest)
+    executor = make_executor(job, model, facts, given=given, log=log)
+    try:
+        for name, config in configs.items():
+            key = f"{config.stable_hash()}-{mkey}"
+            entry = _run_method(REGISTRY[name], model, facts, config, store, key, job, progress, executor)
+            manifest["methods"][name] = entry
+            store.write_manifest(manifest)
+    finally:
+        executor.close()
     manifest.update(status="complete", finished=_now())
     store.write_manifest(manifest)
     if report:
@@ -158,34 +162,67 @@ def chunking(module: ModuleType, config, job, facts: FactSet, key: str) -> tuple
     return job.batch_size or getattr(module, "CHUNK_SIZE", 8), key
 
 
-def _run_method(module: ModuleType, model, facts: FactSet, config, store: Store, key, job, progress):
-    """Run the facts not done yet, chunk by chunk; combine; return the method's manifest entry."""
-    name = module.NAME
+@dataclass(frozen=True)
+class WorkItem:
+    """One unit of work: a method's config on some facts, stored as chunk ``chunk`` under ``key``.
+
+    ``indices`` point into the job's fact list; ``whole`` marks a whole-dataset call. A work item
+    is all an executor needs (with the model and the facts) to produce a :class:`ChunkOutput`.
+    """
+
+    method: str
+    config: Any
+    key: str
+    chunk: str
+    indices: tuple[int, ...]
+    whole: bool = False
+
+
+def run_item(model, facts: FactSet, item: WorkItem) -> ChunkOutput:
+    """What ``item`` produces on ``model``: the same wherever it runs (any executor calls this)."""
+    module = REGISTRY[item.method]
+    if item.whole:
+        return _run_whole(module, model, facts, item.config)
+    return _run_chunk(module, model, facts, list(item.indices), item.config)
+
+
+def work_items(module: ModuleType, facts: FactSet, config, key: str, job, store: Store | None):
+    """``(items, store key, chunk size, digests)``: the chunks of ``module`` still to do."""
     size, key = chunking(module, config, job, facts, key)
     current = {f.fact_id: fact_digest(f) for f in facts}
-    done = store.done_facts(name, key, current)
-    todo = [c for c in chunks(len(facts), size) if any(facts[i].fact_id not in done for i in c)]
-    n_todo = sum(facts[i].fact_id not in done for c in todo for i in c)
+    done = store.done_facts(module.NAME, key, current) if store is not None else set()
+    whole = whole_dataset(module, config)
+    items = []
+    for rows in chunks(len(facts), size):
+        indices = tuple(i for i in rows if facts[i].fact_id not in done)
+        if indices:
+            chunk = f"{rows.start:06d}-{_digest([current[facts[i].fact_id] for i in indices])}"
+            items.append(WorkItem(module.NAME, config, key, chunk, indices, whole))
+    return items, key, size, current
+
+
+def _run_method(module: ModuleType, model, facts, config, store: Store, key, job, progress, executor):
+    """Run the facts not done yet, chunk by chunk; combine; return the method's manifest entry.
+
+    The executor runs the work items (here, or on workers) and hands back each finished chunk as
+    soon as it is done; the chunk is written to the store at once, so a stopped run keeps it.
+    """
+    name = module.NAME
+    items, key, size, current = work_items(module, facts, config, key, job, store)
+    n_todo = sum(len(item.indices) for item in items)
     bar = tqdm(total=len(facts), initial=len(facts) - n_todo, desc=name, unit="fact", disable=not progress)
     with bar:
-        for rows in todo:
-            indices = [i for i in rows if facts[i].fact_id not in done]
-            start = time.perf_counter()
-            if whole_dataset(module, config):
-                output = _run_whole(module, model, facts, config)
-            else:
-                output = _run_chunk(module, model, facts, indices, config)
+        for item, output, seconds in executor.map(items):
             record = {
                 "fact_ids": output.fact_ids,
-                "digests": {facts[i].fact_id: current[facts[i].fact_id] for i in indices},
+                "digests": {facts[i].fact_id: current[facts[i].fact_id] for i in item.indices},
                 "skipped": output.skipped,
-                "seconds": round(time.perf_counter() - start, 3),
+                "seconds": round(seconds, 3),
                 "conventions": output.conventions,
                 "finished": _now(),
             }
-            chunk = f"{rows.start:06d}-{_digest([current[facts[i].fact_id] for i in indices])}"
-            store.write_chunk(name, key, chunk, output.frame, output.tables, output.arrays, record)
-            bar.update(len(indices))
+            store.write_chunk(name, key, item.chunk, output.frame, output.tables, output.arrays, record)
+            bar.update(len(item.indices))
     sizes = store.combine(name, key, current)
     records = store.valid_records(name, key, current)
     n_done = sum(len(r["valid"].intersection(r["fact_ids"])) for r in records)
@@ -204,6 +241,40 @@ def _run_method(module: ModuleType, model, facts: FactSet, config, store: Store,
         "seconds": round(seconds, 2),
         "facts_per_second": round(n_done / seconds, 4) if seconds else None,
     }
+
+
+class LocalExecutor:
+    """Runs work items one after the other in this process, on the job's model."""
+
+    name = "local"
+
+    def __init__(self, model, facts: FactSet) -> None:
+        self.model, self.facts = model, facts
+
+    def map(self, items: list[WorkItem]) -> Iterator[tuple[WorkItem, ChunkOutput, float]]:
+        """``(item, output, seconds)`` for each item, as each finishes."""
+        for item in items:
+            start = time.perf_counter()
+            output = run_item(self.model, self.facts, item)
+            yield item, output, time.perf_counter() - start
+
+    def close(self) -> None:
+        pass
+
+
+def make_executor(
+    job: Job, model, facts: FactSet, *, given: bool = False, log: Callable[[str], None] = print
+):
+    """The executor ``job.executor`` names, ready to run work items of ``facts``.
+
+    ``given``: ``model`` was built by the caller (not loadable from ``job.model``), so a remote
+    executor ships it to its workers instead of loading ``job.model`` there.
+    """
+    if job.executor == "ray":
+        from recallscope.runner.ray_executor import RayExecutor
+
+        return RayExecutor(job, model, facts, given=given, log=log)
+    return LocalExecutor(model, facts)
 
 
 def _run_chunk(module, model, facts: FactSet, indices: list[int], config) -> ChunkOutput:
