@@ -5,7 +5,9 @@ Thin by design: parse flags, load, call the library, print.
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -76,7 +78,51 @@ def _job_options(command):
             "lists whose k items are all correct (else any k distinct items).",
         ),
         click.option("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)."),
-        click.option("--dtype", default=None, help="float32 (default), float64, bfloat16, float16."),
+        click.option(
+            "--dtype",
+            default=None,
+            help="float32 (default), float64, bfloat16, float16. Projections, softmaxes and "
+            "decompositions accumulate in float32 at least.",
+        ),
+        click.option(
+            "--device-map",
+            default=None,
+            help="Spread a model larger than one device with accelerate: auto, balanced, sequential, "
+            "or a JSON file / JSON object {module: device} (devices 0, cuda:1, cpu, disk).",
+        ),
+        click.option(
+            "--max-memory",
+            default=None,
+            help="With --device-map: memory per device, e.g. '0=20GiB,1=20GiB,cpu=64GiB' (the rest "
+            "is offloaded to disk).",
+        ),
+        click.option(
+            "--offload-folder",
+            type=click.Path(file_okay=False),
+            default=None,
+            help="With --device-map: where weights offloaded to disk go (default: a scratch folder "
+            "in recallscope's cache, removed at exit).",
+        ),
+        click.option(
+            "--executor",
+            type=click.Choice(["local", "ray"]),
+            default="local",
+            show_default=True,
+            help="local: this process. ray: shard the facts over Ray workers, each holding the model "
+            "(pip install 'recallscope[ray]'; see docs/ray.md).",
+        ),
+        click.option(
+            "--ray-address",
+            default=None,
+            help="With --executor ray: the cluster to join ('auto', 'ray://head:10001'); default: "
+            "start a local one.",
+        ),
+        click.option(
+            "--workers",
+            type=int,
+            default=None,
+            help="With --executor ray: number of workers (default: one per GPU, or 2 without GPUs).",
+        ),
         click.option(
             "--batch-size", type=int, default=None, help="Facts per chunk (default: each method's own)."
         ),
@@ -125,11 +171,50 @@ def _job(**flags):
         known_only=flags["known_only"],
         device=flags["device"],
         dtype=flags["dtype"],
+        device_map=_device_map(flags["device_map"]),
+        max_memory=_max_memory(flags["max_memory"]),
+        offload_folder=flags["offload_folder"],
+        executor=flags["executor"],
+        ray_address=flags["ray_address"],
+        workers=flags["workers"],
         batch_size=flags["batch_size"],
         seed=flags["seed"],
         shots=tuple(int(s) for s in shots),
         configs=load_config_file(flags["config_file"]) if flags["config_file"] else {},
     )
+
+
+def _device_map(value: str | None):
+    """``--device-map``: a strategy name, a JSON object, or a JSON file holding one."""
+    if value is None or not value.strip().startswith("{") and not value.endswith(".json"):
+        return value
+    text = Path(value).read_text() if value.endswith(".json") and Path(value).is_file() else value
+    try:
+        mapping = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise click.BadParameter(
+            f"not a JSON object {{module: device}}: {err}", param_hint="--device-map"
+        ) from None
+    if not isinstance(mapping, dict):
+        raise click.BadParameter("expected a JSON object {module: device}", param_hint="--device-map")
+    return mapping
+
+
+def _max_memory(value: str | None) -> dict | None:
+    """``--max-memory 0=20GiB,cpu=64GiB`` → ``{0: "20GiB", "cpu": "64GiB"}``."""
+    if value is None:
+        return None
+    memory = {}
+    for part in value.split(","):
+        device, _, size = part.partition("=")
+        if not device.strip() or not size.strip():
+            raise click.BadParameter(
+                f"expected DEVICE=SIZE pairs such as '0=20GiB,cpu=64GiB', got {value!r}",
+                param_hint="--max-memory",
+            )
+        device = device.strip()
+        memory[int(device) if device.isdigit() else device] = size.strip()
+    return memory
 
 
 @cli.command("run")

@@ -92,6 +92,6 @@ def mlp_jvp(model: Model, layer: int, resid: torch.Tensor, directions: torch.Ten
     def one(r: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return jvp(f, (r,), (v,))[1]
 
-    with torch.no_grad():
+    with torch.no_grad(), model.onloaded(model.block(layer)):
         per_row = vmap(vmap(one, in_dims=(None, 0)), in_dims=(0, 0))
         return per_row(resid, directions)

@@ -11,7 +11,9 @@ Weights are exposed in one canonical layout whatever the family (``methods.md`` 
 
 from __future__ import annotations
 
+import contextlib
 import platform
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -329,6 +331,29 @@ class Model:
 
     _offload_index: dict[int, tuple[Any, str, Any]] | None = None
 
+    @contextlib.contextmanager
+    def onloaded(self, module: nn.Module) -> Iterator[None]:
+        """Keep the offloaded weights of ``module`` (and its submodules) in place while inside.
+
+        For code that calls native modules where accelerate's loading hooks cannot run, such as
+        inside ``torch.func`` transforms. Without a device map this does nothing.
+        """
+        hooks = [
+            (sub, h)
+            for sub in module.modules()
+            for h in _hooks(sub)
+            if getattr(h, "offload", False) and getattr(h, "weights_map", None) is not None
+        ]
+        for sub, hook in hooks:
+            hook.pre_forward(sub)  # loads the weights onto the execution device
+            hook.offload = False  # calls inside only move inputs
+        try:
+            yield
+        finally:
+            for sub, hook in hooks:
+                hook.offload = True
+                hook.post_forward(sub, None)  # back to the meta device
+
 
 def _placement(device_map: dict[str, str] | None) -> dict[str, int] | None:
     """Blocks and other modules per device, e.g. ``{"cpu": 14, "disk": 20}`` (None: one device)."""
@@ -340,6 +365,12 @@ def _placement(device_map: dict[str, str] | None) -> dict[str, int] | None:
     return counts
 
 
+def _hooks(module: nn.Module) -> list[Any]:
+    """The accelerate hooks on ``module`` (a ``SequentialHook`` holds several)."""
+    hook = getattr(module, "_hf_hook", None)
+    return list(getattr(hook, "hooks", None) or ([hook] if hook is not None else []))
+
+
 def _offload_index(hf_model: nn.Module) -> dict[int, tuple[Any, str, Any]]:
     """``{id(module): (offload store, key prefix, execution device)}`` for every module whose
     weights an accelerate ``AlignDevicesHook`` keeps offloaded (the hook may sit on the module or
@@ -347,8 +378,7 @@ def _offload_index(hf_model: nn.Module) -> dict[int, tuple[Any, str, Any]]:
     """
     index: dict[int, tuple[Any, str, Any]] = {}
     for owner in hf_model.modules():
-        hook = getattr(owner, "_hf_hook", None)
-        for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+        for h in _hooks(owner):
             if getattr(h, "offload", False) and getattr(h, "weights_map", None) is not None:
                 for sub_name, sub in owner.named_modules():
                     prefix = f"{sub_name}." if sub_name else ""
