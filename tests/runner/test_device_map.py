@@ -8,6 +8,8 @@ accelerate's store. Results must equal the in-memory model's exactly (float64).
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -17,6 +19,7 @@ from test_runner import FACTS, FAST
 import recallscope as rs
 from recallscope.methods import REGISTRY
 from recallscope.runner import Job, run_job
+from recallscope.runner.plan import plan_job
 from tiny import byte_level_tokenizer, tiny_hf_model, tiny_model
 
 pytestmark = pytest.mark.slow
@@ -104,3 +107,24 @@ def test_device_map_flags_are_checked():
         rs.load_model(tiny_hf_model("gpt2"), tokenizer=byte_level_tokenizer(), device_map="everywhere")
     with pytest.raises(ValueError, match="only with a device_map"):
         rs.load_model(tiny_hf_model("gpt2"), tokenizer=byte_level_tokenizer(), max_memory={"cpu": "1GB"})
+
+
+def test_plan_accounts_for_the_device_map_and_the_executor(tiny_models, tmp_path, monkeypatch):
+    monkeypatch.setattr("recallscope.runner.plan._throughput", lambda model, facts: (1e-6, 1e-3))
+    path = tmp_path / "facts.jsonl"
+    path.write_text("".join(json.dumps(f) + "\n" for f in FACTS))
+    common = dict(dataset=str(path), known_only=False, limit=None, configs=FAST, batch_size=1)
+    methods = ("logit_lens", "causal_tracing")
+    local = plan_job(Job(out=tmp_path / "a", methods=methods, **common), model=tiny_models("gpt2"), log=print)
+    split = _offloaded("gpt2", tmp_path / "offload")
+    placed = plan_job(Job(out=tmp_path / "b", methods=methods, **common), model=split, log=print)
+    assert placed.weights_by_device["disk"] > 0 and placed.weights_by_device["cpu"] > 0
+    assert sum(placed.weights_by_device.values()) == local.weights_bytes
+    assert placed.peak_bytes < local.peak_bytes  # weights on disk are not held in memory
+    assert "on disk" in str(placed) and local.weights_by_device is None
+    ray = Job(out=tmp_path / "c", methods=methods, executor="ray", workers=2, **common)
+    spread = plan_job(ray, model=tiny_models("gpt2"), log=print)
+    for one, two in zip(local.methods, spread.methods, strict=True):
+        assert one.items == two.items == 5 and one.cost == two.cost
+        assert two.seconds < one.seconds  # 5 items over 2 workers: the busiest does 3
+    assert "executor ray: 2 workers" in str(spread) and "per worker" in str(spread)

@@ -4,6 +4,13 @@ For each method the plan sums the method's own :func:`cost` over the chunks stil
 chunks in the output folder are not counted), then turns work into time with two measured
 forwards of the model on this machine: one of a real batch (seconds per token through one block)
 and one of a single token (the fixed cost of a forward pass).
+
+The measurement runs on the model as the job places it, so a device map's cost (offloaded blocks
+loaded at every forward, one device busy at a time) is in the figures; the plan also says how
+many bytes of weights sit on each device. With ``--executor ray`` the work items of a method are
+spread over the workers: the time is that of the busiest worker (items dealt in turn, as the
+executor keeps every worker busy) plus loading the model once per worker, and the memory is per
+worker. The throughput of the workers is assumed to be this machine's.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from recallscope.core.cache import forward
 from recallscope.methods import REGISTRY
 from recallscope.methods.base import Cost
 from recallscope.runner.job import Job, model_key
-from recallscope.runner.run import chunking, chunks, fact_digest, prepare_job
+from recallscope.runner.run import prepare_job, work_items
 from recallscope.runner.store import Store
 
 __all__ = ["MethodPlan", "Plan", "plan_job"]
@@ -30,6 +37,8 @@ class MethodPlan:
     facts_done: int
     cost: Cost
     seconds: float
+    items: int = 0
+    """Work items (chunks) still to do; the unit an executor hands to a worker."""
 
 
 @dataclass(frozen=True)
@@ -40,16 +49,40 @@ class Plan:
     methods: list[MethodPlan]
     seconds_per_token_block: float
     seconds_per_forward: float
+    weights_by_device: dict[str, int] | None = None
+    """Bytes of weights per device under a device map (``{"cuda:0": …, "cpu": …, "disk": …}``)."""
+    executor: str = "local"
+    workers: int = 1
+    load_seconds: float = 0.0
+    """Time to load the model once (each Ray worker loads its own copy)."""
 
     @property
     def peak_bytes(self) -> int:
-        return self.weights_bytes + max((m.cost.peak_bytes for m in self.methods), default=0)
+        """Peak memory of one process (one worker under Ray): weights not on disk + the largest method."""
+        on_disk = (self.weights_by_device or {}).get("disk", 0)
+        return self.weights_bytes - on_disk + max((m.cost.peak_bytes for m in self.methods), default=0)
+
+    @property
+    def seconds(self) -> float:
+        """Wall time of the methods, plus loading the model on the workers under Ray."""
+        total = sum(m.seconds for m in self.methods)
+        return total + (self.load_seconds if self.executor == "ray" else 0.0)
 
     def __str__(self) -> str:
         lines = [
             f"model {self.model}: weights {_size(self.weights_bytes)}; {self.n_facts} facts",
             f"measured here: {1e6 * self.seconds_per_token_block:.1f} µs per token·block, "
             f"{1e3 * self.seconds_per_forward:.1f} ms per forward",
+        ]
+        if self.weights_by_device:
+            placed = ", ".join(f"{_size(n)} on {device}" for device, n in self.weights_by_device.items())
+            lines.append(f"device map: {placed} (offloaded blocks are loaded at every forward)")
+        if self.executor == "ray":
+            lines.append(
+                f"executor ray: {self.workers} workers, each loading the model "
+                f"(about {_duration(self.load_seconds)}) and holding its own copy"
+            )
+        lines += [
             "",
             f"{'method':<16} {'facts to do':>11} {'forwards':>9} {'token·blocks':>13} "
             f"{'peak extra':>11} {'time':>9}",
@@ -60,33 +93,65 @@ class Plan:
                 f"{m.method:<16} {todo:>11} {m.cost.forwards:>9} {m.cost.token_blocks:>13.3g} "
                 f"{_size(m.cost.peak_bytes):>11} {_duration(m.seconds):>9}"
             )
-        total = sum(m.seconds for m in self.methods)
-        lines += ["", f"total: about {_duration(total)}; peak memory about {_size(self.peak_bytes)}"]
+        where = " per worker" if self.executor == "ray" else ""
+        lines += [
+            "",
+            f"total: about {_duration(self.seconds)}; peak memory about {_size(self.peak_bytes)}{where}",
+        ]
         return "\n".join(lines)
 
 
 def plan_job(job: Job, *, model=None, log=print) -> Plan:
     """Estimate forwards, peak memory and time of ``job`` (nothing is written)."""
     store = Store(job.out) if (job.out / "manifest.json").exists() else None
-    model, facts, configs, _ = prepare_job(job, model, store, log, write=False)
+    model, facts, configs, timings = prepare_job(job, model, store, log, write=False)
     per_block, per_forward = _throughput(model, facts)
+    workers = (job.workers or DEFAULT_WORKERS) if job.executor == "ray" else 1
     mkey = model_key(model)
     plans = []
     for name, config in configs.items():
         module = REGISTRY[name]
-        size, key = chunking(module, config, job, facts, f"{config.stable_hash()}-{mkey}")
-        current = {f.fact_id: fact_digest(f) for f in facts}
-        done = store.done_facts(name, key, current) if store else set()
-        cost = Cost(0, 0.0, 0)
-        for rows in chunks(len(facts), size):
-            todo = [i for i in rows if facts[i].fact_id not in done]
-            if todo:
-                cost = cost + module.cost(model, facts.to_batch(model, todo), config)
-        seconds = cost.token_blocks * per_block + cost.forwards * per_forward
-        n_done = sum(f.fact_id in done for f in facts)
-        plans.append(MethodPlan(name, len(facts), n_done, cost, seconds))
-    weights = sum(p.numel() * p.element_size() for p in model.hf_model.parameters())
-    return Plan(model.info.name, len(facts), weights, plans, per_block, per_forward)
+        items, *_ = work_items(module, facts, config, f"{config.stable_hash()}-{mkey}", job, store)
+        costs = [module.cost(model, facts.to_batch(model, list(item.indices)), config) for item in items]
+        times = [c.token_blocks * per_block + c.forwards * per_forward for c in costs]
+        cost = sum(costs, Cost(0, 0.0, 0))
+        n_done = len(facts) - sum(len(item.indices) for item in items)
+        plans.append(MethodPlan(name, len(facts), n_done, cost, _busiest(times, workers), len(items)))
+    return Plan(
+        model.info.name,
+        len(facts),
+        sum(_weights_by_device(model).values()),
+        plans,
+        per_block,
+        per_forward,
+        weights_by_device=_weights_by_device(model) if model.device_map else None,
+        executor=job.executor,
+        workers=workers,
+        load_seconds=timings.get("load_model_s", 0.0),
+    )
+
+
+DEFAULT_WORKERS = 2
+"""Ray workers assumed when ``--workers`` is not given (the executor's default without GPUs)."""
+
+
+def _busiest(times: list[float], workers: int) -> float:
+    """Time of the busiest of ``workers`` when items are dealt to whichever worker is free first."""
+    load = [0.0] * max(workers, 1)
+    for t in times:
+        load[load.index(min(load))] += t
+    return max(load)
+
+
+def _weights_by_device(model) -> dict[str, int]:
+    """Bytes of parameters per device: the accelerate device map's, or the model's one device."""
+    placed = model.device_map or {"": str(model.device)}
+    totals: dict[str, int] = {}
+    for name, param in model.hf_model.named_parameters():
+        owners = [k for k in placed if k == "" or name == k or name.startswith(f"{k}.")]
+        device = placed[max(owners, key=len)] if owners else str(model.device)
+        totals[device] = totals.get(device, 0) + param.numel() * param.element_size()
+    return totals
 
 
 @torch.inference_mode()
