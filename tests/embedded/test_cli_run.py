@@ -190,6 +190,19 @@ def test_resume_after_sigkill_gives_identical_results(tmp_path, fast_config):
             np.testing.assert_array_equal(value, expected_arrays[name][key])
 
 
+def test_run_with_layers_offloaded_to_disk_equals_the_in_memory_run(demo, fast_config, tmp_path):
+    """``--device-map auto`` with 300 MB of CPU memory: 20 of the 30 blocks live on disk."""
+    methods = "logit_lens,attention_knockout,causal_tracing,mlp_regression"
+    out = tmp_path / "offloaded"
+    flags = ["--limit", 3, "--methods", methods, "--config", fast_config, "--no-report"]
+    recallscope("run", *flags, "--device-map", "auto", "--max-memory", "cpu=300MB", "--out", out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"]["device_map"]["disk"] >= 10
+    for method in methods.split(","):
+        expected = pd.read_parquet(demo[0] / "results" / f"{method}.parquet")
+        pd.testing.assert_frame_equal(pd.read_parquet(out / "results" / f"{method}.parquet"), expected)
+
+
 @pytest.fixture(scope="module")
 def hostile(tmp_path_factory, fast_config):
     """A run over a dataset whose subject is a script tag, plus a bad row."""
