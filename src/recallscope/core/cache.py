@@ -113,7 +113,7 @@ def run_with_cache(
     index = _normalize(positions, inputs["input_ids"].shape[1], model.device)
     with torch.no_grad(), contextlib.ExitStack() as stack:
         for site in sites:
-            stack.enter_context(site_hook(model, site, _saver(acts, site, index, dtype)))
+            stack.enter_context(site_hook(model, site, _saver(acts, site, index, dtype, model.device)))
         if logits is None:
             stack.enter_context(_stop_when_done(model, sites))
         try:
@@ -121,7 +121,7 @@ def run_with_cache(
         except StopForward:
             out = None
     kept = None if out is None else (out.logits[:, -1] if logits == "last" else out.logits)
-    return Cache(acts, logits=kept)
+    return Cache(acts, logits=None if kept is None else kept.to(model.device))
 
 
 def _normalize(positions: Positions, seq_len: int, device: torch.device) -> Positions:
@@ -134,7 +134,10 @@ def _normalize(positions: Positions, seq_len: int, device: torch.device) -> Posi
     return torch.tensor([p % seq_len for p in values], dtype=torch.long, device=device)
 
 
-def _saver(acts: dict, site: Site, index: Positions, dtype: torch.dtype | None):
+def _saver(acts: dict, site: Site, index: Positions, dtype: torch.dtype | None, device: torch.device):
+    """Keep ``site``'s activation at ``index``, on ``device`` (with a device map, every block's
+    activations are gathered where the token ids are, so they stack across layers).
+    """
     dim = 2 if site.name == "pattern" else 1
     shared = isinstance(index, torch.Tensor) and index.dim() == 1
 
@@ -144,7 +147,7 @@ def _saver(acts: dict, site: Site, index: Positions, dtype: torch.dtype | None):
             kept = act.index_select(dim, index if index.device == act.device else index.to(act.device))
         else:
             kept = select_positions(act, index, dim)
-        acts[site] = kept.to(dtype) if dtype is not None else kept
+        acts[site] = kept.to(device, dtype) if dtype is not None else kept.to(device)
 
     return save
 
