@@ -127,12 +127,25 @@ def eager_attention(model: Model) -> Iterator[None]:
         config._attn_implementation_internal = old
 
 
+def _on_home_device(model: Model, fn: Callable) -> Callable:
+    """``fn`` seeing the probabilities on the model's input device (as every site hook does), its
+    new probabilities put back where the layer runs (a device map may place layers elsewhere).
+    """
+    home = model.device
+
+    def call(probs: torch.Tensor) -> torch.Tensor | None:
+        new = fn(probs.to(home))
+        return None if new is None else new.to(probs.device)
+
+    return call
+
+
 @contextlib.contextmanager
 def _prob_hook(model: Model, layer: int, fn: Callable, *, edits: bool) -> Iterator[None]:
     """Call ``fn(probs [B, H, Q, K])`` in ``layer``'s attention (may return new probs)."""
     spec = model.spec
     owner = model.module(spec.probs_module or spec.attn, layer)
-    entry = (edits, fn)
+    entry = (edits, _on_home_device(model, fn))
     entries = _PROB_HOOKS.setdefault(owner, [])
     entries.append(entry)
     try:

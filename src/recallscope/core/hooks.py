@@ -12,7 +12,9 @@ A site hook calls ``fn`` with the site's activation in its canonical shape (see
 if it returns a tensor, that tensor replaces the activation (a write). Hooks are context managers
 and are always removed on exit, also after an exception. The module layouts behind a site (GPT-2's
 fused ``c_attn``, NeoX's per-head q/k/v interleave, OPT's flattened MLP, tuple outputs) are
-handled here and nowhere else.
+handled here and nowhere else, and so are devices: under an accelerate device map ``fn`` always
+sees the activation on the model's input device (``model.device``), and a tensor it returns is
+moved to the device the layer runs on, so methods never meet tensors of two devices.
 """
 
 from __future__ import annotations
@@ -176,13 +178,14 @@ def _replace_output(output: Any, new: torch.Tensor) -> Any:
 def _hook_with_view(
     model: Model, layer: int | None, module: nn.Module, kind: str, view: _View, fn: SiteFn
 ) -> Iterator[None]:
+    home = model.device  # fn sees every layer's activation here, whatever device runs the layer
     with contextlib.ExitStack() as stack:
         shape = _track_batch_shape(model, layer, stack)
 
         def apply(raw: torch.Tensor) -> torch.Tensor | None:
             flat = raw.dim() == 2  # OPT runs its MLP on [B*T, ...]
             raw = raw.unflatten(0, shape[0]) if flat else raw
-            new = fn(view.get(raw))
+            new = fn(view.get(raw).to(home))
             if new is None:
                 return None
             new = view.put(raw, new.to(raw.device, raw.dtype))
