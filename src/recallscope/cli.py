@@ -109,7 +109,7 @@ def _job_options(command):
             default="local",
             show_default=True,
             help="local: this process. ray: shard the facts over Ray workers, each holding the model "
-            "(pip install 'recallscope[ray]'; see docs/ray.md).",
+            "(pip install -e '.[ray]'; see docs/ray.md).",
         ),
         click.option(
             "--ray-address",

@@ -98,7 +98,8 @@ def test_resume_recomputes_only_missing_chunks(tiny_models, tmp_path, dataset, m
     assert calls[2:] == [2, 2, 1]  # another config: another store key, everything recomputed
 
 
-def test_bad_fact_is_skipped_and_reported(tiny_models, tmp_path, dataset, monkeypatch):
+@pytest.mark.parametrize("batch_size", [4, 1])  # 1: the failing fact is a chunk of its own
+def test_bad_fact_is_skipped_and_reported(batch_size, tiny_models, tmp_path, dataset, monkeypatch):
     model = tiny_models("gpt2")
     original = logit_lens.run
 
@@ -108,7 +109,7 @@ def test_bad_fact_is_skipped_and_reported(tiny_models, tmp_path, dataset, monkey
         return original(m, facts, config)
 
     monkeypatch.setattr(logit_lens, "run", failing)
-    job = _job(tmp_path, dataset, batch_size=4, methods=("logit_lens",))
+    job = _job(tmp_path, dataset, batch_size=batch_size, methods=("logit_lens",))
     store = run_job(job, model=model, progress=False, report=True)
     entry = store.read_manifest()["methods"]["logit_lens"]
     assert entry["n_facts"] == 4 and entry["skipped"] == [["facts/4", "something about Rome"]]

@@ -55,7 +55,7 @@ class Job:
             ``{module: device}`` mapping; see :func:`~recallscope.models.load.load_model`), with
             ``max_memory`` per device and ``offload_folder`` for weights offloaded to disk.
         executor: ``"local"`` (this process) or ``"ray"`` (facts sharded over Ray workers, each
-            holding the model; ``pip install 'recallscope[ray]'``).
+            holding the model; ``pip install -e '.[ray]'``).
         ray_address: the Ray cluster to join (``"auto"``, ``"ray://head:10001"``); None starts a
             local one.
         workers: Ray workers (None: one per GPU of the cluster, or 2 on a cluster without GPUs).

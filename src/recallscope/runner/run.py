@@ -183,7 +183,10 @@ def run_item(model, facts: FactSet, item: WorkItem) -> ChunkOutput:
     module = REGISTRY[item.method]
     if item.whole:
         return _run_whole(module, model, facts, item.config)
-    return _run_chunk(module, model, facts, list(item.indices), item.config)
+    try:
+        return _run_chunk(module, model, facts, list(item.indices), item.config)
+    except RecallscopeError as err:  # a chunk of one fact, which failed
+        return ChunkOutput.merge([], [[facts[item.indices[0]].fact_id, str(err)]])
 
 
 def work_items(module: ModuleType, facts: FactSet, config, key: str, job, store: Store | None):
