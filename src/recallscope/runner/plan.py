@@ -53,6 +53,8 @@ class Plan:
     """Bytes of weights per device under a device map (``{"cuda:0": …, "cpu": …, "disk": …}``)."""
     executor: str = "local"
     workers: int = 1
+    workers_assumed: bool = False
+    """``workers`` is the default without GPUs, not the job's ``--workers``."""
     load_seconds: float = 0.0
     """Time to load the model once (each Ray worker loads its own copy)."""
 
@@ -78,8 +80,9 @@ class Plan:
             placed = ", ".join(f"{_size(n)} on {device}" for device, n in self.weights_by_device.items())
             lines.append(f"device map: {placed} (offloaded blocks are loaded at every forward)")
         if self.executor == "ray":
+            assumed = " (assumed: a cluster without GPUs; set --workers)" if self.workers_assumed else ""
             lines.append(
-                f"executor ray: {self.workers} workers, each loading the model "
+                f"executor ray: {self.workers} workers{assumed}, each loading the model "
                 f"(about {_duration(self.load_seconds)}) and holding its own copy"
             )
         lines += [
@@ -127,6 +130,7 @@ def plan_job(job: Job, *, model=None, log=print) -> Plan:
         weights_by_device=_weights_by_device(model) if model.device_map else None,
         executor=job.executor,
         workers=workers,
+        workers_assumed=job.executor == "ray" and job.workers is None,
         load_seconds=timings.get("load_model_s", 0.0),
     )
 
