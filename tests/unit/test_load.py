@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 import transformers as T
@@ -131,3 +133,28 @@ def test_a_local_gguf_file_loads_through_the_same_cache(embedded_model):
     model = rs.load_model(str(path), device="cpu", dtype="bfloat16")
     assert model.info.source == "gguf" and model.info.file_sha256 == embedded_model.info.file_sha256
     assert model.dtype == torch.bfloat16 and model.n_layers == 30
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa", "gemma2", "gptj"])
+def test_model_pickles_after_transformers_installed_its_capture_hooks(name, tiny_models):
+    """Ray ships model objects by pickling them. transformers' output-capturing hooks (installed by
+    ``output_hidden_states``, as ``check_model`` uses) hold context variables that do not pickle;
+    the model is pickled as class, config and weights and comes back identical."""
+    model = tiny_models(name)
+    rs.check_model(model)
+    copy = pickle.loads(pickle.dumps(model))
+    batch = rs.tokenize(model, ["The capital of France is", "Hi"])
+    assert torch.equal(rs.forward(copy, batch), rs.forward(model, batch))
+    assert copy.provenance() == model.provenance() and copy.tokenizer is not model.tokenizer
+
+
+def test_model_with_a_device_map_refuses_to_pickle(tmp_path):
+    hf_model = tiny_hf_model("gpt2")
+    model = rs.load_model(
+        hf_model,
+        tokenizer=byte_level_tokenizer(),
+        device_map={"": "cpu", "transformer.h.1": "disk"},
+        offload_folder=str(tmp_path),
+    )
+    with pytest.raises(TypeError, match="load it by name in each process"):
+        pickle.dumps(model)

@@ -100,6 +100,21 @@ class Model:
             dims.d_vocab,
         )
 
+    def __reduce__(self):
+        """Pickle as config, weights and tokenizer (e.g. to send a model object to Ray workers).
+
+        The transformers module itself may not pickle (hooks transformers installs to capture
+        outputs hold context variables); the copy is rebuilt from its config and state dict.
+        """
+        if self.device_map is not None:
+            raise TypeError(
+                "a model spread over devices with a device map cannot be pickled (its weights sit "
+                "in accelerate's offload store): load it by name in each process instead"
+            )
+        state = {k: v.detach().cpu() for k, v in self.hf_model.state_dict().items()}
+        hf = (type(self.hf_model), self.hf_model.config, state, str(self.device))
+        return _rebuild, (hf, self.tokenizer, self.info, self.bos)
+
     def __repr__(self) -> str:
         return (
             f"Model({self.info.name!r}, family={self.spec.family!r}, n_layers={self.n_layers}, "
@@ -353,6 +368,18 @@ class Model:
             for sub, hook in hooks:
                 hook.offload = True
                 hook.post_forward(sub, None)  # back to the meta device
+
+
+def _rebuild(hf: tuple, tokenizer: Any, info: ModelInfo, bos: BosPolicy) -> Model:
+    """The :class:`Model` that :meth:`Model.__reduce__` pickled: same class, config and weights."""
+    cls, config, state, device = hf
+    dtype = next(iter(state.values())).dtype
+    hf_model = cls(config).to(dtype)
+    hf_model.load_state_dict(state)  # copies into the built parameters: tied weights stay tied
+    target = torch.device(device)
+    if target.type == "cuda" and not torch.cuda.is_available():
+        target = torch.device("cpu")
+    return Model(hf_model.to(target), tokenizer, info=info, bos=bos)
 
 
 def _placement(device_map: dict[str, str] | None) -> dict[str, int] | None:
