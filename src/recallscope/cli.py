@@ -11,9 +11,8 @@ from pathlib import Path
 
 import click
 
+from recallscope.defaults import DEFAULT_LIMIT, DEFAULT_MODEL
 from recallscope.errors import RecallscopeError
-from recallscope.models.load import DEFAULT_MODEL
-from recallscope.runner.job import DEFAULT_LIMIT
 
 _MODEL_HELP = "Model: 'smollm2-135m' (embedded), a Hugging Face id, a local folder or a .gguf file."
 

@@ -21,13 +21,13 @@ here lowercases on both sides (``TokenFilter(lowercase_references=False)`` is th
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
-from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
 from recallscope.core.vocab import VocabProjection, project_to_vocab
 from recallscope.errors import RecallscopeError
@@ -55,8 +55,20 @@ __all__ = [
 
 Readout = Literal["logit_lens", "raw", "raw_embed"]
 READOUTS = ("logit_lens", "raw", "raw_embed")
-STOPWORDS: frozenset[str] = frozenset(ENGLISH_STOP_WORDS)
-"""scikit-learn's English stopword list (318 words), lower case."""
+
+
+@functools.cache
+def _stopwords() -> frozenset[str]:
+    """scikit-learn's English stopword list (318 words), lower case; imported on first use (1 s)."""
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+    return frozenset(ENGLISH_STOP_WORDS)
+
+
+def __getattr__(name: str):
+    if name == "STOPWORDS":  # the list as a module constant, loaded lazily
+        return _stopwords()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 _STRINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -112,7 +124,7 @@ def vocab_strings(model: Model) -> list[str]:
 
 def _is_clean(text: str, min_length: int, lowercase: bool) -> bool:
     word = text.strip()
-    return len(word) >= min_length and (word.lower() if lowercase else word) not in STOPWORDS
+    return len(word) >= min_length and (word.lower() if lowercase else word) not in _stopwords()
 
 
 def clean_token_mask(model: Model, token_filter: TokenFilter) -> torch.Tensor:

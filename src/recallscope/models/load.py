@@ -17,13 +17,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from recallscope.defaults import DEFAULT_MODEL
 from recallscope.errors import ModelNotAvailableError
 from recallscope.models.gguf import EMBEDDED_MODELS, cached_gguf_dir, embedded_gguf_path
 from recallscope.models.model import BosPolicy, Model, ModelInfo
 
 __all__ = ["load_model", "DEFAULT_MODEL", "resolve_dtype"]
-
-DEFAULT_MODEL = "smollm2-135m"
 
 _DTYPES = {
     "float32": torch.float32,

@@ -22,9 +22,9 @@ import pandas as pd
 from recallscope.data import FactSet, generate_lists, load_facts
 from recallscope.data.builtin import one_to_many_names
 from recallscope.data.variants import add_relation_context, shot_variants
+from recallscope.defaults import DEFAULT_LIMIT, DEFAULT_MODEL
 from recallscope.errors import RecallscopeError
 from recallscope.methods import REGISTRY
-from recallscope.models.load import DEFAULT_MODEL
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -34,9 +34,6 @@ else:  # pragma: no cover
 __all__ = ["Job", "DEFAULT_LIMIT", "resolve_methods", "method_configs", "select_facts", "load_config_file"]
 
 EXECUTORS = ("local", "ray")
-
-DEFAULT_LIMIT = 8
-"""Facts analysed by default: enough to see the average maps, a few minutes on a laptop CPU."""
 
 
 @dataclass(frozen=True, kw_only=True)
