@@ -156,10 +156,11 @@ def _results(out):
     return frames, arrays
 
 
-def test_resume_after_sigkill_gives_identical_results(tmp_path, fast_config):
-    flags = ["--limit", 4, "--batch-size", 1, "--config", fast_config, "--no-report"]
-    reference = tmp_path / "reference"
-    recallscope("run", *flags, "--out", reference)
+def test_resume_after_sigkill_gives_identical_results(demo, tmp_path, fast_config):
+    """Killed in the middle of causal tracing (the last method, one fact per chunk), then resumed: the
+    results equal the uninterrupted demo run's (same facts and flags), bit for bit."""
+    flags = ["--limit", 3, "--config", fast_config, "--no-report"]
+    reference = demo[0]
     killed = tmp_path / "killed"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "recallscope", "run", *map(str, flags), "--out", str(killed)]
@@ -168,7 +169,7 @@ def test_resume_after_sigkill_gives_identical_results(tmp_path, fast_config):
     chunks = killed / "chunks"
     while time.monotonic() < deadline and process.poll() is None:
         done = list(chunks.glob("causal_tracing-*/*.json")) if chunks.exists() else []
-        if len(done) >= 2:
+        if len(done) >= 1:
             break
         time.sleep(0.02)
     assert process.poll() is None, "the run finished before it could be killed"
@@ -178,7 +179,7 @@ def test_resume_after_sigkill_gives_identical_results(tmp_path, fast_config):
     assert not (killed / "results" / "causal_tracing.parquet").exists()
     recallscope("run", *flags, "--out", killed)
     manifest = json.loads((killed / "manifest.json").read_text())
-    assert manifest["status"] == "complete" and manifest["methods"]["causal_tracing"]["n_facts"] == 4
+    assert manifest["status"] == "complete" and manifest["methods"]["causal_tracing"]["n_facts"] == 3
     frames, arrays = _results(killed)
     expected_frames, expected_arrays = _results(reference)
     assert frames.keys() == expected_frames.keys() and len(frames) >= 13

@@ -36,7 +36,7 @@ from recallscope.models.model import Model
 __all__ = [
     "Readout",
     "READOUTS",
-    "STOPWORDS",
+    "STOPWORDS",  # noqa: F822 (served by the module __getattr__, loaded on first use)
     "TokenFilter",
     "readout",
     "extraction_events",
@@ -69,6 +69,7 @@ def __getattr__(name: str):
     if name == "STOPWORDS":  # the list as a module constant, loaded lazily
         return _stopwords()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 _STRINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
