@@ -183,10 +183,7 @@ def run_item(model, facts: FactSet, item: WorkItem) -> ChunkOutput:
     module = REGISTRY[item.method]
     if item.whole:
         return _run_whole(module, model, facts, item.config)
-    try:
-        return _run_chunk(module, model, facts, list(item.indices), item.config)
-    except RecallscopeError as err:  # a chunk of one fact, which failed
-        return ChunkOutput.merge([], [[facts[item.indices[0]].fact_id, str(err)]])
+    return _run_chunk(module, model, facts, list(item.indices), item.config)
 
 
 def work_items(module: ModuleType, facts: FactSet, config, key: str, job, store: Store | None):
@@ -281,20 +278,26 @@ def make_executor(
 
 
 def _run_chunk(module, model, facts: FactSet, indices: list[int], config) -> ChunkOutput:
-    """The output for the facts at ``indices``; a failing chunk is retried fact by fact."""
-    subset = facts.with_facts([facts[i] for i in indices], {"step": "chunk"})
-    try:
-        return ChunkOutput.of(module.run(model, subset, config))
-    except RecallscopeError:
-        if len(indices) == 1:
-            raise
+    """The output for the facts at ``indices``; a failing chunk is retried fact by fact, and a fact
+    that fails alone is reported skipped with its error.
+    """
+    if len(indices) > 1:
+        try:
+            return _run_facts(module, model, facts, indices, config)
+        except RecallscopeError:
+            pass  # find the failing facts below
     outputs, skipped = [], []
     for i in indices:
         try:
-            outputs.append(_run_chunk(module, model, facts, [i], config))
+            outputs.append(_run_facts(module, model, facts, [i], config))
         except RecallscopeError as err:
             skipped.append([facts[i].fact_id, str(err)])
     return ChunkOutput.merge(outputs, skipped)
+
+
+def _run_facts(module, model, facts: FactSet, indices: list[int], config) -> ChunkOutput:
+    subset = facts.with_facts([facts[i] for i in indices], {"step": "chunk"})
+    return ChunkOutput.of(module.run(model, subset, config))
 
 
 def _run_whole(module, model, facts: FactSet, config) -> ChunkOutput:
