@@ -9,18 +9,16 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pytest
 import torch
 import transformers
-from safetensors.numpy import load_file
 from test_runner import FACTS
 
 import recallscope as rs
 from recallscope.runner import Job, Store, method_configs, run_job
 from recallscope.runner.ray_executor import _identity, _Worker
 from recallscope.runner.run import WorkItem
+from results import assert_same_result_files
 
 ray = pytest.importorskip("ray")
 
@@ -111,17 +109,7 @@ def _assert_same_results(a: Store, b: Store) -> None:
     for name, entry in ma["methods"].items():
         for key in ("store_key", "n_facts", "skipped", "rows", "chunks", "config", "conventions"):
             assert entry[key] == mb["methods"][name][key], (name, key)
-    files = sorted(p.name for p in (a.root / "results").iterdir())
-    assert files == sorted(p.name for p in (b.root / "results").iterdir())
-    for name in files:
-        left, right = a.root / "results" / name, b.root / "results" / name
-        if name.endswith(".parquet"):
-            pd.testing.assert_frame_equal(pd.read_parquet(left), pd.read_parquet(right), check_exact=True)
-        else:
-            arrays, others = load_file(str(left)), load_file(str(right))
-            assert list(arrays) == list(others)
-            for key, value in arrays.items():
-                np.testing.assert_array_equal(value, others[key])
+    assert_same_result_files(a.root, b.root)
 
 
 def _chunk_files(store: Store) -> dict[str, list[str]]:
