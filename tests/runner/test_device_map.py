@@ -96,10 +96,13 @@ def test_runner_with_device_map_equals_the_in_memory_run(tiny_models, tmp_path):
     )
     split = _offloaded("gpt2", tmp_path / "offload")
     job = Job(out=tmp_path / "b", configs=FAST, **common)
-    spread = run_job(job, model=split, progress=False, report=False)
+    spread = run_job(job, model=split, progress=False, report=True)
     for method in ("logit_lens", "causal_tracing"):
         pd.testing.assert_frame_equal(spread.read_table(method), plain.read_table(method), check_exact=True)
     assert spread.read_manifest()["model"]["device_map"] == {"cpu": 1, "disk": 3}
+    html = (spread.root / "report.html").read_text()
+    assert "<dt>device map</dt><dd>cpu: 1, disk: 3</dd>" in html
+    assert "<dt>executor</dt><dd>local</dd>" in html
 
 
 def test_device_map_flags_are_checked():
