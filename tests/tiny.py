@@ -159,7 +159,7 @@ def tiny_model(name: str, dtype: torch.dtype = torch.float64, seed: int = 0, tok
         # on recallscope's eager kernel, which keeps float64; the float32 tests cover HF's kernel.
         from recallscope.core.attention import EAGER_IMPLEMENTATION
 
-        hf_model.config._attn_implementation_internal = EAGER_IMPLEMENTATION
+        hf_model.config._attn_implementation = EAGER_IMPLEMENTATION
     return rs.load_model(hf_model, tokenizer=tokenizer or byte_level_tokenizer(), device="cpu")
 
 

@@ -17,11 +17,11 @@ from recallscope.errors import RecallscopeError
 _MODEL_HELP = "Model: 'smollm2-135m' (embedded), a Hugging Face id, a local folder or a .gguf file."
 
 
-def _load(name: str, dtype: str | None, device: str | None):
+def _load(name: str, dtype: str | None, device: str | None, *, validate: bool = True):
     from recallscope.models.load import load_model
 
     click.echo(f"loading {name} ...", err=True)
-    return load_model(name, dtype=dtype, device=device)
+    return load_model(name, dtype=dtype, device=device, validate=validate)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -37,12 +37,16 @@ def cli() -> None:
 def check_model_cmd(model: str, dtype: str | None, device: str | None) -> None:
     """Run the adapter conformance checks on MODEL and report each one.
 
-    MODEL: 'smollm2-135m' (embedded), a Hugging Face id, a local folder or a .gguf file.
+    MODEL: 'smollm2-135m' (embedded), a Hugging Face id, a local folder or a .gguf file. The first
+    line says whether its architecture spec was discovered or written by hand; every spec field
+    follows the checks.
     """
     from recallscope.check import check_model
 
-    report = check_model(_load(model, dtype, device))
+    loaded = _load(model, dtype, device, validate=False)
+    report = check_model(loaded)
     click.echo(str(report))
+    click.echo(loaded.spec.describe())
     sys.exit(0 if report.passed else 1)
 
 

@@ -4,8 +4,10 @@ One unpadded prompt, batch size 1, one plain HF forward per span. The knockout i
 kernel (not ``recallscope.core.attention``): it recomputes eager attention from the queries, keys
 and values HF hands it and, in every layer and head, edits the last query row only —
 ``post_softmax_zero`` zeroes the weights of the span after the softmax (no renormalization),
-``pre_softmax`` puts the minimum float on the span's scores before it. GPT-J's legacy attention
-gets the same recomputation by replacing its ``_attn``. Every layer's MLP output at the last
+``pre_softmax`` puts the minimum float on the span's scores before it. Models with inline attention
+code (no attention interface) get the edit on their own softmax output, caught with a torch
+function mode while each attention module runs; there ``pre_softmax`` divides the kept weights by
+their sum. Every layer's MLP output at the last
 position is decoded over the full vocabulary with ``W_U (γ ⊙ centre(m)) / ρ``, ``ρ`` the final
 norm's scale on that run's own final residual.
 """
@@ -13,9 +15,9 @@ norm's scale on that run's own final residual.
 from __future__ import annotations
 
 import contextlib
-import types
 
 import torch
+from torch.overrides import TorchFunctionMode
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import eager_mask
 
@@ -61,10 +63,48 @@ def _kernel(module, query, key, value, attention_mask, scaling=None, dropout=0.0
     return out.transpose(1, 2).contiguous(), probs
 
 
-def _gptj_attn(self, query, key, value, attention_mask=None):
-    """GPT-J's ``_attn`` (scores in float32, divided by ``scale_attn``) with the edit."""
-    query, key = query.to(torch.float32), key.to(torch.float32)
-    return _attend(query, key, value, attention_mask, 1.0 / float(self.scale_attn), layer=self.layer_idx)
+class _EditInlineSoftmax(TorchFunctionMode):
+    """Edits the last query row of every ``[B, H, Q, K]`` softmax output of one layer's attention."""
+
+    def __init__(self, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        softmax = func in (torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax)
+        src = _EDIT["src"] if _EDIT["layers"] is None or self.layer in _EDIT["layers"] else []
+        if softmax and out.dim() == 4 and src:
+            out = out.clone()
+            for j in src:
+                out[:, :, -1, j] = 0.0
+            if _EDIT["mode"] == "pre_softmax":
+                out[:, :, -1] = out[:, :, -1] / out[:, :, -1].sum(-1, keepdim=True)
+        return out
+
+
+@contextlib.contextmanager
+def _inline_edits(model):
+    handles, modes = [], []
+
+    def enter(layer):
+        def pre(module, args):
+            modes.append(_EditInlineSoftmax(layer))
+            modes[-1].__enter__()
+
+        return pre
+
+    def leave(module, args, output):
+        modes.pop().__exit__(None, None, None)
+
+    for layer in range(model.n_layers):
+        attn = model.module(model.spec.attn, layer)
+        handles += [attn.register_forward_pre_hook(enter(layer)), attn.register_forward_hook(leave)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 AttentionInterface.register(KERNEL, _kernel)
@@ -77,19 +117,16 @@ def knockout(model, src: list[int], mode: str, layers=None):
     _EDIT.update(src=list(src), mode=mode, layers=layers)
     config = model.hf_model.config
     old = config._attn_implementation
-    patched = []
-    if model.spec.family == "gptj":
-        for block in model.hf_model.transformer.h:
-            block.attn._attn = types.MethodType(_gptj_attn, block.attn)
-            patched.append(block.attn)
-    else:
-        config._attn_implementation_internal = KERNEL
+    inline = not model.spec.attention_interface
     try:
-        yield
+        if inline:
+            with _inline_edits(model):
+                yield
+        else:
+            config._attn_implementation = KERNEL
+            yield
     finally:
-        config._attn_implementation_internal = old
-        for attn in patched:
-            del attn._attn
+        config._attn_implementation = old
         _EDIT.update(src=[], mode="post_softmax_zero", layers=None)
 
 

@@ -56,12 +56,12 @@ def attention_probs(model, ids: torch.Tensor) -> tuple[list[torch.Tensor], list[
     """
     config = model.hf_model.config
     old = config._attn_implementation
-    config._attn_implementation_internal = _ORACLE
+    config._attn_implementation = _ORACLE
     _RECORDS.clear()
     try:
         out = model.hf_model(ids[None], output_attentions=True, use_cache=False)
     finally:
-        config._attn_implementation_internal = old
+        config._attn_implementation = old
     if not _RECORDS:  # GPT-J
         return [a[0].double() for a in out.attentions], None
     owners = [model.module(model.spec.attn, layer) for layer in range(model.n_layers)]

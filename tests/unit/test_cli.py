@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+import recallscope as rs
 from recallscope.cli import main
 
 
@@ -50,7 +51,10 @@ def test_python_dash_m():
 def test_check_model_on_the_embedded_model(capsys, embedded_model):
     code, out, _ = run(["check-model", "smollm2-135m", "--device", "cpu"], capsys)
     assert code == 0, out
-    assert "17/17 checks passed" in out
+    assert "check-model smollm2-135m (spec: discovered)" in out
+    n = len(rs.check.CHECKS)
+    assert f"{n}/{n} checks passed" in out
+    assert "spec (discovered): llama" in out and "mlp_gate = mlp.gate_proj" in out
 
 
 def test_run_flag_errors(capsys, tmp_path):

@@ -11,7 +11,7 @@ import transformers as T
 import recallscope as rs
 from recallscope.models import gguf
 from recallscope.models.load import resolve_dtype
-from tiny import byte_level_tokenizer, tiny_hf_model
+from tiny import byte_level_tokenizer, randomize_, tiny_hf_model
 
 
 def test_wraps_an_already_built_model():
@@ -69,12 +69,46 @@ def test_missing_embedded_package_prints_the_install_command(monkeypatch):
     assert "compile" in str(err.value)
 
 
-def test_unknown_architecture_is_refused():
-    config = T.BloomConfig(vocab_size=64, hidden_size=32, n_layer=2, n_head=4)
-    with pytest.raises(
-        rs.UnsupportedModelError, match=r"no adapter for BloomForCausalLM \(model_type='bloom'\)"
-    ):
-        rs.load_model(T.AutoModelForCausalLM.from_config(config))
+def test_a_model_type_without_a_written_spec_loads_through_discovery():
+    """BLOOM has no hand-written spec: its architecture (ALiBi, inline attention, an embedding
+    LayerNorm, a fused per-head q/k/v, residual adds inside the sublayers) is discovered, then
+    validated by every conformance check."""
+    config = T.BloomConfig(vocab_size=320, hidden_size=32, n_layer=2, n_head=4)
+    # float32: BLOOM's float32 softmax turns float64's mask minimum into -inf (NaN on padded rows)
+    hf = T.AutoModelForCausalLM.from_config(config).eval()
+    randomize_(hf)
+    assert "bloom" not in rs.models.families.OVERRIDES
+    model = rs.load_model(hf, tokenizer=byte_level_tokenizer())
+    spec = model.spec
+    assert spec.source == "discovered" and spec.family == "bloom"
+    assert spec.embed_norm == "transformer.word_embeddings_layernorm" and spec.qkv_layout == "per_head"
+    assert spec.attn_update == "self_attention.dense" and not spec.attention_interface
+    report = rs.check_model(model)
+    assert report.passed, str(report)
+    assert str(report).startswith("check-model BloomForCausalLM (spec: discovered)")
+
+
+def _ignores_padding(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """A kernel that is causal but ignores the padding mask (as a buggy custom kernel could)."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def test_a_discovered_spec_that_fails_validation_is_refused_with_the_check_named():
+    T.AttentionInterface.register("ignores_padding", _ignores_padding)
+    T.AttentionMaskInterface.register("ignores_padding", T.masking_utils.sdpa_mask)
+    hf = tiny_hf_model("llama_gqa")
+    hf.config._attn_implementation = "ignores_padding"
+    with pytest.raises(rs.UnsupportedModelError) as err:
+        rs.load_model(hf, tokenizer=byte_level_tokenizer())
+    message = str(err.value)
+    assert "its discovered architecture spec fails" in message
+    assert "[FAIL] batched_equals_single" in message and "model.layers.0.self_attn" in message
+    assert "recallscope check-model" in message
+    model = rs.load_model(hf, tokenizer=byte_level_tokenizer(), validate=False)  # to inspect it
+    assert not rs.check_model(model).passed
 
 
 def test_base_model_without_lm_head_is_refused():
@@ -83,36 +117,42 @@ def test_base_model_without_lm_head_is_refused():
             vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4
         )
     )
-    with pytest.raises(rs.UnsupportedModelError, match="has no `lm_head`.*AutoModelForCausalLM"):
+    with pytest.raises(rs.UnsupportedModelError, match="has no output embedding.*AutoModelForCausalLM"):
         rs.load_model(base)
 
 
 @pytest.mark.parametrize(
     ("name", "overrides", "message"),
     [
-        ("opt", {"do_layer_norm_before": False}, r"do_layer_norm_before=False \(post-LayerNorm"),
-        ("opt", {"word_embed_proj_dim": 16}, "project_in/project_out"),
-        ("gpt2", {"add_cross_attention": True}, r"config.add_cross_attention=True is not handled"),
+        (
+            "opt",
+            {"do_layer_norm_before": False},
+            "the block output is not its input plus the attention and MLP",
+        ),
+        ("opt", {"word_embed_proj_dim": 16}, r"blocks are 32 wide but the embedding is 16.*project_in"),
+        (
+            "gpt2",
+            {"add_cross_attention": True},
+            "config.add_cross_attention: its blocks attend to an encoder",
+        ),
     ],
 )
-def test_unhandled_config_features_are_refused(name, overrides, message):
+def test_architectures_discovery_cannot_read_are_refused(name, overrides, message):
     with pytest.raises(rs.UnsupportedModelError, match=message):
         rs.load_model(tiny_hf_model(name, **overrides))
 
 
-def test_softcap_on_a_family_that_does_not_handle_it_is_refused():
+def test_a_softcap_the_model_does_not_apply_is_not_assumed():
+    """Llama's forward ignores ``final_logit_softcapping``: discovery reads the logits, not the config."""
     hf = tiny_hf_model("llama_gqa")
     hf.config.final_logit_softcapping = 30.0
-    with pytest.raises(
-        rs.UnsupportedModelError, match="final_logit_softcapping=30.0 is not handled by the 'llama'"
-    ):
-        rs.load_model(hf)
+    assert rs.load_model(hf, tokenizer=byte_level_tokenizer()).spec.final_logit_softcap is None
 
 
-def test_missing_module_is_named():
+def test_a_failing_forward_is_named():
     hf = tiny_hf_model("llama_gqa")
-    del hf.model.layers[0].mlp.down_proj
-    with pytest.raises(rs.UnsupportedModelError, match=r"does not have the module layout|model.layers.0.mlp"):
+    del hf.model.layers[1].mlp.down_proj
+    with pytest.raises(rs.UnsupportedModelError, match=r"its forward failed.*down_proj"):
         rs.load_model(hf)
 
 

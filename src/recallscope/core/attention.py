@@ -15,12 +15,14 @@ sets into one batched forward::
     with block_attention(model, kos):
         logits = forward(model, batch.repeat(len(starts)))
 
-Attention probabilities (the ``pattern`` site) come from :func:`pattern_hook`. For families wired
+Attention probabilities (the ``pattern`` site) come from :func:`pattern_hook`. For models wired
 to transformers' ``AttentionInterface`` we register our own eager kernel, ``recallscope_eager``,
 and switch to it only inside the contexts that need probabilities; it follows HF's eager kernel
 step by step (scaling, soft-capping, additive mask, fp32 softmax for half precision) and is
-checked against the model's own kernel by ``check_model``. GPT-J's legacy attention exposes its
-probabilities through its ``attn_dropout`` module instead.
+checked against the model's own kernel by ``check_model``. Models whose attention computes its
+softmax inline (BLOOM, MPT, GPT-Neo; ``spec.attention_interface`` is False) have that softmax's
+``[B, H, Q, K]`` output tapped while their attention module runs (a ``TorchFunctionMode``), and
+a pre-softmax knockout there renormalizes the kept probabilities, which is the same softmax.
 """
 
 from __future__ import annotations
@@ -34,11 +36,13 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import eager_mask
 
 from recallscope.core.hooks import module_hook
 from recallscope.errors import KnockoutError, UnsupportedModelError
+from recallscope.models.kernels import attention_kernel
 from recallscope.models.model import Model
 
 __all__ = [
@@ -50,15 +54,17 @@ __all__ = [
     "eager_attention",
     "compile_knockouts",
     "EAGER_IMPLEMENTATION",
+    "kernel_value_hook",
 ]
 
 KnockoutMode = Literal["pre_softmax", "post_softmax_zero"]
 EAGER_IMPLEMENTATION = "recallscope_eager"
 _MASKABLE = ("sdpa", "eager", EAGER_IMPLEMENTATION)
 
-# attention (or GPT-J dropout) module -> [(edits, fn)]; fn(probs [B, H, Q, K]) -> None | new probs
+# attention module -> [(edits, fn)]; fn(probs [B, H, Q, K]) -> None | new probs
 _PROB_HOOKS: weakref.WeakKeyDictionary[nn.Module, list] = weakref.WeakKeyDictionary()
-_DISPATCHERS: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
+_TAPS: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
+_VALUE_HOOKS: weakref.WeakKeyDictionary[nn.Module, list] = weakref.WeakKeyDictionary()
 
 
 def _eager_attention(
@@ -78,8 +84,7 @@ def _eager_attention(
     ``query [B, H, Q, d_head]``, ``key``/``value [B, H_kv, K, d_head]`` → output ``[B, Q, H, d_head]``
     and probabilities ``[B, H, Q, K]``.
     """
-    if s_aux is not None:
-        raise UnsupportedModelError("attention sinks (s_aux) are not supported")
+    value = _run_value_hooks(module, value)
     groups = query.shape[1] // key.shape[1]
     if groups > 1:  # GQA: query head h reads key/value head h // groups (= HF's repeat_kv)
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
@@ -94,7 +99,13 @@ def _eager_attention(
         else:
             scores = scores + mask
     upcast = torch.float32 if scores.dtype in (torch.float16, torch.bfloat16) else None
-    probs = torch.softmax(scores, dim=-1, dtype=upcast).to(query.dtype)
+    if s_aux is None:
+        probs = torch.softmax(scores, dim=-1, dtype=upcast).to(query.dtype)
+    else:  # attention sinks (gpt-oss): one extra logit per head takes part in the softmax, then is dropped
+        sink = s_aux.reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1).to(scores.dtype)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1, dtype=upcast)[..., :-1].to(
+            query.dtype
+        )
     probs = _run_prob_hooks(module, probs)
     output = torch.matmul(probs, value).transpose(1, 2).contiguous()
     return output, probs
@@ -102,6 +113,39 @@ def _eager_attention(
 
 AttentionInterface.register(EAGER_IMPLEMENTATION, _eager_attention)
 AttentionMaskInterface.register(EAGER_IMPLEMENTATION, eager_mask)
+
+
+def _run_value_hooks(module: nn.Module, value: torch.Tensor) -> torch.Tensor:
+    for fn in _VALUE_HOOKS.get(module, ()):
+        new = fn(value)
+        value = value if new is None else new
+    return value
+
+
+@contextlib.contextmanager
+def kernel_value_hook(model: Model, layer: int, fn: Callable) -> Iterator[None]:
+    """The ``v`` site of models whose values are no linear map of the residual (latent attention):
+    ``fn(v [B, T, n_kv_heads, d_head])`` on the values layer ``layer``'s attention hands the kernel
+    (a read, or a write if it returns new values). Runs recallscope's eager kernel inside.
+    """
+    if not model.spec.attention_interface:
+        raise UnsupportedModelError(
+            f"{model.spec.family}: the values of its inline attention code cannot be reached (no 'v' site)"
+        )
+    owner = model.module(model.spec.attn, layer)
+    home = model.device
+
+    def call(value: torch.Tensor) -> torch.Tensor | None:  # [B, H_kv, T, d] <-> canonical [B, T, H_kv, d]
+        new = fn(value.transpose(1, 2).to(home))
+        return None if new is None else new.to(value.device, value.dtype).transpose(1, 2)
+
+    entries = _VALUE_HOOKS.setdefault(owner, [])
+    entries.append(call)
+    try:
+        with eager_attention(model):
+            yield
+    finally:
+        entries.remove(call)
 
 
 def _run_prob_hooks(module: nn.Module, probs: torch.Tensor) -> torch.Tensor:
@@ -112,19 +156,55 @@ def _run_prob_hooks(module: nn.Module, probs: torch.Tensor) -> torch.Tensor:
     return probs
 
 
-@contextlib.contextmanager
-def eager_attention(model: Model) -> Iterator[None]:
-    """Run the model with recallscope's eager kernel inside the context (no-op for GPT-J)."""
-    config = model.hf_model.config
-    old = config._attn_implementation
-    if model.spec.probs_module is not None or old == EAGER_IMPLEMENTATION:
-        yield
-        return
-    config._attn_implementation_internal = EAGER_IMPLEMENTATION
-    try:
-        yield
-    finally:
-        config._attn_implementation_internal = old
+def eager_attention(model: Model) -> contextlib.AbstractContextManager:
+    """Run the model with recallscope's eager kernel inside the context (no-op for models whose
+    attention does not go through the ``AttentionInterface``: they are eager already).
+    """
+    if not model.spec.attention_interface:
+        return contextlib.nullcontext()
+    return attention_kernel(model.hf_model, EAGER_IMPLEMENTATION)
+
+
+_SOFTMAXES = frozenset({torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax})
+
+
+class _SoftmaxTap(TorchFunctionMode):
+    """While one inline attention module runs: every softmax output of attention probabilities,
+    ``[B, H, Q, K]`` (or ``[B·H, Q, K]``, XGLM), goes through that module's probability hooks.
+    """
+
+    def __init__(self, module: nn.Module, n_heads: int) -> None:
+        super().__init__()
+        self.module, self.n_heads = module, n_heads
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func not in _SOFTMAXES or not isinstance(out, torch.Tensor):
+            return out
+        if out.dim() == 4:
+            return _run_prob_hooks(self.module, out)
+        if out.dim() == 3 and out.shape[0] % self.n_heads == 0:
+            probs = out.view(-1, self.n_heads, *out.shape[1:])
+            return _run_prob_hooks(self.module, probs).reshape(out.shape)
+        return out
+
+
+def _install_tap(module: nn.Module, n_heads: int) -> Any:
+    """Forward hooks that put a :class:`_SoftmaxTap` around ``module``'s forward; returns a remover."""
+    taps: list[_SoftmaxTap] = []
+
+    def enter(mod, args, kwargs):
+        taps.append(_SoftmaxTap(mod, n_heads))
+        taps[-1].__enter__()
+
+    def leave(mod, args, kwargs, output):
+        taps.pop().__exit__(None, None, None)
+
+    handles = [
+        module.register_forward_pre_hook(enter, with_kwargs=True),
+        module.register_forward_hook(leave, with_kwargs=True, always_call=True),
+    ]
+    return lambda: [h.remove() for h in handles]
 
 
 def _on_home_device(model: Model, fn: Callable) -> Callable:
@@ -143,27 +223,22 @@ def _on_home_device(model: Model, fn: Callable) -> Callable:
 @contextlib.contextmanager
 def _prob_hook(model: Model, layer: int, fn: Callable, *, edits: bool) -> Iterator[None]:
     """Call ``fn(probs [B, H, Q, K])`` in ``layer``'s attention (may return new probs)."""
-    spec = model.spec
-    owner = model.module(spec.probs_module or spec.attn, layer)
+    owner = model.module(model.spec.attn, layer)
     entry = (edits, _on_home_device(model, fn))
     entries = _PROB_HOOKS.setdefault(owner, [])
     entries.append(entry)
     try:
-        if spec.probs_module is None:
+        if model.spec.attention_interface:
             with eager_attention(model):
                 yield
-        else:  # GPT-J: probabilities pass through a dropout module; one dispatcher hook on it
-            if owner not in _DISPATCHERS:
-                _DISPATCHERS[owner] = owner.register_forward_hook(_dispatch_probs)
+        else:  # inline attention: one softmax tap per module, shared by its hooks
+            if owner not in _TAPS:
+                _TAPS[owner] = _install_tap(owner, model.n_heads)
             yield
     finally:
         entries.remove(entry)
-        if not entries and owner in _DISPATCHERS:
-            _DISPATCHERS.pop(owner).remove()
-
-
-def _dispatch_probs(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-    return _run_prob_hooks(module, output)
+        if not entries and owner in _TAPS:
+            _TAPS.pop(owner)()
 
 
 def pattern_hook(model: Model, layer: int, fn: Callable) -> contextlib.AbstractContextManager:
@@ -281,22 +356,35 @@ def block_attention(
 
     for layer in layers:
         model.check_layer(layer)
+    by_mask = mode == "pre_softmax" and model.spec.attention_interface
     with contextlib.ExitStack() as stack:
-        if mode == "pre_softmax" and model.attn_implementation not in _MASKABLE:
+        if by_mask and model.attn_implementation not in _MASKABLE:
             stack.enter_context(eager_attention(model))  # flash/flex kernels take no dense mask
         for layer in layers:
-            if mode == "pre_softmax":
+            if by_mask:
                 hook = _mask_prehook(model, layer, masks)
                 stack.enter_context(module_hook(model.module(model.spec.attn, layer), hook, "pre"))
-            else:
-                stack.enter_context(_prob_hook(model, layer, _zero_probs(model, layer, masks), edits=True))
+            else:  # post-softmax zero, or pre-softmax as a renormalization of inline softmaxes
+                edit = _zero_probs(model, layer, masks, renormalize=mode == "pre_softmax")
+                stack.enter_context(_prob_hook(model, layer, edit, edits=True))
         yield
 
 
-def _zero_probs(model: Model, layer: int, masks: Callable) -> Callable:
+def _zero_probs(model: Model, layer: int, masks: Callable, *, renormalize: bool) -> Callable:
+    """Zero the blocked probabilities; with ``renormalize`` divide by what is left, which equals a
+    softmax whose blocked scores were −∞.
+    """
+
     def edit(probs: torch.Tensor) -> torch.Tensor:
         blocked = masks(layer, (probs.shape[0], model.n_heads, probs.shape[2], probs.shape[3]))
-        return probs.masked_fill(blocked.to(probs.device), 0.0)
+        blocked = blocked.to(probs.device)
+        kept = probs.masked_fill(blocked, 0.0)
+        if not renormalize:
+            return kept
+        _check_not_empty(probs > 0, kept > 0, layer)
+        total = kept.sum(-1, keepdim=True)
+        touched = blocked.any(-1, keepdim=True) & (total > 0)  # other rows stay bit-identical
+        return torch.where(touched, kept / torch.where(touched, total, torch.ones_like(total)), probs)
 
     return edit
 

@@ -16,8 +16,9 @@ plus ``rest``, equal the activation the model computed:
 - :func:`resid_decomposition`: ``resid_post[L-1] = embed (+ pos_embed) + Σ_ℓ (attn_out^ℓ + mlp_out^ℓ)``
   for sequential and parallel blocks.
 
-Gemma-2's sandwich post-norms are folded in with their actual (frozen) scale, so the identities
-stay exact there too.
+Sandwich post-norms (Gemma-2/3, OLMo-2) are folded in with their actual (frozen) scale and constant
+residual multipliers (Granite) as they are (:mod:`recallscope.core.updates`), so the identities stay
+exact there too.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from recallscope.core.updates import update_map
 from recallscope.errors import ShapeError
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
@@ -65,15 +67,6 @@ def _dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def _post_norm(model: Model, path: str | None, layer: int, pre: torch.Tensor):
-    """Frozen-scale post-norm factor ``γ / ρ(pre)`` (Gemma-2), or None when there is no post-norm."""
-    if path is None:
-        return None
-    params = model.norm_params(path, layer)
-    rho = (pre.pow(2).mean(-1, keepdim=True) + params.eps).sqrt()
-    return params.gain(pre.dtype, pre.device) / rho
-
-
 @torch.no_grad()
 def head_outputs(model: Model, layer: int, z: torch.Tensor) -> Decomposition:
     """Per-head outputs ``[B, P, n_heads, d_model]`` from ``z [B, P, n_heads, d_head]``.
@@ -84,7 +77,7 @@ def head_outputs(model: Model, layer: int, z: torch.Tensor) -> Decomposition:
     dtype = _dtype(z)
     W_O = model.W_O(layer).to(z.device, dtype)
     parts = torch.einsum("bphe,hed->bphd", z.to(dtype), W_O)
-    return _with_bias(model, layer, parts, model.b_O(layer), model.spec.attn_post_norm, axis=2)
+    return _with_bias(model, layer, parts, model.b_O(layer), "attn", axis=2)
 
 
 @torch.no_grad()
@@ -104,7 +97,7 @@ def head_source_outputs(model: Model, layer: int, pattern: torch.Tensor, v: torc
     v = v.to(dtype).repeat_interleave(model.n_groups, dim=2)  # [B, T, H, d_head]: head h -> kv h//g
     weighted = torch.einsum("bhpt,bthe->bphte", pattern.to(dtype), v)
     parts = torch.einsum("bphte,hed->bphtd", weighted, model.W_O(layer).to(v.device, dtype))
-    return _with_bias(model, layer, parts, model.b_O(layer), model.spec.attn_post_norm, axis=(2, 3))
+    return _with_bias(model, layer, parts, model.b_O(layer), "attn", axis=(2, 3))
 
 
 @torch.no_grad()
@@ -127,10 +120,9 @@ def neuron_outputs(
     coeffs = coeffs.to(dtype)
     W_out = model.W_out(layer).to(coeffs.device, dtype)  # [d_mlp, d_model]
     b_out = model.b_out(layer)
-    scale = None
-    if model.spec.mlp_post_norm is not None:  # Gemma-2: γ / ρ of the pre-norm MLP output
-        pre = coeffs @ W_out + (0 if b_out is None else b_out.to(coeffs.device, dtype))
-        scale = _post_norm(model, model.spec.mlp_post_norm, layer, pre)  # [B, P, d_model]
+    raw = coeffs @ W_out + (0 if b_out is None else b_out.to(coeffs.device, dtype))
+    update = update_map(model, "mlp", layer, raw)  # post-norm / residual scale
+    scale = None if update is None else update(torch.ones_like(raw))  # [B, P, d_model]
     if onto is None:
         parts = coeffs[..., None] * W_out  # [B, P, d_mlp, d_model]
         parts = parts if scale is None else parts * scale[..., None, :]
@@ -152,17 +144,18 @@ def neuron_outputs(
     return Decomposition(parts, rest, axis=2)
 
 
-def _with_bias(model, layer, parts, bias, post_norm, axis) -> Decomposition:
-    """Attach the output bias and fold a Gemma-2 post-norm into per-head parts."""
+def _with_bias(model, layer, parts, bias, sublayer, axis) -> Decomposition:
+    """Attach the output bias and fold the sublayer's post-norm and residual scale into the parts."""
     axes = (axis,) if isinstance(axis, int) else axis
     dtype, device = parts.dtype, parts.device
     rest = 0.0 if bias is None else bias.to(device, dtype)
-    if post_norm is not None:
-        scale = _post_norm(model, post_norm, layer, parts.sum(axes) + rest)  # [B, P, d_model]
-        view = scale
-        for a in sorted(axes):
-            view = view.unsqueeze(a)
-        parts, rest = parts * view, rest * scale
+    raw = parts.sum(axes) + rest  # [B, P, d_model]
+    update = update_map(model, sublayer, layer, raw)
+    if update is not None:
+        parts, rest = (
+            update(parts, axes=axes),
+            update(torch.as_tensor(rest, dtype=dtype, device=device).expand_as(raw)),
+        )
     return Decomposition(parts, rest, axis=axes[0] if len(axes) == 1 else axes)
 
 

@@ -74,6 +74,19 @@ def site_hook(model: Model, site: Site, fn: SiteFn) -> contextlib.AbstractContex
         model.check_layer(site.layer)
     if site.name == "resid_mid":
         return _resid_mid_hook(model, site.layer, fn)
+    if site.name == "v" and model.spec.v_proj is None and model.spec.qkv_proj is None:
+        from recallscope.core.attention import kernel_value_hook
+
+        return kernel_value_hook(model, site.layer, fn)
+    if model.spec.experts is not None and site.name in ("mlp_pre", "mlp_post"):
+        if site.name == "mlp_pre":
+            raise SiteError(
+                f"{model.spec.family} has a mixture-of-experts MLP: mlp_pre is per expert; use mlp_post "
+                "(every expert's neuron coefficients, router weight included)"
+            )
+        from recallscope.core.moe import moe_post_hook
+
+        return moe_post_hook(model, site.layer, fn)
     module, kind, view = _locate(model, site)
     return _hook_with_view(model, site.layer, module, kind, view, fn)
 
@@ -92,6 +105,43 @@ class _View:
 _IDENTITY = _View(lambda raw: raw, lambda raw, new: new.expand(raw.shape))
 
 
+def _scaled(scale: float) -> _View:
+    """The site is ``scale ×`` the module's output (Granite's embedding and residual multipliers)."""
+    if scale == 1.0:
+        return _IDENTITY
+    return _View(lambda raw: raw * scale, lambda raw, new: (new / scale).expand(raw.shape))
+
+
+def _columns_view(columns: torch.Tensor, n_heads: int) -> _View:
+    """Heads ``[..., n_heads, d_head]`` read from chosen ``columns`` of a projection's output."""
+
+    def get(raw):
+        return raw[..., columns.to(raw.device)].unflatten(-1, (n_heads, -1))
+
+    def put(raw, new):
+        raw = raw.clone()
+        raw[..., columns.to(raw.device)] = new.flatten(-2).to(raw.dtype)
+        return raw
+
+    return _View(get, put)
+
+
+def _half_view(first: bool) -> _View:
+    """One half of a fused gate-up projection's output (the gate)."""
+
+    def get(raw):
+        half = raw.shape[-1] // 2
+        return raw[..., :half] if first else raw[..., half:]
+
+    def put(raw, new):
+        half = raw.shape[-1] // 2
+        raw = raw.clone()
+        raw[..., slice(None, half) if first else slice(half, None)] = new
+        return raw
+
+    return _View(get, put)
+
+
 def _heads_view(n_heads: int) -> _View:
     return _View(lambda raw: raw.unflatten(-1, (n_heads, -1)))
 
@@ -99,12 +149,14 @@ def _heads_view(n_heads: int) -> _View:
 def _fused_view(model: Model, which: int) -> _View:
     """q/k/v (``which`` = 0/1/2) from a fused projection output ``[B, T, 3 * d]``."""
     n_heads, d_head = model.n_heads, model.d_head
-    if model.spec.qkv_layout == "split":  # [q | k | v], each [H * d_head]
-        width = n_heads * d_head
-        cols = slice(which * width, (which + 1) * width)
+    if model.spec.qkv_layout == "split":  # [q | k | v]: q has H heads, k and v H_kv each
+        widths = (n_heads * d_head, model.n_kv_heads * d_head, model.n_kv_heads * d_head)
+        start = sum(widths[:which])
+        cols = slice(start, start + widths[which])
+        heads = n_heads if which == 0 else model.n_kv_heads
 
         def get(raw):
-            return raw[..., cols].unflatten(-1, (n_heads, d_head))
+            return raw[..., cols].unflatten(-1, (heads, d_head))
 
         def put(raw, new):
             raw = raw.clone()
@@ -127,28 +179,43 @@ def _fused_view(model: Model, which: int) -> _View:
 def _locate(model: Model, site: Site) -> tuple[nn.Module, str, _View]:
     """``(module, "pre" | "fwd", view)`` for every site served by one plain hook."""
     spec, layer, name = model.spec, site.layer, site.name
-    if name == "embed":
-        return model.module(spec.embed), "fwd", _IDENTITY
+    if name == "embed":  # what enters block 0 besides position embeddings
+        return model.module(spec.embed_norm or spec.embed), "fwd", _scaled(spec.embed_scale)
     if name == "pos_embed":
         if spec.pos_embed is None:
             raise SiteError(f"{spec.family} has no learned position embedding (pos_embed site)")
         return model.module(spec.pos_embed), "fwd", _IDENTITY
     if name in ("resid_pre", "resid_post"):
         return model.block(layer), ("pre" if name == "resid_pre" else "fwd"), _IDENTITY
+    gate = _IDENTITY if spec.gate_up is None else _half_view(spec.gate_up == "gate_first")
     paths = {
-        "attn_out": (spec.attn_out, "fwd", _IDENTITY),
-        "mlp_out": (spec.mlp_out, "fwd", _IDENTITY),
+        "attn_out": (spec.attn_out, "fwd", _scaled(spec.residual_scale)),
+        "mlp_out": (spec.mlp_out, "fwd", _scaled(spec.residual_scale)),
         "z": (spec.o_proj, "pre", None),
-        "mlp_pre": (spec.mlp_pre, "fwd", _IDENTITY),
+        "mlp_pre": (spec.mlp_pre, "fwd", gate),
         "mlp_post": (spec.mlp_out_proj, "pre", _IDENTITY),
     }
     if name in paths:
         path, kind, view = paths[name]
         return model.module(path, layer), kind, view or _heads_view(model.n_heads)
     which = "qkv".index(name)
+    if spec.qkv_proj is not None and spec.qkv_layout is None:
+        if name != "v" or spec.v_columns is None:
+            raise SiteError(
+                f"{spec.family}: the layout of its fused q/k/v projection is unknown: no {name!r} site"
+            )
+        return (
+            model.module(spec.qkv_proj, layer),
+            "fwd",
+            _columns_view(torch.tensor(spec.v_columns), model.n_kv_heads),
+        )
     if spec.qkv_proj is not None:
         return model.module(spec.qkv_proj, layer), "fwd", _fused_view(model, which)
     proj = (spec.q_proj, spec.k_proj, spec.v_proj)[which]
+    if proj is None:
+        raise SiteError(
+            f"{spec.family} has no separate {name} projection (latent attention?): no {name!r} site"
+        )
     n_heads = model.n_heads if name == "q" else model.n_kv_heads
     return model.module(proj, layer), "fwd", _heads_view(n_heads)
 

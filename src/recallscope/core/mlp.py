@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch import nn
 from torch.func import jvp, vmap
 
 from recallscope.errors import ShapeError
@@ -51,7 +52,7 @@ def mlp_function(model: Model, layer: int) -> Callable[[torch.Tensor], torch.Ten
     """
     spec = model.spec
     model.check_layer(layer)
-    norm = model.module(spec.mlp_norm, layer)
+    norm = model.module(spec.mlp_norm, layer) if spec.mlp_norm else nn.Identity()
     post = model.module(spec.mlp_post_norm, layer) if spec.mlp_post_norm else None
     if spec.mlp is not None:
         mlp = model.module(spec.mlp, layer)

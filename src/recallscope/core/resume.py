@@ -20,6 +20,7 @@ relative to ``t``.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -33,7 +34,15 @@ from recallscope.models.families import get_module
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
 
-__all__ = ["RunState", "record_run", "resume", "equal_length_rows"]
+__all__ = ["RunState", "record_run", "resume", "equal_length_rows", "cache_argument"]
+
+
+def cache_argument(model: Model) -> str:
+    """Name of the key/value cache argument of the model's forward: ``cache`` from transformers
+    5.25 on, ``past_key_values`` before (read from the forward's public signature).
+    """
+    parameters = inspect.signature(model.hf_model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def equal_length_rows(batch, size: int) -> Iterator[list[int]]:
@@ -98,7 +107,7 @@ def record_run(model: Model, input_ids: torch.Tensor, *, logits_to_keep: int = 1
         stack.enter_context(module_hook(model.block(0), block_type, "fwd"))
         out = model.hf_model(
             input_ids=input_ids.to(model.device),
-            past_key_values=cache,
+            **{cache_argument(model): cache},
             use_cache=True,
             logits_to_keep=logits_to_keep,
         )
@@ -108,23 +117,28 @@ def record_run(model: Model, input_ids: torch.Tensor, *, logits_to_keep: int = 1
 
 
 class _PassThrough(nn.Module):
-    """Stands in for a block that must not run: returns its input hidden states."""
+    """Stands in for a block that must not run: returns its input hidden states, or ``output``."""
 
-    def __init__(self, tuple_output: bool) -> None:
+    def __init__(self, tuple_output: bool, output: torch.Tensor | None = None) -> None:
         super().__init__()
         self.tuple_output = tuple_output
+        self.output = output
 
     def forward(self, hidden_states, *args, **kwargs):
-        return (hidden_states, None) if self.tuple_output else hidden_states
+        out = hidden_states if self.output is None else self.output.to(hidden_states.dtype)
+        return (out, None) if self.tuple_output else out
 
 
 @contextlib.contextmanager
-def _blocks_skipped(model: Model, below: int, tuple_output: bool) -> Iterator[None]:
+def _blocks_skipped(model: Model, below: int, tuple_output: bool, hidden: torch.Tensor) -> Iterator[None]:
+    """Blocks ``< below`` replaced by stubs, the last of which outputs ``hidden`` (the input of
+    block ``below``), whatever the embedding computed (scales, norms, position embeddings).
+    """
     blocks = get_module(model.hf_model, model.spec.blocks)
     saved = [blocks[i] for i in range(below)]
     try:
         for i in range(below):
-            blocks[i] = _PassThrough(tuple_output)
+            blocks[i] = _PassThrough(tuple_output, hidden if i == below - 1 else None)
         yield
     finally:
         for i, block in enumerate(saved):
@@ -166,16 +180,15 @@ def resume(
         for k, v in zip(state.keys, state.values, strict=True)
     ]
     cache = DynamicCache(ddp_cache_data=prefix)
-    positions = torch.arange(start_pos, state.seq_len, device=model.device).expand(len(rows), -1)
-    with torch.no_grad(), contextlib.ExitStack() as stack:
-        stack.enter_context(_blocks_skipped(model, start_layer, state.tuple_blocks))
-        if model.spec.pos_embed is not None:  # inputs_embeds already hold the position embeddings
-            stack.enter_context(site_hook(model, Site(None, "pos_embed"), torch.zeros_like))
-        out = model.hf_model(
-            inputs_embeds=hidden.to(model.device),
-            past_key_values=cache,
-            position_ids=positions,
-            use_cache=True,
-            logits_to_keep=logits_to_keep,
+    hidden = hidden.to(model.device)
+    inputs = {"inputs_embeds": hidden, cache_argument(model): cache}
+    if "position_ids" in inspect.signature(model.hf_model.forward).parameters:  # not ALiBi models
+        inputs["position_ids"] = torch.arange(start_pos, state.seq_len, device=model.device).expand(
+            len(rows), -1
         )
+    with torch.no_grad(), contextlib.ExitStack() as stack:
+        stack.enter_context(_blocks_skipped(model, start_layer, state.tuple_blocks, hidden))
+        if start_layer == 0:  # the embedding pipeline may scale, normalize or add positions
+            stack.enter_context(site_hook(model, Site(0, "resid_pre"), lambda act: hidden))
+        out = model.hf_model(**inputs, use_cache=True, logits_to_keep=logits_to_keep)
     return out.logits

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
+from recallscope.core.updates import update_map
 from recallscope.core.vocab import final_norm_scale
 from recallscope.errors import ShapeError
 from recallscope.models.model import Model
@@ -179,13 +180,10 @@ class Subvalues:
         return torch.einsum("bkr,kd->bd", self.coeffs, self.values) + self.rest
 
 
-def _post_norm(model: Model, path: str | None, layer: int, pre: torch.Tensor):
-    """Gemma-2 sandwich norm: ``(γ [d], 1/ρ [B])`` of the pre-norm output ``pre [B, d]``, or None."""
-    if path is None:
-        return None
-    params = model.norm_params(path, layer)
-    rho = (pre.pow(2).mean(-1) + params.eps).sqrt()
-    return params.gain(pre.dtype, pre.device), 1.0 / rho
+def _update(model: Model, sublayer: str, layer: int, pre: torch.Tensor):
+    """``(γ [d] | None, factor [B])`` of the sublayer's post-norm and residual scale, or None."""
+    update = update_map(model, sublayer, layer, pre)
+    return None if update is None else (update.gain, update.factor[:, 0])
 
 
 def _finish(coeffs, values, bias, post) -> Subvalues:
@@ -194,8 +192,10 @@ def _finish(coeffs, values, bias, post) -> Subvalues:
     if bias is not None:
         rest = rest + bias.to(values.device, values.dtype)
     if post is not None:
-        gain, inv_rho = post
-        values, coeffs, rest = values * gain, coeffs * inv_rho[:, None, None], rest * gain * inv_rho[:, None]
+        gain, factor = post
+        if gain is not None:
+            values, rest = values * gain, rest * gain
+        coeffs, rest = coeffs * factor[:, None, None], rest * factor[:, None]
     return Subvalues(coeffs, values, rest)
 
 
@@ -209,7 +209,7 @@ def ffn_subvalues(model: Model, layer: int, coeffs: torch.Tensor) -> Subvalues:
     W_out = model.W_out(layer).to(c.device, c.dtype)
     b_out = model.b_out(layer)
     pre = c @ W_out + (0 if b_out is None else b_out.to(c.device, c.dtype))
-    return _finish(c[..., None], W_out, b_out, _post_norm(model, model.spec.mlp_post_norm, layer, pre))
+    return _finish(c[..., None], W_out, b_out, _update(model, "mlp", layer, pre))
 
 
 @torch.no_grad()
@@ -230,7 +230,7 @@ def attn_subvalues(model: Model, layer: int, pattern: torch.Tensor, v: torch.Ten
     W_O = model.W_O(layer).to(v.device, v.dtype).flatten(0, 1)  # [H*d_head, d]
     b_O = model.b_O(layer)
     pre = coeffs.sum(-1) @ W_O + (0 if b_O is None else b_O.to(v.device, v.dtype))
-    return _finish(coeffs, W_O, b_O, _post_norm(model, model.spec.attn_post_norm, layer, pre))
+    return _finish(coeffs, W_O, b_O, _update(model, "attn", layer, pre))
 
 
 def _log_softmax_at(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

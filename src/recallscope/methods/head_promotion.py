@@ -40,6 +40,7 @@ from recallscope.core.decompose import head_outputs
 from recallscope.core.steps import ROLES, tracked_tokens
 from recallscope.core.subvalues import FrozenHead
 from recallscope.core.tokens import PromptBatch
+from recallscope.core.updates import update_map
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
 from recallscope.methods.base import Cost, MethodConfig, as_batch, result_provenance
@@ -192,21 +193,10 @@ def head_vectors(model: Model, layer: int, z: torch.Tensor, slicing: str = "inpu
         model.n_heads, model.d_head, model.d_model
     )  # memory reinterpretation, not a transpose
     parts = torch.einsum("bhe,hed->bhd", z, sliced)
-    factor = _post_norm_factor(model, layer, z, W_O)
-    return parts if factor is None else parts * factor[:, None]
-
-
-def _post_norm_factor(model: Model, layer: int, z: torch.Tensor, W_O: torch.Tensor) -> torch.Tensor | None:
-    """Gemma-2: ``γ / ρ`` ``[B, d]`` of the attention post-norm at the true attention output; else None."""
-    path = model.spec.attn_post_norm
-    if path is None:
-        return None
     b_O = model.b_O(layer)
-    pre = torch.einsum("bhe,hed->bd", z, W_O) + (0 if b_O is None else b_O.to(z.device, z.dtype))
-    params = model.norm_params(path, layer)
-    rho = (pre.pow(2).mean(-1, keepdim=True) + params.eps).sqrt()
-    gain = params.gain(z.dtype, z.device)
-    return (1.0 if gain is None else gain) / rho
+    raw = torch.einsum("bhe,hed->bd", z, W_O) + (0 if b_O is None else b_O.to(z.device, z.dtype))
+    update = update_map(model, "attn", layer, raw)  # post-norm at the true output; residual scale
+    return parts if update is None else update(parts, axes=(1,))
 
 
 # -- dataset-wide thresholds and rates ----------------------------------------------------------------

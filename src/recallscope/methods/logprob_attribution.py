@@ -69,6 +69,7 @@ from recallscope.core.subvalues import (
     vector_increase,
 )
 from recallscope.core.tokens import PromptBatch
+from recallscope.core.updates import update_gain
 from recallscope.core.vocab import decode_tokens
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
@@ -569,15 +570,10 @@ def _exact_scores(model, head, cap, base, targets, kind, coeffs, chosen) -> torc
 
 def _value_vectors(model: Model, kind: str, layer: int) -> torch.Tensor:
     """``[K, d]`` the value vectors of ``layer`` as the subvalues use them (Gemma-2: post-norm gain)."""
-    if kind == "neuron":
-        values, path = model.W_out(layer), model.spec.mlp_post_norm
-    else:
-        values, path = model.W_O(layer).flatten(0, 1), model.spec.attn_post_norm
+    values = model.W_out(layer) if kind == "neuron" else model.W_O(layer).flatten(0, 1)
     values = values.to(torch.promote_types(values.dtype, torch.float32))
-    if path is not None:
-        gain = model.norm_params(path, layer).gain(values.dtype, values.device)
-        values = values if gain is None else values * gain
-    return values
+    gain = update_gain(model, "mlp" if kind == "neuron" else "attn", layer, values.dtype, values.device)
+    return values if gain is None else values * gain
 
 
 def _listed(result: LogprobAttributionResult, kind: str) -> list[tuple[int, str, int, np.ndarray]]:

@@ -261,13 +261,9 @@ def _regressors(model, acts, layer, raw: torch.Tensor, space: str) -> torch.Tens
         return raw
     resid = acts[mlp_input_site(model, layer)].double()
     params = model.norm_params(model.spec.mlp_norm, layer)
-    if params.kind == "layer":
-        rho = (resid.var(-1, keepdim=True, unbiased=False) + params.eps).sqrt()
-        raw = raw - raw.mean(-1, keepdim=True)
-    else:
-        rho = (resid.pow(2).mean(-1, keepdim=True) + params.eps).sqrt()
+    rho = params.rho(resid)
     gain = params.gain(torch.float64, raw.device)
-    normed = raw / rho[:, None]
+    normed = params.centre(raw) / rho[:, None]
     return normed if gain is None else normed * gain
 
 

@@ -494,10 +494,8 @@ def _layer_keys(model: Model, acts: dict, layer: int, fact, k, how: str) -> torc
 
 def _frozen_norm(params, x: torch.Tensor, gain: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The norm's output ``x̃ [m, d]`` and its scale ``1/ρ [m]`` for inputs ``x [m, d]``."""
-    if params.kind == "layer":
-        x = x - x.mean(-1, keepdim=True)
-    inv_rho = (x.pow(2).mean(-1) + params.eps).rsqrt()
-    normed = x * inv_rho[:, None] * gain
+    inv_rho = 1.0 / params.rho(x)[:, 0]
+    normed = params.centre(x) * inv_rho[:, None] * gain
     return (normed if params.bias is None else normed + _weight(params.bias, x)), inv_rho
 
 

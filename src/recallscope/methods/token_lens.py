@@ -44,6 +44,7 @@ from recallscope.core.hooks import site_hook
 from recallscope.core.steps import Tracked, answer_span_names, span_masks, tracked_tokens
 from recallscope.core.subvalues import FrozenHead
 from recallscope.core.tokens import PromptBatch
+from recallscope.core.updates import update_map
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
 from recallscope.methods.base import Cost, MethodConfig, as_batch, result_provenance, wide
@@ -279,14 +280,8 @@ def _layer_parts(model: Model, layer: int, z: torch.Tensor) -> torch.Tensor:
     bias = model.b_O(layer)
     if bias is not None:
         parts = torch.cat([parts, bias.to(z.device, z.dtype).expand(len(z), 1, -1)], 1)
-    path = model.spec.attn_post_norm
-    if path is not None:  # attn_out = γ ⊙ y / ρ(y), y = Σ parts: linear at the frozen ρ(y)
-        params = model.norm_params(path, layer)
-        total = parts.sum(1)  # [B, d]
-        rho = (total.pow(2).mean(-1) + params.eps).sqrt()  # [B]
-        gain = params.gain(z.dtype, z.device)
-        parts = (parts if gain is None else parts * gain) / rho[:, None, None]
-    return parts
+    update = update_map(model, "attn", layer, parts.sum(1))  # post-norm linear at its frozen ρ(Σ parts)
+    return parts if update is None else update(parts, axes=(1,))
 
 
 def _provenance(model: Model, config: Config, parts: list[str], tracked: Tracked) -> dict:

@@ -1,6 +1,6 @@
 """Models: loading, architecture specs, the site vocabulary and the conformance checks."""
 
-from recallscope.models.families import SUPPORTED_MODEL_TYPES, spec_for
+from recallscope.models.families import spec_for
 from recallscope.models.load import DEFAULT_MODEL, load_model
 from recallscope.models.model import Model, ModelInfo
 from recallscope.models.sites import SITE_NAMES, Site, parse_site
@@ -13,7 +13,6 @@ __all__ = [
     "Model",
     "ModelInfo",
     "SITE_NAMES",
-    "SUPPORTED_MODEL_TYPES",
     "Site",
     "load_model",
     "parse_site",

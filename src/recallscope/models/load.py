@@ -8,6 +8,8 @@ for local files only, and go online only if that fails and ``HF_HUB_OFFLINE`` is
 from __future__ import annotations
 
 import atexit
+import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -60,8 +62,13 @@ def load_model(
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
     bos: BosPolicy = "tokenizer",
+    validate: bool = True,
 ) -> Model:
     """Load a causal LM and wrap it in a :class:`Model`.
+
+    Its architecture spec is discovered from the module tree (``recallscope.models.discover``) and,
+    with ``validate`` (the default), checked by :func:`recallscope.check_model` before it is
+    returned: a model whose spec fails a check is refused with the check and modules named.
 
     Args:
         name_or_path: ``"smollm2-135m"`` (the embedded default), a Hugging Face hub id, a local
@@ -83,6 +90,8 @@ def load_model(
         trust_remote_code: allow custom modeling code from the hub (off by default).
         attn_implementation: ``"sdpa"`` (default where supported) or ``"eager"``.
         bos: BOS policy, see :class:`Model`.
+        validate: run the conformance checks first (off only to inspect a failing model, e.g.
+            with ``check_model``).
 
     Raises:
         ModelNotAvailableError: the model is not on this machine and cannot be downloaded.
@@ -93,7 +102,7 @@ def load_model(
     if isinstance(name_or_path, nn.Module):
         hf_model = _dispatch(name_or_path, **placement) if placement else name_or_path
         model = Model(hf_model, tokenizer, info=ModelInfo(_model_label(name_or_path), "object"), bos=bos)
-        return model if device is None or placement else _move(model, device)
+        return _validated(model if device is None or placement else _move(model, device), validate)
     name = os.fspath(name_or_path)
     kwargs = dict(
         dtype=torch_dtype,
@@ -120,7 +129,37 @@ def load_model(
     model = Model(hf_model, tokenizer or tok, info=info, bos=bos)
     if device_map is None:
         model = _move(model, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return _validated(model, validate)
+
+
+def _validated(model: Model, validate: bool) -> Model:
+    """Run the conformance checks before any method can run (once per model file and software
+    versions: the verdict is cached when the weights are identified by a hash or a revision).
+    """
+    if not validate:
+        return model
+    from recallscope.check import validate as check
+    from recallscope.models.gguf import cache_dir
+
+    key = _validation_key(model)
+    marker = None if key is None else cache_dir() / "checks" / f"{key}.ok"
+    if marker is not None and marker.exists():
+        return model
+    check(model)
+    if marker is not None:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
     return model
+
+
+def _validation_key(model: Model) -> str | None:
+    info = model.info
+    if info.file_sha256 is None and info.revision is None:
+        return None
+    prov = model.provenance()
+    fields = [info.name, info.file_sha256, info.revision, prov["model_class"], prov["dtype"]]
+    fields += [model.device.type, prov["attn_implementation"], json.dumps(prov["versions"], sort_keys=True)]
+    return hashlib.sha256("\n".join(map(str, fields)).encode()).hexdigest()[:32]
 
 
 def _placement_kwargs(device_map, max_memory, offload_folder) -> dict[str, Any]:

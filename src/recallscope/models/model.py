@@ -12,6 +12,7 @@ Weights are exposed in one canonical layout whatever the family (``methods.md`` 
 from __future__ import annotations
 
 import contextlib
+import functools
 import platform
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -21,7 +22,10 @@ import torch
 from torch import nn
 
 from recallscope.errors import SiteError
+from recallscope.models.discover import ACTIVATIONS, norm_eps
+from recallscope.models.experts import expert_values
 from recallscope.models.families import get_module, spec_for
+from recallscope.models.offload import OffloadedWeights, accelerate_hooks
 from recallscope.models.spec import ArchSpec
 
 __all__ = ["Model", "ModelInfo", "NormParams", "BosPolicy"]
@@ -50,12 +54,23 @@ class ModelInfo:
 class NormParams:
     """Parameters of one LayerNorm / RMSNorm, enough to apply it with a frozen scale."""
 
-    kind: Literal["layer", "rms"]
+    kind: Literal["layer", "rms", "identity"]
+    """``identity``: no norm (the sublayer reads the residual itself)."""
     weight: torch.Tensor | None
     bias: torch.Tensor | None
     eps: float
     offset_one: bool = False
     """Gemma: the norm multiplies by ``1 + weight``."""
+
+    def centre(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` minus its mean over the last axis for a LayerNorm, else ``x``."""
+        return x - x.mean(-1, keepdim=True) if self.kind == "layer" else x
+
+    def rho(self, x: torch.Tensor) -> torch.Tensor:
+        """The scale ``ρ [..., 1]`` the norm divides ``x [..., d]`` by (1 for the identity)."""
+        if self.kind == "identity":
+            return torch.ones_like(x[..., :1])
+        return (self.centre(x).pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
 
     def gain(self, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor | None:
         """Multiplicative gain ``γ`` in ``dtype`` (``1 + w`` for Gemma), or None for no weight."""
@@ -137,7 +152,7 @@ class Model:
         weight = embed.weight
         if weight.device.type != "meta":
             return weight.device
-        return torch.device(self._offloaded(embed, "weight")[1])
+        return torch.device(self._weights.execution_device(embed))
 
     @property
     def device_map(self) -> dict[str, str] | None:
@@ -213,13 +228,15 @@ class Model:
     # -- weights in canonical layout ------------------------------------------------------------
     @property
     def W_U(self) -> torch.Tensor:
-        """Unembedding ``[d_vocab, d_model]``."""
-        return self.tensor(self.module(self.spec.unembed), "weight")
+        """Unembedding ``[d_vocab, d_model]``, times the model's constant logit scale (Cohere, Granite)."""
+        weight = self.tensor(self.module(self.spec.unembed), "weight")
+        return weight if self.spec.logit_scale == 1.0 else weight * self.spec.logit_scale
 
     @property
     def b_U(self) -> torch.Tensor | None:
-        """Unembedding bias ``[d_vocab]`` (GPT-J, Phi) or None."""
-        return self.tensor(self.module(self.spec.unembed), "bias")
+        """Unembedding bias ``[d_vocab]`` (GPT-J, Phi) or None, times the logit scale."""
+        bias = self.tensor(self.module(self.spec.unembed), "bias")
+        return bias if bias is None or self.spec.logit_scale == 1.0 else bias * self.spec.logit_scale
 
     @property
     def W_E(self) -> torch.Tensor:
@@ -251,41 +268,104 @@ class Model:
         return None if bias is None else self._value_part(bias)
 
     def _v_module(self, layer: int) -> nn.Module:
-        return self.module(self.spec.qkv_proj or self.spec.v_proj, layer)
+        path = self.spec.qkv_proj or self.spec.v_proj
+        if path is None:
+            raise SiteError(
+                f"{self.spec.family} has no value projection that is a matrix of the residual (e.g. "
+                "latent attention): the value weights W_V are not available"
+            )
+        return self.module(path, layer)
 
     def _value_part(self, x: torch.Tensor) -> torch.Tensor:
         """``[..., out_features]`` of the value (or fused qkv) projection → ``[..., n_kv_heads, d_head]``."""
-        spec, n_heads, d_head = self.spec, self.n_heads, self.d_head
+        return x[..., self.value_columns(x.shape[-1])].unflatten(-1, (self.n_kv_heads, self.d_head))
+
+    def value_columns(self, width: int) -> torch.Tensor:
+        """Indices of the value features, ``[kv_head, d_head]`` order, in the ``width`` outputs of the
+        value (or fused q/k/v) projection.
+        """
+        spec, n_kv, d_head = self.spec, self.n_kv_heads, self.d_head
         if spec.qkv_proj is None:
-            return x.unflatten(-1, (self.n_kv_heads, d_head))
-        if spec.qkv_layout == "split":  # [q | k | v], each [n_heads * d_head]
-            return x[..., 2 * n_heads * d_head :].unflatten(-1, (n_heads, d_head))
-        return x.unflatten(-1, (n_heads, 3, d_head))[..., 2, :]  # per head: [q k v]
+            return torch.arange(width)
+        if spec.v_columns is not None:
+            return torch.tensor(spec.v_columns)
+        if spec.qkv_layout == "split":  # [q | k | v]
+            return torch.arange(width - n_kv * d_head, width)
+        if spec.qkv_layout == "per_head":  # per head: [q k v]
+            return (
+                torch.arange(self.n_heads)[:, None] * 3 * d_head + 2 * d_head + torch.arange(d_head)
+            ).flatten()
+        raise SiteError(f"{spec.family}: unknown layout of the fused q/k/v projection")
 
     def W_out(self, layer: int) -> torch.Tensor:
-        """MLP output weights ``[d_mlp, d_model]``; neuron k writes ``W_out[k]``."""
+        """MLP output weights ``[d_mlp, d_model]``; neuron k writes ``W_out[k]``.
+
+        For a mixture-of-experts block: every expert's neurons and bias unit, then the shared
+        expert's (``models.experts``).
+        """
+        if self.spec.experts is not None:
+            return self._moe_values(layer)
         weight = self.tensor(self.module(self.spec.mlp_out_proj, layer), "weight")
         return weight if self.spec.conv1d else weight.T
 
     def b_out(self, layer: int) -> torch.Tensor | None:
+        """MLP output bias ``[d_model]`` (None for mixture-of-experts blocks: their biases are
+        bias units whose coefficient is the router weight).
+        """
+        if self.spec.experts is not None:
+            return None
         return self.tensor(self.module(self.spec.mlp_out_proj, layer), "bias")
+
+    def _moe_values(self, layer: int) -> torch.Tensor:
+        parts = [expert_values(self.module(self.spec.experts, layer), self.tensor)]
+        if self.spec.shared_expert_down is not None:
+            down = self.module(self.spec.shared_expert_down, layer)
+            parts.append(self.tensor(down, "weight").T)
+            bias = self.tensor(down, "bias")
+            if bias is not None:
+                parts.append(bias[None])
+        return torch.cat([p.to(parts[0].device, parts[0].dtype) for p in parts])
+
+    def _dense_mlp(self, what: str) -> None:
+        if self.spec.experts is not None:
+            raise SiteError(
+                f"{self.spec.family} has a mixture-of-experts MLP: {what} is per expert, not one matrix "
+                "(its neurons' coefficients, mlp_post, and output weights, W_out, are available)"
+            )
 
     def W_in(self, layer: int) -> torch.Tensor:
         """MLP input weights ``[d_model, d_mlp]`` (``up_proj`` if gated): ``x W_in + b_in``."""
-        return self._mlp_weight(self.spec.mlp_in, layer)
+        self._dense_mlp("W_in")
+        return self._gate_up_part(self._mlp_weight(self.spec.mlp_in, layer), "up")
 
     def b_in(self, layer: int) -> torch.Tensor | None:
-        return self.tensor(self.module(self.spec.mlp_in, layer), "bias")
+        self._dense_mlp("b_in")
+        bias = self.tensor(self.module(self.spec.mlp_in, layer), "bias")
+        return None if bias is None else self._gate_up_part(bias, "up")
 
     def W_gate(self, layer: int) -> torch.Tensor:
         """Gated MLPs' gate weights ``[d_model, d_mlp]``: ``c = act(x W_gate + b_gate) ⊙ (x W_in + b_in)``."""
-        return self._mlp_weight(self._gate_path(), layer)
+        return self._gate_up_part(self._mlp_weight(self._gate_path(), layer), "gate")
 
     def b_gate(self, layer: int) -> torch.Tensor | None:
-        return self.tensor(self.module(self._gate_path(), layer), "bias")
+        bias = self.tensor(self.module(self._gate_path(), layer), "bias")
+        return None if bias is None else self._gate_up_part(bias, "gate")
+
+    def _gate_up_part(self, x: torch.Tensor, part: str) -> torch.Tensor:
+        """The gate or up half of a fused gate-up projection's ``[..., 2 d_mlp]`` (else ``x``)."""
+        if self.spec.gate_up is None:
+            return x
+        first = "gate" if self.spec.gate_up == "gate_first" else "up"
+        half = x.shape[-1] // 2
+        return x[..., :half] if part == first else x[..., half:]
 
     def mlp_act(self, layer: int) -> nn.Module:
         """The MLP's activation function (applied to ``mlp_pre``), as the native module holds it."""
+        self._dense_mlp("the activation")
+        if self.spec.mlp_act is not None:
+            return self.module(self.spec.mlp_act, layer)
+        if self.spec.mlp_activation is not None:
+            return _Activation(ACTIVATIONS[self.spec.mlp_activation])
         owner = self.module(self.spec.mlp, layer) if self.spec.mlp else self.block(layer)
         for name in ("act_fn", "act", "activation_fn"):
             act = getattr(owner, name, None)
@@ -294,6 +374,7 @@ class Model:
         raise SiteError(f"no MLP activation found in {self.spec.family} (act_fn / act / activation_fn)")
 
     def _gate_path(self) -> str:
+        self._dense_mlp("the gate projection")
         if self.spec.mlp_gate is None:
             raise SiteError(f"{self.spec.family} has no gated MLP (no gate projection)")
         return self.spec.mlp_gate
@@ -302,11 +383,15 @@ class Model:
         weight = self.tensor(self.module(path, layer), "weight")
         return weight if self.spec.conv1d else weight.T
 
-    def norm_params(self, path: str, layer: int | None = None) -> NormParams:
-        """Parameters of the norm at ``path`` (``self.spec.final_norm`` for the final norm)."""
+    def norm_params(self, path: str | None, layer: int | None = None) -> NormParams:
+        """Parameters of the norm at ``path`` (``self.spec.final_norm`` for the final norm); a
+        ``path`` of None (a sublayer that reads the residual itself) gives the identity.
+        """
+        if path is None:
+            return NormParams(kind="identity", weight=None, bias=None, eps=0.0)
         norm = self.module(path, layer)
-        eps = getattr(norm, "eps", None)
-        eps = getattr(norm, "variance_epsilon", None) if eps is None else eps
+        eps = norm_eps(norm)
+        eps = dict(self.spec.norm_eps).get(path) if eps is None else eps
         return NormParams(
             kind=self.spec.norm,
             weight=self.tensor(norm, "weight"),
@@ -323,28 +408,11 @@ class Model:
         sits on the meta device between forwards; its value is then read from accelerate's
         offload store and put on the device the module runs on, as its own forward would.
         """
-        value = getattr(module, name, None)
-        if not isinstance(value, torch.Tensor):
-            return None
-        if value.device.type != "meta":
-            return value.detach()
-        stored, device = self._offloaded(module, name)
-        return stored.detach().to(device)
+        return self._weights.read(module, name)
 
-    def _offloaded(self, module: nn.Module, name: str) -> tuple[torch.Tensor, torch.device | str]:
-        """``(value, execution device)`` of an offloaded ``module.<name>``."""
-        if self._offload_index is None:
-            self._offload_index = _offload_index(self.hf_model)
-        if id(module) not in self._offload_index:
-            raise SiteError(
-                f"{type(module).__name__}.{name} is on the meta device but no accelerate hook holds its "
-                "value: load the model with load_model(..., device_map=...) (or dispatch it with "
-                "accelerate.dispatch_model) rather than building it on the meta device"
-            )
-        weights, prefix, device = self._offload_index[id(module)]
-        return weights[prefix + name], device
-
-    _offload_index: dict[int, tuple[Any, str, Any]] | None = None
+    @functools.cached_property
+    def _weights(self) -> OffloadedWeights:
+        return OffloadedWeights(self.hf_model)
 
     @contextlib.contextmanager
     def onloaded(self, module: nn.Module) -> Iterator[None]:
@@ -356,7 +424,7 @@ class Model:
         hooks = [
             (sub, h)
             for sub in module.modules()
-            for h in _hooks(sub)
+            for h in accelerate_hooks(sub)
             if getattr(h, "offload", False) and getattr(h, "weights_map", None) is not None
         ]
         for sub, hook in hooks:
@@ -368,6 +436,17 @@ class Model:
             for sub, hook in hooks:
                 hook.offload = True
                 hook.post_forward(sub, None)  # back to the meta device
+
+
+class _Activation(nn.Module):
+    """A functional activation as a module (for MLPs that apply it without one)."""
+
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
 
 
 def _rebuild(hf: tuple, tokenizer: Any, info: ModelInfo, bos: BosPolicy) -> Model:
@@ -390,24 +469,3 @@ def _placement(device_map: dict[str, str] | None) -> dict[str, int] | None:
     for device in device_map.values():
         counts[device] = counts.get(device, 0) + 1
     return counts
-
-
-def _hooks(module: nn.Module) -> list[Any]:
-    """The accelerate hooks on ``module`` (a ``SequentialHook`` holds several)."""
-    hook = getattr(module, "_hf_hook", None)
-    return list(getattr(hook, "hooks", None) or ([hook] if hook is not None else []))
-
-
-def _offload_index(hf_model: nn.Module) -> dict[int, tuple[Any, str, Any]]:
-    """``{id(module): (offload store, key prefix, execution device)}`` for every module whose
-    weights an accelerate ``AlignDevicesHook`` keeps offloaded (the hook may sit on the module or
-    on a parent that places its submodules).
-    """
-    index: dict[int, tuple[Any, str, Any]] = {}
-    for owner in hf_model.modules():
-        for h in _hooks(owner):
-            if getattr(h, "offload", False) and getattr(h, "weights_map", None) is not None:
-                for sub_name, sub in owner.named_modules():
-                    prefix = f"{sub_name}." if sub_name else ""
-                    index.setdefault(id(sub), (h.weights_map, prefix, h.execution_device))
-    return index

@@ -8,6 +8,7 @@ and never branch on model class names.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -39,6 +40,9 @@ class ArchSpec:
     family: str
     """Family name, e.g. ``"llama"``; recorded in provenance."""
     dims: Dims
+    source: Literal["discovered", "written"] = "written"
+    """``discovered`` from the module tree and a traced forward (``models.discover``), or
+    ``written`` by hand in ``models/families`` (possibly over a discovered spec)."""
 
     # -- model-level paths ------------------------------------------------------------------
     embed: str
@@ -49,13 +53,23 @@ class ArchSpec:
     unembed: str
     """``lm_head``; a ``Linear`` whose weight is ``W_U [V, d]`` (bias = ``b_U``, GPT-J/Phi)."""
     pos_embed: str | None = None
-    """Learned absolute position embedding (GPT-2, OPT)."""
+    """Position embedding module added to the token embedding (GPT-2, OPT, GPT-Neo)."""
+    embed_norm: str | None = None
+    """Norm applied to the token embedding before block 0 (BLOOM); the ``embed`` site is its output."""
+    embed_scale: float = 1.0
+    """Constant the model multiplies the embedding module's output by (Granite's
+    ``embedding_multiplier``); the ``embed`` site includes it."""
+    logit_scale: float = 1.0
+    """Constant the model multiplies the unembedding's output by (Cohere's ``logit_scale``,
+    Granite's ``1 / logits_scaling``); folded into ``Model.W_U`` and ``Model.b_U``."""
 
     # -- block-level paths ------------------------------------------------------------------
-    ln_1: str
-    """Norm in front of attention (and, for shared-norm parallel blocks, of the MLP)."""
+    ln_1: str | None
+    """Norm in front of attention (and, for shared-norm parallel blocks, of the MLP); None when
+    the attention reads the residual itself (OLMo-2)."""
     attn: str
-    """Attention module; output ``[0]`` is ``a^ℓ`` unless ``attn_post_norm`` is set."""
+    """Attention module (the one that calls the attention kernel); output ``[0]`` is ``a^ℓ``
+    unless ``attn_update`` or ``attn_post_norm`` is set."""
     o_proj: str
     """Output projection ``W_O``; its input is ``z`` (heads concatenated, head-major)."""
     mlp_in: str
@@ -63,11 +77,41 @@ class ArchSpec:
     mlp_out_proj: str
     """Output projection ``W_out``; its input holds the neuron coefficients ``c_k``."""
     ln_2: str | None = None
-    """Norm in front of the MLP; None when parallel blocks share ``ln_1``."""
+    """Norm in front of the MLP (the same path as ``ln_1`` when parallel blocks share it); None when
+    the MLP reads the residual itself."""
     mlp: str | None = None
     """MLP module whose output is ``m^ℓ``; None when the MLP lives in the block (OPT)."""
     mlp_gate: str | None = None
     """Gate projection of gated MLPs (its output is ``mlp_pre``)."""
+    attn_update: str | None = None
+    """Module whose output is the attention update when the attention module's own output is not
+    (BLOOM adds the residual inside its attention module: the update is ``dense``'s output)."""
+    mlp_update: str | None = None
+    """Same for the MLP (BLOOM's MLP adds the residual too)."""
+    mlp_act: str | None = None
+    """The MLP's activation module (its input is ``mlp_pre``)."""
+    mlp_activation: str | None = None
+    """Name of the activation function (``models.discover.ACTIVATIONS``) of an MLP that applies it
+    without a module."""
+    gate_up: Literal["gate_first", "up_first"] | None = None
+    """``mlp_in`` and ``mlp_gate`` are one fused projection whose output is ``[gate | up]``
+    (``gate_first``) or ``[up | gate]``."""
+    experts: str | None = None
+    """Mixture-of-experts bank (transformers' ``ExpertsInterface``); its neurons are indexed
+    ``expert · d_expert + neuron`` and their coefficients include the router weight
+    (``models.experts``)."""
+    shared_expert_down: str | None = None
+    """Down projection of the shared expert that a mixture-of-experts block adds for every token."""
+    shared_expert_gate: str | None = None
+    """Linear map to one logit whose sigmoid scales the shared expert (Qwen2-MoE)."""
+    v_columns: tuple[int, ...] | None = None
+    """Columns of a fused q/k/v projection's output holding the values, ``[kv_head, d_head]``
+    order (found by matching the values the attention kernel received)."""
+    attention_sinks: bool = False
+    """Each head has a learned sink logit in its softmax (gpt-oss): probabilities sum to less than 1."""
+    residual_scale: float = 1.0
+    """Constant the model multiplies each sublayer update by before adding it (Granite's
+    ``residual_multiplier``); the ``attn_out``/``mlp_out`` sites include it."""
     attn_post_norm: str | None = None
     """Gemma-2 sandwich norm applied to the attention output before the residual add."""
     mlp_post_norm: str | None = None
@@ -79,14 +123,17 @@ class ArchSpec:
     """Fused q/k/v projection (GPT-2 ``c_attn``, GPT-NeoX ``query_key_value``)."""
     qkv_layout: Literal["split", "per_head"] | None = None
     """``split``: ``[q | k | v]`` (GPT-2); ``per_head``: ``[h0: q k v | h1: q k v | …]`` (NeoX)."""
-    probs_module: str | None = None
-    """Module that receives the attention probabilities (GPT-J's ``attn_dropout``); None means
-    probabilities are reached through transformers' ``AttentionInterface``."""
+    attention_interface: bool = True
+    """The attention modules call transformers' ``AttentionInterface`` (probabilities come from
+    recallscope's eager kernel); False for inline attention code (BLOOM, MPT, GPT-Neo), whose
+    softmax output is tapped instead. Found by a probe forward (``models.kernels``), not declared."""
 
     # -- structural flags -------------------------------------------------------------------
     parallel: bool = False
     """``x^{ℓ+1} = x^ℓ + Attn(LN(x^ℓ)) + MLP(LN'(x^ℓ))`` (GPT-J, GPT-NeoX, Phi)."""
     norm: Literal["layer", "rms"] = "rms"
+    norm_eps: tuple[tuple[str, float], ...] = ()
+    """``(path, eps)`` of norms whose module does not declare its epsilon (found by discovery)."""
     norm_offset_one: bool = False
     """RMSNorm multiplies by ``1 + w`` (Gemma)."""
     conv1d: bool = False
@@ -103,15 +150,29 @@ class ArchSpec:
     notes: tuple[str, ...] = field(default=())
     """Human-readable notes on conventions, shown by ``check-model``."""
 
+    def describe(self) -> str:
+        """Every field that is set, one per line (``check-model`` prints it)."""
+        lines = [f"spec ({self.source}): {self.family}"]
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            if item.name in ("family", "source") or value in (None, False, (), 1.0):
+                continue
+            if item.name == "v_columns":
+                value = f"{len(value)} columns"
+            lines.append(f"  {item.name} = {value}")
+        return "\n".join(lines)
+
     @property
     def attn_out(self) -> str:
-        """Block-level module whose output (``[0]``) is the attention update of the residual."""
-        return self.attn_post_norm or self.attn
+        """Block-level module whose output (``[0]``) is the attention update of the residual
+        (times ``residual_scale``).
+        """
+        return self.attn_post_norm or self.attn_update or self.attn
 
     @property
     def mlp_out(self) -> str:
-        """Block-level module whose output is the MLP update of the residual."""
-        return self.mlp_post_norm or self.mlp or self.mlp_out_proj
+        """Block-level module whose output is the MLP update of the residual (times ``residual_scale``)."""
+        return self.mlp_post_norm or self.mlp_update or self.mlp or self.mlp_out_proj
 
     @property
     def mlp_pre(self) -> str:
@@ -119,6 +180,6 @@ class ArchSpec:
         return self.mlp_gate or self.mlp_in
 
     @property
-    def mlp_norm(self) -> str:
-        """Norm whose output feeds the MLP."""
-        return self.ln_2 or self.ln_1
+    def mlp_norm(self) -> str | None:
+        """Norm whose output feeds the MLP (None: the MLP reads the residual itself)."""
+        return self.ln_2

@@ -1,86 +1,106 @@
-"""Registry of architecture families: ``model_type`` → spec builder.
+"""The architecture spec of a model: discovered, then overridden by hand where discovery cannot tell.
 
-To support a new family, add a module here with ``MODEL_TYPES`` and ``build_spec(model)`` and list
-it in ``_FAMILY_MODULES``; ``rs.check_model`` then tells whether the spec is right.
+Every model goes through :func:`recallscope.models.discover.discover_spec`. A model type listed in
+``OVERRIDES`` then gets a small hand-written change on top (a refusal, a note, a field discovery
+cannot see), and its spec says ``source="written"``. ``rs.check_model`` validates the result either
+way; :func:`spec_for` runs the structural part of that validation (every block has every module of
+the spec, of the same class as block 0's) before any method runs.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+
 from torch import nn
 
 from recallscope.errors import UnsupportedModelError
-from recallscope.models.families import gemma, gpt2, gpt_neox, gptj, llama, opt, phi
-from recallscope.models.families._common import get_module
+from recallscope.models.discover import discover_spec
+from recallscope.models.families._common import get_module, refuse
+from recallscope.models.families.overrides import OVERRIDES
 from recallscope.models.spec import ArchSpec
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "spec_for", "get_module"]
+__all__ = ["spec_for", "get_module", "OVERRIDES", "BLOCK_PATHS"]
 
-_FAMILY_MODULES = (llama, gemma, gpt2, gpt_neox, gptj, opt, phi)
-_BUILDERS = {t: m.build_spec for m in _FAMILY_MODULES for t in m.MODEL_TYPES}
-SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(_BUILDERS))
+BLOCK_PATHS = (
+    "ln_1",
+    "ln_2",
+    "attn",
+    "o_proj",
+    "attn_update",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "qkv_proj",
+    "mlp",
+    "mlp_update",
+    "mlp_in",
+    "mlp_gate",
+    "mlp_act",
+    "mlp_out_proj",
+    "experts",
+    "shared_expert_down",
+    "shared_expert_gate",
+    "attn_post_norm",
+    "mlp_post_norm",
+)
+"""Spec fields that name a module of a block."""
+
+_REFUSED_CONFIG = {
+    "is_encoder_decoder": "an encoder-decoder model (recallscope analyses decoder-only models)",
+    "add_cross_attention": "its blocks attend to an encoder (cross-attention)",
+    "use_bidirectional_attention": "its attention is bidirectional, not causal",
+}
 
 
 def spec_for(model: nn.Module) -> ArchSpec:
-    """Build and validate the :class:`ArchSpec` of a transformers ``*ForCausalLM`` model.
+    """The validated :class:`ArchSpec` of a transformers ``*ForCausalLM`` model.
 
     Raises:
-        UnsupportedModelError: unknown family, a config feature we would silently get wrong, or a
-            module the spec expects is missing.
+        UnsupportedModelError: a config feature we would silently get wrong, an architecture
+            discovery cannot read (the message names the module and the check), or blocks that
+            differ from block 0.
     """
     config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in _BUILDERS:
+    if config is None or model.get_output_embeddings() is None:
         raise UnsupportedModelError(
-            f"recallscope has no adapter for {type(model).__name__} (model_type={model_type!r}). "
-            f"Supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}. To add a family, write a "
-            "spec in recallscope/models/families/ and run `recallscope check-model` on it."
-        )
-    if not hasattr(model, "lm_head"):
-        raise UnsupportedModelError(
-            f"{type(model).__name__} has no `lm_head`: recallscope needs a causal LM with its "
+            f"{type(model).__name__} has no output embedding: recallscope needs a causal LM with its "
             f"unembedding (load it with AutoModelForCausalLM, not AutoModel)"
         )
-    try:
-        spec = _BUILDERS[model_type](model)
-    except AttributeError as err:
-        raise UnsupportedModelError(
-            f"{type(model).__name__} does not have the module layout the {model_type!r} adapter "
-            f"expects ({err}); is it a custom or remote-code variant?"
-        ) from None
-    _check_paths(model, spec)
+    refuse(
+        model, [f"config.{key}: {why}" for key, why in _REFUSED_CONFIG.items() if getattr(config, key, False)]
+    )
+    spec = discover_spec(model)
+    override: Callable | None = OVERRIDES.get(getattr(config, "model_type", None))
+    if override is not None:
+        spec = dataclasses.replace(override(model, spec), source="written")
+    _check_blocks(model, spec)
     return spec
 
 
-def _check_paths(model: nn.Module, spec: ArchSpec) -> None:
-    """Every path of the spec must name a module of the model."""
-    model_paths = [spec.embed, spec.blocks, spec.final_norm, spec.unembed, spec.pos_embed]
-    block_paths = [
-        spec.ln_1,
-        spec.ln_2,
-        spec.attn,
-        spec.o_proj,
-        spec.mlp_in,
-        spec.mlp_out_proj,
-        spec.mlp,
-        spec.mlp_gate,
-        spec.attn_post_norm,
-        spec.mlp_post_norm,
-        spec.q_proj,
-        spec.k_proj,
-        spec.v_proj,
-        spec.qkv_proj,
-        spec.probs_module,
-    ]
-    missing = []
-    for root, paths, prefix in ((model, model_paths, ""), (None, block_paths, f"{spec.blocks}.0.")):
-        root = root if root is not None else get_module(model, f"{spec.blocks}.0")
-        for path in filter(None, paths):
+def _check_blocks(model: nn.Module, spec: ArchSpec) -> None:
+    """Every block has every module of the spec, of the same class as block 0's."""
+    blocks = get_module(model, spec.blocks)
+    problems = []
+    for field in BLOCK_PATHS:
+        path = getattr(spec, field)
+        if path is None:
+            continue
+        first = type(get_module(blocks[0], path))
+        for index in range(1, len(blocks)):
             try:
-                get_module(root, path)
+                kind = type(get_module(blocks[index], path))
             except (AttributeError, IndexError):
-                missing.append(prefix + path)
-    if missing:
+                problems.append(f"block {index} has no {path!r} ({field})")
+                break
+            if kind is not first:
+                problems.append(
+                    f"block {index}'s {path!r} is a {kind.__name__}, block 0's a {first.__name__}"
+                )
+                break
+    if problems:
+        listed = "\n  - ".join(problems)
         raise UnsupportedModelError(
-            f"{type(model).__name__} is missing modules the {spec.family!r} adapter needs: "
-            f"{', '.join(missing)}"
+            f"{type(model).__name__}: its blocks are not alike (recallscope needs every block built like "
+            f"block 0, e.g. no dense layers among mixture-of-experts ones):\n  - {listed}"
         )

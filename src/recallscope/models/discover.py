@@ -1,0 +1,936 @@
+"""Discovering an :class:`ArchSpec` from a model's module tree, its config and one traced forward.
+
+No model class name is read. The module tree gives candidates (the token embedding and the
+unembedding through transformers' public accessors, the ``ModuleList`` of blocks, linear maps by
+their shapes, norms by their behaviour); one forward of a few tokens, with every module of the first
+block recorded, says what each candidate does: which norm feeds the attention, which linear map
+writes the attention update, whether the MLP reads the block input (parallel) or the residual after
+attention (sequential), which projection feeds the activation (the gate), where a fused projection
+keeps the values, which norms wrap a sublayer's output (sandwich norms), and which constants scale
+the embedding, the updates and the logits. Every role is checked numerically, to the rounding of
+the model's dtype; anything that does not fit raises :class:`UnsupportedModelError` naming the
+module and the check. ``check_model`` then validates the spec as a whole.
+
+::
+
+    spec = discover_spec(hf_model)      # ArchSpec(source="discovered", ...)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from transformers.pytorch_utils import Conv1D
+
+from recallscope.errors import UnsupportedModelError
+from recallscope.models.experts import bank_of
+from recallscope.models.families._common import get_module
+from recallscope.models.kernels import first_interface_caller
+from recallscope.models.offload import OffloadedWeights
+from recallscope.models.spec import ArchSpec, Dims
+
+__all__ = ["discover_spec", "norm_kind", "is_experts", "PROBE_IDS", "ACTIVATIONS"]
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": torch.nn.functional.silu,
+    "gelu": torch.nn.functional.gelu,
+    "gelu_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
+    "relu": torch.nn.functional.relu,
+    "relu2": lambda x: torch.nn.functional.relu(x).square(),
+}
+"""Activation functions an MLP may apply without a module of its own (LFM2's ``F.silu``)."""
+
+PROBE_IDS = (3, 17, 5, 11, 7, 2, 13)
+"""Token ids of the traced forward (taken modulo the vocabulary)."""
+
+_TOLERANCE = {torch.float64: 1e-9, torch.float32: 2e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+
+
+# -- module predicates -------------------------------------------------------------------------
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def is_experts(module: nn.Module) -> bool:
+    """A mixture-of-experts bank wired to transformers' ``ExpertsInterface`` (3-D expert weights)."""
+    weight = getattr(module, "down_proj", None)
+    return hasattr(module, "has_gate") and isinstance(weight, torch.Tensor) and weight.dim() == 3
+
+
+def _is_norm(module: nn.Module) -> bool:
+    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+        return True
+    params = list(module.parameters(recurse=False))
+    own_only = all(not list(child.parameters()) for child in module.children())
+    return "norm" in type(module).__name__.lower() and own_only and all(p.dim() == 1 for p in params)
+
+
+def _out_features(module: nn.Module) -> int:
+    return module.weight.shape[1] if isinstance(module, Conv1D) else module.weight.shape[0]
+
+
+def _in_features(module: nn.Module) -> int:
+    return module.weight.shape[0] if isinstance(module, Conv1D) else module.weight.shape[1]
+
+
+# -- the traced forward --------------------------------------------------------------------------
+
+
+@dataclass
+class _Call:
+    """First call of one module in the traced forward (float64 copies)."""
+
+    order: int
+    input: torch.Tensor | None
+    output: torch.Tensor | None
+
+
+def _first_tensor(value) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
+    return None
+
+
+@dataclass
+class _Trace:
+    calls: dict[str, _Call] = field(default_factory=dict)
+    """First call of each module."""
+    later: list[tuple[str, _Call]] = field(default_factory=list)
+    """Every further call of a module outside the blocks (a norm used twice, NanoChat)."""
+    logits: torch.Tensor | None = None
+    softmax_owner: str | None = None
+    """Innermost module running when the first 4-D softmax of block 0 was taken (inline attention)."""
+    softmax_value: torch.Tensor | None = None
+    """The operand the first 4-D softmax output was multiplied with (the values), ``[B, H, K, d]``."""
+
+    def get(self, name: str | None) -> _Call | None:
+        return None if name is None else self.calls.get(name)
+
+
+class _SoftmaxWatch(TorchFunctionMode):
+    """Finds the module that takes the first ``[B, H, Q, K]`` softmax of block 0, and the values
+    that softmax output is multiplied with.
+    """
+
+    def __init__(self, trace: _Trace, stack: list[str], block_prefix: str, n_heads: int) -> None:
+        super().__init__()
+        self.trace, self.stack, self.prefix, self.n_heads = trace, stack, block_prefix, n_heads
+        self.probs: torch.Tensor | None = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inside = [name for name in self.stack if name.startswith(self.prefix)]
+        if not inside or self.trace.softmax_value is not None:
+            return out
+        softmax = func in (torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax)
+        if (
+            softmax
+            and isinstance(out, torch.Tensor)
+            and self.probs is None
+            and _probabilities(out, self.n_heads)
+        ):
+            self.probs, self.trace.softmax_owner = out.reshape(-1, self.n_heads, *out.shape[-2:]), inside[-1]
+        elif self.probs is not None and func in (torch.matmul, torch.bmm, torch.Tensor.__matmul__):
+            first, second = args[0], args[1]
+            if first.numel() == self.probs.numel() and torch.equal(
+                first.reshape(-1).to(self.probs.dtype), self.probs.reshape(-1)
+            ):
+                batch, heads = self.probs.shape[:2]
+                self.trace.softmax_value = second.detach().reshape(batch, heads, *second.shape[-2:]).double()
+        return out
+
+
+def _trace(model: nn.Module, blocks_path: str) -> _Trace:
+    """One forward of :data:`PROBE_IDS` recording the first call of every module outside the blocks
+    and inside block 0 (names relative to the model; block 0's submodules as ``0.<path>``).
+    """
+    trace, stack, handles, open_calls, counter = _Trace(), [], [], [], [0]
+    block_prefix = f"{blocks_path}.0"
+
+    def record(name):
+        def pre(module, args, kwargs):
+            stack.append(name)
+            first = _first_tensor(args) if args else _first_tensor(kwargs.get("hidden_states"))
+            call = _Call(counter[0], _detached(first), None)
+            counter[0] += 1
+            if name not in trace.calls:
+                trace.calls[name] = call
+            else:
+                trace.later.append((name, call))
+            open_calls.append(call)
+
+        def post(module, args, kwargs, output):
+            stack.pop()
+            call = open_calls.pop()
+            call.output = _detached(_first_tensor(output))
+
+        return pre, post
+
+    n_blocks = len(get_module(model, blocks_path))
+    whole_blocks = {f"{blocks_path}.{i}" for i in range(n_blocks)}
+    for name, module in model.named_modules():
+        inside_blocks = name.startswith(blocks_path + ".")
+        if name and (not inside_blocks or name in whole_blocks or name.startswith(block_prefix + ".")):
+            pre, post = record(name)
+            handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(module.register_forward_hook(post, with_kwargs=True, always_call=True))
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = torch.tensor([PROBE_IDS], device=_device(model)) % vocab
+    try:
+        n_heads = int(_text_config(model).num_attention_heads)
+        with torch.no_grad(), _SoftmaxWatch(trace, stack, block_prefix, n_heads):
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    trace.logits = out.logits.detach().double()
+    return trace
+
+
+def _probabilities(out: torch.Tensor, n_heads: int) -> bool:
+    """Attention probabilities: ``[B, H, Q, K]`` or ``[B·H, Q, K]``."""
+    return out.dim() == 4 or (out.dim() == 3 and out.shape[0] % n_heads == 0)
+
+
+def _text_config(model: nn.Module):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _detached(x: torch.Tensor | None) -> torch.Tensor | None:
+    # a copy: modeling code may later add to the same tensor in place (Falcon's MLP output)
+    return None if x is None or not x.is_floating_point() else x.detach().to(torch.float64, copy=True)
+
+
+def _device(model: nn.Module) -> torch.device:
+    embed = model.get_input_embeddings()
+    if embed.weight.device.type != "meta":
+        return embed.weight.device
+    return torch.device(OffloadedWeights(model).execution_device(embed))
+
+
+# -- numeric helpers -----------------------------------------------------------------------------
+
+
+class _Compare:
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.tol = _TOLERANCE.get(dtype, 3e-2)
+
+    def close(self, a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+        if a is None or b is None:
+            return False
+        try:
+            a, b = torch.broadcast_tensors(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]))
+        except RuntimeError:
+            return False
+        return bool((a - b).abs().max() <= self.tol * max(1.0, float(b.abs().max())))
+
+    def scale(self, target: torch.Tensor | None, parts: list[torch.Tensor | None]) -> float | None:
+        """``c`` with ``target == c · Σ parts`` (to rounding), or None."""
+        if target is None or any(p is None for p in parts):
+            return None
+        try:
+            total = sum(p.reshape(target.shape) for p in parts)
+        except RuntimeError:
+            return None
+        denominator = float((total * total).sum())
+        if denominator == 0.0:
+            return None
+        c = float((target * total).sum()) / denominator
+        c = 1.0 if abs(c - 1.0) <= self.tol / 10 else c  # a plain sum stays a plain sum
+        return c if self.close(c * total, target) else None
+
+
+# -- norms ---------------------------------------------------------------------------------------
+
+
+_EPS_CANDIDATES = (1e-5, 1e-6, 1e-8, 1e-12, 1e-3, 1e-4, 1e-7, 0.0)
+
+
+def norm_kind(
+    module: nn.Module, d_model: int, weights: OffloadedWeights, dtype: torch.dtype
+) -> tuple[str, bool, float] | None:
+    """``(kind, offset_one, eps)`` of a norm module from its behaviour on random inputs: a LayerNorm
+    or an RMSNorm, multiplying by ``w`` or ``1 + w``, with the ``eps`` it really adds (read from the
+    module, or found on small inputs where it matters when the module does not say); None if it is
+    neither kind of norm over ``d_model``.
+    """
+    weight, bias = weights.read(module, "weight"), weights.read(module, "bias")
+    device = weight.device if weight is not None else "cpu"
+    gain = None if weight is None else weight.double()
+    shift = None if bias is None else bias.double()
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, d_model, generator=generator, dtype=torch.float64) * 2 + 0.5
+    compare = _Compare(torch.float32 if dtype == torch.float64 else dtype)  # HF norms may run in fp32
+    declared = norm_eps(module)
+
+    def formula(x, kind, offset, eps):
+        centred = x - x.mean(-1, keepdim=True) if kind == "layer" else x
+        y = centred / (centred.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+        y = y if gain is None else y * (1 + gain if offset else gain)
+        return y if shift is None else y + shift
+
+    out = _call(module, x, device, dtype)
+    if out is None:
+        return None
+    found = [
+        (kind, offset)
+        for kind in ("rms", "layer")
+        for offset in ((False, True) if gain is not None else (False,))
+        if compare.close(out, formula(x, kind, offset, declared if declared is not None else 1e-6))
+    ]
+    if not found:
+        return None
+    kind, offset = found[0]
+    small = x * 1e-3  # where eps matters
+    out = _call(module, small, device, dtype)
+    candidates = ([declared] if declared is not None else []) + list(_EPS_CANDIDATES)
+    errors = [(float((out - formula(small, kind, offset, eps)).abs().max()), eps) for eps in candidates]
+    return kind, offset, min(errors)[1] if declared is None else declared
+
+
+def _call(module: nn.Module, x: torch.Tensor, device, dtype: torch.dtype) -> torch.Tensor | None:
+    with torch.no_grad():
+        try:
+            return module(x.to(device, dtype)).double().cpu()
+        except Exception:  # noqa: BLE001 - not a norm over this width
+            return None
+
+
+def norm_eps(module: nn.Module) -> float | None:
+    """The epsilon a norm module declares (``eps``, ``variance_epsilon`` …), or None."""
+    for name in ("eps", "variance_epsilon", "epsilon", "layer_norm_eps"):
+        value = getattr(module, name, None)
+        if isinstance(value, float | int) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
+# -- discovery -----------------------------------------------------------------------------------
+
+
+def discover_spec(model: nn.Module) -> ArchSpec:
+    """Derive the :class:`ArchSpec` of a transformers ``*ForCausalLM`` (see the module docstring).
+
+    Raises:
+        UnsupportedModelError: a role could not be found or does not behave as it must; the
+            message names the module and the check.
+    """
+    return _Discovery(model).spec()
+
+
+class _Discovery:
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.shared: dict = {}
+        self.weights = OffloadedWeights(model)
+        self.name = type(model).__name__
+        self.names = {id(m): n for n, m in model.named_modules()}
+        self.embed = self._path_of(model.get_input_embeddings(), "input embedding")
+        unembed = model.get_output_embeddings()
+        if unembed is None or not is_linear(unembed):
+            raise self.error("its output embedding is not a linear map (get_output_embeddings())")
+        self.unembed = self._path_of(unembed, "output embedding")
+        self.blocks = self._blocks()
+        self.prefix = f"{self.blocks}.0."
+        try:
+            self.trace = _trace(model, self.blocks)
+        except UnsupportedModelError:
+            raise
+        except Exception as err:
+            raise self.error(f"its forward failed ({type(err).__name__}: {err})") from err
+        self.compare = _Compare(model.get_input_embeddings().weight.dtype)
+        self.d_model = model.get_input_embeddings().weight.shape[1]
+        self.dtype = model.get_input_embeddings().weight.dtype
+        self.block0 = self.trace.get(f"{self.blocks}.0")
+        if self.block0 is None or self.block0.output is None:
+            raise self.error(f"its first block ({self.blocks}.0) did not run in a forward")
+        if self.block0.input.shape[-1] != self.d_model:
+            raise self.error(
+                f"its blocks are {self.block0.input.shape[-1]} wide but the embedding is {self.d_model} "
+                "(projected in and out, as OPT's project_in/project_out): the residual stream is not the "
+                "embedding's space"
+            )
+
+    def error(self, what: str) -> UnsupportedModelError:
+        return UnsupportedModelError(f"{self.name}: cannot discover its architecture: {what}")
+
+    def _path_of(self, module: nn.Module | None, what: str) -> str:
+        if module is None or id(module) not in self.names:
+            raise self.error(f"no {what} module")
+        return self.names[id(module)]
+
+    # -- model level ------------------------------------------------------------------------------
+    def _blocks(self) -> str:
+        """The ``ModuleList`` holding the most parameters (the decoder blocks)."""
+        lists = [
+            (sum(p.numel() for p in m.parameters()), n)
+            for n, m in self.model.named_modules()
+            if isinstance(m, nn.ModuleList) and len(m) > 0
+        ]
+        if not lists:
+            raise self.error("no ModuleList of blocks")
+        return max(lists)[1]
+
+    def block_call(self, path: str | None) -> _Call | None:
+        return None if path is None else self.trace.get(self.prefix + path)
+
+    def block_modules(self, within: str = "") -> list[tuple[str, nn.Module]]:
+        """``(path relative to block 0, module)`` of every module of block 0 (under ``within``) that ran,
+        in call order.
+        """
+        block = get_module(self.model, f"{self.blocks}.0")
+        root = get_module(block, within) if within else block
+        start = f"{within}." if within else ""
+        found = []
+        for name, module in root.named_modules():
+            path = start + name if name else within
+            call = self.block_call(path)
+            if path and call is not None:
+                found.append((call.order, path, module))
+        return [(p, m) for _, p, m in sorted(found, key=lambda t: t[0])]
+
+    def spec(self) -> ArchSpec:
+        attn = self._attention()
+        o_proj = self._o_proj(attn)
+        moe, mlp, mlp_out_proj = self._mlp(attn, o_proj)
+        ln_1 = self._input_norm(attn)
+        parallel, ln_2 = self._mlp_norm(mlp, mlp_out_proj, attn, o_proj, ln_1)
+        attn_post, mlp_post = self._post_norm(o_proj), self._post_norm(mlp or mlp_out_proj)
+        attn_update, mlp_update, residual_scale = self._updates(
+            attn, o_proj, mlp, mlp_out_proj, attn_post, mlp_post
+        )
+        embed_norm, embed_scale, pos_embed = self._embedding()
+        final_norm, head_scale = self._final_norm()
+        logit_scale, softcap = self._logits()
+        logit_scale = logit_scale * head_scale
+        if embed_norm is not None and embed_norm == final_norm:
+            raise self.error(
+                f"one module ({final_norm}) normalizes both the embedding and the final residual, so "
+                "its hooks cannot tell the two apart"
+            )
+        kind = self._norm_kinds(
+            [final_norm] + [self.prefix + p for p in (ln_1, ln_2, attn_post, mlp_post) if p]
+        )
+        projections = self._qkv(attn, o_proj)
+        mlp_parts = self._mlp_inputs(mlp, mlp_out_proj, moe)
+        dims = self._dims(o_proj, projections, mlp_out_proj, moe)
+        return ArchSpec(
+            family=self.model.config.model_type,
+            dims=dims,
+            source="discovered",
+            embed=self.embed,
+            embed_norm=embed_norm,
+            embed_scale=embed_scale,
+            pos_embed=pos_embed,
+            blocks=self.blocks,
+            final_norm=final_norm,
+            unembed=self.unembed,
+            logit_scale=logit_scale,
+            ln_1=ln_1,
+            ln_2=ln_2,
+            attn=attn,
+            o_proj=o_proj,
+            attn_update=attn_update,
+            mlp=mlp,
+            mlp_update=mlp_update,
+            mlp_out_proj=mlp_out_proj,
+            attn_post_norm=attn_post,
+            mlp_post_norm=mlp_post,
+            residual_scale=residual_scale,
+            parallel=parallel,
+            norm=kind[0],
+            norm_offset_one=kind[1],
+            norm_eps=kind[2],
+            conv1d=isinstance(get_module(self.model, self.prefix + o_proj), Conv1D),
+            flat_mlp=self._flat(mlp_out_proj),
+            experts=moe,
+            gated_mlp="mlp_gate" in mlp_parts,
+            qk_norm=any(_is_norm(m) for _, m in self.block_modules(attn)),
+            attention_interface=self.interface,
+            attention_sinks=self.interface and self._interface_values() is not None and self.sinks,
+            final_logit_softcap=softcap,
+            attn_logit_softcap=getattr(self.text_config, "attn_logit_softcapping", None),
+            **projections,
+            **mlp_parts,
+        )
+
+    @property
+    def text_config(self):
+        config = self.model.config
+        return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+    # -- attention --------------------------------------------------------------------------------
+    def _attention(self) -> str:
+        caller = first_interface_caller(self.model)
+        self.interface = caller is not None
+        if caller is not None:
+            path = self.names.get(id(caller), "")
+            if not path.startswith(self.prefix):
+                raise self.error(f"the first attention call came from {path!r}, outside block 0")
+            return path[len(self.prefix) :]
+        owner = self.trace.softmax_owner
+        if owner is None or not owner.startswith(self.prefix):
+            raise self.error(
+                "block 0 neither calls transformers' AttentionInterface nor takes a [B, H, Q, K] softmax "
+                "(no attention: a state-space or recurrent block?)"
+            )
+        return owner[len(self.prefix) :]
+
+    def _o_proj(self, attn: str) -> str:
+        """The last linear map inside the attention module that writes ``d_model`` features."""
+        writers = [
+            p for p, m in self.block_modules(attn) if is_linear(m) and _out_features(m) == self.d_model
+        ]
+        if not writers:
+            raise self.error(f"no output projection (a linear map to d_model) inside {self.prefix}{attn}")
+        return writers[-1]
+
+    def _qkv(self, attn: str, o_proj: str) -> dict:
+        """Separate ``q/k/v`` projections by name, or one fused projection located by the values."""
+        attn_in = self.block_call(attn).input
+        readers = [
+            (p, m)
+            for p, m in self.block_modules(attn)
+            if is_linear(m) and p != o_proj and self.compare.close(self.block_call(p).input, attn_in)
+        ]
+        if len(readers) >= 3:
+            named = {}
+            for letter, words in (
+                ("q", ("q", "query", "wq")),
+                ("k", ("k", "key", "wk")),
+                ("v", ("v", "value", "wv")),
+            ):
+                for p, _ in readers:
+                    leaf = p.rsplit(".", 1)[-1].lower().removesuffix("_proj")
+                    if leaf in words:
+                        named[f"{letter}_proj"] = p
+            if len(named) == 3:
+                return named
+        fused = [(p, m) for p, m in readers if _out_features(m) > self.d_model]
+        if len(fused) == 1:
+            path = fused[0][0]
+            columns = self._v_columns(path)
+            if columns is None:  # not where the kernel's values come from (latent attention's inputs)
+                return {}
+            self.n_value_features = len(columns)
+            layout = _fused_layout(
+                columns, int(self.text_config.num_attention_heads), _out_features(fused[0][1])
+            )
+            return {"qkv_proj": path, "qkv_layout": layout, "v_columns": None if layout else columns}
+        return {}  # no value projection we can read as a matrix (e.g. latent attention): W_V unavailable
+
+    def _v_columns(self, path: str) -> tuple[int, ...] | None:
+        """Columns of a fused projection's output holding the values, head-major ``[kv_head, d_head]``."""
+        values = self.trace.softmax_value if not self.interface else self._interface_values()
+        out = self.block_call(path).output
+        if values is None or out is None:
+            return None
+        out = out[0]  # [T, out_features]
+        values = values[0]  # [H_kv, T, d_head]
+        columns = []
+        for head in range(values.shape[0]):
+            for i in range(values.shape[-1]):
+                target = values[head, :, i]
+                match = (
+                    (out - target[:, None]).abs().max(0).values
+                    <= self.compare.tol * max(1.0, float(target.abs().max()))
+                ).nonzero()
+                if len(match) < 1:
+                    return None
+                columns.append(int(match[0]))
+        return tuple(columns)
+
+    def _interface_values(self) -> torch.Tensor | None:
+        """The values block 0's attention hands the kernel ``[B, H_kv, K, d_head]`` (and whether it
+        hands attention-sink logits too: ``self.sinks``).
+        """
+        if hasattr(self, "_values"):
+            return self._values
+        captured: list[tuple[torch.Tensor, bool]] = []
+        with _recording_values(captured):
+            from recallscope.models.kernels import attention_kernel
+
+            vocab = self.model.get_input_embeddings().weight.shape[0]
+            ids = torch.tensor([PROBE_IDS], device=_device(self.model)) % vocab
+            with torch.no_grad(), attention_kernel(self.model, _VALUE_PROBE):
+                try:
+                    self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+                except _ValuesSeen:
+                    pass
+        self._values, self.sinks = captured[0] if captured else (None, False)
+        return self._values
+
+    # -- MLP --------------------------------------------------------------------------------------
+    def _mlp(self, attn: str, o_proj: str) -> tuple[str | None, str | None, str]:
+        """``(experts, mlp module, output projection)``; the MLP is the block child that runs after
+        the attention and writes ``d_model`` features (a linear map, or an experts bank).
+        """
+        attn_order = self.block_call(attn).order
+        block = get_module(self.model, f"{self.blocks}.0")
+        experts = [p for p, m in self.block_modules() if is_experts(m)]
+        if experts:
+            expert_path = experts[0]
+            top = expert_path.split(".")[0]
+            self.shared = self._shared_expert(top, expert_path)
+            return expert_path, top, expert_path
+        writers = [
+            p
+            for p, m in self.block_modules()
+            if is_linear(m)
+            and _out_features(m) == self.d_model
+            and not p.startswith(attn + ".")
+            and self.block_call(p).order > attn_order
+            and p != o_proj
+        ]
+        if not writers:
+            raise self.error("no MLP output projection (a linear map to d_model after the attention)")
+        out_proj = writers[-1]
+        top = out_proj.split(".")[0]
+        child = getattr(block, top)
+        mlp = top if child is not get_module(block, out_proj) and not _is_norm(child) else None
+        if mlp is not None:
+            return None, mlp, out_proj
+        return None, None, out_proj
+
+    def _shared_expert(self, mlp: str, bank: str) -> dict:
+        """``shared_expert_down`` and ``shared_expert_gate`` of a mixture-of-experts block whose
+        output is the routed experts' sum plus a shared expert (scaled by ``σ(x g)`` if gated).
+        """
+        out = self.block_call(mlp).output
+        routed = self.block_call(bank).output
+        if routed is None or out is None or routed.numel() != out.numel():
+            raise self.error(f"cannot read the output of the experts bank {self.prefix}{bank}")
+        routed = routed.reshape(out.shape)
+        if self.compare.close(out, routed):
+            return {}
+        inside = [(p, m) for p, m in self.block_modules(mlp) if not p.startswith(bank)]
+        downs = [p for p, m in inside if is_linear(m) and _out_features(m) == self.d_model]
+        gates = [p for p, m in inside if is_linear(m) and _out_features(m) == 1]
+        for down in downs:
+            owner = down.rsplit(".", 1)[0]
+            shared = self.block_call(owner).output if owner != mlp else self.block_call(down).output
+            if shared is None or shared.numel() != out.numel():
+                continue
+            shared = shared.reshape(out.shape)
+            if self.compare.close(out, routed + shared):
+                return {"shared_expert_down": down}
+            for gate in gates:
+                factor = torch.sigmoid(self.block_call(gate).output).reshape(*out.shape[:-1], 1)
+                if self.compare.close(out, routed + factor * shared):
+                    return {"shared_expert_down": down, "shared_expert_gate": gate}
+        raise self.error(
+            f"the output of {self.prefix}{mlp} is neither its experts' sum nor that plus a (sigmoid-gated) "
+            "shared expert"
+        )
+
+    def _mlp_inputs(self, mlp: str | None, out_proj: str, moe: str | None) -> dict:
+        """``mlp_in``/``mlp_gate`` (separate or one fused gate-up map) and the activation module."""
+        if moe is not None:
+            return {"mlp_in": moe, **self.shared}
+        down = self.block_call(out_proj)
+        scope = mlp or ""
+        modules = self.block_modules(scope) if scope else self.block_modules()
+        mlp_input = self.block_call(mlp).input if mlp else None
+        d_mlp = _in_features(get_module(self.model, self.prefix + out_proj))
+        readers = [
+            (p, m)
+            for p, m in modules
+            if is_linear(m)
+            and p != out_proj
+            and _in_features(m) == self.d_model
+            and (mlp_input is None or self.compare.close(self.block_call(p).input, mlp_input))
+            and self.block_call(p).order < down.order
+            and _out_features(m) in (d_mlp, 2 * d_mlp)
+        ]
+        if mlp is None:  # flat MLP: the projection read by the down projection's chain, just before it
+            readers = readers[-1:]
+        acts = [
+            (p, m)
+            for p, m in modules
+            if not list(m.parameters()) and self.block_call(p).order < down.order and p != scope
+        ]
+        if len(readers) == 1 and _out_features(readers[0][1]) == d_mlp:
+            act = self._activation(acts, down.input, self.block_call(readers[0][0]).output, None)
+            if act is not None:
+                return {"mlp_in": readers[0][0], **act}
+        elif len(readers) == 1:  # fused gate-up
+            path = readers[0][0]
+            out = self.block_call(path).output
+            halves = {
+                "gate_first": (out[..., :d_mlp], out[..., d_mlp:]),
+                "up_first": (out[..., d_mlp:], out[..., :d_mlp]),
+            }
+            for layout, (gate, up) in halves.items():
+                act = self._activation(acts, down.input, gate, up)
+                if act is not None:
+                    return {"mlp_in": path, "mlp_gate": path, "gate_up": layout, **act}
+        elif len(readers) == 2:
+            for gate, up in (readers, readers[::-1]):
+                g, u = self.block_call(gate[0]).output, self.block_call(up[0]).output
+                act = self._activation(acts, down.input, g, u)
+                if act is not None:
+                    return {"mlp_in": up[0], "mlp_gate": gate[0], **act}
+        names = ", ".join(p for p, _ in readers) or "none"
+        raise self.error(
+            f"cannot identify the MLP input projections and activation before {self.prefix}{out_proj} "
+            f"(projections from d_model found: {names})"
+        )
+
+    def _activation(self, acts, coeffs, pre, up) -> dict | None:
+        """``{"mlp_act": module path}`` or ``{"mlp_activation": function name}`` of the ``f`` with
+        ``coeffs == f(pre) (⊙ up)``, checked on the traced values; None if none fits.
+        """
+
+        def fits(value):
+            return self.compare.close(coeffs, value if up is None else value * up)
+
+        for path, _ in acts:
+            call = self.block_call(path)
+            if self.compare.close(call.input, pre) and fits(call.output):
+                return {"mlp_act": path}
+        for name, fn in ACTIVATIONS.items():
+            if fits(fn(pre)):
+                return {"mlp_activation": name}
+        return None
+
+    def _flat(self, out_proj: str) -> bool:
+        call = self.block_call(out_proj)
+        return call.input is not None and call.input.dim() == 2
+
+    # -- norms ------------------------------------------------------------------------------------
+    def _norm_before(self, value: torch.Tensor | None) -> str | None:
+        for p, m in self.block_modules():
+            if _is_norm(m) and self.compare.close(self.block_call(p).output, value):
+                return p
+        return None
+
+    def _input_norm(self, attn: str) -> str | None:
+        attn_in = self.block_call(attn).input
+        norm = self._norm_before(attn_in)
+        if norm is None and not self.compare.close(attn_in, self.block0.input):
+            raise self.error(f"the input of {self.prefix}{attn} is neither the block input nor a norm of it")
+        return norm
+
+    def _mlp_norm(self, mlp, out_proj, attn, o_proj, ln_1) -> tuple[bool, str | None]:
+        """``(parallel, norm in front of the MLP)``."""
+        reader = mlp or out_proj
+        mlp_in = self.block_call(reader).input
+        if mlp is None:  # flat MLP: its first projection's input
+            first = [
+                p
+                for p, m in self.block_modules()
+                if is_linear(m) and self.block_call(p).order > self.block_call(o_proj).order
+            ]
+            mlp_in = self.block_call(first[0]).input if first else mlp_in
+        norm = self._norm_before(mlp_in)
+        resid = self.block_call(norm).input if norm else mlp_in
+        if self.compare.close(resid, self.block0.input):
+            return True, norm
+        return False, norm
+
+    def _post_norm(self, writer: str | None) -> str | None:
+        out = self.block_call(writer).output if writer else None
+        if out is None:
+            return None
+        for p, m in self.block_modules():
+            if _is_norm(m) and self.compare.close(self.block_call(p).input, out):
+                return p
+        return None
+
+    def _updates(self, attn, o_proj, mlp, out_proj, attn_post, mlp_post):
+        """Which modules' outputs are the attention and MLP updates, and the residual scale ``c``
+        with ``resid_post = resid_pre + c · (attn_out + mlp_out)``.
+        """
+        x, y = self.block0.input, self.block0.output
+        a_paths = [attn_post] if attn_post else [attn, o_proj]
+        m_paths = [mlp_post] if mlp_post else [p for p in (mlp, out_proj) if p]
+        for a in a_paths:
+            for m in m_paths:
+                c = self.compare.scale(y - x, [self.block_call(a).output, self.block_call(m).output])
+                if c is not None:
+                    a_update = None if a in (attn, attn_post) else a
+                    m_update = None if m in (mlp, mlp_post) or (mlp is None and m == out_proj) else m
+                    return a_update, m_update, c
+        raise self.error(
+            "the block output is not its input plus the attention and MLP updates (checked "
+            f"{', '.join(a_paths)} with {', '.join(m_paths)}): post-norm blocks or another residual "
+            "scheme (hyper-connections) are not supported"
+        )
+
+    def _norm_kinds(self, paths: list[str]) -> tuple[str, bool, tuple[tuple[str, float], ...]]:
+        """``(kind, offset_one, eps of the norms that do not declare theirs)``; all norms must be
+        of one kind.
+        """
+        kinds, eps = {}, []
+        for path in paths:
+            module = get_module(self.model, path)
+            found = norm_kind(module, self.d_model, self.weights, self.dtype)
+            if found is None:
+                raise self.error(f"{path} behaves like neither a LayerNorm nor an RMSNorm over d_model")
+            kinds[path] = found[:2]
+            if norm_eps(module) is None:
+                eps.append((path.removeprefix(self.prefix), found[2]))
+        if len(set(kinds.values())) > 1:
+            listed = ", ".join(f"{p}: {k[0]}{' (1+w)' if k[1] else ''}" for p, k in kinds.items())
+            raise self.error(f"its norms are of different kinds ({listed})")
+        kind, offset = next(iter(kinds.values()))
+        return kind, offset, tuple(eps)
+
+    # -- embedding, final norm, logits ------------------------------------------------------------
+    def _embedding(self) -> tuple[str | None, float, str | None]:
+        """``(embedding norm, embedding scale, position embedding)``: block 0's input is
+        ``scale · embed (+ pos)`` or ``norm(embed)``.
+        """
+        x0 = self.block0.input
+        embed = self.trace.get(self.embed).output
+        outside = [
+            (n, c)
+            for n, c in self.trace.calls.items()
+            if not n.startswith(self.blocks)
+            and c.order < self.block0.order
+            and n != self.embed
+            and c.output is not None
+            and c.output.shape[-1] == self.d_model
+            and not any(n.startswith(self.embed + ".") for _ in [0])
+        ]
+        for name, call in outside:
+            module = get_module(self.model, name)
+            if (
+                _is_norm(module)
+                and self.compare.close(call.input, embed)
+                and self.compare.close(call.output, x0)
+            ):
+                return name, 1.0, None
+        scale = self.compare.scale(x0, [embed])
+        if scale is not None:
+            return None, scale, None
+        for name, call in outside:
+            if self.compare.close(x0, embed + call.output):
+                return None, 1.0, name
+        raise self.error(
+            f"the input of block 0 is not a multiple of the output of {self.embed} (plus position embeddings)"
+        )
+
+    def _final_norm(self) -> tuple[str, float]:
+        last = self.trace.get(f"{self.blocks}.{len(get_module(self.model, self.blocks)) - 1}")
+        head_in = self.trace.get(self.unembed).input
+        for name, call in [*self.trace.calls.items(), *self.trace.later]:
+            if name.startswith(self.blocks) or not _is_norm(get_module(self.model, name)):
+                continue
+            if last is None or call.order < last.order:
+                continue
+            scale = self.compare.scale(head_in, [call.output])  # MiniCPM scales it before lm_head
+            if scale is not None:
+                return name, scale
+        raise self.error("no final norm (a norm between the last block and the output embedding)")
+
+    def _logits(self) -> tuple[float, float | None]:
+        """``(scale, soft-cap)``: the logits are ``scale ·`` the unembedding's output, or
+        ``cap · tanh(out / cap)`` with the config's ``final_logit_softcapping``.
+        """
+        head_out = self.trace.get(self.unembed).output
+        logits = self.trace.logits
+        scale = self.compare.scale(logits, [head_out])
+        if scale is not None:
+            return scale, None
+        cap = getattr(self.text_config, "final_logit_softcapping", None)
+        if cap and self.compare.close(logits, torch.tanh(head_out / cap) * cap):
+            return 1.0, float(cap)
+        raise self.error(
+            f"the logits are neither a multiple of the output of {self.unembed} nor its soft-capped value"
+        )
+
+    def _dims(self, o_proj, projections, out_proj, moe) -> Dims:
+        config = self.text_config
+        n_heads = int(config.num_attention_heads)
+        o_in = _in_features(get_module(self.model, self.prefix + o_proj))
+        if o_in % n_heads:
+            raise self.error(
+                f"{self.prefix}{o_proj} reads {o_in} features, not a multiple of {n_heads} heads"
+            )
+        d_head = o_in // n_heads
+        n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+        if "k_proj" in projections:
+            n_kv = _out_features(get_module(self.model, self.prefix + projections["k_proj"])) // d_head
+        elif getattr(self, "n_value_features", None):
+            n_kv = self.n_value_features // d_head
+        if moe is not None:
+            d_mlp = bank_of(get_module(self.model, self.prefix + moe)).n_neurons
+            if self.shared:
+                down = get_module(self.model, self.prefix + self.shared["shared_expert_down"])
+                d_mlp += _in_features(down) + int(down.bias is not None)
+        else:
+            d_mlp = _in_features(get_module(self.model, self.prefix + out_proj))
+        return Dims(
+            n_layers=len(get_module(self.model, self.blocks)),
+            n_heads=n_heads,
+            n_kv_heads=int(n_kv),
+            d_model=self.d_model,
+            d_head=d_head,
+            d_mlp=d_mlp,
+            d_vocab=_out_features(get_module(self.model, self.unembed)),
+        )
+
+
+def _fused_layout(columns: tuple[int, ...] | None, n_heads: int, width: int) -> str | None:
+    """Name the layout of a fused q/k/v projection from where its values sit: ``split``
+    (``[q | k | v]``), ``per_head`` (``[h: q k v]``), or None when it is neither.
+    """
+    if not columns:
+        return None
+    n_v = len(columns)
+    split = tuple(range(width - n_v, width))
+    if columns == split:
+        return "split"
+    if width == 3 * n_v and n_v % n_heads == 0:
+        d_head = n_v // n_heads
+        per_head = tuple(h * 3 * d_head + 2 * d_head + i for h in range(n_heads) for i in range(d_head))
+        if columns == per_head:
+            return "per_head"
+    return None
+
+
+# -- value capture through the attention interface --------------------------------------------------
+
+_VALUE_PROBE = "recallscope_value_probe"
+_SINK: list[list[torch.Tensor]] = []
+
+
+class _ValuesSeen(Exception):
+    pass
+
+
+def _value_probe(module, query, key, value, attention_mask, **kwargs):
+    if _SINK:
+        _SINK[-1].append((value.detach().double(), kwargs.get("s_aux") is not None))
+    raise _ValuesSeen
+
+
+@contextlib.contextmanager
+def _recording_values(into: list[torch.Tensor]) -> Iterator[None]:
+    _SINK.append(into)
+    try:
+        yield
+    finally:
+        _SINK.pop()
+
+
+def _register() -> None:
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import eager_mask
+
+    AttentionInterface.register(_VALUE_PROBE, _value_probe)
+    AttentionMaskInterface.register(_VALUE_PROBE, eager_mask)
+
+
+_register()
