@@ -1,4 +1,4 @@
-"""Command line: ``recallscope run | plan | report | methods | datasets | check-model``.
+"""Command line: ``recallscope run | plan | report | methods | datasets | check-model | models``.
 
 Thin by design: parse flags, load, call the library, print.
 """
@@ -324,6 +324,54 @@ def datasets_cmd(
     )
     n_known, n_total = sum(c["known"] for c in counts.values()), sum(c["total"] for c in counts.values())
     click.echo(f"total: {n_known}/{n_total} ({100 * n_known / max(n_total, 1):.0f}%)")
+
+
+@cli.command("models")
+@click.option("--matrix", is_flag=True, help="Build a tiny model of every type and run every check on it.")
+@click.option("--only", default=None, metavar="TYPES", help="Comma-separated model types (with --matrix).")
+@click.option(
+    "--write",
+    "write_to",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Write the matrix as Markdown (docs/models.md).",
+)
+def models_cmd(matrix: bool, only: str | None, write_to: str | None) -> None:
+    """The model types of the installed transformers and whether recallscope supports them.
+
+    Without --matrix: the types of transformers' causal-LM mapping. With --matrix: each one built
+    as a tiny random model, loaded through architecture discovery and checked in float64 (a few
+    minutes), then classified supported, failing (with the failing check) or excluded (with why).
+    """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if not matrix:
+        if only is not None or write_to is not None:
+            raise click.UsageError("--only and --write need --matrix")
+        names = sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+        _table(["model type", "class"], [[n, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[n]] for n in names])
+        click.echo(f"\n{len(names)} model types; `recallscope models --matrix` says which are supported")
+        return
+    from recallscope.coverage import coverage_matrix, render_markdown, summary
+
+    types = None if only is None else [t.strip() for t in only.split(",") if t.strip()]
+    unknown = sorted(set(types or ()) - set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES))
+    if unknown:
+        raise click.BadParameter(
+            f"not in transformers' causal-LM mapping: {', '.join(unknown)}", param_hint="--only"
+        )
+    with click.progressbar(
+        length=len(types or MODEL_FOR_CAUSAL_LM_MAPPING_NAMES), label="checking", file=sys.stderr
+    ) as bar:
+        rows = coverage_matrix(types, progress=lambda name: bar.update(1))
+    _table(
+        ["model type", "status", "dtype", "detail"],
+        [[r.model_type, r.status, r.dtype or "-", r.reason[:100]] for r in rows],
+    )
+    click.echo(f"\n{summary(rows)}")
+    if write_to is not None:
+        Path(write_to).write_text(render_markdown(rows))
+        click.echo(f"wrote {write_to}")
 
 
 def _table(header: list[str], rows: list[list]) -> None:

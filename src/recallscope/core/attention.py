@@ -112,7 +112,20 @@ def _eager_attention(
 
 
 AttentionInterface.register(EAGER_IMPLEMENTATION, _eager_attention)
-AttentionMaskInterface.register(EAGER_IMPLEMENTATION, eager_mask)
+
+
+def _eager_mask(*args, dtype: torch.dtype = torch.float32, **kwargs) -> torch.Tensor | None:
+    """Transformers' eager mask, with float64's "minus infinity" kept finite in float32: modeling
+    code that runs its softmax in float32 on a float64 model (BLOOM, MPT, Gemma-2) then gives zero
+    weights, not NaN, on rows that are all padding.
+    """
+    mask = eager_mask(*args, dtype=dtype, **kwargs)
+    if mask is not None and dtype == torch.float64:
+        mask = mask.clamp(min=torch.finfo(torch.float32).min / 2)
+    return mask
+
+
+AttentionMaskInterface.register(EAGER_IMPLEMENTATION, _eager_mask)
 
 
 def _run_value_hooks(module: nn.Module, value: torch.Tensor) -> torch.Tensor:

@@ -78,11 +78,11 @@ def site_hook(model: Model, site: Site, fn: SiteFn) -> contextlib.AbstractContex
         from recallscope.core.attention import kernel_value_hook
 
         return kernel_value_hook(model, site.layer, fn)
-    if model.spec.experts is not None and site.name in ("mlp_pre", "mlp_post"):
+    if site.layer is not None and model.spec.at(site.layer).experts is not None and site.name in _NEURONS:
         if site.name == "mlp_pre":
             raise SiteError(
-                f"{model.spec.family} has a mixture-of-experts MLP: mlp_pre is per expert; use mlp_post "
-                "(every expert's neuron coefficients, router weight included)"
+                f"{model.spec.family} has a mixture-of-experts MLP in block {site.layer}: mlp_pre is per "
+                "expert; use mlp_post (every expert's neuron coefficients, router weight included)"
             )
         from recallscope.core.moe import moe_post_hook
 
@@ -176,9 +176,27 @@ def _fused_view(model: Model, which: int) -> _View:
     return _View(get, put)
 
 
+_NEURONS = ("mlp_pre", "mlp_post")
+
+
+def padded_view(view: _View, size: int, width: int) -> _View:
+    """``view`` with its last axis (``size`` neurons) padded with zeros to ``width`` when read and cut
+    back to ``size`` when written (a layer with fewer neurons than the model's ``d_mlp``).
+    """
+    if size >= width:
+        return view
+
+    def get(raw):
+        act = view.get(raw)
+        return torch.cat([act, act.new_zeros(*act.shape[:-1], width - size)], dim=-1)
+
+    return _View(get, lambda raw, new: view.put(raw, new[..., :size]))
+
+
 def _locate(model: Model, site: Site) -> tuple[nn.Module, str, _View]:
     """``(module, "pre" | "fwd", view)`` for every site served by one plain hook."""
-    spec, layer, name = model.spec, site.layer, site.name
+    layer, name = site.layer, site.name
+    spec = model.spec if layer is None else model.spec.at(layer)
     if name == "embed":  # what enters block 0 besides position embeddings
         return model.module(spec.embed_norm or spec.embed), "fwd", _scaled(spec.embed_scale)
     if name == "pos_embed":
@@ -195,8 +213,14 @@ def _locate(model: Model, site: Site) -> tuple[nn.Module, str, _View]:
         "mlp_pre": (spec.mlp_pre, "fwd", gate),
         "mlp_post": (spec.mlp_out_proj, "pre", _IDENTITY),
     }
+    if name == "mlp_pre" and spec.mlp_pre is None:
+        raise SiteError(
+            f"{spec.family}: the input side of block {layer}'s MLP was not identified: no mlp_pre site"
+        )
     if name in paths:
         path, kind, view = paths[name]
+        if name in _NEURONS:
+            view = padded_view(view, spec.dims.d_mlp, model.d_mlp)
         return model.module(path, layer), kind, view or _heads_view(model.n_heads)
     which = "qkv".index(name)
     if spec.qkv_proj is not None and spec.qkv_layout is None:
@@ -278,7 +302,7 @@ def _hook_with_view(
 def _track_batch_shape(model: Model, layer: int | None, stack: contextlib.ExitStack) -> list:
     """For flattened-MLP models, record each forward's ``(B, T)`` from the block's input."""
     shape: list = [None]
-    if model.spec.flat_mlp and layer is not None:
+    if layer is not None and model.spec.at(layer).flat_mlp:
 
         def record(mod, args, kwargs):
             shape[0] = tuple(_input_tensor(args, kwargs).shape[:2])

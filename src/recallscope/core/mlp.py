@@ -50,10 +50,11 @@ def mlp_function(model: Model, layer: int) -> Callable[[torch.Tensor], torch.Ten
     ``resid`` is the input of :func:`mlp_input_site`; the norm in front of the MLP, the MLP and
     Gemma-2's post-norm are applied as the model applies them (dropout is off in eval mode).
     """
-    spec = model.spec
     model.check_layer(layer)
+    spec = model.spec.at(layer)
     norm = model.module(spec.mlp_norm, layer) if spec.mlp_norm else nn.Identity()
-    post = model.module(spec.mlp_post_norm, layer) if spec.mlp_post_norm else None
+    inside = spec.mlp is not None and (spec.mlp_post_norm or "").startswith(f"{spec.mlp}.")
+    post = model.module(spec.mlp_post_norm, layer) if spec.mlp_post_norm and not inside else None
     if spec.mlp is not None:
         mlp = model.module(spec.mlp, layer)
     else:  # OPT: fc1 -> activation -> fc2 live in the block

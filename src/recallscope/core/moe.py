@@ -41,9 +41,11 @@ def moe_post_hook(model: Model, layer: int, fn: Callable) -> Iterator[None]:
     """Call ``fn`` with the coefficients ``[B, T, d_mlp]`` of block ``layer``'s experts each forward;
     if it returns new ones, the block's output becomes ``new @ W_out``.
     """
-    spec, home = model.spec, model.device
+    spec, home = model.spec.at(layer), model.device
     bank = model.module(spec.experts, layer)
     seen: dict[str, torch.Tensor] = {}
+    inside = spec.mlp_post_norm is not None and spec.mlp_post_norm.startswith(f"{spec.mlp}.")
+    inner_norm = model.module(spec.mlp_post_norm, layer) if inside else None
 
     def tokens(module, args, kwargs):
         x = args[0] if args else kwargs["hidden_states"]
@@ -59,14 +61,17 @@ def moe_post_hook(model: Model, layer: int, fn: Callable) -> Iterator[None]:
         seen["gate"] = torch.sigmoid(output)
 
     def rewrite(module, args, kwargs, output):
-        coeffs = _coefficients(model, layer, bank, seen)  # [S, d_mlp]
-        shape = seen["shape"]
+        coeffs = _coefficients(model, spec, layer, bank, seen)  # [S, neurons of this block]
+        size, shape = coeffs.shape[-1], seen["shape"]
+        coeffs = torch.cat([coeffs, coeffs.new_zeros(coeffs.shape[0], model.d_mlp - size)], -1)  # padding
         new = fn(coeffs.reshape(*shape[:-1], -1).to(home))
         if new is None:
             return None
         raw = output[0] if isinstance(output, tuple) else output
         values = model.W_out(layer).to(raw.device, torch.promote_types(raw.dtype, torch.float32))
         out = (new.to(values.device, values.dtype) @ values).to(raw.dtype).reshape(raw.shape)
+        if inner_norm is not None:  # the block normalizes its experts' sum itself (AXK1)
+            out = inner_norm(out)
         return (out, *output[1:]) if isinstance(output, tuple) else out
 
     with contextlib.ExitStack() as stack:
@@ -83,13 +88,13 @@ def moe_post_hook(model: Model, layer: int, fn: Callable) -> Iterator[None]:
         yield
 
 
-def _coefficients(model: Model, layer: int, bank, seen: dict) -> torch.Tensor:
+def _coefficients(model: Model, spec, layer: int, bank, seen: dict) -> torch.Tensor:
     x, index, weights = seen["bank"]
     dtype = torch.promote_types(x.dtype, torch.float32)
     parts = [expert_coefficients(bank, model.tensor, x.to(dtype), index, weights)]
-    if model.spec.shared_expert_down is not None:
+    if spec.shared_expert_down is not None:
         values = seen["shared"].reshape(x.shape[0], -1).to(dtype)
-        down = model.module(model.spec.shared_expert_down, layer)
+        down = model.module(spec.shared_expert_down, layer)
         gate = (
             seen["gate"].reshape(x.shape[0], 1).to(dtype)
             if "gate" in seen

@@ -47,15 +47,16 @@ class UpdateMap:
         return out if self.gain is None else out * self.gain
 
 
-def _post_norm_path(model: Model, sublayer: Sublayer) -> str | None:
-    return model.spec.attn_post_norm if sublayer == "attn" else model.spec.mlp_post_norm
+def _post_norm_path(model: Model, sublayer: Sublayer, layer: int) -> str | None:
+    spec = model.spec.at(layer)
+    return spec.attn_post_norm if sublayer == "attn" else spec.mlp_post_norm
 
 
 def update_gain(
     model: Model, sublayer: Sublayer, layer: int, dtype: torch.dtype, device
 ) -> torch.Tensor | None:
     """The static gain ``γ [d]`` of the sublayer's post-norm (None without one)."""
-    path = _post_norm_path(model, sublayer)
+    path = _post_norm_path(model, sublayer, layer)
     return None if path is None else model.norm_params(path, layer).gain(dtype, device)
 
 
@@ -63,7 +64,7 @@ def update_map(model: Model, sublayer: Sublayer, layer: int, raw: torch.Tensor) 
     """The map from the raw output ``raw [..., d]`` of ``sublayer`` in ``layer`` to its update, or None
     when the update is ``raw`` itself. The post-norm's ``ρ`` is taken on ``raw`` (its actual input).
     """
-    path = _post_norm_path(model, sublayer)
+    path = _post_norm_path(model, sublayer, layer)
     scale = model.spec.residual_scale
     if path is None and scale == 1.0:
         return None

@@ -275,8 +275,9 @@ def ov_outputs(model: Model, layer: int, x: torch.Tensor, *, input_norm: bool = 
     Computed in at least float32; the norms run in the model's dtype, as in its forward.
     """
     dtype = torch.promote_types(model.dtype, torch.float32)
-    if input_norm:
-        x = model.module(model.spec.ln_1, layer)(x.to(model.dtype))
+    spec = model.spec.at(layer)
+    if input_norm and spec.ln_1 is not None:  # no norm: the attention reads the residual (OLMo-2)
+        x = model.module(spec.ln_1, layer)(x.to(model.dtype))
     x = x.to(dtype)
     v = torch.einsum("nd,kde->nke", x, model.W_V(layer).to(x.device, dtype))  # [N, n_kv_heads, d_head]
     b_V = model.b_V(layer)
@@ -285,10 +286,10 @@ def ov_outputs(model: Model, layer: int, x: torch.Tensor, *, input_norm: bool = 
     # query head h = kv * n_groups + g reads kv head h // n_groups: W_O [H, e, d] -> [kv, g, e, d]
     W_O = model.W_O(layer).to(x.device, dtype).unflatten(0, (model.n_kv_heads, model.n_groups))
     out = torch.einsum("nke,kged->nkgd", v, W_O).flatten(1, 2)  # [N, H, d_model]
-    post = model.spec.attn_post_norm
+    post = spec.attn_post_norm
     if post is not None:
         out = model.module(post, layer)(out.to(model.dtype)).to(dtype)
-    return out
+    return out * spec.residual_scale if spec.residual_scale != 1.0 else out
 
 
 def _layer(model, layer, x, z, targets, config) -> dict[str, torch.Tensor]:

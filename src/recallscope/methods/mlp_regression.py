@@ -260,7 +260,7 @@ def _regressors(model, acts, layer, raw: torch.Tensor, space: str) -> torch.Tens
     if space == "raw":
         return raw
     resid = acts[mlp_input_site(model, layer)].double()
-    params = model.norm_params(model.spec.mlp_norm, layer)
+    params = model.norm_params(model.spec.at(layer).mlp_norm, layer)
     rho = params.rho(resid)
     gain = params.gain(torch.float64, raw.device)
     normed = params.centre(raw) / rho[:, None]

@@ -478,7 +478,7 @@ def _weight(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def _layer_keys(model: Model, acts: dict, layer: int, fact, k, how: str) -> torch.Tensor:
     """Keys ``[m, d]`` of neurons ``k [m]`` of ``layer`` (rows ``fact [m]``)."""
     like = acts["comps"]
-    params = model.norm_params(model.spec.mlp_norm, layer)
+    params = model.norm_params(model.spec.at(layer).mlp_norm, layer)
     gain = params.gain(like.dtype, like.device)
     gain = torch.ones(model.d_model, dtype=like.dtype, device=like.device) if gain is None else gain
     if how == "value":
@@ -504,7 +504,7 @@ def _mlp_gradient(model: Model, layer: int, normed: torch.Tensor, k: torch.Tenso
     W_in = _weight(model.W_in(layer), normed)[:, k].T  # [m, d]
     pre_in = (normed * W_in).sum(-1) + _bias(model.b_in(layer), k, normed)
     act = model.mlp_act(layer)
-    if not model.spec.gated_mlp:
+    if not model.is_gated(layer):
         return _act_grad(act, pre_in)[1][:, None] * W_in
     W_gate = _weight(model.W_gate(layer), normed)[:, k].T
     pre_gate = (normed * W_gate).sum(-1) + _bias(model.b_gate(layer), k, normed)
@@ -533,7 +533,7 @@ def _unit_keys(model: Model, units: pd.DataFrame, config: Config, like: torch.Te
         rows = units.iloc[at]
         kv, n = _long(rows, "head", like.device) // model.n_groups, _long(rows, "dim", like.device)
         W_V = _weight(model.W_V(layer), like)  # [n_kv, d, d_head]
-        gain = model.norm_params(model.spec.ln_1, layer).gain(like.dtype, like.device)
+        gain = model.norm_params(model.spec.at(layer).ln_1, layer).gain(like.dtype, like.device)
         rows = W_V[kv, :, n]  # [m, d]
         keys[torch.as_tensor(at, device=like.device)] = rows if gain is None else rows * gain
     return _centred(model, keys, config)

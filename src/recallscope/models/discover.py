@@ -19,6 +19,7 @@ module and the check. ``check_model`` then validates the spec as a whole.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -149,12 +150,12 @@ class _SoftmaxWatch(TorchFunctionMode):
         return out
 
 
-def _trace(model: nn.Module, blocks_path: str) -> _Trace:
-    """One forward of :data:`PROBE_IDS` recording the first call of every module outside the blocks
-    and inside block 0 (names relative to the model; block 0's submodules as ``0.<path>``).
+def _trace(model: nn.Module, blocks_path: str, block: int = 0) -> _Trace:
+    """One forward of :data:`PROBE_IDS` recording every call of the modules outside the blocks, of
+    each block, and of the modules inside block ``block`` (names relative to the model).
     """
     trace, stack, handles, open_calls, counter = _Trace(), [], [], [], [0]
-    block_prefix = f"{blocks_path}.0"
+    block_prefix = f"{blocks_path}.{block}"
 
     def record(name):
         def pre(module, args, kwargs):
@@ -186,7 +187,7 @@ def _trace(model: nn.Module, blocks_path: str) -> _Trace:
     vocab = model.get_input_embeddings().weight.shape[0]
     ids = torch.tensor([PROBE_IDS], device=_device(model)) % vocab
     try:
-        n_heads = int(_text_config(model).num_attention_heads)
+        n_heads = int(getattr(_text_config(model), "num_attention_heads", 0) or 1)
         with torch.no_grad(), _SoftmaxWatch(trace, stack, block_prefix, n_heads):
             out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
     finally:
@@ -321,17 +322,77 @@ def norm_eps(module: nn.Module) -> float | None:
 def discover_spec(model: nn.Module) -> ArchSpec:
     """Derive the :class:`ArchSpec` of a transformers ``*ForCausalLM`` (see the module docstring).
 
+    Blocks built alike share block 0's spec. Blocks whose feed-forward differs (the dense first
+    layers of DeepSeek-style mixture-of-experts models) are discovered on their own and kept as
+    ``variants``; everything but the feed-forward must match block 0.
+
     Raises:
         UnsupportedModelError: a role could not be found or does not behave as it must; the
             message names the module and the check.
     """
-    return _Discovery(model).spec()
+    first = _Discovery(model)
+    spec = first.spec()
+    groups = _block_groups(get_module(model, spec.blocks))
+    if len(groups) == 1:
+        return spec
+    variants = [(tuple(groups[0]), spec)]
+    for group in groups[1:]:
+        other = _Discovery(model, block=group[0]).spec()
+        differing = [
+            f.name
+            for f in dataclasses.fields(ArchSpec)
+            if f.name not in MLP_FIELDS + ("dims", "norm_eps")
+            and getattr(other, f.name) != getattr(spec, f.name)
+        ]
+        if differing:
+            raise first.error(
+                f"block {group[0]} differs from block 0 beyond its feed-forward ({', '.join(differing)})"
+            )
+        variants.append((tuple(group), other))
+    d_mlp = max(v.dims.d_mlp for _, v in variants)
+    return dataclasses.replace(
+        spec, dims=dataclasses.replace(spec.dims, d_mlp=d_mlp), variants=tuple(variants)
+    )
+
+
+MLP_FIELDS = (
+    "ln_1",
+    "ln_2",
+    "mlp",
+    "mlp_update",
+    "mlp_in",
+    "mlp_gate",
+    "mlp_act",
+    "mlp_activation",
+    "gate_up",
+    "mlp_out_proj",
+    "experts",
+    "shared_expert_down",
+    "shared_expert_gate",
+    "gated_mlp",
+    "flat_mlp",
+    "mlp_post_norm",
+    "notes",
+)
+"""Spec fields of the feed-forward and of the norms in front of the sublayers, which may differ
+between blocks (``ArchSpec.variants``)."""
+
+
+def _block_groups(blocks: nn.ModuleList) -> list[list[int]]:
+    """Indices of blocks built alike (same module classes at the same paths), block 0's group first."""
+    groups: dict[tuple, list[int]] = {}
+    for index, block in enumerate(blocks):
+        signature = tuple((name, type(module).__name__) for name, module in block.named_modules())
+        groups.setdefault(signature, []).append(index)
+    return list(groups.values())
 
 
 class _Discovery:
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, block: int = 0) -> None:
         self.model = model
+        self.block = block
         self.shared: dict = {}
+        self.inner_post_norm: str | None = None
         self.weights = OffloadedWeights(model)
         self.name = type(model).__name__
         self.names = {id(m): n for n, m in model.named_modules()}
@@ -341,9 +402,9 @@ class _Discovery:
             raise self.error("its output embedding is not a linear map (get_output_embeddings())")
         self.unembed = self._path_of(unembed, "output embedding")
         self.blocks = self._blocks()
-        self.prefix = f"{self.blocks}.0."
+        self.prefix = f"{self.blocks}.{block}."
         try:
-            self.trace = _trace(model, self.blocks)
+            self.trace = _trace(model, self.blocks, block)
         except UnsupportedModelError:
             raise
         except Exception as err:
@@ -351,12 +412,13 @@ class _Discovery:
         self.compare = _Compare(model.get_input_embeddings().weight.dtype)
         self.d_model = model.get_input_embeddings().weight.shape[1]
         self.dtype = model.get_input_embeddings().weight.dtype
-        self.block0 = self.trace.get(f"{self.blocks}.0")
-        if self.block0 is None or self.block0.output is None:
-            raise self.error(f"its first block ({self.blocks}.0) did not run in a forward")
-        if self.block0.input.shape[-1] != self.d_model:
+        self.first = self.trace.get(f"{self.blocks}.0")
+        self.block0 = self.trace.get(f"{self.blocks}.{block}")
+        if self.block0 is None or self.block0.output is None or self.first is None:
+            raise self.error(f"its block {block} ({self.blocks}.{block}) did not run in a forward")
+        if self.first.input.shape[-1] != self.d_model:
             raise self.error(
-                f"its blocks are {self.block0.input.shape[-1]} wide but the embedding is {self.d_model} "
+                f"its blocks are {self.first.input.shape[-1]} wide but the embedding is {self.d_model} "
                 "(projected in and out, as OPT's project_in/project_out): the residual stream is not the "
                 "embedding's space"
             )
@@ -388,7 +450,7 @@ class _Discovery:
         """``(path relative to block 0, module)`` of every module of block 0 (under ``within``) that ran,
         in call order.
         """
-        block = get_module(self.model, f"{self.blocks}.0")
+        block = get_module(self.model, f"{self.blocks}.{self.block}")
         root = get_module(block, within) if within else block
         start = f"{within}." if within else ""
         found = []
@@ -405,7 +467,8 @@ class _Discovery:
         moe, mlp, mlp_out_proj = self._mlp(attn, o_proj)
         ln_1 = self._input_norm(attn)
         parallel, ln_2 = self._mlp_norm(mlp, mlp_out_proj, attn, o_proj, ln_1)
-        attn_post, mlp_post = self._post_norm(o_proj), self._post_norm(mlp or mlp_out_proj)
+        attn_post = self._post_norm(o_proj)
+        mlp_post = self._post_norm(mlp or mlp_out_proj) or self.inner_post_norm
         attn_update, mlp_update, residual_scale = self._updates(
             attn, o_proj, mlp, mlp_out_proj, attn_post, mlp_post
         )
@@ -474,10 +537,10 @@ class _Discovery:
         caller = first_interface_caller(self.model)
         self.interface = caller is not None
         if caller is not None:
-            path = self.names.get(id(caller), "")
-            if not path.startswith(self.prefix):
+            path, first = self.names.get(id(caller), ""), f"{self.blocks}.0."
+            if not path.startswith(first):
                 raise self.error(f"the first attention call came from {path!r}, outside block 0")
-            return path[len(self.prefix) :]
+            return path[len(first) :]  # the same module in every block (checked with the spec)
         owner = self.trace.softmax_owner
         if owner is None or not owner.startswith(self.prefix):
             raise self.error(
@@ -576,7 +639,7 @@ class _Discovery:
         the attention and writes ``d_model`` features (a linear map, or an experts bank).
         """
         attn_order = self.block_call(attn).order
-        block = get_module(self.model, f"{self.blocks}.0")
+        block = get_module(self.model, f"{self.blocks}.{self.block}")
         experts = [p for p, m in self.block_modules() if is_experts(m)]
         if experts:
             expert_path = experts[0]
@@ -614,7 +677,14 @@ class _Discovery:
         if self.compare.close(out, routed):
             return {}
         inside = [(p, m) for p, m in self.block_modules(mlp) if not p.startswith(bank)]
-        downs = [p for p, m in inside if is_linear(m) and _out_features(m) == self.d_model]
+        block_in = self.block_call(mlp).input
+        downs = [  # maps to d_model that read neuron values, not the block's input
+            p
+            for p, m in inside
+            if is_linear(m)
+            and _out_features(m) == self.d_model
+            and not self._same(self.block_call(p).input, block_in)
+        ]
         gates = [p for p, m in inside if is_linear(m) and _out_features(m) == 1]
         for down in downs:
             owner = down.rsplit(".", 1)[0]
@@ -628,10 +698,36 @@ class _Discovery:
                 factor = torch.sigmoid(self.block_call(gate).output).reshape(*out.shape[:-1], 1)
                 if self.compare.close(out, routed + factor * shared):
                     return {"shared_expert_down": down, "shared_expert_gate": gate}
+        for norm, module in inside:  # a norm inside the block, around the experts' sum (AXK1)
+            call = self.block_call(norm)
+            if not (_is_norm(module) and self._same(call.output, out)):
+                continue
+            total = call.input.reshape(out.shape)
+            found = [{}] if self.compare.close(total, routed) else []
+            found += [x for x in (self._shared_inputs(mlp, bank, down, total) for down in downs) if x]
+            if found:
+                self.inner_post_norm = norm
+                return found[0]
         raise self.error(
             f"the output of {self.prefix}{mlp} is neither its experts' sum nor that plus a (sigmoid-gated) "
-            "shared expert"
+            "shared expert (nor a norm of either)"
         )
+
+    def _shared_inputs(self, mlp: str, bank: str, down: str, total: torch.Tensor) -> dict | None:
+        """``{"shared_expert_down": down}`` if ``total`` is the experts' sum plus that shared expert."""
+        routed = self.block_call(bank).output.reshape(total.shape)
+        owner = down.rsplit(".", 1)[0]
+        shared = self.block_call(owner if owner != mlp else down).output
+        if shared is not None and shared.numel() == total.numel():
+            if self.compare.close(total, routed + shared.reshape(total.shape)):
+                return {"shared_expert_down": down}
+        return None
+
+    def _same(self, a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+        """Equal values, whatever the leading (token) axes."""
+        if a is None or b is None or a.numel() != b.numel():
+            return False
+        return self.compare.close(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]))
 
     def _mlp_inputs(self, mlp: str | None, out_proj: str, moe: str | None) -> dict:
         """``mlp_in``/``mlp_gate`` (separate or one fused gate-up map) and the activation module."""
@@ -681,6 +777,9 @@ class _Discovery:
                 if act is not None:
                     return {"mlp_in": up[0], "mlp_gate": gate[0], **act}
         names = ", ".join(p for p, _ in readers) or "none"
+        if mlp is not None:  # neurons are still the down projection's input: W_in, mlp_pre unavailable
+            note = f"the input side of {mlp} ({names}) is not act(gate) ⊙ up: no W_in, W_gate or mlp_pre"
+            return {"mlp_in": None, "notes": (note,)}
         raise self.error(
             f"cannot identify the MLP input projections and activation before {self.prefix}{out_proj} "
             f"(projections from d_model found: {names})"
@@ -791,13 +890,13 @@ class _Discovery:
         """``(embedding norm, embedding scale, position embedding)``: block 0's input is
         ``scale · embed (+ pos)`` or ``norm(embed)``.
         """
-        x0 = self.block0.input
+        x0 = self.first.input
         embed = self.trace.get(self.embed).output
         outside = [
             (n, c)
             for n, c in self.trace.calls.items()
             if not n.startswith(self.blocks)
-            and c.order < self.block0.order
+            and c.order < self.first.order
             and n != self.embed
             and c.output is not None
             and c.output.shape[-1] == self.d_model

@@ -301,83 +301,103 @@ class Model:
         """MLP output weights ``[d_mlp, d_model]``; neuron k writes ``W_out[k]``.
 
         For a mixture-of-experts block: every expert's neurons and bias unit, then the shared
-        expert's (``models.experts``).
+        expert's (``models.experts``). Layers with fewer neurons than ``d_mlp`` (dense layers among
+        mixture-of-experts ones) are padded with zero rows.
         """
-        if self.spec.experts is not None:
-            return self._moe_values(layer)
-        weight = self.tensor(self.module(self.spec.mlp_out_proj, layer), "weight")
-        return weight if self.spec.conv1d else weight.T
+        spec = self.spec.at(layer)
+        if spec.experts is not None:
+            values = self._moe_values(spec, layer)
+        else:
+            weight = self.tensor(self.module(spec.mlp_out_proj, layer), "weight")
+            values = weight if spec.conv1d else weight.T
+        return _padded(values, self.d_mlp, dim=0)
 
     def b_out(self, layer: int) -> torch.Tensor | None:
         """MLP output bias ``[d_model]`` (None for mixture-of-experts blocks: their biases are
         bias units whose coefficient is the router weight).
         """
-        if self.spec.experts is not None:
+        spec = self.spec.at(layer)
+        if spec.experts is not None:
             return None
-        return self.tensor(self.module(self.spec.mlp_out_proj, layer), "bias")
+        return self.tensor(self.module(spec.mlp_out_proj, layer), "bias")
 
-    def _moe_values(self, layer: int) -> torch.Tensor:
-        parts = [expert_values(self.module(self.spec.experts, layer), self.tensor)]
-        if self.spec.shared_expert_down is not None:
-            down = self.module(self.spec.shared_expert_down, layer)
+    def _moe_values(self, spec: ArchSpec, layer: int) -> torch.Tensor:
+        parts = [expert_values(self.module(spec.experts, layer), self.tensor)]
+        if spec.shared_expert_down is not None:
+            down = self.module(spec.shared_expert_down, layer)
             parts.append(self.tensor(down, "weight").T)
             bias = self.tensor(down, "bias")
             if bias is not None:
                 parts.append(bias[None])
         return torch.cat([p.to(parts[0].device, parts[0].dtype) for p in parts])
 
-    def _dense_mlp(self, what: str) -> None:
-        if self.spec.experts is not None:
+    def _dense(self, layer: int, what: str) -> ArchSpec:
+        """Block ``layer``'s spec, refusing mixture-of-experts blocks (``what`` is per expert there)."""
+        spec = self.spec.at(layer)
+        if spec.experts is not None:
             raise SiteError(
-                f"{self.spec.family} has a mixture-of-experts MLP: {what} is per expert, not one matrix "
-                "(its neurons' coefficients, mlp_post, and output weights, W_out, are available)"
+                f"{spec.family} has a mixture-of-experts MLP in block {layer}: {what} is per expert, not "
+                "one matrix (its neurons' coefficients, mlp_post, and output weights, W_out, are available)"
             )
+        if spec.mlp_in is None:
+            raise SiteError(
+                f"{spec.family}: the input side of block {layer}'s MLP was not identified ({what}); its "
+                "neuron coefficients, mlp_post, and output weights, W_out, are available"
+            )
+        return spec
 
     def W_in(self, layer: int) -> torch.Tensor:
         """MLP input weights ``[d_model, d_mlp]`` (``up_proj`` if gated): ``x W_in + b_in``."""
-        self._dense_mlp("W_in")
-        return self._gate_up_part(self._mlp_weight(self.spec.mlp_in, layer), "up")
+        spec = self._dense(layer, "W_in")
+        weight = self._gate_up_part(spec, self._mlp_weight(spec.mlp_in, layer), "up")
+        return _padded(weight, self.d_mlp, dim=1)
 
     def b_in(self, layer: int) -> torch.Tensor | None:
-        self._dense_mlp("b_in")
-        bias = self.tensor(self.module(self.spec.mlp_in, layer), "bias")
-        return None if bias is None else self._gate_up_part(bias, "up")
+        spec = self._dense(layer, "b_in")
+        bias = self.tensor(self.module(spec.mlp_in, layer), "bias")
+        return None if bias is None else _padded(self._gate_up_part(spec, bias, "up"), self.d_mlp, dim=0)
 
     def W_gate(self, layer: int) -> torch.Tensor:
         """Gated MLPs' gate weights ``[d_model, d_mlp]``: ``c = act(x W_gate + b_gate) ⊙ (x W_in + b_in)``."""
-        return self._gate_up_part(self._mlp_weight(self._gate_path(), layer), "gate")
+        spec = self._gated(layer)
+        weight = self._gate_up_part(spec, self._mlp_weight(spec.mlp_gate, layer), "gate")
+        return _padded(weight, self.d_mlp, dim=1)
 
     def b_gate(self, layer: int) -> torch.Tensor | None:
-        bias = self.tensor(self.module(self._gate_path(), layer), "bias")
-        return None if bias is None else self._gate_up_part(bias, "gate")
+        spec = self._gated(layer)
+        bias = self.tensor(self.module(spec.mlp_gate, layer), "bias")
+        return None if bias is None else _padded(self._gate_up_part(spec, bias, "gate"), self.d_mlp, dim=0)
 
-    def _gate_up_part(self, x: torch.Tensor, part: str) -> torch.Tensor:
+    @staticmethod
+    def _gate_up_part(spec: ArchSpec, x: torch.Tensor, part: str) -> torch.Tensor:
         """The gate or up half of a fused gate-up projection's ``[..., 2 d_mlp]`` (else ``x``)."""
-        if self.spec.gate_up is None:
+        if spec.gate_up is None:
             return x
-        first = "gate" if self.spec.gate_up == "gate_first" else "up"
+        first = "gate" if spec.gate_up == "gate_first" else "up"
         half = x.shape[-1] // 2
         return x[..., :half] if part == first else x[..., half:]
 
     def mlp_act(self, layer: int) -> nn.Module:
         """The MLP's activation function (applied to ``mlp_pre``), as the native module holds it."""
-        self._dense_mlp("the activation")
-        if self.spec.mlp_act is not None:
-            return self.module(self.spec.mlp_act, layer)
-        if self.spec.mlp_activation is not None:
-            return _Activation(ACTIVATIONS[self.spec.mlp_activation])
-        owner = self.module(self.spec.mlp, layer) if self.spec.mlp else self.block(layer)
-        for name in ("act_fn", "act", "activation_fn"):
-            act = getattr(owner, name, None)
-            if act is not None:
-                return act
-        raise SiteError(f"no MLP activation found in {self.spec.family} (act_fn / act / activation_fn)")
+        spec = self._dense(layer, "the activation")
+        if spec.mlp_act is not None:
+            return self.module(spec.mlp_act, layer)
+        if spec.mlp_activation is not None:
+            return _Activation(ACTIVATIONS[spec.mlp_activation])
+        raise SiteError(
+            f"{spec.family}: the activation of block {layer}'s MLP was not identified (its down projection "
+            "does not read act(gate) ⊙ up or act(up) directly)"
+        )
 
-    def _gate_path(self) -> str:
-        self._dense_mlp("the gate projection")
-        if self.spec.mlp_gate is None:
-            raise SiteError(f"{self.spec.family} has no gated MLP (no gate projection)")
-        return self.spec.mlp_gate
+    def is_gated(self, layer: int) -> bool:
+        """Block ``layer``'s MLP multiplies an activated gate with an up projection."""
+        return self.spec.at(layer).mlp_gate is not None
+
+    def _gated(self, layer: int) -> ArchSpec:
+        spec = self._dense(layer, "the gate projection")
+        if spec.mlp_gate is None:
+            raise SiteError(f"{spec.family} has no gated MLP in block {layer} (no gate projection)")
+        return spec
 
     def _mlp_weight(self, path: str, layer: int) -> torch.Tensor:
         weight = self.tensor(self.module(path, layer), "weight")
@@ -436,6 +456,16 @@ class Model:
             for sub, hook in hooks:
                 hook.offload = True
                 hook.post_forward(sub, None)  # back to the meta device
+
+
+def _padded(x: torch.Tensor, size: int, dim: int) -> torch.Tensor:
+    """``x`` with zeros appended along ``dim`` up to ``size`` (layers with fewer neurons)."""
+    missing = size - x.shape[dim]
+    if missing <= 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x, x.new_zeros(shape)], dim=dim)
 
 
 class _Activation(nn.Module):

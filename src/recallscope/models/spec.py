@@ -72,8 +72,9 @@ class ArchSpec:
     unless ``attn_update`` or ``attn_post_norm`` is set."""
     o_proj: str
     """Output projection ``W_O``; its input is ``z`` (heads concatenated, head-major)."""
-    mlp_in: str
-    """Input projection of the MLP (``up``/``fc_in``/``c_fc``)."""
+    mlp_in: str | None
+    """Input projection of the MLP (``up``/``fc_in``/``c_fc``); None when discovery could not tell
+    the MLP's input side (a norm between activation and down projection, BitNet)."""
     mlp_out_proj: str
     """Output projection ``W_out``; its input holds the neuron coefficients ``c_k``."""
     ln_2: str | None = None
@@ -149,6 +150,22 @@ class ArchSpec:
     gated_mlp: bool = False
     notes: tuple[str, ...] = field(default=())
     """Human-readable notes on conventions, shown by ``check-model``."""
+    variants: tuple[tuple[tuple[int, ...], ArchSpec], ...] = ()
+    """When blocks' feed-forwards differ (the dense first layers of a mixture-of-experts model):
+    ``(layers, spec)`` for every group of blocks built alike, block 0's first, each ``spec`` with that
+    group's feed-forward fields and neuron count. ``dims.d_mlp`` here is the largest count; smaller
+    layers are padded with neurons that write zero. Empty when every block is built alike."""
+
+    def at(self, layer: int) -> ArchSpec:
+        """The spec that describes block ``layer`` (itself, or the variant holding it)."""
+        for layers, spec in self.variants:
+            if layer in layers:
+                return spec
+        return self
+
+    def d_mlp_at(self, layer: int) -> int:
+        """Neurons of block ``layer``'s feed-forward before padding."""
+        return self.at(layer).dims.d_mlp
 
     def describe(self) -> str:
         """Every field that is set, one per line (``check-model`` prints it)."""
@@ -159,6 +176,10 @@ class ArchSpec:
                 continue
             if item.name == "v_columns":
                 value = f"{len(value)} columns"
+            if item.name == "variants":
+                value = "; ".join(
+                    f"layers {list(layers)}: mlp={v.mlp}, experts={v.experts}" for layers, v in value
+                )
             lines.append(f"  {item.name} = {value}")
         return "\n".join(lines)
 
@@ -175,7 +196,7 @@ class ArchSpec:
         return self.mlp_post_norm or self.mlp_update or self.mlp or self.mlp_out_proj
 
     @property
-    def mlp_pre(self) -> str:
+    def mlp_pre(self) -> str | None:
         """Block-level module whose output is the input of the MLP activation."""
         return self.mlp_gate or self.mlp_in
 

@@ -79,28 +79,38 @@ def spec_for(model: nn.Module) -> ArchSpec:
 
 
 def _check_blocks(model: nn.Module, spec: ArchSpec) -> None:
-    """Every block has every module of the spec, of the same class as block 0's."""
+    """Every block has every module of its spec (``spec.at(layer)``), of the same class as in the
+    first block that spec describes.
+    """
     blocks = get_module(model, spec.blocks)
+    groups = [layers for layers, _ in spec.variants] or [tuple(range(len(blocks)))]
+    problems = []
+    for layers in groups:
+        problems += _unlike(blocks, spec.at(layers[0]), layers[0], layers[1:])
+    if problems:
+        listed = "\n  - ".join(problems)
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: its blocks are not alike (recallscope needs every block built like "
+            f"the first block its spec describes):\n  - {listed}"
+        )
+
+
+def _unlike(blocks: nn.ModuleList, spec: ArchSpec, first: int, others: tuple[int, ...]) -> list[str]:
     problems = []
     for field in BLOCK_PATHS:
         path = getattr(spec, field)
         if path is None:
             continue
-        first = type(get_module(blocks[0], path))
-        for index in range(1, len(blocks)):
+        kind = type(get_module(blocks[first], path))
+        for index in others:
             try:
-                kind = type(get_module(blocks[index], path))
+                other = type(get_module(blocks[index], path))
             except (AttributeError, IndexError):
                 problems.append(f"block {index} has no {path!r} ({field})")
                 break
-            if kind is not first:
+            if other is not kind:
                 problems.append(
-                    f"block {index}'s {path!r} is a {kind.__name__}, block 0's a {first.__name__}"
+                    f"block {index}'s {path!r} is a {other.__name__}, block {first}'s a {kind.__name__}"
                 )
                 break
-    if problems:
-        listed = "\n  - ".join(problems)
-        raise UnsupportedModelError(
-            f"{type(model).__name__}: its blocks are not alike (recallscope needs every block built like "
-            f"block 0, e.g. no dense layers among mixture-of-experts ones):\n  - {listed}"
-        )
+    return problems

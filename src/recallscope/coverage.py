@@ -1,0 +1,466 @@
+"""The coverage matrix: which model types of the installed transformers recallscope supports.
+
+For every model type in transformers' causal-LM mapping, :func:`classify` either excludes it with
+the reason (encoder-only, encoder-decoder, state-space / recurrent / hybrid, needs images or
+audio), or builds a tiny random model from its config class (dimensions shrunk, norms and biases
+random and non-trivial), loads it through architecture discovery and runs every conformance check
+of :func:`recallscope.check_model` in float64. A type is *supported* when all checks pass, and
+*failing* otherwise, with the failing check or discovery step named::
+
+    rows = coverage_matrix()                     # every type; a few minutes on 2 CPU cores
+    print(summary(rows))                         # "104 of 112 decoder-only attention types pass (93%)"
+    Path("docs/models.md").write_text(render_markdown(rows))
+
+``recallscope models --matrix --write docs/models.md`` does the same from the command line.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import transformers
+from torch import nn
+
+from recallscope.core.attention import EAGER_IMPLEMENTATION
+from recallscope.errors import UnsupportedModelError
+
+__all__ = ["Row", "coverage_matrix", "classify", "tiny_config", "tiny_model", "summary", "render_markdown"]
+
+Status = Literal["supported", "excluded", "failing"]
+
+ENCODER_ONLY = "encoder-only"
+ENCODER_DECODER = "encoder-decoder"
+RECURRENT = "state-space / recurrent / hybrid"
+MULTIMODAL = "needs images or audio"
+
+TINY = {
+    "hidden_size": 64,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "intermediate_size": 96,
+    "vocab_size": 320,
+    "max_position_embeddings": 128,
+    "num_local_experts": 4,
+    "num_experts": 4,
+    "n_routed_experts": 4,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 32,
+    "shared_expert_intermediate_size": 48,
+    "n_shared_experts": 1,
+    "ffn_hidden_size": 96,
+    "n_inner": 96,
+    "ffn_dim": 96,
+    "n_group": 1,
+    "topk_group": 1,
+    "first_k_dense_replace": 0,
+    "kv_lora_rank": 16,
+    "q_lora_rank": 24,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 8,
+    "v_head_dim": 16,
+    "sliding_window": 4,
+    "window_size": 4,
+    "rotary_dim": 8,
+    "word_embed_proj_dim": 64,
+    # constants that scale the embedding, the updates and the logits: not 1, so they are exercised
+    "embedding_multiplier": 2.0,
+    "residual_multiplier": 0.5,
+    "logits_scaling": 4.0,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+"""Config values of the tiny models (set where the config has the attribute)."""
+N_LAYERS = 2
+MAX_PARAMETERS = 3_000_000
+
+_KNOWN = {  # exclusions the rules below cannot see, with the reason
+    "bert-generation": (ENCODER_ONLY, "BERT encoder blocks used as a decoder"),
+    "xlnet": (ENCODER_ONLY, "permutation language model with two attention streams"),
+    "trocr": (ENCODER_DECODER, "the text decoder of an image encoder-decoder (cross-attention)"),
+    "fuyu": (MULTIMODAL, "image patches are part of its input"),
+}
+_LAYER_TYPE_KEYS = ("layer_types", "layers_block_type", "block_types", "layer_block_types")
+
+
+def _is_attention_layer(kind: str) -> bool:
+    """Softmax attention of some kind (full, sliding, chunked, sparse-indexed, compressed), as
+    opposed to linear attention, state-space, convolution or recurrent layers.
+    """
+    kind = kind.lower()
+    if "linear" in kind or "hybrid" in kind or "mamba" in kind:
+        return False
+    return "attention" in kind or kind in ("global", "local", "sliding", "full", "attn")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One model type's verdict."""
+
+    model_type: str
+    model_class: str
+    status: Status
+    reason: str
+    """Exclusion category and why, the failing checks, or the features a supported type exercises."""
+    dtype: str = ""
+    spec: str = ""
+    """``discovered`` or ``written`` (over a discovered spec)."""
+
+
+# -- tiny models -----------------------------------------------------------------------------------
+
+
+def tiny_config(model_type: str) -> transformers.PretrainedConfig:
+    """The config of ``model_type`` with every size shrunk to :data:`TINY` and :data:`N_LAYERS` layers
+    (lists with one entry per layer are cut to match).
+    """
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    config = CONFIG_MAPPING[model_type]()
+    old_layers = getattr(config, "num_hidden_layers", None)
+    for key, value in TINY.items():
+        _set_size(config, key, value)
+    if getattr(config, "kv_lora_rank", None):  # latent attention: one key/value head per query head
+        if hasattr(config, "num_key_value_heads"):
+            config.num_key_value_heads = config.num_attention_heads
+        if getattr(config, "qk_rope_head_dim", None) and hasattr(config, "head_dim"):
+            config.head_dim = config.qk_rope_head_dim  # RoPE runs on the rope part only
+    if hasattr(config, "_experts_implementation"):
+        config._experts_implementation = "eager"  # the grouped kernels have no float64 version
+    if isinstance(old_layers, int):
+        _cut_layers(config, old_layers)
+    return config
+
+
+def _set_size(config, key: str, value) -> None:
+    """Set ``key`` where the config has it (a token id or a multiplier only where it is in use)."""
+    if not (hasattr(config, key) or key in getattr(config, "attribute_map", {})):
+        return
+    current = getattr(config, key, None)
+    optional = key.endswith("_token_id") or key in (
+        "embedding_multiplier",
+        "residual_multiplier",
+        "logits_scaling",
+    )
+    if optional and current is None:
+        return
+    try:
+        setattr(config, key, value)
+    except Exception:  # noqa: BLE001 - a config may validate or derive a value: keep its own
+        return
+
+
+def _cut_layers(config, old_layers: int) -> None:
+    for key, value in list(vars(config).items()):
+        if isinstance(value, list | tuple) and len(value) == old_layers and old_layers != N_LAYERS:
+            setattr(config, key, type(value)(value[:N_LAYERS]))
+    config.num_hidden_layers = N_LAYERS
+
+
+def randomize_(model: nn.Module, seed: int = 0) -> None:
+    """Give every bias and norm weight a random non-trivial value (many are zero or one at init,
+    which would hide wrong handling of them).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            is_norm = "norm" in name.lower() or "ln_" in name
+            if name.endswith("bias") or (is_norm and param.dim() == 1):
+                noise = torch.randn(param.shape, generator=generator, dtype=torch.float64)
+                base = 1.0 if is_norm and name.endswith("weight") else 0.0
+                param.copy_((base + 0.3 * noise).to(param.dtype))
+
+
+def tiny_model(model_type: str, dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.Module:
+    """A tiny random ``*ForCausalLM`` of ``model_type`` (refuses configs that do not shrink)."""
+    config = tiny_config(model_type)
+    with torch.device("meta"):
+        probe = transformers.AutoModelForCausalLM.from_config(config)
+    n_parameters = sum(p.numel() for p in probe.parameters())
+    if n_parameters > MAX_PARAMETERS:
+        raise ValueError(f"its config does not shrink ({n_parameters:,} parameters with the tiny sizes)")
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).to(dtype).eval()
+    randomize_(model, seed)
+    return model
+
+
+# -- classification --------------------------------------------------------------------------------
+
+
+def _excluded(model_type: str) -> tuple[str, str] | None:
+    """``(category, why)`` for types excluded before building, else None."""
+    from transformers.models.auto import modeling_auto as auto
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if model_type in _KNOWN:
+        return _KNOWN[model_type]
+    if model_type in auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES:
+        return ENCODER_DECODER, "its causal-LM class is the decoder half of a sequence-to-sequence model"
+    if model_type in auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return ENCODER_ONLY, "a masked-LM encoder whose causal-LM head runs it with a causal mask"
+    config_class = CONFIG_MAPPING[model_type]
+    if getattr(config_class, "is_encoder_decoder", False) is True:
+        return ENCODER_DECODER, "its config is an encoder-decoder (the causal-LM class is the decoder)"
+    media = [k for k in (getattr(config_class, "sub_configs", None) or {}) if "vision" in k or "audio" in k]
+    if media:
+        return MULTIMODAL, f"its config has {', '.join(media)}"
+    class_name = auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]
+    if "ConditionalGeneration" in class_name:
+        return MULTIMODAL, f"{class_name} generates from images or audio"
+    return None
+
+
+def _default_config(model_type: str) -> transformers.PretrainedConfig:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    return CONFIG_MAPPING[model_type]()
+
+
+def _declared_hybrid(config) -> str | None:
+    """A config that declares non-attention layers (Mamba, linear attention, convolutions)."""
+    for key in _LAYER_TYPE_KEYS:
+        kinds = getattr(config, key, None)
+        if isinstance(kinds, list | tuple) and kinds and all(isinstance(k, str) for k in kinds):
+            other = sorted({k for k in kinds if not _is_attention_layer(k)})
+            if other:
+                return f"config.{key} has {', '.join(other)} layers"
+    attention_layers = getattr(config, "full_attn_idxs", None)  # LFM2: indices of the attention layers
+    n_layers = getattr(config, "num_hidden_layers", None)
+    if isinstance(attention_layers, list | tuple) and n_layers and len(set(attention_layers)) < n_layers:
+        return "config.full_attn_idxs leaves layers without attention (convolutions)"
+    return None
+
+
+def classify(model_type: str) -> Row:
+    """The verdict on one model type (never raises)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    class_name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type, "?")
+    excluded = _excluded(model_type)
+    if excluded is not None:
+        return Row(model_type, class_name, "excluded", f"{excluded[0]}: {excluded[1]}")
+    try:
+        hybrid = _declared_hybrid(_default_config(model_type))  # before cutting the layers
+        tiny_config(model_type)
+    except Exception as err:  # noqa: BLE001 - a config class that cannot be built is a failing type
+        return Row(model_type, class_name, "failing", f"tiny config: {_first_line(err)}")
+    if hybrid is not None:
+        return Row(model_type, class_name, "excluded", f"{RECURRENT}: {hybrid}")
+    # float64 first; then float64 with masks that stay finite in float32 (modeling code that runs its
+    # softmax in float32 turns float64's mask minimum into -inf: NaN on padded rows); then float32
+    attempts = ((torch.float64, None), (torch.float64, EAGER_IMPLEMENTATION), (torch.float32, None))
+    for number, (dtype, kernel) in enumerate(attempts):
+        row = _check(model_type, class_name, dtype, kernel)
+        broken = any(text in row.reason for text in ("NaN in the reference", "forward failed"))
+        if row.status != "failing" or not broken or number == len(attempts) - 1:
+            break
+    if number == 1:
+        row = _with_note(row, "float64 masks kept finite (its softmax runs in float32)")
+    elif number == 2:
+        row = _with_note(row, "float32 (its own float64 forward gives NaN)")
+    return row
+
+
+def _with_note(row: Row, note: str) -> Row:
+    return Row(row.model_type, row.model_class, row.status, f"{row.reason}; {note}", row.dtype, row.spec)
+
+
+def _check(model_type: str, class_name: str, dtype: torch.dtype, kernel: str | None = None) -> Row:
+    from recallscope.check import check_model
+    from recallscope.models.model import Model
+
+    name = str(dtype).removeprefix("torch.")
+    try:
+        hf_model = tiny_model(model_type, dtype)
+    except Exception as err:  # noqa: BLE001
+        return Row(model_type, class_name, "failing", f"tiny model: {_first_line(err)}", name)
+    if kernel is not None:
+        hf_model.config._attn_implementation = kernel
+    try:
+        model = Model(hf_model)
+    except UnsupportedModelError as err:
+        message = str(err)
+        if "no attention" in message:
+            return Row(
+                model_type, class_name, "excluded", f"{RECURRENT}: no attention in its first block", name
+            )
+        return Row(model_type, class_name, "failing", f"discovery: {_after_colon(message)}", name)
+    except Exception as err:  # noqa: BLE001 - modeling code failing on the probe input
+        return Row(model_type, class_name, "failing", f"discovery: {_first_line(err)}", name)
+    try:
+        report = check_model(model)
+    except Exception as err:  # noqa: BLE001
+        return Row(
+            model_type, class_name, "failing", f"check_model: {_first_line(err)}", name, model.spec.source
+        )
+    if not report.passed:
+        failed = "; ".join(f"{r.name} ({r.detail})" if r.detail else r.name for r in report.failures)
+        return Row(model_type, class_name, "failing", f"checks failed: {failed}", name, model.spec.source)
+    return Row(model_type, class_name, "supported", _features(model), name, model.spec.source)
+
+
+def _positions(model) -> str:
+    spec, config = model.spec, model.hf_model.config
+    if spec.pos_embed:
+        return "learned positions"
+    if any("rotary" in type(m).__name__.lower() for m in model.hf_model.modules()):
+        return "RoPE"
+    return "ALiBi" if getattr(config, "alibi", True) else "no positions"
+
+
+_FEATURES = (  # (label, test on the model), in the order the table lists them
+    ("GQA", lambda m: 1 < m.spec.dims.n_kv_heads < m.spec.dims.n_heads),
+    ("MQA", lambda m: m.spec.dims.n_kv_heads == 1 < m.spec.dims.n_heads),
+    ("mixture of experts", lambda m: any(v.experts for v in _variants(m))),
+    ("with dense layers", lambda m: len(_variants(m)) > 1),
+    ("shared experts", lambda m: any(v.shared_expert_down for v in _variants(m))),
+    ("parallel blocks", lambda m: m.spec.parallel),
+    ("sandwich norms", lambda m: m.spec.ln_1 is not None and (m.spec.attn_post_norm or m.spec.mlp_post_norm)),
+    ("post-norms", lambda m: m.spec.ln_1 is None and (m.spec.attn_post_norm or m.spec.mlp_post_norm)),
+    ("inline attention", lambda m: not m.spec.attention_interface),
+    ("latent attention", lambda m: m.spec.v_proj is None and m.spec.qkv_proj is None),
+    ("fused q/k/v", lambda m: m.spec.qkv_proj is not None),
+    ("fused gate-up", lambda m: m.spec.gate_up is not None),
+    ("qk-norm", lambda m: m.spec.qk_norm),
+    ("sliding window", lambda m: bool(getattr(m.hf_model.config, "sliding_window", None))),
+    ("attention sinks", lambda m: m.spec.attention_sinks),
+    ("soft-capping", lambda m: m.spec.final_logit_softcap or m.spec.attn_logit_softcap),
+    ("embedding norm", lambda m: m.spec.embed_norm is not None),
+    (
+        "scaled residual/logits",
+        lambda m: (
+            1.0 not in (m.spec.residual_scale, m.spec.embed_scale, m.spec.logit_scale)
+            or m.spec.residual_scale != 1.0
+            or m.spec.logit_scale != 1.0
+        ),
+    ),
+    ("(1+w) norms", lambda m: m.spec.norm_offset_one),
+)
+
+
+def _variants(model) -> list:
+    return [v for _, v in model.spec.variants] or [model.spec]
+
+
+def _features(model) -> str:
+    """What a supported type exercises (for the table)."""
+    found = [label for label, test in _FEATURES if test(model)]
+    norm = "LayerNorm" if model.spec.norm == "layer" else "RMSNorm"
+    return ", ".join([*found, _positions(model), norm])
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _after_colon(message: str) -> str:
+    """The part of a discovery error after ``cannot discover its architecture:``."""
+    marker = "cannot discover its architecture: "
+    text = message.split(marker, 1)[-1] if marker in message else message
+    return " ".join(text.split())[:400]
+
+
+def coverage_matrix(
+    types: Iterable[str] | None = None, *, progress: Callable[[str], None] | None = None
+) -> list[Row]:
+    """:func:`classify` every model type of the causal-LM mapping (or ``types``), in name order."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    names = sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES if types is None else types)
+    rows = []
+    with _quiet():
+        for name in names:
+            if progress is not None:
+                progress(name)
+            rows.append(classify(name))
+    return rows
+
+
+class _quiet:
+    """Silence transformers' config and initialization warnings while building tiny models."""
+
+    def __enter__(self):
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        warnings.simplefilter("ignore")
+        self._level = logging.getLogger("transformers").level
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger("transformers").setLevel(self._level)
+        self._warnings.__exit__(*exc)
+
+
+# -- reporting -------------------------------------------------------------------------------------
+
+
+def counts(rows: list[Row]) -> dict[str, int]:
+    """``supported``, ``failing``, ``attention`` (their sum: the decoder-only attention types),
+    ``excluded`` and ``total``.
+    """
+    supported = sum(r.status == "supported" for r in rows)
+    failing = sum(r.status == "failing" for r in rows)
+    return {
+        "supported": supported,
+        "failing": failing,
+        "attention": supported + failing,
+        "excluded": len(rows) - supported - failing,
+        "total": len(rows),
+    }
+
+
+def summary(rows: list[Row]) -> str:
+    c = counts(rows)
+    share = 100 * c["supported"] / max(1, c["attention"])
+    return (
+        f"{c['supported']} of {c['attention']} decoder-only attention model types pass ({share:.0f}%); "
+        f"{c['excluded']} of {c['total']} types in the causal-LM mapping are excluded"
+    )
+
+
+def render_markdown(rows: list[Row]) -> str:
+    """``docs/models.md``: the summary, then one table per status."""
+    c = counts(rows)
+    lines = [
+        "# Supported models",
+        "",
+        "<!-- generated by `recallscope models --matrix --write docs/models.md`; do not edit -->",
+        "",
+        f"Generated with transformers {transformers.__version__} and torch {_torch_version()}.",
+        "",
+        f"**{summary(rows)}.**",
+        "",
+        "Every model type in transformers' causal-LM mapping is listed. For each one the command builds a",
+        "tiny random model from its config class (two layers, width 64, random norms and biases), loads it",
+        "through architecture discovery and runs every conformance check of `recallscope check-model` in",
+        "float64: a type is *supported* when all pass. *Excluded* types are not decoder-only attention",
+        "models; *failing* ones are, and the table says which discovery step or check failed.",
+        "",
+        "counts: " + " ".join(f"{k}={c[k]}" for k in ("supported", "failing", "excluded", "total")),
+        "",
+    ]
+    for status, title, column in (
+        ("supported", "Supported", "what its tiny model exercises"),
+        ("failing", "Failing", "why"),
+        ("excluded", "Excluded", "why"),
+    ):
+        chosen = [r for r in rows if r.status == status]
+        lines += [f"## {title} ({len(chosen)})", "", f"| model type | class | {column} |", "|---|---|---|"]
+        for r in chosen:
+            reason = r.reason.replace("|", "\\|")
+            lines.append(f"| `{r.model_type}` | `{r.model_class}` | {reason} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _torch_version() -> str:
+    return torch.__version__.split("+")[0]
