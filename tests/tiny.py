@@ -83,8 +83,74 @@ FAMILIES = {
         ),
     ),
     "phi": (T.PhiConfig, dict(_COMMON, intermediate_size=64)),
+    # discovered architectures (no hand-written spec): sandwich norms, fused projections, post-norms,
+    # mixtures of experts, ALiBi, parallel MQA blocks, learned positions with inline attention
+    "gemma3_text": (
+        T.Gemma3TextConfig,
+        dict(_LLAMALIKE, num_key_value_heads=2, sliding_window=4, query_pre_attn_scalar=8),
+    ),
+    "phi3": (T.Phi3Config, dict(_LLAMALIKE, num_key_value_heads=2, pad_token_id=0)),
+    "olmo2": (T.Olmo2Config, dict(_LLAMALIKE, num_key_value_heads=2, pad_token_id=0)),
+    "mixtral": (
+        T.MixtralConfig,
+        dict(
+            _LLAMALIKE,
+            num_key_value_heads=2,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            intermediate_size=32,
+        ),
+    ),
+    "qwen3_moe": (
+        T.Qwen3MoeConfig,
+        dict(
+            _LLAMALIKE, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32
+        ),
+    ),
+    "gpt_oss": (
+        T.GptOssConfig,
+        dict(
+            _LLAMALIKE,
+            num_key_value_heads=2,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            intermediate_size=32,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            pad_token_id=0,
+        ),
+    ),
+    "bloom": (T.BloomConfig, dict(vocab_size=VOCAB, hidden_size=32, n_layer=3, n_head=4)),
+    "falcon": (
+        T.FalconConfig,
+        dict(_COMMON, multi_query=True, parallel_attn=True, new_decoder_architecture=False, bias=True),
+    ),
+    "gpt_neo": (
+        T.GPTNeoConfig,
+        dict(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_layers=3,
+            num_heads=4,
+            attention_types=[[["global", "local"], 1], [["global"], 1]],
+            window_size=4,
+            max_position_embeddings=64,
+            intermediate_size=64,
+        ),
+    ),
 }
+_FLOAT32_SOFTMAX = ("gemma2", "gemma3_text", "bloom", "gpt_oss")
+FLOAT32_INSIDE = ("gptj", "bloom", "falcon", "gpt_neo", "mixtral", "qwen3_moe", "gpt_oss")
+"""Families that compute part of their forward in float32 even for float64 weights (GPT-J's and
+GPT-Neo's attention scores, BLOOM's softmax, Falcon's rotations, the routers of mixtures of experts):
+left padding moves their numbers by ~1e-9 (a router's float32 weights by one rounding step), so
+oracle tests that compare a padded batch with unpadded prompts at 1e-9 run their rows one at a time
+or say their tolerance."""
+"""Families whose modeling code takes its softmax in float32 (or supports only eager attention)."""
 FAMILY_NAMES = tuple(FAMILIES)
+DISCOVERED = ("gemma3_text", "phi3", "olmo2", "mixtral", "qwen3_moe", "gpt_oss", "bloom", "falcon", "gpt_neo")
+"""Families whose architecture recallscope only discovers (no spec was ever written for them): every
+method's oracle tests run on them too."""
 
 
 @functools.cache
@@ -141,6 +207,8 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
 def tiny_hf_model(name: str, dtype: torch.dtype = torch.float64, seed: int = 0, **overrides):
     config_cls, kwargs = FAMILIES[name]
     config = config_cls(**{**kwargs, **overrides})
+    if hasattr(config, "_experts_implementation"):
+        config._experts_implementation = "eager"  # transformers' grouped kernels have no float64 version
     torch.manual_seed(seed)
     model = T.AutoModelForCausalLM.from_config(config).to(dtype).eval()
     if name == "gptj":  # GPT-J's unembedding bias is zero-initialized: make it count
@@ -153,10 +221,11 @@ def tiny_hf_model(name: str, dtype: torch.dtype = torch.float64, seed: int = 0, 
 
 def tiny_model(name: str, dtype: torch.dtype = torch.float64, seed: int = 0, tokenizer=None, **overrides):
     hf_model = tiny_hf_model(name, dtype, seed, **overrides)
-    if name == "gemma2" and dtype == torch.float64:
-        # HF's eager kernel (Gemma-2 supports no other) runs the softmax in float32 even for float64
-        # models: float64's mask value becomes -inf and padded rows turn into NaN. Run float64 Gemma-2
-        # on recallscope's eager kernel, which keeps float64; the float32 tests cover HF's kernel.
+    if name in _FLOAT32_SOFTMAX and dtype == torch.float64:
+        # their modeling code runs the softmax in float32 even for float64 models: float64's mask value
+        # becomes -inf and padded rows turn into NaN. recallscope's eager kernel keeps float64 and its
+        # masks stay finite in float32 (BLOOM's inline attention uses only the masks); the float32
+        # tests cover the models' own kernels.
         from recallscope.core.attention import EAGER_IMPLEMENTATION
 
         hf_model.config._attn_implementation = EAGER_IMPLEMENTATION

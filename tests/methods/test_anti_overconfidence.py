@@ -20,12 +20,12 @@ from recallscope.core.tokens import encode_prompt
 from recallscope.data.builtin import generic_text
 from recallscope.methods import anti_overconfidence as ao
 from recallscope.stats import bootstrap_ci, expected_calibration_error, paired_bootstrap_ci
-from tiny import capital_facts
+from tiny import DISCOVERED, capital_facts
 
 TOL = dict(rtol=1e-9, atol=1e-10)
 # Gemma-2's HF post-norms run in float32 even for float64 models; the folded parts are float64
 LOOSE = dict(rtol=1e-6, atol=1e-7)
-FAMILIES = ["gpt2", "llama_gqa", "gemma2", "gpt_neox", "opt", "phi", "qwen3", "gptj"]
+FAMILIES = ["gpt2", "llama_gqa", "gemma2", "gpt_neox", "opt", "phi", "qwen3", "gptj", *DISCOVERED]
 
 
 def _tol(model):
@@ -84,7 +84,7 @@ def test_last_position_two_layers_top1_equal_naive_oracle(tiny_models, family):
     assert result.perplexity.empty and np.isnan(result.mitigation.iloc[0].perplexity_before)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama_gqa", "gemma2", "gpt_neox", "opt", "phi"])
+@pytest.mark.parametrize("family", ["gpt2", "llama_gqa", "gemma2", "gpt_neox", "opt", "phi", *DISCOVERED])
 def test_heads_bias_and_mlp_sum_to_the_decoded_final_layer_update(tiny_models, family):
     model = tiny_models(family)
     facts = capital_facts(shots=1)

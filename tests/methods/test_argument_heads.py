@@ -17,16 +17,16 @@ from oracles.early_decoding import unpadded
 from recallscope.data.variants import counterfactual_facts
 from recallscope.errors import RecallscopeError
 from recallscope.methods import argument_heads as ah
-from tiny import capital_facts
+from tiny import DISCOVERED, FLOAT32_INSIDE, capital_facts
 
 TOL = dict(rtol=1e-9, atol=1e-10)
-FAMILIES = ["gpt2", "llama_gqa", "gemma2", "gpt_neox", "gptj", "opt", "phi", "qwen3", "mistral"]
+FAMILIES = ["gpt2", "llama_gqa", "gemma2", "gpt_neox", "gptj", "opt", "phi", "qwen3", "mistral", *DISCOVERED]
 
 
 def _tol(model):
     # GPT-J computes attention scores in float32 even for float64 weights, so the left padding of the
     # batched readouts moves its patterns and head outputs by ~1e-9
-    return dict(rtol=1e-6, atol=1e-7) if model.spec.family == "gptj" else TOL
+    return dict(rtol=1e-6, atol=1e-7) if model.spec.family in FLOAT32_INSIDE else TOL
 
 
 def _oracle_values(model, facts, mean: bool):
@@ -64,9 +64,9 @@ def test_path_patching_equals_literal_oracle(tiny_models, family, mode):
             model, unpadded(batch, f), *values[f], target, config.freeze_mlps
         )
         assert result.target[f] == token
-        np.testing.assert_allclose(result.clean[f], clean, **TOL)
-        np.testing.assert_allclose(result.patched[f], heads, **TOL)
-        np.testing.assert_allclose(result.mlp_patched[f], mlps, **TOL)
+        np.testing.assert_allclose(result.clean[f], clean, **_tol(model))
+        np.testing.assert_allclose(result.patched[f], heads, **_tol(model))
+        np.testing.assert_allclose(result.mlp_patched[f], mlps, **_tol(model))
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -9,6 +9,7 @@ import torch
 import recallscope as rs
 from oracles.attention_knockout import naive_prob, naive_window, source_positions
 from recallscope.methods import attention_knockout as ak
+from tiny import DISCOVERED
 
 PROMPTS = ["The capital of France is", "Famous Eiffel Tower stands in the city of"]
 SUBJECTS = ["France", "Eiffel Tower"]
@@ -18,7 +19,7 @@ def _batch(model):
     return rs.tokenize(model, PROMPTS, spans={"subject": SUBJECTS}, targets=[" Paris", " Paris"])
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama_gqa", "gemma2", "gpt_neox", "phi"])
+@pytest.mark.parametrize("family", ["gpt2", "llama_gqa", "gemma2", "gpt_neox", "phi", *DISCOVERED])
 @pytest.mark.parametrize("mode", ["pre_softmax", "post_softmax_zero"])
 def test_batched_equals_naive_loop(tiny_models, family, mode):
     model = tiny_models(family)

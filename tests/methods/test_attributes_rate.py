@@ -6,11 +6,13 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 import recallscope as rs
 from oracles import attributes_rate as naive
 from recallscope.core import attributes as attr
 from recallscope.methods import attributes_rate as ar
+from tiny import DISCOVERED
 
 ABOUT = {
     "France": "France is a country whose capital is Paris. The Eiffel Tower is in Paris.",
@@ -35,7 +37,7 @@ def _facts():
 SMALL = dict(top_k=60, keep=12, min_length=2)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama_gqa", "gemma2", "gpt_neox", "qwen3"])
+@pytest.mark.parametrize("family", ["gpt2", "llama_gqa", "gemma2", "gpt_neox", "qwen3", *DISCOVERED])
 @pytest.mark.parametrize("readout", ["logit_lens", "raw_embed"])
 def test_batched_equals_naive(tiny_models, family, readout):
     model = tiny_models(family)
@@ -72,13 +74,18 @@ def test_batched_equals_naive(tiny_models, family, readout):
                     name,
                     layer,
                 )
-        mean = model.W_E[ids[start:stop]].mean(0) * _embed_scale(model)
+        mean = _embeddings(model, ids[start:stop]).mean(0)
         expected = naive.rate(model, mean, refs, readout, SMALL["top_k"], SMALL["keep"], SMALL["min_length"])
         assert result.baseline[row] == pytest.approx(expected, nan_ok=True)
 
 
-def _embed_scale(model):
-    return model.d_model**0.5 if model.spec.family.startswith("gemma") else 1.0
+def _embeddings(model, ids):
+    """What the embedding modules hand block 0 for ``ids`` (Gemma's scale, BLOOM's LayerNorm)."""
+    with torch.no_grad():
+        rows = model.hf_model.get_input_embeddings()(ids)
+        if model.spec.embed_norm is not None:
+            rows = model.module(model.spec.embed_norm)(rows)
+    return rows
 
 
 def test_references_fall_back_to_other_facts_about_the_subject(tiny_models):

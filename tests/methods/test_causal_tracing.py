@@ -9,6 +9,7 @@ import torch
 import recallscope as rs
 from oracles.causal_tracing import SITE, naive_cell, naive_trace, window_layers
 from recallscope.methods import causal_tracing as ct
+from tiny import DISCOVERED
 
 PROMPT = "The Eiffel Tower is in Paris"
 
@@ -17,7 +18,9 @@ def _batch(model, prompt=PROMPT, subject="Eiffel Tower"):
     return rs.tokenize(model, [prompt], spans={"subject": [subject]}, targets=[" Paris"], fact_ids=["f"])
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama_gqa", "gemma2", "gptj", "opt", "gpt_neox", "mistral", "phi"])
+@pytest.mark.parametrize(
+    "name", ["gpt2", "llama_gqa", "gemma2", "gptj", "opt", "gpt_neox", "mistral", "phi", *DISCOVERED]
+)
 @pytest.mark.parametrize("reuse", [True, False], ids=["reuse", "rerun"])
 def test_fast_equals_naive_loop(name, reuse, tiny_models):
     model = tiny_models(name)

@@ -15,9 +15,9 @@ from oracles.early_decoding import (
     unpadded,
 )
 from recallscope.methods import early_decoding as ed
-from tiny import ONE_TO_MANY, one_to_many_batch
+from tiny import DISCOVERED, ONE_TO_MANY, one_to_many_batch
 
-FAMILIES = ["gpt2", "llama_gqa", "gemma2", "gpt_neox", "gptj", "opt", "phi", "qwen3", "mistral"]
+FAMILIES = ["gpt2", "llama_gqa", "gemma2", "gpt_neox", "gptj", "opt", "phi", "qwen3", "mistral", *DISCOVERED]
 TOL = dict(rtol=1e-9, atol=1e-10)
 
 

@@ -11,7 +11,7 @@ import torch
 import recallscope as rs
 from oracles.extraction_rate import blocked_positions, naive_fact
 from recallscope.methods import extraction_rate as er
-from tiny import sentencepiece_tokenizer, tiny_model
+from tiny import DISCOVERED, FLOAT32_INSIDE, sentencepiece_tokenizer, tiny_model
 
 PROMPTS = ["The capital of France is", "Famous Eiffel Tower stands in the city of"]
 SUBJECTS = ["France", "Eiffel Tower"]
@@ -30,6 +30,8 @@ def _unpadded(batch, row):
 
 def _check_against_naive(result, model, batch, readout, mode, target=None):
     config = result.config
+    # the FLOAT32_INSIDE families compute part of their forward in float32
+    tol = dict(rtol=1e-7, atol=1e-9) if model.spec.family in FLOAT32_INSIDE else dict(rtol=1e-9, atol=1e-10)
     for row in range(len(batch)):
         ids, subject = _unpadded(batch, row)
         gold = None if target is None else int(target[row])
@@ -48,9 +50,7 @@ def _check_against_naive(result, model, batch, readout, mode, target=None):
             for kind in ("attn", "mlp", "subject"):
                 rank, extracts, logit, top = naive[(kind, layer)]
                 assert getattr(result, f"{kind}_rank")[row, layer] == rank, (kind, layer)
-                np.testing.assert_allclose(
-                    getattr(result, f"{kind}_logit")[row, layer], logit, rtol=1e-9, atol=1e-10
-                )
+                np.testing.assert_allclose(getattr(result, f"{kind}_logit")[row, layer], logit, **tol)
                 assert getattr(result, f"{kind}_top")[row, layer].tolist() == top
                 if kind != "subject":
                     assert getattr(result, f"{kind}_extracts")[row, layer] == extracts
@@ -59,19 +59,23 @@ def _check_against_naive(result, model, batch, readout, mode, target=None):
                 assert result.cf_rank[row, v, layer] == rank, (name, layer)
                 assert result.cf_extracts[row, v, layer] == extracts, (name, layer)
                 assert result.cf_top1[row, v, layer] == top1, (name, layer)
-                np.testing.assert_allclose(result.cf_logit[row, v, layer], logit, rtol=1e-9, atol=1e-10)
+                np.testing.assert_allclose(result.cf_logit[row, v, layer], logit, **tol)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama_gqa", "gemma2", "gptj", "gpt_neox", "opt", "phi"])
+@pytest.mark.parametrize(
+    "family", ["gpt2", "llama_gqa", "gemma2", "gptj", "gpt_neox", "opt", "phi", *DISCOVERED]
+)
 @pytest.mark.parametrize(
     ("mode", "readout"), [("renormalize", "logit_lens"), ("resoftmax", "raw_embed"), ("renormalize", "raw")]
 )
 def test_batched_equals_naive_loop(tiny_models, family, mode, readout):
     model = tiny_models(family)
-    batch = _batch(model)
     config = er.Config(readout=readout, counterfactual_mode=mode, top_k_tokens=5)
-    result = er.run(model, batch, config)
-    _check_against_naive(result, model, batch, readout, mode)
+    batches = [_batch(model)]
+    if family in FLOAT32_INSIDE:  # padding moves their float32 parts by a rounding step: unpadded rows
+        batches = [_batch(model, [p], [s]) for p, s in zip(PROMPTS, SUBJECTS, strict=True)]
+    for batch in batches:
+        _check_against_naive(er.run(model, batch, config), model, batch, readout, mode)
 
 
 def test_gold_target_against_naive(tiny_models):

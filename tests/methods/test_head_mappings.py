@@ -38,7 +38,8 @@ def test_value_weights_give_the_v_site(tiny_models, family):
     sites = [rs.Site(layer, name) for layer in layers for name in ("resid_pre", "v")]
     cache = rs.run_with_cache(model, batch, sites)
     for layer in layers:
-        x = model.module(model.spec.ln_1, layer)(cache[rs.Site(layer, "resid_pre")])
+        x = cache[rs.Site(layer, "resid_pre")]
+        x = x if model.spec.ln_1 is None else model.module(model.spec.ln_1, layer)(x)  # OLMo-2: no norm
         v = torch.einsum("btd,kde->btke", x, model.W_V(layer))
         v = v if model.b_V(layer) is None else v + model.b_V(layer)
         torch.testing.assert_close(v, cache[rs.Site(layer, "v")], rtol=1e-10, atol=1e-12)

@@ -15,10 +15,21 @@ from oracles.early_decoding import per_row_results, tracked_ids, unpadded
 from oracles.head_promotion import naive_head_logits
 from recallscope.methods import early_decoding as ed
 from recallscope.methods import head_promotion as hp
-from tiny import ONE_TO_MANY, one_to_many_batch
+from tiny import DISCOVERED, ONE_TO_MANY, one_to_many_batch
 
 TOL = dict(rtol=1e-9, atol=1e-10)
-FAMILIES = ["gpt2", "llama_gqa", "gemma2", "gpt_neox", "gptj", "opt", "phi", "qwen3", "llama_mqa"]
+FAMILIES = [
+    "gpt2",
+    "llama_gqa",
+    "gemma2",
+    "gpt_neox",
+    "gptj",
+    "opt",
+    "phi",
+    "qwen3",
+    "llama_mqa",
+    *DISCOVERED,
+]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -40,7 +51,9 @@ def test_reference_code_slicing_equals_naive_oracle(tiny_models, family):
         np.testing.assert_allclose(result.logit[f], expected, **TOL)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama_gqa", "gemma2", "gpt_neox", "gptj", "opt", "phi"])
+@pytest.mark.parametrize(
+    "family", ["gpt2", "llama_gqa", "gemma2", "gpt_neox", "gptj", "opt", "phi", *DISCOVERED]
+)
 def test_heads_plus_bias_sum_to_the_decoded_attention_update(tiny_models, family):
     model = tiny_models(family)
     heads = per_row_results(hp.run, model, hp.Config())

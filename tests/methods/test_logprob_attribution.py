@@ -8,6 +8,7 @@ import pytest
 import recallscope as rs
 from oracles.logprob_attribution import naive_attribution
 from recallscope.methods import logprob_attribution as la
+from tiny import DISCOVERED, FLOAT32_INSIDE
 
 PROMPTS = ["The capital of France is", "Famous Eiffel Tower stands in the city of", "Rome is in"]
 SUBJECTS = ["France", "Eiffel Tower", "Rome"]
@@ -54,7 +55,9 @@ def _check_fact(result, f, expected, pad) -> None:
         assert (lower <= expected[key] + 1e-12).all() and (expected[key] <= upper + 1e-12).all()
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama_gqa", "gemma2", "gpt_neox", "gptj", "opt", "phi", "qwen3"])
+@pytest.mark.parametrize(
+    "family", ["gpt2", "llama_gqa", "gemma2", "gpt_neox", "gptj", "opt", "phi", "qwen3", *DISCOVERED]
+)
 @pytest.mark.parametrize("bias,target", [(True, "top1"), (False, "gold")])
 def test_exact_all_equals_oracle(tiny_models, family, bias, target):
     model = tiny_models(family)
@@ -63,7 +66,7 @@ def test_exact_all_equals_oracle(tiny_models, family, bias, target):
     # GPT-J computes attention scores in float32 even for float64 weights, so left padding moves
     # them by ~1e-9: compare its prompts unpadded (padding is checked on other families)
     runs = [(la.run(model, batch, config), batch, f) for f in range(len(batch))]
-    if family == "gptj":
+    if family in FLOAT32_INSIDE:
         runs = [
             (la.run(model, _batch(model, rows=(f,)), config), _batch(model, rows=(f,)), 0) for f in (0, 1)
         ]
@@ -155,7 +158,7 @@ def test_padded_batch_equals_one_by_one(tiny_models):
             )
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama_gqa", "gemma2", "gptj"])
+@pytest.mark.parametrize("family", ["gpt2", "llama_gqa", "gemma2", "gptj", *DISCOVERED])
 def test_decompositions_sum_back(tiny_models, family):
     model = tiny_models(family)
     pad, ids = _row(_batch(model, rows=(0,)), 0)

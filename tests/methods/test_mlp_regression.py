@@ -14,10 +14,10 @@ from oracles.early_decoding import unpadded
 from oracles.mlp_regression import naive_mlp_regression
 from recallscope.core.mlp import mlp_function, mlp_input_site, mlp_jvp
 from recallscope.methods import mlp_regression as mr
-from tiny import FAMILY_NAMES, capital_facts
+from tiny import DISCOVERED, FAMILY_NAMES, FLOAT32_INSIDE, capital_facts
 
 TOL = dict(rtol=1e-9, atol=1e-10)
-FAMILIES = ["gpt2", "llama_gqa", "gemma2", "gpt_neox", "gptj", "opt", "phi", "qwen3", "mistral"]
+FAMILIES = ["gpt2", "llama_gqa", "gemma2", "gpt_neox", "gptj", "opt", "phi", "qwen3", "mistral", *DISCOVERED]
 CONFIGS = {
     "lv": mr.Config.preset("lv"),
     "intercept_normalized": mr.Config(intercept=True, space="normalized", batch_size=2),
@@ -52,7 +52,7 @@ def _run(model, config):
     """The method on the padded batch (GPT-J: one unpadded fact per forward; it computes attention
     scores in float32 even for float64 weights, so left padding moves its results by ~1e-9)."""
     facts, batch = _facts_and_batch(model)
-    if model.spec.family == "gptj":
+    if model.spec.family in FLOAT32_INSIDE:
         return mr.run(model, facts, mr.Config.from_dict({**config.to_dict(), "batch_size": 1})), batch
     return mr.run(model, batch, config), batch
 

@@ -11,11 +11,12 @@ import recallscope as rs
 from oracles.neuron_ablation import naive_ablate, naive_metrics, naive_target_rank, naive_zero_head
 from recallscope.methods import neuron_ablation as na
 from recallscope.stats import mean_ci
+from tiny import DISCOVERED
 
 PROMPTS = ["The capital of France is", "Famous Eiffel Tower stands in the city of", "Miles Davis plays the"]
 SUBJECTS = ["France", "Eiffel Tower", "Miles Davis"]
 TARGETS = [" Paris", " Paris", " trumpet"]
-FAMILIES = ["gpt2", "llama_gqa", "gemma2", "gpt_neox", "gptj", "opt"]
+FAMILIES = ["gpt2", "llama_gqa", "gemma2", "gpt_neox", "gptj", "opt", *DISCOVERED]
 
 
 def _batch(model):

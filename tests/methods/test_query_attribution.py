@@ -12,7 +12,7 @@ from oracles.query_attribution import frozen_norm, mlp_coeff, naive_query
 from recallscope.methods import logprob_attribution as la
 from recallscope.methods import query_attribution as qa
 from recallscope.models.sites import Site
-from tiny import FAMILY_NAMES
+from tiny import DISCOVERED, FAMILY_NAMES, FLOAT32_INSIDE
 
 PROMPTS = ["The capital of France is", "Famous Eiffel Tower stands in the city of"]
 
@@ -20,7 +20,7 @@ PROMPTS = ["The capital of France is", "Famous Eiffel Tower stands in the city o
 def _batch(model):
     # GPT-J computes attention scores in float32 even in float64 models, so its padded rows differ
     # from the unpadded oracle at ~1e-8: test it on one unpadded prompt
-    return rs.tokenize(model, PROMPTS[:1] if model.spec.family == "gptj" else PROMPTS)
+    return rs.tokenize(model, PROMPTS[:1] if model.spec.family in FLOAT32_INSIDE else PROMPTS)
 
 
 def _value_rows(model, batch, seed: int = 0, n_neurons: int = 12, n_units: int = 10):
@@ -85,7 +85,7 @@ def _assert_matches_naive(model, batch, result, neurons, units, config):
         assert (table["head"] >= 0).sum() == min(config.n_show, len(table))
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama_gqa", "gemma2", "gpt_neox", "gptj", "opt"])
+@pytest.mark.parametrize("family", ["gpt2", "llama_gqa", "gemma2", "gpt_neox", "gptj", "opt", *DISCOVERED])
 @pytest.mark.parametrize("ffn_key", ["linearized", "as_coded"])
 def test_batched_core_equals_naive_loops(tiny_models, family, ffn_key):
     model = tiny_models(family)
@@ -245,9 +245,15 @@ def test_mlp_accessors_reproduce_the_mlp(tiny_models, family):
     model = tiny_models(family)
     batch = _batch(model)
     layer = 1
+    if model.spec.experts is not None:  # per-expert input weights: refused by name
+        for accessor in (model.W_in, model.W_gate, model.mlp_act):
+            with pytest.raises(rs.SiteError, match="mixture-of-experts MLP in block 1"):
+                accessor(layer)
+        return
     resid = Site(layer, "resid_pre" if model.spec.parallel else "resid_mid")
     cache = rs.run_with_cache(model, batch, [resid, Site(layer, "mlp_pre"), Site(layer, "mlp_post")])
-    normed = model.module(model.spec.mlp_norm, layer)(cache[resid])
+    norm = model.spec.mlp_norm  # None: the MLP reads the residual itself (OLMo-2)
+    normed = cache[resid] if norm is None else model.module(norm, layer)(cache[resid])
 
     def affine(W, b):
         return normed @ W + (0 if b is None else b)

@@ -8,9 +8,9 @@ import pytest
 import recallscope as rs
 from oracles.token_lens import naive_token_lens
 from recallscope.methods import token_lens as tl
-from tiny import ONE_TO_MANY, one_to_many_batch
+from tiny import DISCOVERED, FLOAT32_INSIDE, ONE_TO_MANY, one_to_many_batch
 
-FAMILIES = ["gpt2", "llama_gqa", "gemma2", "gpt_neox", "gptj", "opt", "qwen3", "mistral"]
+FAMILIES = ["gpt2", "llama_gqa", "gemma2", "gpt_neox", "gptj", "opt", "qwen3", "mistral", *DISCOVERED]
 
 
 def _row_inputs(batch, row: int, spans: list[str]):
@@ -35,7 +35,7 @@ def _tracked_ids(batch, row: int, subject: bool = True) -> list[int]:
     return answers
 
 
-def _check_against_oracle(model, batch, result, rtol=1e-9):
+def _check_against_oracle(model, batch, result, rtol=1e-9, atol=1e-12):
     spans = [p for p in result.parts if p not in ("other", "bias")]
     for row in range(len(batch)):
         ids, positions = _row_inputs(batch, row, spans)
@@ -44,7 +44,7 @@ def _check_against_oracle(model, batch, result, rtol=1e-9):
         got = result.logit[row]  # [L, parts, n]
         present = result.present[row]
         assert np.isnan(got[:, ~present]).all()
-        np.testing.assert_allclose(got[:, present], expected["logit"][:, present], rtol=rtol, atol=1e-12)
+        np.testing.assert_allclose(got[:, present], expected["logit"][:, present], rtol=rtol, atol=atol)
         for p, name in enumerate(spans):
             assert present[p] == bool(positions[name]), (row, name)
 
@@ -57,7 +57,9 @@ def test_equals_the_naive_oracle_on_one_to_many_steps(name, tiny_models):
     has_bias = model.b_O(0) is not None
     assert result.parts == ["subject", "answer_1", "answer_2", "last_token", "other"] + ["bias"] * has_bias
     assert result.tracked == ["subject", "answer_1", "answer_2", "answer_3"]
-    _check_against_oracle(model, batch, result)
+    # padding moves the FLOAT32_INSIDE families' float32 parts by a rounding step
+    loose = name in FLOAT32_INSIDE
+    _check_against_oracle(model, batch, result, rtol=1e-6 if loose else 1e-9, atol=1e-9 if loose else 1e-12)
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -65,8 +67,9 @@ def test_parts_sum_to_the_decoded_attention_output(name, tiny_models):
     model = tiny_models(name)
     batch = one_to_many_batch(model)
     result = tl.run(model, batch)
-    # HF computes Gemma-2's post-norms in float32 even for float64 models: 1e-6 covers it
-    atol = 1e-6 if name == "gemma2" else 1e-10
+    # HF computes post-norms (Gemma-2/3, OLMo-2) in float32 even for float64 models, and the
+    # FLOAT32_INSIDE families part of their attention: 1e-6 covers it
+    atol = 1e-6 if model.spec.attn_post_norm or name in FLOAT32_INSIDE else 1e-10
     for row in range(len(batch)):
         ids, _ = _row_inputs(batch, row, [])
         expected = naive_token_lens(model, ids, {}, _tracked_ids(batch, row))["attn_out"]  # [L, n]

@@ -25,6 +25,7 @@ import hashlib
 import numpy as np
 import torch
 
+from oracles import experts
 from oracles.early_decoding import capture, frozen_decoder, unpadded
 from oracles.head_promotion import _head_output, _post_norm, _z_hooks
 
@@ -33,6 +34,8 @@ def _mlp_hooks(model, layers):
     """Save the MLP output projection's input (coefficients) and output at the last position."""
 
     def hooks(stack, saved):
+        if model.spec.experts is not None:  # a mixture of experts: coefficients by hand from its input
+            return _expert_hooks(model, layers)(stack, saved)
         for layer in layers:
             proj = model.module(model.spec.mlp_out_proj, layer)
 
@@ -41,12 +44,35 @@ def _mlp_hooks(model, layers):
                 saved[("coeffs", layer)] = x.detach().reshape(-1, model.d_mlp)[-1]
 
             def post(module, args, out, layer=layer):
-                saved[("mlp_pre", layer)] = out.detach().reshape(-1, model.d_model)[-1]
+                saved[("mlp_pre", layer)] = out.detach().reshape(-1, model.d_model)[-1].clone()
 
             stack.enter_context(proj.register_forward_pre_hook(pre, with_kwargs=True))
             stack.enter_context(proj.register_forward_hook(post))
 
     return hooks
+
+
+def _expert_hooks(model, layers):
+    def hooks(stack, saved):
+        for layer in layers:
+            block = model.module(model.spec.mlp, layer)
+
+            def post(module, args, out, layer=layer):
+                normed = args[0].detach().reshape(-1, model.d_model)[-1].double()
+                out = out[0] if isinstance(out, tuple) else out
+                saved[("coeffs", layer)] = experts.coefficients(model, layer, normed.to(model.dtype)).detach()
+                saved[("mlp_pre", layer)] = out.detach().reshape(-1, model.d_model)[-1].clone()
+
+            stack.enter_context(block.register_forward_hook(post))
+
+    return hooks
+
+
+def _value(model, layer: int, k: int) -> torch.Tensor:
+    if model.spec.experts is not None:
+        return experts.value_vector(model, layer, k).double()
+    W = model.module(model.spec.mlp_out_proj, layer).weight.detach().double()  # Linear [d, d_mlp]
+    return W[k] if model.spec.conv1d else W[:, k]  # GPT-2's Conv1D is [d_mlp, d]
 
 
 def _mlp_post(model, layer: int, pre: torch.Tensor):
@@ -84,12 +110,9 @@ def naive_attribution(model, ids: torch.Tensor, target: int, layers, neurons=Non
         if o_proj.bias is not None:
             out[("attn_bias", layer, -1)] = read(post(o_proj.bias.detach().double()))
         out[("mlp", layer, -1)] = read(saved[("mlp", layer)])
-        proj = model.module(model.spec.mlp_out_proj, layer)
-        W = proj.weight.detach().double()  # Linear [d, d_mlp]; GPT-2 Conv1D [d_mlp, d]
         mlp_post = _mlp_post(model, layer, saved[("mlp_pre", layer)])
         for k in range(model.d_mlp) if neurons is None else neurons[layer]:
-            w_k = W[k] if model.spec.conv1d else W[:, k]
-            out[("neuron", layer, k)] = read(mlp_post(saved[("coeffs", layer)][k] * w_k))
+            out[("neuron", layer, k)] = read(mlp_post(saved[("coeffs", layer)][k] * _value(model, layer, k)))
     return out
 
 
@@ -128,6 +151,19 @@ def scaled(model, cell, positions: str):
             return (flat.reshape(x.shape), *args[1:]), kwargs
 
         handle = module.register_forward_pre_hook(pre, with_kwargs=True)
+    elif kind == "neuron" and model.spec.experts is not None:  # add (scale - 1) c_k w_k to the output
+        module = model.module(model.spec.mlp, layer)
+        w_k = _value(model, layer, index)
+
+        def post(mod, args, out):
+            x = out[0] if isinstance(out, tuple) else out
+            normed = args[0].reshape(-1, model.d_model)
+            c = torch.stack([experts.coefficients(model, layer, row)[index] for row in normed])
+            flat, factor = mask(x, model.d_model)
+            new = (flat + (factor - 1) * c[:, None] * w_k.to(flat.dtype)).reshape(x.shape)
+            return (new, *out[1:]) if isinstance(out, tuple) else new
+
+        handle = module.register_forward_hook(post)
     elif kind == "neuron":
         module = model.module(model.spec.mlp_out_proj, layer)
 

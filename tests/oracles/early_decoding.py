@@ -37,10 +37,11 @@ def frozen_decoder(model, final: torch.Tensor, dtype: torch.dtype = torch.float6
     return decode
 
 
-def _last(out, d: int) -> torch.Tensor:
-    """The last position of a module output (a tuple's first item; ``[1, T, d]`` or OPT's ``[T, d]``)."""
+def _last(out, d: int, scale: float = 1.0) -> torch.Tensor:
+    """The last position of a module output (a tuple's first item; ``[1, T, d]`` or OPT's ``[T, d]``),
+    copied (Falcon adds to its MLP output in place) and times the model's residual multiplier."""
     out = out[0] if isinstance(out, tuple) else out
-    return out.detach().reshape(-1, d)[-1]
+    return out.detach().reshape(-1, d)[-1].clone() * scale
 
 
 def capture(model, ids: torch.Tensor, extra=None) -> dict:
@@ -51,15 +52,17 @@ def capture(model, ids: torch.Tensor, extra=None) -> dict:
     spec, d, saved = model.spec, model.d_model, {}
 
     def keep(key):
-        return lambda module, args, out: saved.__setitem__(key, _last(out, d))
+        return lambda module, args, out: saved.__setitem__(key, _last(out, d, spec.residual_scale))
 
     def final(module, args):
         saved["final"] = args[0].detach()[0, -1]
 
     with contextlib.ExitStack() as stack:
         for layer in range(model.n_layers):
-            attn = model.module(spec.attn_post_norm or spec.attn, layer)
-            mlp = model.module(spec.mlp_post_norm or spec.mlp or spec.mlp_out_proj, layer)
+            # the modules whose outputs the block adds (BLOOM adds the residual inside its sublayers,
+            # so there it is the output projections)
+            attn = model.module(spec.attn_out, layer)
+            mlp = model.module(spec.mlp_out, layer)
             stack.enter_context(attn.register_forward_hook(keep(("attn", layer))))
             stack.enter_context(mlp.register_forward_hook(keep(("mlp", layer))))
         stack.enter_context(model.module(spec.final_norm).register_forward_pre_hook(final))
@@ -119,13 +122,14 @@ def tracked_ids(batch, row: int) -> list[int]:
 def per_row_results(run, model, config) -> list[tuple]:
     """``(result, row in result, batch, row in batch)`` for every row of ``one_to_many_batch``.
 
-    GPT-J computes attention scores in float32 even for float64 weights, so left padding moves
-    them by ~1e-9: its rows run unpadded, one at a time (padding is checked on other families).
+    GPT-J computes attention scores in float32 even for float64 weights, BLOOM its softmax and
+    Falcon its rotations, so left padding moves them by ~1e-9: their rows run unpadded, one at a time
+    (padding is checked on other families).
     """
-    from tiny import ONE_TO_MANY, one_to_many_batch
+    from tiny import FLOAT32_INSIDE, ONE_TO_MANY, one_to_many_batch
 
     batch = one_to_many_batch(model)
-    if model.spec.family != "gptj":
+    if model.spec.family not in FLOAT32_INSIDE:
         result = run(model, batch, config)
         return [(result, f, batch, f) for f in range(len(batch))]
     alone = [one_to_many_batch(model, rows=[spec]) for spec in ONE_TO_MANY]

@@ -83,8 +83,8 @@ def naive_capture(model, ids: torch.Tensor, subject_last: int) -> dict:
     got: dict = {k: {} for k in ("attn", "mlp", "subject", "probs", "v")}
 
     def grab(kind, layer, fn):
-        def hook(module, args, output):
-            got[kind][layer] = fn(_out(output).detach())
+        def hook(module, args, output):  # a copy: Falcon adds to its MLP output in place
+            got[kind][layer] = fn(_out(output).detach()).clone()
 
         return hook
 

@@ -31,7 +31,8 @@ def _hooks(model):
     def hooks(stack, saved):
         for layer in range(model.n_layers):
             o_proj = model.module(model.spec.o_proj, layer)
-            norm = model.module(model.spec.mlp_norm, layer)
+            # the residual the MLP reads: its norm's input, or its own input without a norm (OLMo-2)
+            norm = model.module(model.spec.mlp_norm or model.spec.mlp, layer)
 
             def z_hook(module, args, kwargs, layer=layer):
                 x = args[0] if args else next(iter(kwargs.values()))

@@ -48,8 +48,9 @@ def _hooks(model):
             o_proj = model.module(spec.o_proj, layer)
             stack.enter_context(o_proj.register_forward_pre_hook(z_in, with_kwargs=True))
             stack.enter_context(o_proj.register_forward_hook(o_out))
-            norm = model.module(spec.ln_2 or spec.ln_1, layer)
-            stack.enter_context(norm.register_forward_pre_hook(mlp_in, with_kwargs=True))
+            # the residual the MLP reads: its norm's input, or its own input without a norm (OLMo-2)
+            reader = model.module(spec.ln_2 or spec.mlp, layer)
+            stack.enter_context(reader.register_forward_pre_hook(mlp_in, with_kwargs=True))
             stack.enter_context(blocks[layer].register_forward_hook(block_out))
 
     return hooks
@@ -83,7 +84,9 @@ def heads_of(model, layer: int, regressors: str) -> list[tuple[int, int]]:
 
 def normalized(model, layer: int, resid: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
     """``γ ⊙ centre(o) / ρ(resid)`` with the MLP norm's scale frozen on its actual input."""
-    params = model.norm_params(model.spec.ln_2 or model.spec.ln_1, layer)
+    if model.spec.ln_2 is None:  # the MLP reads the residual itself (OLMo-2): it sees o as it is
+        return o
+    params = model.norm_params(model.spec.ln_2, layer)
     if params.kind == "layer":
         rho = torch.sqrt(((resid - resid.mean()) ** 2).mean() + params.eps)
         o = o - o.mean()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 import recallscope as rs
+from oracles import experts
 from recallscope.models.sites import Site
 
 
@@ -49,9 +50,9 @@ def ffn_key(model, acts: dict, layer: int, k: int, how: str) -> torch.Tensor:
     spec = model.spec
     if how == "as_coded":
         how = "value" if spec.gated_mlp else "input_row"
-    g2 = gain(model, spec.ln_2 or spec.ln_1, layer)
+    g2 = gain(model, spec.ln_2, layer)
     if how == "value":
-        return weight_vector(model.module(spec.mlp_out_proj, layer), k, "out") * g2
+        return _value_vector(model, layer, k) * g2
     if how in ("input_row", "gate_row"):
         path = spec.mlp_in if how == "input_row" else spec.mlp_gate
         return weight_vector(model.module(path, layer), k, "in") * g2
@@ -68,19 +69,28 @@ def ffn_key(model, acts: dict, layer: int, k: int, how: str) -> torch.Tensor:
 
 def frozen_norm(model, layer: int, x: torch.Tensor, rho: torch.Tensor | None = None):
     """The MLP's norm of ``x`` computed by hand, with its scale ``ρ`` (frozen when given)."""
-    params = model.norm_params(model.spec.ln_2 or model.spec.ln_1, layer)
+    if model.spec.ln_2 is None:  # the MLP reads the residual itself (OLMo-2)
+        return x, torch.ones((), dtype=x.dtype)
+    params = model.norm_params(model.spec.ln_2, layer)
     centred = x - x.mean() if params.kind == "layer" else x
     if rho is None:
         rho = (centred.detach().pow(2).mean() + params.eps).sqrt()
-    out = centred / rho * gain(model, model.spec.ln_2 or model.spec.ln_1, layer)
+    out = centred / rho * gain(model, model.spec.ln_2, layer)
     return (out if params.bias is None else out + params.bias), rho
 
 
 def mlp_coeff(model, layer: int, normed: torch.Tensor) -> torch.Tensor:
-    """``c [d_mlp]`` from the MLP's own projection modules and activation."""
+    """``c [d_mlp]`` from the MLP's own projection modules and activation; for a mixture of experts,
+    from its router and experts by hand: ``w_e · act(x W_gate[e]) ⊙ (x W_up[e])`` over the top-k."""
     spec = model.spec
+    if spec.experts is not None:
+        return experts.coefficients(model, layer, normed)
     act = model.mlp_act(layer)
     up = model.module(spec.mlp_in, layer)(normed[None])[0]
+    if spec.gate_up is not None:  # one projection writes [gate | up] (or [up | gate]): Phi-3
+        first, second = up.chunk(2)
+        gate, up = (first, second) if spec.gate_up == "gate_first" else (second, first)
+        return act(gate) * up
     if spec.gated_mlp:
         return act(model.module(spec.mlp_gate, layer)(normed[None])[0]) * up
     return act(up)
@@ -89,10 +99,9 @@ def mlp_coeff(model, layer: int, normed: torch.Tensor) -> torch.Tensor:
 def ffn_subvalue(model, acts: dict, layer: int, pos: int, k: int) -> torch.Tensor:
     """``c_k w_k`` at ``pos`` as added to the residual (Gemma-2: through the post-norm's actual scale)."""
     c = acts[(layer, "mlp_post")][pos]
-    out_proj = model.module(model.spec.mlp_out_proj, layer)
-    s = c[k] * weight_vector(out_proj, k, "out")
+    s = c[k] * _value_vector(model, layer, k)
     if model.spec.mlp_post_norm is not None:
-        pre = out_proj(c[None])[0].detach()
+        pre = model.module(model.spec.mlp_out_proj, layer)(c[None])[0].detach()
         params = model.norm_params(model.spec.mlp_post_norm, layer)
         s = s * gain(model, model.spec.mlp_post_norm, layer) / (pre.pow(2).mean() + params.eps).sqrt()
     return s
@@ -109,7 +118,8 @@ def top_tokens(model, vector: torch.Tensor, n: int) -> list[int]:
 
 def ov_tokens(model, layer: int, head: int, w: torch.Tensor, n: int) -> list[int]:
     """Top tokens of ``W_O^h (W_V^h ln_1(w) + b_V^h)`` (+ Gemma-2 post-attention norm)."""
-    x = model.module(model.spec.ln_1, layer)(w[None])[0].detach()
+    ln_1 = model.spec.ln_1  # None: the attention reads the residual itself (OLMo-2)
+    x = w if ln_1 is None else model.module(ln_1, layer)(w[None])[0].detach()
     kv = head // model.n_groups
     v = x @ model.W_V(layer)[kv]
     if model.b_V(layer) is not None:
@@ -184,7 +194,16 @@ def naive_query(
 
 def shown_tokens(model, i: int, k: int, layer: int, head: int, n: int) -> tuple:
     """(d): ``(head layer, head, OV-mapped top tokens, own top tokens)`` of FFN neuron ``(i, k)``."""
-    w = weight_vector(model.module(model.spec.mlp_out_proj, i), k, "out")
+    w = _value_vector(model, i, k)
     if model.spec.mlp_post_norm is not None:
         w = w * gain(model, model.spec.mlp_post_norm, i)
     return layer, head, ov_tokens(model, layer, head, w, n), top_tokens(model, w, n)
+
+
+def _value_vector(model, layer: int, k: int) -> torch.Tensor:
+    """The vector neuron ``k`` writes: a column of the down projection, or of expert ``k // width``'s
+    (its bias for the last neuron of each expert that has one)."""
+    spec = model.spec
+    if spec.experts is None:
+        return weight_vector(model.module(spec.mlp_out_proj, layer), k, "out")
+    return experts.value_vector(model, layer, k)

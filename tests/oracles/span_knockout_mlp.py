@@ -28,7 +28,7 @@ KERNEL = "oracle_span_knockout"
 _EDIT: dict = {"src": [], "mode": "post_softmax_zero", "layers": None}
 
 
-def _attend(query, key, value, mask, scaling: float, softcap=None, layer: int = 0):
+def _attend(query, key, value, mask, scaling: float, softcap=None, layer: int = 0, sinks=None):
     """Eager attention ``[1, H, T, d_head]`` with the last row edited; returns ``(out, probs)``."""
     groups = query.shape[1] // key.shape[1]
     key = key.repeat_interleave(groups, dim=1)  # query head h reads key/value head h // groups
@@ -48,7 +48,11 @@ def _attend(query, key, value, mask, scaling: float, softcap=None, layer: int = 
         scores = scores.clone()
         for j in src:
             scores[:, :, -1, j] = torch.finfo(scores.dtype).min
-    probs = torch.softmax(scores, dim=-1)
+    if sinks is None:
+        probs = torch.softmax(scores, dim=-1)
+    else:  # a learned sink logit per head joins every row's softmax, then is dropped (gpt-oss)
+        sink = sinks.reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        probs = torch.softmax(torch.cat([scores, sink], -1), dim=-1)[..., :-1]
     if src and _EDIT["mode"] == "post_softmax_zero":
         probs = probs.clone()
         for j in src:
@@ -57,9 +61,11 @@ def _attend(query, key, value, mask, scaling: float, softcap=None, layer: int = 
     return torch.matmul(probs, value), probs
 
 
-def _kernel(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kwargs):
+def _kernel(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, s_aux=None, **kwargs
+):
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    out, probs = _attend(query, key, value, attention_mask, scaling, softcap, module.layer_idx)
+    out, probs = _attend(query, key, value, attention_mask, scaling, softcap, module.layer_idx, s_aux)
     return out.transpose(1, 2).contiguous(), probs
 
 

@@ -24,7 +24,9 @@ _ORACLE = "token_lens_oracle"
 _RECORDS: list[dict] = []
 
 
-def _naive_attention(module, query, key, value, attention_mask, scaling=None, softcap=None, **kwargs):
+def _naive_attention(
+    module, query, key, value, attention_mask, scaling=None, softcap=None, s_aux=None, **kwargs
+):
     """Plain float64-safe attention that records ``α [B, H, Q, K]`` and the values it mixes.
 
     ``query [B, H, Q, d_h]`` (after RoPE), ``key``/``value [B, H_kv, K, d_h]``; query head h reads
@@ -39,7 +41,11 @@ def _naive_attention(module, query, key, value, attention_mask, scaling=None, so
         scores = torch.tanh(scores / softcap) * softcap
     if attention_mask is not None:  # additive (causal, sliding window)
         scores = scores + attention_mask[..., : key.shape[-2]]
-    probs = torch.softmax(scores, dim=-1)
+    if s_aux is None:
+        probs = torch.softmax(scores, dim=-1)
+    else:  # a learned sink logit per head joins every row's softmax, then is dropped (gpt-oss)
+        sinks = s_aux.reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        probs = torch.softmax(torch.cat([scores, sinks], -1), dim=-1)[..., :-1]
     _RECORDS.append({"module": module, "alpha": probs.detach(), "v": value.detach()})
     return (probs @ value_h).transpose(1, 2).contiguous(), probs
 

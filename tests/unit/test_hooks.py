@@ -37,6 +37,8 @@ def test_canonical_shapes(setup):
         "mlp_pre": (B, T, dm),
         "mlp_post": (B, T, dm),
     }
+    if model.spec.at(1).experts is not None:
+        del expected["mlp_pre"]  # a mixture of experts has no one activation input: mlp_post only
     sites = [Site(None if n == "embed" else 1, n) for n in expected]
     cache = _run(model, batch, sites)
     for site in sites:
@@ -86,6 +88,13 @@ def test_zeroing_a_neuron_removes_its_output(setup):
 def test_zero_query_gives_uniform_attention(setup):
     """q = 0 makes every score 0 (RoPE, qk-norm and soft-cap keep 0 at 0): uniform over allowed keys."""
     model, batch = setup
+    premise = {
+        "olmo2": "its qk-norm spans every head: zeroing one head's query rescales the others'",
+        "gpt_oss": "its attention sinks take part of every row",
+        "bloom": "ALiBi adds a bias to every score",
+    }
+    if model.spec.family in premise:
+        pytest.skip(premise[model.spec.family])
     layer, head = 1, 1
     pattern = Site(layer, "pattern")
     clean = _run(model, batch, [pattern])[pattern]
@@ -116,6 +125,8 @@ def test_zero_values_of_a_kv_head_silence_its_query_heads(setup):
 @pytest.mark.parametrize("name", ["q", "k", "v", "z", "mlp_pre", "mlp_post", "attn_out", "mlp_out"])
 def test_patching_clean_into_clean_is_identity(setup, name):
     model, batch = setup
+    if name == "mlp_pre" and model.spec.at(1).experts is not None:
+        pytest.skip("a mixture of experts has no one activation input (mlp_pre)")
     site = Site(1, name)
     clean = _run(model, batch, [site])
     with rs.patch(model, site, clean[site]):

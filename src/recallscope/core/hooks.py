@@ -40,10 +40,12 @@ class StopForward(Exception):
 
 
 @contextlib.contextmanager
-def module_hook(module: nn.Module, fn: Callable, kind: str) -> Iterator[None]:
-    """Register a forward (``kind="fwd"``) or forward-pre (``"pre"``) hook with kwargs; remove on exit."""
+def module_hook(module: nn.Module, fn: Callable, kind: str, *, prepend: bool = False) -> Iterator[None]:
+    """Register a forward (``kind="fwd"``) or forward-pre (``"pre"``) hook with kwargs (first of the
+    module's hooks with ``prepend``); remove on exit.
+    """
     register = module.register_forward_pre_hook if kind == "pre" else module.register_forward_hook
-    handle = register(fn, with_kwargs=True)
+    handle = register(fn, with_kwargs=True, prepend=prepend)
     try:
         yield
     finally:
@@ -276,7 +278,10 @@ def _hook_with_view(
         def apply(raw: torch.Tensor) -> torch.Tensor | None:
             flat = raw.dim() == 2  # OPT runs its MLP on [B*T, ...]
             raw = raw.unflatten(0, shape[0]) if flat else raw
-            new = fn(view.get(raw).to(home))
+            act = view.get(raw).to(home)
+            # a module's output may be changed in place after the hook (Falcon adds the attention
+            # output to its MLP output): fn gets its own copy
+            new = fn(act.clone() if kind == "fwd" and act.data_ptr() == raw.data_ptr() else act)
             if new is None:
                 return None
             new = view.put(raw, new.to(raw.device, raw.dtype))

@@ -55,9 +55,9 @@ def mlp_function(model: Model, layer: int) -> Callable[[torch.Tensor], torch.Ten
     norm = model.module(spec.mlp_norm, layer) if spec.mlp_norm else nn.Identity()
     inside = spec.mlp is not None and (spec.mlp_post_norm or "").startswith(f"{spec.mlp}.")
     post = model.module(spec.mlp_post_norm, layer) if spec.mlp_post_norm and not inside else None
-    if spec.mlp is not None:
+    if spec.mlp is not None and spec.mlp_update is None:
         mlp = model.module(spec.mlp, layer)
-    else:  # OPT: fc1 -> activation -> fc2 live in the block
+    else:  # OPT's fc1 -> act -> fc2 live in the block; BLOOM's MLP module adds the residual itself
         fc_in, fc_out = model.module(spec.mlp_in, layer), model.module(spec.mlp_out_proj, layer)
         act = model.mlp_act(layer)
 
@@ -65,8 +65,15 @@ def mlp_function(model: Model, layer: int) -> Callable[[torch.Tensor], torch.Ten
             return fc_out(act(fc_in(x)))
 
     def f(resid: torch.Tensor) -> torch.Tensor:
+        if spec.experts is not None:  # a mixture-of-experts block takes [batch, positions, d_model]
+            return f_tokens(resid.reshape(-1, 1, resid.shape[-1])).reshape(resid.shape)
+        return f_tokens(resid)
+
+    def f_tokens(resid: torch.Tensor) -> torch.Tensor:
         out = mlp(norm(resid.to(model.dtype)))
-        return out if post is None else post(out)
+        out = out[0] if isinstance(out, tuple) else out  # gpt-oss also returns its router scores
+        out = out if post is None else post(out)
+        return out if spec.residual_scale == 1.0 else out * spec.residual_scale
 
     return f
 
@@ -94,6 +101,20 @@ def mlp_jvp(model: Model, layer: int, resid: torch.Tensor, directions: torch.Ten
     def one(r: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return jvp(f, (r,), (v,))[1]
 
-    with torch.no_grad(), model.onloaded(model.block(layer)):
-        per_row = vmap(vmap(one, in_dims=(None, 0)), in_dims=(0, 0))
-        return per_row(resid, directions)
+    with model.onloaded(model.block(layer)):
+        if model.spec.at(layer).experts is None:
+            try:
+                with torch.no_grad():
+                    return vmap(vmap(one, in_dims=(None, 0)), in_dims=(0, 0))(resid, directions)
+            except RuntimeError as err:  # a custom autograd.Function (BLOOM's GELU) in the MLP
+                if "autograd.Function" not in str(err):
+                    raise
+        # a router's data-dependent choice of experts cannot run under vmap, nor can a custom
+        # autograd function under torch.func: one token and direction at a time, with autograd's
+        # forward-mode product (the routing is piecewise constant, so the Jacobian at the actual
+        # input keeps its experts)
+        rows = [
+            torch.stack([torch.autograd.functional.jvp(f, r, v)[1] for v in vs])
+            for r, vs in zip(resid, directions, strict=True)
+        ]
+        return torch.stack(rows).detach()

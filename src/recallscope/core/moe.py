@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import weakref
 from collections.abc import Callable, Iterator
 
 import torch
+from torch import nn
 
 from recallscope.core.hooks import module_hook
 from recallscope.models.experts import expert_coefficients
 from recallscope.models.model import Model
 
-__all__ = ["moe_post_hook"]
+__all__ = ["moe_post_hook", "moe_coefficients"]
 
 
 def _bank_inputs(bank, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -36,10 +38,35 @@ def _bank_inputs(bank, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.T
     return values[0], values[1], values[2]
 
 
+# MoE block -> the functions registered on its coefficients, in registration order
+_HOOKS: weakref.WeakKeyDictionary[nn.Module, list] = weakref.WeakKeyDictionary()
+
+
 @contextlib.contextmanager
 def moe_post_hook(model: Model, layer: int, fn: Callable) -> Iterator[None]:
     """Call ``fn`` with the coefficients ``[B, T, d_mlp]`` of block ``layer``'s experts each forward;
     if it returns new ones, the block's output becomes ``new @ W_out``.
+
+    Several hooks on one block see the coefficients one after the other, in the order they were
+    registered, each seeing the edits of those before it (as hooks on a dense MLP's input do).
+    """
+    block = model.module(model.spec.at(layer).mlp, layer)
+    entries = _HOOKS.setdefault(block, [])
+    entries.append(fn)
+    try:
+        if len(entries) == 1:
+            with _dispatcher(model, layer, entries):
+                yield
+        else:
+            yield
+    finally:
+        entries.remove(fn)
+
+
+@contextlib.contextmanager
+def _dispatcher(model: Model, layer: int, entries: list) -> Iterator[None]:
+    """The hooks that capture what the block's modules receive, compute the coefficients once per
+    forward, run every registered function on them and rewrite the output when one edits them.
     """
     spec, home = model.spec.at(layer), model.device
     bank = model.module(spec.experts, layer)
@@ -51,6 +78,60 @@ def moe_post_hook(model: Model, layer: int, fn: Callable) -> Iterator[None]:
         x = args[0] if args else kwargs["hidden_states"]
         seen["shape"] = x.shape
 
+    def rewrite(module, args, kwargs, output):
+        coeffs = _coefficients(model, spec, layer, bank, seen)  # [S, neurons of this block]
+        size, shape = coeffs.shape[-1], seen["shape"]
+        coeffs = torch.cat([coeffs, coeffs.new_zeros(coeffs.shape[0], model.d_mlp - size)], -1)  # padding
+        clean = coeffs = coeffs.reshape(*shape[:-1], -1).to(home)
+        for fn in list(entries):
+            new = fn(coeffs)
+            coeffs = coeffs if new is None else new.to(home)
+        if coeffs is clean:
+            return None
+        out = output[0] if isinstance(output, tuple) else output
+        values = model.W_out(layer).to(out.device, torch.promote_types(out.dtype, torch.float32))
+        delta = (coeffs - clean).to(values.device, values.dtype) @ values  # only the edited neurons
+        if inner_norm is None:
+            new_out = (out + delta.reshape(out.shape).to(out.dtype)).to(out.dtype)
+        else:  # the block normalizes its experts' sum itself (AXK1): edit the sum, then normalize
+            new_out = inner_norm(seen["sum"] + delta.reshape(seen["sum"].shape).to(out.dtype))
+        return (new_out, *output[1:]) if isinstance(output, tuple) else new_out
+
+    def experts_sum(module, args, kwargs):
+        seen["sum"] = args[0] if args else kwargs["hidden_states"]
+
+    block = model.module(spec.mlp, layer)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(module_hook(block, tokens, "pre"))
+        _capture(model, spec, layer, seen, stack)
+        if inner_norm is not None:
+            stack.enter_context(module_hook(inner_norm, experts_sum, "pre"))
+        # first among the block's output hooks: an mlp_out hook then sees the edited output, as it
+        # does when a dense MLP's coefficients are edited at its down projection
+        stack.enter_context(module_hook(block, rewrite, "fwd", prepend=True))
+        yield
+
+
+def moe_coefficients(model: Model, layer: int, normed: torch.Tensor) -> torch.Tensor:
+    """Coefficients ``[N, d_mlp]`` of block ``layer``'s experts for inputs ``normed [N, d_model]``
+    (what the block receives after its norm), computed by running the block: differentiable with
+    respect to ``normed`` through the router weights and every expert (for linearized keys).
+    """
+    spec = model.spec.at(layer)
+    seen: dict[str, torch.Tensor] = {}
+    with contextlib.ExitStack() as stack:
+        _capture(model, spec, layer, seen, stack)
+        model.module(spec.mlp, layer)(normed[:, None, :].to(model.dtype))
+    bank = model.module(spec.experts, layer)
+    coeffs = _coefficients(model, spec, layer, bank, seen)
+    return torch.cat([coeffs, coeffs.new_zeros(coeffs.shape[0], model.d_mlp - coeffs.shape[-1])], -1)
+
+
+def _capture(model: Model, spec, layer: int, seen: dict, stack: contextlib.ExitStack) -> None:
+    """Hooks that keep, in ``seen``, what the experts bank is called with (``bank``: tokens, expert
+    index, router weights) and the shared expert's neuron values (``shared``) and gate (``gate``).
+    """
+
     def routed(module, args, kwargs):
         seen["bank"] = _bank_inputs(module, args, kwargs)
 
@@ -60,32 +141,13 @@ def moe_post_hook(model: Model, layer: int, fn: Callable) -> Iterator[None]:
     def shared_gate(module, args, kwargs, output):
         seen["gate"] = torch.sigmoid(output)
 
-    def rewrite(module, args, kwargs, output):
-        coeffs = _coefficients(model, spec, layer, bank, seen)  # [S, neurons of this block]
-        size, shape = coeffs.shape[-1], seen["shape"]
-        coeffs = torch.cat([coeffs, coeffs.new_zeros(coeffs.shape[0], model.d_mlp - size)], -1)  # padding
-        new = fn(coeffs.reshape(*shape[:-1], -1).to(home))
-        if new is None:
-            return None
-        raw = output[0] if isinstance(output, tuple) else output
-        values = model.W_out(layer).to(raw.device, torch.promote_types(raw.dtype, torch.float32))
-        out = (new.to(values.device, values.dtype) @ values).to(raw.dtype).reshape(raw.shape)
-        if inner_norm is not None:  # the block normalizes its experts' sum itself (AXK1)
-            out = inner_norm(out)
-        return (out, *output[1:]) if isinstance(output, tuple) else out
-
-    with contextlib.ExitStack() as stack:
-        block = model.module(spec.mlp, layer)
-        stack.enter_context(module_hook(block, tokens, "pre"))
-        stack.enter_context(module_hook(bank, routed, "pre"))
-        if spec.shared_expert_down is not None:
-            stack.enter_context(
-                module_hook(model.module(spec.shared_expert_down, layer), shared_values, "pre")
-            )
-        if spec.shared_expert_gate is not None:
-            stack.enter_context(module_hook(model.module(spec.shared_expert_gate, layer), shared_gate, "fwd"))
-        stack.enter_context(module_hook(block, rewrite, "fwd"))
-        yield
+    stack.enter_context(module_hook(model.module(spec.experts, layer), routed, "pre"))
+    if spec.shared_expert_down is not None:
+        down = model.module(spec.shared_expert_down, layer)
+        stack.enter_context(module_hook(down, shared_values, "pre"))
+    if spec.shared_expert_gate is not None:
+        gate = model.module(spec.shared_expert_gate, layer)
+        stack.enter_context(module_hook(gate, shared_gate, "fwd"))
 
 
 def _coefficients(model: Model, spec, layer: int, bank, seen: dict) -> torch.Tensor:

@@ -364,7 +364,8 @@ def counterfactual_outputs(model: Model, cap: Capture, weights: torch.Tensor) ->
     family's post-attention norm (Gemma-2), through the model's own modules.
     """
     kv_heads, groups = model.n_kv_heads, model.n_groups
-    v = cap.v.to(weights.dtype)  # [B, L, T, H_kv, d_head]
+    dtype = torch.promote_types(weights.dtype, cap.v.dtype)  # BLOOM's float32 pattern, float64 values
+    v, weights = cap.v.to(dtype), weights.to(dtype)  # [B, L, T, H_kv, d_head]
     grouped = weights.unflatten(3, (kv_heads, groups))  # [B, L, n, H_kv, g, T]: head h = kv·g + i
     z = torch.einsum("blnkgt,bltke->blnkge", grouped, v).flatten(3, 4)  # [B, L, n, H, d_head]
     outs = []
@@ -373,7 +374,7 @@ def counterfactual_outputs(model: Model, cap: Capture, weights: torch.Tensor) ->
         out = o_proj(z[:, layer].flatten(-2).to(o_proj.weight.dtype))  # [B, n, d_model]
         if model.spec.attn_post_norm is not None:
             out = model.module(model.spec.attn_post_norm, layer)(out)
-        outs.append(out)
+        outs.append(out * model.spec.residual_scale if model.spec.residual_scale != 1.0 else out)
     return torch.stack(outs, dim=2)
 
 

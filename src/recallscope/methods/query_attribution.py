@@ -59,6 +59,7 @@ import pandas as pd
 import torch
 
 from recallscope.core.cache import run_with_cache
+from recallscope.core.moe import moe_coefficients
 from recallscope.core.subvalues import ffn_subvalues, value_directions
 from recallscope.core.tokens import PromptBatch
 from recallscope.core.vocab import decode_tokens
@@ -501,6 +502,12 @@ def _frozen_norm(params, x: torch.Tensor, gain: torch.Tensor) -> tuple[torch.Ten
 
 def _mlp_gradient(model: Model, layer: int, normed: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """``∇_x̃ c_k [m, d]`` at ``x̃ = normed [m, d]`` for neurons ``k [m]``."""
+    if model.spec.at(layer).experts is not None:  # router weights and experts: by autograd
+        x = normed.detach().requires_grad_(True)
+        with torch.enable_grad():
+            coeffs = moe_coefficients(model, layer, x)  # [m, d_mlp], each row its own token
+            (grad,) = torch.autograd.grad(coeffs[torch.arange(len(k)), k].sum(), x)
+        return grad.to(normed.dtype)
     W_in = _weight(model.W_in(layer), normed)[:, k].T  # [m, d]
     pre_in = (normed * W_in).sum(-1) + _bias(model.b_in(layer), k, normed)
     act = model.mlp_act(layer)

@@ -517,7 +517,7 @@ class _Discovery:
             conv1d=isinstance(get_module(self.model, self.prefix + o_proj), Conv1D),
             flat_mlp=self._flat(mlp_out_proj),
             experts=moe,
-            gated_mlp="mlp_gate" in mlp_parts,
+            gated_mlp="mlp_gate" in mlp_parts or (moe is not None and bank_of(self._module(moe)).gated),
             qk_norm=any(_is_norm(m) for _, m in self.block_modules(attn)),
             attention_interface=self.interface,
             attention_sinks=self.interface and self._interface_values() is not None and self.sinks,
@@ -722,6 +722,10 @@ class _Discovery:
             if self.compare.close(total, routed + shared.reshape(total.shape)):
                 return {"shared_expert_down": down}
         return None
+
+    def _module(self, path: str) -> nn.Module:
+        """The module at a path relative to the traced block."""
+        return get_module(self.model, self.prefix + path)
 
     def _same(self, a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
         """Equal values, whatever the leading (token) axes."""
