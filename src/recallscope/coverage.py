@@ -68,6 +68,8 @@ TINY = {
     "window_size": 4,
     "rotary_dim": 8,
     "word_embed_proj_dim": 64,
+    "embedding_dim": 64,
+    "num_kv_shared_layers": 0,
     # constants that scale the embedding, the updates and the logits: not 1, so they are exercised
     "embedding_multiplier": 2.0,
     "residual_multiplier": 0.5,
@@ -85,6 +87,15 @@ _KNOWN = {  # exclusions the rules below cannot see, with the reason
     "xlnet": (ENCODER_ONLY, "permutation language model with two attention streams"),
     "trocr": (ENCODER_DECODER, "the text decoder of an image encoder-decoder (cross-attention)"),
     "fuyu": (MULTIMODAL, "image patches are part of its input"),
+    "blt": (ENCODER_DECODER, "a byte-level local encoder and decoder cross-attend to a global transformer"),
+    "gemma4_assistant": (
+        ENCODER_DECODER,
+        "a draft model that attends to its target model's key/value states",
+    ),
+    "gemma4_unified_assistant": (
+        ENCODER_DECODER,
+        "a draft model that attends to its target model's key/value states",
+    ),
 }
 _LAYER_TYPE_KEYS = ("layer_types", "layers_block_type", "block_types", "layer_block_types")
 
@@ -123,10 +134,35 @@ def tiny_config(model_type: str) -> transformers.PretrainedConfig:
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     config = CONFIG_MAPPING[model_type]()
-    old_layers = getattr(config, "num_hidden_layers", None)
+    for sub in _sub_configs(config):
+        _shrink(sub)
+    return config
+
+
+def _sub_configs(config) -> list:
+    """The config and the sub-configs the language model reads (text, attention, feed-forward)."""
+    found = [config]
+    for name in ("text_config", "attn_config", "ffn_config"):
+        sub = getattr(config, name, None)
+        if isinstance(sub, transformers.PretrainedConfig) and all(sub is not f for f in found):
+            found.append(sub)
+    return found
+
+
+def _shrink(config) -> None:
+    old_layers = _get(config, "num_hidden_layers")
     for key, value in TINY.items():
         _set_size(config, key, value)
-    if getattr(config, "kv_lora_rank", None):  # latent attention: one key/value head per query head
+    for key, value in list(vars(config).items()):  # every other feed-forward width
+        wide = key.endswith("intermediate_size") or key in ("dim_ff", "d_ff", "ffn_dim")
+        if (
+            wide
+            and isinstance(value, int)
+            and not isinstance(value, bool)
+            and value > TINY["intermediate_size"]
+        ):
+            _set_size(config, key, TINY["intermediate_size"])
+    if _get(config, "kv_lora_rank"):  # latent attention: one key/value head per query head
         if hasattr(config, "num_key_value_heads"):
             config.num_key_value_heads = config.num_attention_heads
         if getattr(config, "qk_rope_head_dim", None) and hasattr(config, "head_dim"):
@@ -135,14 +171,25 @@ def tiny_config(model_type: str) -> transformers.PretrainedConfig:
         config._experts_implementation = "eager"  # the grouped kernels have no float64 version
     if isinstance(old_layers, int):
         _cut_layers(config, old_layers)
-    return config
+
+
+def _get(config, key: str):
+    """``config.key`` or None (per-layer configs raise on global reads of per-layer attributes)."""
+    try:
+        return getattr(config, key, None)
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def _set_size(config, key: str, value) -> None:
     """Set ``key`` where the config has it (a token id or a multiplier only where it is in use)."""
-    if not (hasattr(config, key) or key in getattr(config, "attribute_map", {})):
+    try:
+        present = hasattr(config, key) or key in getattr(config, "attribute_map", {})
+    except Exception:  # noqa: BLE001 - a per-layer attribute read globally
         return
-    current = getattr(config, key, None)
+    if not present:
+        return
+    current = _get(config, key)
     optional = key.endswith("_token_id") or key in (
         "embedding_multiplier",
         "residual_multiplier",
@@ -223,6 +270,16 @@ def _default_config(model_type: str) -> transformers.PretrainedConfig:
     return CONFIG_MAPPING[model_type]()
 
 
+def _per_layer(config) -> bool:
+    """Do the layers carry their own attention sizes (reading them globally is refused)?"""
+    for key in ("num_attention_heads", "head_dim"):
+        try:
+            getattr(config, key, None)
+        except Exception as err:  # noqa: BLE001 - transformers' per-layer attribute error
+            return "PerLayer" in type(err).__name__
+    return False
+
+
 def _declared_hybrid(config) -> str | None:
     """A config that declares non-attention layers (Mamba, linear attention, convolutions)."""
     for key in _LAYER_TYPE_KEYS:
@@ -247,7 +304,13 @@ def classify(model_type: str) -> Row:
     if excluded is not None:
         return Row(model_type, class_name, "excluded", f"{excluded[0]}: {excluded[1]}")
     try:
-        hybrid = _declared_hybrid(_default_config(model_type))  # before cutting the layers
+        default = _default_config(model_type)
+        hybrid = _declared_hybrid(default)  # before cutting the layers
+        if _per_layer(default):
+            why = (
+                "each layer has its own config (heads and widths vary by layer): one spec cannot describe it"
+            )
+            return Row(model_type, class_name, "failing", f"tiny config: {why}")
         tiny_config(model_type)
     except Exception as err:  # noqa: BLE001 - a config class that cannot be built is a failing type
         return Row(model_type, class_name, "failing", f"tiny config: {_first_line(err)}")

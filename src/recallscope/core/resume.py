@@ -20,6 +20,7 @@ relative to ``t``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
 from recallscope.core.hooks import module_hook, site_hook
 from recallscope.errors import SiteError
@@ -75,6 +77,9 @@ class RunState:
     values: list[torch.Tensor]
     logits: torch.Tensor
     tuple_blocks: bool
+    cache: Cache | None = None
+    """The model's own cache object, kept when its layers hold more than keys and values (the
+    indexer keys of DeepSeek-V3.2's sparse attention); resumed by cropping and row selection."""
 
     @property
     def seq_len(self) -> int:
@@ -99,7 +104,7 @@ def record_run(model: Model, input_ids: torch.Tensor, *, logits_to_keep: int = 1
     def block_type(module, args, kwargs, output):
         is_tuple[0] = isinstance(output, tuple)
 
-    cache = DynamicCache()
+    cache = _empty_cache(model)
     with torch.no_grad(), contextlib.ExitStack() as stack:
         for layer in range(n_layers):
             stack.enter_context(site_hook(model, Site(layer, "resid_pre"), keep(layer)))
@@ -113,7 +118,22 @@ def record_run(model: Model, input_ids: torch.Tensor, *, logits_to_keep: int = 1
         )
     keys = [layer.keys for layer in cache.layers]
     values = [layer.values for layer in cache.layers]
-    return RunState(torch.stack(stream, dim=1), keys, values, out.logits, is_tuple[0])
+    special = None if _plain(cache) else cache
+    return RunState(torch.stack(stream, dim=1), keys, values, out.logits, is_tuple[0], special)
+
+
+def _plain(cache: Cache) -> bool:
+    return all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def _empty_cache(model: Model) -> Cache:
+    """A cache of full key/value layers (sliding windows are left to the attention masks, so every
+    position stays reusable), or, when the model's layers keep more than keys and values (sparse
+    attention's indexer keys), a cache of the model's own layer types.
+    """
+    own = DynamicCache(config=model.hf_model.config)
+    special = any(type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer) for layer in own.layers)
+    return own if special else DynamicCache()
 
 
 class _PassThrough(nn.Module):
@@ -175,11 +195,16 @@ def resume(
     if hidden.shape[1] != n_new:
         raise SiteError(f"hidden must cover positions {start_pos}…{state.seq_len - 1}: got {hidden.shape[1]}")
     rows = rows.to(state.keys[0].device)
-    prefix = [
-        (k[rows, :, :start_pos], v[rows, :, :start_pos])
-        for k, v in zip(state.keys, state.values, strict=True)
-    ]
-    cache = DynamicCache(ddp_cache_data=prefix)
+    if state.cache is not None:
+        cache = copy.deepcopy(state.cache)
+        cache.crop(start_pos - state.seq_len)  # (a negative count: the tokens to drop)
+        cache.batch_select_indices(rows)
+    else:
+        prefix = [
+            (k[rows, :, :start_pos], v[rows, :, :start_pos])
+            for k, v in zip(state.keys, state.values, strict=True)
+        ]
+        cache = DynamicCache(ddp_cache_data=prefix)
     hidden = hidden.to(model.device)
     inputs = {"inputs_embeds": hidden, cache_argument(model): cache}
     if "position_ids" in inspect.signature(model.hf_model.forward).parameters:  # not ALiBi models

@@ -122,14 +122,16 @@ class _SoftmaxWatch(TorchFunctionMode):
     that softmax output is multiplied with.
     """
 
-    def __init__(self, trace: _Trace, stack: list[str], block_prefix: str, n_heads: int) -> None:
+    def __init__(self, trace: _Trace, stack: list[str], block_prefix: str, n_heads: int, leaves=()) -> None:
         super().__init__()
         self.trace, self.stack, self.prefix, self.n_heads = trace, stack, block_prefix, n_heads
+        self.leaves = set(leaves)
+        """Modules that only wrap the softmax (``nn.Softmax``, CPM-Ant): their parent is the attention."""
         self.probs: torch.Tensor | None = None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inside = [name for name in self.stack if name.startswith(self.prefix)]
+        inside = [name for name in self.stack if name.startswith(self.prefix) and name not in self.leaves]
         if not inside or self.trace.softmax_value is not None:
             return out
         softmax = func in (torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax)
@@ -188,7 +190,8 @@ def _trace(model: nn.Module, blocks_path: str, block: int = 0) -> _Trace:
     ids = torch.tensor([PROBE_IDS], device=_device(model)) % vocab
     try:
         n_heads = int(getattr(_text_config(model), "num_attention_heads", 0) or 1)
-        with torch.no_grad(), _SoftmaxWatch(trace, stack, block_prefix, n_heads):
+        leaves = [name for name, m in model.named_modules() if isinstance(m, nn.Softmax | nn.Dropout)]
+        with torch.no_grad(), _SoftmaxWatch(trace, stack, block_prefix, n_heads, leaves):
             out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
     finally:
         for handle in handles:
