@@ -142,13 +142,13 @@ class _SoftmaxWatch(TorchFunctionMode):
             and _probabilities(out, self.n_heads)
         ):
             self.probs, self.trace.softmax_owner = out.reshape(-1, self.n_heads, *out.shape[-2:]), inside[-1]
-        elif self.probs is not None and func in (torch.matmul, torch.bmm, torch.Tensor.__matmul__):
+        elif self.probs is not None and getattr(func, "__name__", "") in ("matmul", "bmm", "__matmul__"):
             first, second = args[0], args[1]
             if first.numel() == self.probs.numel() and torch.equal(
                 first.reshape(-1).to(self.probs.dtype), self.probs.reshape(-1)
-            ):
-                batch, heads = self.probs.shape[:2]
-                self.trace.softmax_value = second.detach().reshape(batch, heads, *second.shape[-2:]).double()
+            ):  # probabilities @ values: [B, H_kv, K, d] (MQA broadcasts one head) or [B·H, K, d]
+                batch = self.probs.shape[0]
+                self.trace.softmax_value = second.detach().reshape(batch, -1, *second.shape[-2:]).double()
         return out
 
 
@@ -406,6 +406,11 @@ class _Discovery:
         self.unembed = self._path_of(unembed, "output embedding")
         self.blocks = self._blocks()
         self.prefix = f"{self.blocks}.{block}."
+        self.caller = first_interface_caller(model)
+        if self.caller is None and "eager" not in str(model.config._attn_implementation):
+            # inline attention code (no AttentionInterface) may call a fused kernel unless it runs
+            # eagerly (Falcon before transformers 5.25): its probabilities are read from its softmax
+            model.config._attn_implementation = "eager"
         try:
             self.trace = _trace(model, self.blocks, block)
         except UnsupportedModelError:
@@ -537,7 +542,7 @@ class _Discovery:
 
     # -- attention --------------------------------------------------------------------------------
     def _attention(self) -> str:
-        caller = first_interface_caller(self.model)
+        caller = self.caller
         self.interface = caller is not None
         if caller is not None:
             path, first = self.names.get(id(caller), ""), f"{self.blocks}.0."
