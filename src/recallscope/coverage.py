@@ -96,6 +96,33 @@ _KNOWN = {  # exclusions the rules below cannot see, with the reason
         ENCODER_DECODER,
         "a draft model that attends to its target model's key/value states",
     ),
+    # LFM2's default configs put attention in every layer (or declare no layer types); its
+    # checkpoints interleave gated short convolutions with attention, which recallscope refuses
+    "lfm2": (RECURRENT, "its checkpoints interleave gated short convolutions with attention layers"),
+    "lfm2_moe": (RECURRENT, "its checkpoints interleave gated short convolutions with attention layers"),
+}
+
+
+def _complete_dbrx(config) -> None:
+    config.attn_config.rope_theta = config.rope_parameters["rope_theta"]  # read, never used
+    config.attn_config.clip_qkv = 8.0  # its modeling clamps unconditionally; DBRX's value
+
+
+def _complete_cohere_compass(config) -> None:
+    config.layer_types = ["sliding_attention", "full_attention"] * config.num_hidden_layers
+    config.layer_types = config.layer_types[: config.num_hidden_layers]
+    config.rope_parameters = {  # RoPE on sliding layers, none on full layers, as in Cohere2
+        "sliding_attention": {"rope_type": "default", "rope_theta": 50_000.0},
+        "full_attention": None,
+    }
+
+
+_COMPLETIONS = {  # default configs that cannot build a model, completed as their checkpoints are
+    "dbrx": ("default config completed: attn_config.rope_theta, clip_qkv=8", _complete_dbrx),
+    "cohere_compass_text": (
+        "default config completed: RoPE on sliding layers, none on full layers",
+        _complete_cohere_compass,
+    ),
 }
 _LAYER_TYPE_KEYS = ("layer_types", "layers_block_type", "block_types", "layer_block_types")
 
@@ -136,6 +163,8 @@ def tiny_config(model_type: str) -> transformers.PretrainedConfig:
     config = CONFIG_MAPPING[model_type]()
     for sub in _sub_configs(config):
         _shrink(sub)
+    if model_type in _COMPLETIONS:
+        _COMPLETIONS[model_type][1](config)
     return config
 
 
@@ -328,6 +357,8 @@ def classify(model_type: str) -> Row:
         row = _with_note(row, "float64 masks kept finite (its softmax runs in float32)")
     elif number == 2:
         row = _with_note(row, "float32 (its own float64 forward gives NaN)")
+    if model_type in _COMPLETIONS:
+        row = _with_note(row, _COMPLETIONS[model_type][0])
     return row
 
 

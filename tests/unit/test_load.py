@@ -142,6 +142,16 @@ def test_architectures_discovery_cannot_read_are_refused(name, overrides, messag
         rs.load_model(tiny_hf_model(name, **overrides))
 
 
+def test_a_hybrid_whose_first_block_has_no_attention_is_refused():
+    from recallscope.coverage import tiny_config
+
+    config = tiny_config("lfm2")  # LFM2 checkpoints: short convolutions between attention layers
+    config.layer_types, config.full_attn_idxs = ["conv", "full_attention"], [1]
+    hf_model = T.AutoModelForCausalLM.from_config(config)
+    with pytest.raises(rs.UnsupportedModelError, match="block 0 runs no attention.*hybrid"):
+        rs.load_model(hf_model)
+
+
 def test_a_softcap_the_model_does_not_apply_is_not_assumed():
     """Llama's forward ignores ``final_logit_softcapping``: discovery reads the logits, not the config."""
     hf = tiny_hf_model("llama_gqa")

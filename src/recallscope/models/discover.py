@@ -547,7 +547,11 @@ class _Discovery:
         if caller is not None:
             path, first = self.names.get(id(caller), ""), f"{self.blocks}.0."
             if not path.startswith(first):
-                raise self.error(f"the first attention call came from {path!r}, outside block 0")
+                raise self.error(
+                    f"the first attention call came from {path!r}, outside block 0: block 0 runs no "
+                    "attention (hybrid models with convolution, state-space or linear-attention layers "
+                    "are not supported)"
+                )
             return path[len(first) :]  # the same module in every block (checked with the spec)
         owner = self.trace.softmax_owner
         if owner is None or not owner.startswith(self.prefix):
