@@ -29,6 +29,10 @@ CORPUS = [
 
 _COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4)
 _LLAMALIKE = dict(_COMMON, intermediate_size=64, head_dim=8)
+# routed experts: four of 32 neurons each, two per token
+_MIXTRAL_LIKE = dict(
+    _LLAMALIKE, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, intermediate_size=32
+)
 FAMILIES = {
     # name: (config class, kwargs)
     "gpt2": (
@@ -91,16 +95,7 @@ FAMILIES = {
     ),
     "phi3": (T.Phi3Config, dict(_LLAMALIKE, num_key_value_heads=2, pad_token_id=0)),
     "olmo2": (T.Olmo2Config, dict(_LLAMALIKE, num_key_value_heads=2, pad_token_id=0)),
-    "mixtral": (
-        T.MixtralConfig,
-        dict(
-            _LLAMALIKE,
-            num_key_value_heads=2,
-            num_local_experts=4,
-            num_experts_per_tok=2,
-            intermediate_size=32,
-        ),
-    ),
+    "mixtral": (T.MixtralConfig, _MIXTRAL_LIKE),
     "qwen3_moe": (
         T.Qwen3MoeConfig,
         dict(
@@ -110,11 +105,7 @@ FAMILIES = {
     "gpt_oss": (
         T.GptOssConfig,
         dict(
-            _LLAMALIKE,
-            num_key_value_heads=2,
-            num_local_experts=4,
-            num_experts_per_tok=2,
-            intermediate_size=32,
+            _MIXTRAL_LIKE,
             sliding_window=4,
             layer_types=["sliding_attention", "full_attention", "sliding_attention"],
             pad_token_id=0,

@@ -98,8 +98,7 @@ class _Context:
         self.model = model
         self.exact, self.kernel = _TOLERANCES.get(model.dtype, (1e-2, 5e-2))
         # HF computes Gemma-2's sandwich post-norms in float32: sums through them are kernel-exact
-        specs = [v for _, v in model.spec.variants] or [model.spec]
-        post_norms = any(v.attn_post_norm or v.mlp_post_norm for v in specs)
+        post_norms = any(v.attn_post_norm or v.mlp_post_norm for v in model.spec.block_specs())
         self.post_norm = "kernel" if post_norms else "exact"
         self.batch = _make_batch(model, prompts)
         self.last = self.model.n_layers - 1

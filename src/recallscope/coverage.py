@@ -16,9 +16,10 @@ of :func:`recallscope.check_model` in float64. A type is *supported* when all ch
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -412,9 +413,9 @@ def _positions(model) -> str:
 _FEATURES = (  # (label, test on the model), in the order the table lists them
     ("GQA", lambda m: 1 < m.spec.dims.n_kv_heads < m.spec.dims.n_heads),
     ("MQA", lambda m: m.spec.dims.n_kv_heads == 1 < m.spec.dims.n_heads),
-    ("mixture of experts", lambda m: any(v.experts for v in _variants(m))),
-    ("with dense layers", lambda m: len(_variants(m)) > 1),
-    ("shared experts", lambda m: any(v.shared_expert_down for v in _variants(m))),
+    ("mixture of experts", lambda m: any(v.experts for v in m.spec.block_specs())),
+    ("with dense layers", lambda m: len(m.spec.block_specs()) > 1),
+    ("shared experts", lambda m: any(v.shared_expert_down for v in m.spec.block_specs())),
     ("parallel blocks", lambda m: m.spec.parallel),
     ("sandwich norms", lambda m: m.spec.ln_1 is not None and (m.spec.attn_post_norm or m.spec.mlp_post_norm)),
     ("post-norms", lambda m: m.spec.ln_1 is None and (m.spec.attn_post_norm or m.spec.mlp_post_norm)),
@@ -427,20 +428,9 @@ _FEATURES = (  # (label, test on the model), in the order the table lists them
     ("attention sinks", lambda m: m.spec.attention_sinks),
     ("soft-capping", lambda m: m.spec.final_logit_softcap or m.spec.attn_logit_softcap),
     ("embedding norm", lambda m: m.spec.embed_norm is not None),
-    (
-        "scaled residual/logits",
-        lambda m: (
-            1.0 not in (m.spec.residual_scale, m.spec.embed_scale, m.spec.logit_scale)
-            or m.spec.residual_scale != 1.0
-            or m.spec.logit_scale != 1.0
-        ),
-    ),
+    ("scaled residual/logits", lambda m: m.spec.residual_scale != 1.0 or m.spec.logit_scale != 1.0),
     ("(1+w) norms", lambda m: m.spec.norm_offset_one),
 )
-
-
-def _variants(model) -> list:
-    return [v for _, v in model.spec.variants] or [model.spec]
 
 
 def _features(model) -> str:
@@ -478,20 +468,18 @@ def coverage_matrix(
     return rows
 
 
-class _quiet:
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
     """Silence transformers' config and initialization warnings while building tiny models."""
-
-    def __enter__(self):
-        self._warnings = warnings.catch_warnings()
-        self._warnings.__enter__()
+    logger = logging.getLogger("transformers")
+    level = logger.level
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        self._level = logging.getLogger("transformers").level
-        logging.getLogger("transformers").setLevel(logging.ERROR)
-        return self
-
-    def __exit__(self, *exc):
-        logging.getLogger("transformers").setLevel(self._level)
-        self._warnings.__exit__(*exc)
+        logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            logger.setLevel(level)
 
 
 # -- reporting -------------------------------------------------------------------------------------

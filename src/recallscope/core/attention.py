@@ -42,7 +42,7 @@ from transformers.masking_utils import eager_mask
 
 from recallscope.core.hooks import module_hook
 from recallscope.errors import KnockoutError, UnsupportedModelError
-from recallscope.models.kernels import attention_kernel
+from recallscope.models.kernels import SOFTMAXES, attention_kernel, is_probabilities
 from recallscope.models.model import Model
 
 __all__ = [
@@ -178,9 +178,6 @@ def eager_attention(model: Model) -> contextlib.AbstractContextManager:
     return attention_kernel(model.hf_model, EAGER_IMPLEMENTATION)
 
 
-_SOFTMAXES = frozenset({torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax})
-
-
 class _SoftmaxTap(TorchFunctionMode):
     """While one inline attention module runs: every softmax output of attention probabilities,
     ``[B, H, Q, K]`` (or ``[B·H, Q, K]``, XGLM), goes through that module's probability hooks.
@@ -192,14 +189,16 @@ class _SoftmaxTap(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func not in _SOFTMAXES or not isinstance(out, torch.Tensor):
+        if (
+            func not in SOFTMAXES
+            or not isinstance(out, torch.Tensor)
+            or not is_probabilities(out, self.n_heads)
+        ):
             return out
         if out.dim() == 4:
             return _run_prob_hooks(self.module, out)
-        if out.dim() == 3 and out.shape[0] % self.n_heads == 0:
-            probs = out.view(-1, self.n_heads, *out.shape[1:])
-            return _run_prob_hooks(self.module, probs).reshape(out.shape)
-        return out
+        probs = out.view(-1, self.n_heads, *out.shape[1:])  # [B·H, Q, K] -> [B, H, Q, K]
+        return _run_prob_hooks(self.module, probs).reshape(out.shape)
 
 
 def _install_tap(module: nn.Module, n_heads: int) -> Any:

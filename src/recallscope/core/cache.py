@@ -147,9 +147,8 @@ def _saver(acts: dict, site: Site, index: Positions, dtype: torch.dtype | None, 
             kept = act.index_select(dim, index if index.device == act.device else index.to(act.device))
         else:
             kept = select_positions(act, index, dim)
-        kept = kept.to(device, dtype) if dtype is not None else kept.to(device)
-        # a copy: modeling code may later add to the same tensor in place (Falcon's MLP output)
-        acts[site] = kept.clone() if kept.data_ptr() == act.data_ptr() else kept
+        # (an output that modeling code later changes in place reaches here as a copy: site_hook)
+        acts[site] = kept.to(device, dtype) if dtype is not None else kept.to(device)
 
     return save
 

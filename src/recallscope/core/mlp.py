@@ -53,8 +53,8 @@ def mlp_function(model: Model, layer: int) -> Callable[[torch.Tensor], torch.Ten
     model.check_layer(layer)
     spec = model.spec.at(layer)
     norm = model.module(spec.mlp_norm, layer) if spec.mlp_norm else nn.Identity()
-    inside = spec.mlp is not None and (spec.mlp_post_norm or "").startswith(f"{spec.mlp}.")
-    post = model.module(spec.mlp_post_norm, layer) if spec.mlp_post_norm and not inside else None
+    outside = spec.mlp_post_norm is not None and not spec.mlp_post_norm_inside
+    post = model.module(spec.mlp_post_norm, layer) if outside else None
     if spec.mlp is not None and spec.mlp_update is None:
         mlp = model.module(spec.mlp, layer)
     else:  # OPT's fc1 -> act -> fc2 live in the block; BLOOM's MLP module adds the residual itself

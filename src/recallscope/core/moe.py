@@ -71,18 +71,15 @@ def _dispatcher(model: Model, layer: int, entries: list) -> Iterator[None]:
     spec, home = model.spec.at(layer), model.device
     bank = model.module(spec.experts, layer)
     seen: dict[str, torch.Tensor] = {}
-    inside = spec.mlp_post_norm is not None and spec.mlp_post_norm.startswith(f"{spec.mlp}.")
-    inner_norm = model.module(spec.mlp_post_norm, layer) if inside else None
+    inner_norm = model.module(spec.mlp_post_norm, layer) if spec.mlp_post_norm_inside else None
 
     def tokens(module, args, kwargs):
         x = args[0] if args else kwargs["hidden_states"]
         seen["shape"] = x.shape
 
     def rewrite(module, args, kwargs, output):
-        coeffs = _coefficients(model, spec, layer, bank, seen)  # [S, neurons of this block]
-        size, shape = coeffs.shape[-1], seen["shape"]
-        coeffs = torch.cat([coeffs, coeffs.new_zeros(coeffs.shape[0], model.d_mlp - size)], -1)  # padding
-        clean = coeffs = coeffs.reshape(*shape[:-1], -1).to(home)
+        coeffs = _coefficients(model, spec, layer, bank, seen)  # [S, d_mlp]
+        clean = coeffs = coeffs.reshape(*seen["shape"][:-1], -1).to(home)
         for fn in list(entries):
             new = fn(coeffs)
             coeffs = coeffs if new is None else new.to(home)
@@ -122,9 +119,7 @@ def moe_coefficients(model: Model, layer: int, normed: torch.Tensor) -> torch.Te
     with contextlib.ExitStack() as stack:
         _capture(model, spec, layer, seen, stack)
         model.module(spec.mlp, layer)(normed[:, None, :].to(model.dtype))
-    bank = model.module(spec.experts, layer)
-    coeffs = _coefficients(model, spec, layer, bank, seen)
-    return torch.cat([coeffs, coeffs.new_zeros(coeffs.shape[0], model.d_mlp - coeffs.shape[-1])], -1)
+    return _coefficients(model, spec, layer, model.module(spec.experts, layer), seen)
 
 
 def _capture(model: Model, spec, layer: int, seen: dict, stack: contextlib.ExitStack) -> None:
@@ -151,6 +146,9 @@ def _capture(model: Model, spec, layer: int, seen: dict, stack: contextlib.ExitS
 
 
 def _coefficients(model: Model, spec, layer: int, bank, seen: dict) -> torch.Tensor:
+    """Coefficients ``[S, d_mlp]`` of the tokens the bank saw: routed experts' neurons, then the
+    shared expert's, then zeros up to the model's ``d_mlp`` (a block with fewer neurons).
+    """
     x, index, weights = seen["bank"]
     dtype = torch.promote_types(x.dtype, torch.float32)
     parts = [expert_coefficients(bank, model.tensor, x.to(dtype), index, weights)]
@@ -165,4 +163,6 @@ def _coefficients(model: Model, spec, layer: int, bank, seen: dict) -> torch.Ten
         parts.append(values * gate)
         if down.bias is not None:
             parts.append(gate)
+    size = sum(part.shape[-1] for part in parts)
+    parts.append(x.new_zeros(x.shape[0], model.d_mlp - size, dtype=dtype))
     return torch.cat(parts, dim=-1)

@@ -8,8 +8,10 @@ source positions must fold them in to stay exact:
   ``o`` at its actual (frozen) scale ``ρ(o)``;
 - a constant residual multiplier (Granite): ``attn_out = c · o``.
 
-:func:`update_map` gives the map for one sublayer as a static gain ``γ [d]`` and a per-row factor
-``c / ρ(o) [..., 1]``, so a part ``p`` of ``o`` contributes ``factor · γ ⊙ p`` to the update::
+:func:`apply_update` runs both, through the model's own post-norm module, on a raw output the model
+did not compute (a counterfactual). :func:`update_map` gives the map for one sublayer as a static
+gain ``γ [d]`` and a per-row factor ``c / ρ(o) [..., 1]``, so a part ``p`` of ``o`` contributes
+``factor · γ ⊙ p`` to the update::
 
     m = update_map(model, "attn", layer, o)     # o: [B, P, d] the raw attention output
     head_parts = m(parts)                          # parts: [B, P, H, d] with Σ_h parts + b_O == o
@@ -24,7 +26,7 @@ import torch
 
 from recallscope.models.model import Model
 
-__all__ = ["UpdateMap", "update_map", "update_gain", "Sublayer"]
+__all__ = ["UpdateMap", "update_map", "update_gain", "apply_update", "Sublayer"]
 
 Sublayer = Literal["attn", "mlp"]
 
@@ -73,3 +75,15 @@ def update_map(model: Model, sublayer: Sublayer, layer: int, raw: torch.Tensor) 
     params = model.norm_params(path, layer)
     factor = scale / params.rho(raw)
     return UpdateMap(params.gain(raw.dtype, raw.device), factor)
+
+
+def apply_update(model: Model, sublayer: Sublayer, layer: int, raw: torch.Tensor) -> torch.Tensor:
+    """The update ``[..., d]`` a new raw output ``raw [..., d]`` of ``sublayer`` in ``layer`` would
+    add to the residual: the model's own post-norm module (run in the model's dtype) and the
+    residual scale.
+    """
+    path = _post_norm_path(model, sublayer, layer)
+    if path is not None:
+        raw = model.module(path, layer)(raw.to(model.dtype)).to(raw.dtype)
+    scale = model.spec.residual_scale
+    return raw if scale == 1.0 else raw * scale

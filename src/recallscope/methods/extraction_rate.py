@@ -46,6 +46,7 @@ from recallscope.core.attributes import READOUTS, Readout, extraction_events, re
 from recallscope.core.cache import forward
 from recallscope.core.hooks import site_hook
 from recallscope.core.tokens import PromptBatch
+from recallscope.core.updates import apply_update
 from recallscope.core.vocab import decode_tokens
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
@@ -372,9 +373,7 @@ def counterfactual_outputs(model: Model, cap: Capture, weights: torch.Tensor) ->
     for layer in range(model.n_layers):
         o_proj = model.module(model.spec.o_proj, layer)
         out = o_proj(z[:, layer].flatten(-2).to(o_proj.weight.dtype))  # [B, n, d_model]
-        if model.spec.attn_post_norm is not None:
-            out = model.module(model.spec.attn_post_norm, layer)(out)
-        outs.append(out * model.spec.residual_scale if model.spec.residual_scale != 1.0 else out)
+        outs.append(apply_update(model, "attn", layer, out))  # post-norm, residual scale
     return torch.stack(outs, dim=2)
 
 

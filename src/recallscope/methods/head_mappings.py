@@ -40,6 +40,7 @@ from recallscope.core.cache import forward
 from recallscope.core.decompose import head_outputs
 from recallscope.core.hooks import site_hook
 from recallscope.core.tokens import PromptBatch
+from recallscope.core.updates import apply_update
 from recallscope.core.vocab import decode_tokens
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
@@ -286,10 +287,7 @@ def ov_outputs(model: Model, layer: int, x: torch.Tensor, *, input_norm: bool = 
     # query head h = kv * n_groups + g reads kv head h // n_groups: W_O [H, e, d] -> [kv, g, e, d]
     W_O = model.W_O(layer).to(x.device, dtype).unflatten(0, (model.n_kv_heads, model.n_groups))
     out = torch.einsum("nke,kged->nkgd", v, W_O).flatten(1, 2)  # [N, H, d_model]
-    post = spec.attn_post_norm
-    if post is not None:
-        out = model.module(post, layer)(out.to(model.dtype)).to(dtype)
-    return out * spec.residual_scale if spec.residual_scale != 1.0 else out
+    return apply_update(model, "attn", layer, out)  # post-norm in the model's dtype, residual scale
 
 
 def _layer(model, layer, x, z, targets, config) -> dict[str, torch.Tensor]:

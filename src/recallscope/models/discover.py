@@ -18,9 +18,8 @@ module and the check. ``check_model`` then validates the spec as a whole.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -31,7 +30,7 @@ from transformers.pytorch_utils import Conv1D
 from recallscope.errors import UnsupportedModelError
 from recallscope.models.experts import bank_of
 from recallscope.models.families._common import get_module
-from recallscope.models.kernels import first_interface_caller
+from recallscope.models.kernels import SOFTMAXES, first_interface_call, is_probabilities, probe_input
 from recallscope.models.offload import OffloadedWeights
 from recallscope.models.spec import ArchSpec, Dims
 
@@ -134,12 +133,11 @@ class _SoftmaxWatch(TorchFunctionMode):
         inside = [name for name in self.stack if name.startswith(self.prefix) and name not in self.leaves]
         if not inside or self.trace.softmax_value is not None:
             return out
-        softmax = func in (torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax)
         if (
-            softmax
+            func in SOFTMAXES
             and isinstance(out, torch.Tensor)
             and self.probs is None
-            and _probabilities(out, self.n_heads)
+            and is_probabilities(out, self.n_heads)
         ):
             self.probs, self.trace.softmax_owner = out.reshape(-1, self.n_heads, *out.shape[-2:]), inside[-1]
         elif self.probs is not None and getattr(func, "__name__", "") in ("matmul", "bmm", "__matmul__"):
@@ -186,8 +184,7 @@ def _trace(model: nn.Module, blocks_path: str, block: int = 0) -> _Trace:
             pre, post = record(name)
             handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
             handles.append(module.register_forward_hook(post, with_kwargs=True, always_call=True))
-    vocab = model.get_input_embeddings().weight.shape[0]
-    ids = torch.tensor([PROBE_IDS], device=_device(model)) % vocab
+    ids = probe_input(model, PROBE_IDS)
     try:
         n_heads = int(getattr(_text_config(model), "num_attention_heads", 0) or 1)
         leaves = [name for name, m in model.named_modules() if isinstance(m, nn.Softmax | nn.Dropout)]
@@ -200,11 +197,6 @@ def _trace(model: nn.Module, blocks_path: str, block: int = 0) -> _Trace:
     return trace
 
 
-def _probabilities(out: torch.Tensor, n_heads: int) -> bool:
-    """Attention probabilities: ``[B, H, Q, K]`` or ``[B·H, Q, K]``."""
-    return out.dim() == 4 or (out.dim() == 3 and out.shape[0] % n_heads == 0)
-
-
 def _text_config(model: nn.Module):
     config = model.config
     return config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -213,13 +205,6 @@ def _text_config(model: nn.Module):
 def _detached(x: torch.Tensor | None) -> torch.Tensor | None:
     # a copy: modeling code may later add to the same tensor in place (Falcon's MLP output)
     return None if x is None or not x.is_floating_point() else x.detach().to(torch.float64, copy=True)
-
-
-def _device(model: nn.Module) -> torch.device:
-    embed = model.get_input_embeddings()
-    if embed.weight.device.type != "meta":
-        return embed.weight.device
-    return torch.device(OffloadedWeights(model).execution_device(embed))
 
 
 # -- numeric helpers -----------------------------------------------------------------------------
@@ -406,8 +391,8 @@ class _Discovery:
         self.unembed = self._path_of(unembed, "output embedding")
         self.blocks = self._blocks()
         self.prefix = f"{self.blocks}.{block}."
-        self.caller = first_interface_caller(model)
-        if self.caller is None and "eager" not in str(model.config._attn_implementation):
+        self.call = first_interface_call(model, PROBE_IDS)
+        if self.call is None and "eager" not in str(model.config._attn_implementation):
             # inline attention code (no AttentionInterface) may call a fused kernel unless it runs
             # eagerly (Falcon before transformers 5.25): its probabilities are read from its softmax
             model.config._attn_implementation = "eager"
@@ -417,9 +402,9 @@ class _Discovery:
             raise
         except Exception as err:
             raise self.error(f"its forward failed ({type(err).__name__}: {err})") from err
-        self.compare = _Compare(model.get_input_embeddings().weight.dtype)
-        self.d_model = model.get_input_embeddings().weight.shape[1]
-        self.dtype = model.get_input_embeddings().weight.dtype
+        embedding = model.get_input_embeddings().weight
+        self.d_model, self.dtype = embedding.shape[1], embedding.dtype
+        self.compare = _Compare(self.dtype)
         self.first = self.trace.get(f"{self.blocks}.0")
         self.block0 = self.trace.get(f"{self.blocks}.{block}")
         if self.block0 is None or self.block0.output is None or self.first is None:
@@ -527,8 +512,8 @@ class _Discovery:
             experts=moe,
             gated_mlp="mlp_gate" in mlp_parts or (moe is not None and bank_of(self._module(moe)).gated),
             qk_norm=any(_is_norm(m) for _, m in self.block_modules(attn)),
-            attention_interface=self.interface,
-            attention_sinks=self.interface and self._interface_values() is not None and self.sinks,
+            attention_interface=self.call is not None,
+            attention_sinks=self.call is not None and self.call.sinks,
             final_logit_softcap=softcap,
             attn_logit_softcap=getattr(self.text_config, "attn_logit_softcapping", None),
             **projections,
@@ -537,15 +522,12 @@ class _Discovery:
 
     @property
     def text_config(self):
-        config = self.model.config
-        return config.get_text_config() if hasattr(config, "get_text_config") else config
+        return _text_config(self.model)
 
     # -- attention --------------------------------------------------------------------------------
     def _attention(self) -> str:
-        caller = self.caller
-        self.interface = caller is not None
-        if caller is not None:
-            path, first = self.names.get(id(caller), ""), f"{self.blocks}.0."
+        if self.call is not None:
+            path, first = self.names.get(id(self.call.module), ""), f"{self.blocks}.0."
             if not path.startswith(first):
                 raise self.error(
                     f"the first attention call came from {path!r}, outside block 0: block 0 runs no "
@@ -606,7 +588,7 @@ class _Discovery:
 
     def _v_columns(self, path: str) -> tuple[int, ...] | None:
         """Columns of a fused projection's output holding the values, head-major ``[kv_head, d_head]``."""
-        values = self.trace.softmax_value if not self.interface else self._interface_values()
+        values = self.trace.softmax_value if self.call is None else self.call.value
         out = self.block_call(path).output
         if values is None or out is None:
             return None
@@ -624,26 +606,6 @@ class _Discovery:
                     return None
                 columns.append(int(match[0]))
         return tuple(columns)
-
-    def _interface_values(self) -> torch.Tensor | None:
-        """The values block 0's attention hands the kernel ``[B, H_kv, K, d_head]`` (and whether it
-        hands attention-sink logits too: ``self.sinks``).
-        """
-        if hasattr(self, "_values"):
-            return self._values
-        captured: list[tuple[torch.Tensor, bool]] = []
-        with _recording_values(captured):
-            from recallscope.models.kernels import attention_kernel
-
-            vocab = self.model.get_input_embeddings().weight.shape[0]
-            ids = torch.tensor([PROBE_IDS], device=_device(self.model)) % vocab
-            with torch.no_grad(), attention_kernel(self.model, _VALUE_PROBE):
-                try:
-                    self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
-                except _ValuesSeen:
-                    pass
-        self._values, self.sinks = captured[0] if captured else (None, False)
-        return self._values
 
     # -- MLP --------------------------------------------------------------------------------------
     def _mlp(self, attn: str, o_proj: str) -> tuple[str | None, str | None, str]:
@@ -1013,39 +975,3 @@ def _fused_layout(columns: tuple[int, ...] | None, n_heads: int, width: int) -> 
         if columns == per_head:
             return "per_head"
     return None
-
-
-# -- value capture through the attention interface --------------------------------------------------
-
-_VALUE_PROBE = "recallscope_value_probe"
-_SINK: list[list[torch.Tensor]] = []
-
-
-class _ValuesSeen(Exception):
-    pass
-
-
-def _value_probe(module, query, key, value, attention_mask, **kwargs):
-    if _SINK:
-        _SINK[-1].append((value.detach().double(), kwargs.get("s_aux") is not None))
-    raise _ValuesSeen
-
-
-@contextlib.contextmanager
-def _recording_values(into: list[torch.Tensor]) -> Iterator[None]:
-    _SINK.append(into)
-    try:
-        yield
-    finally:
-        _SINK.pop()
-
-
-def _register() -> None:
-    from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.masking_utils import eager_mask
-
-    AttentionInterface.register(_VALUE_PROBE, _value_probe)
-    AttentionMaskInterface.register(_VALUE_PROBE, eager_mask)
-
-
-_register()

@@ -148,11 +148,7 @@ class Model:
 
         With an accelerate device map that offloads the embedding, this is the device it runs on.
         """
-        embed = get_module(self.hf_model, self.spec.embed)
-        weight = embed.weight
-        if weight.device.type != "meta":
-            return weight.device
-        return torch.device(self._weights.execution_device(embed))
+        return self._weights.device_of(get_module(self.hf_model, self.spec.embed))
 
     @property
     def device_map(self) -> dict[str, str] | None:

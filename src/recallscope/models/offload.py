@@ -44,6 +44,11 @@ class OffloadedWeights:
         """The device an offloaded ``module`` runs on."""
         return self._entry(module, "weight")[2]
 
+    def device_of(self, module: nn.Module) -> torch.device:
+        """The device ``module`` runs on: its weight's, or where accelerate runs it when offloaded."""
+        weight = module.weight
+        return weight.device if weight.device.type != "meta" else torch.device(self.execution_device(module))
+
     def _entry(self, module: nn.Module, name: str) -> tuple[Any, str, Any]:
         if self._index is None:
             self._index = _offload_index(self.hf_model)

@@ -163,6 +163,10 @@ class ArchSpec:
                 return spec
         return self
 
+    def block_specs(self) -> tuple[ArchSpec, ...]:
+        """One spec per group of blocks built alike (itself when every block is)."""
+        return tuple(spec for _, spec in self.variants) or (self,)
+
     def d_mlp_at(self, layer: int) -> int:
         """Neurons of block ``layer``'s feed-forward before padding."""
         return self.at(layer).dims.d_mlp
@@ -194,6 +198,13 @@ class ArchSpec:
     def mlp_out(self) -> str:
         """Block-level module whose output is the MLP update of the residual (times ``residual_scale``)."""
         return self.mlp_post_norm or self.mlp_update or self.mlp or self.mlp_out_proj
+
+    @property
+    def mlp_post_norm_inside(self) -> bool:
+        """The MLP's post-norm is a submodule of the MLP module: the block normalizes its experts'
+        sum itself (AXK1), so calling the MLP module already applies it.
+        """
+        return self.mlp is not None and (self.mlp_post_norm or "").startswith(f"{self.mlp}.")
 
     @property
     def mlp_pre(self) -> str | None:
