@@ -111,6 +111,43 @@ FAMILIES = {
             pad_token_id=0,
         ),
     ),
+    # sigmoid-gated attention output (a per-position factor before o_proj), sandwich norms, routed
+    # (sigmoid router) and shared experts
+    "afmoe": (
+        T.AfmoeConfig,
+        dict(
+            _LLAMALIKE,
+            num_key_value_heads=2,
+            num_dense_layers=0,
+            num_experts=4,
+            num_experts_per_tok=2,
+            num_shared_experts=1,
+            moe_intermediate_size=16,
+            route_scale=1.5,
+            sliding_window=4,
+            global_attn_every_n_layers=2,
+        ),
+    ),
+    # an experts bank outside transformers' ExpertsInterface (every token to every expert, the router
+    # weight on its input), a dense block, a block without RoPE, chunked attention
+    "llama4_text": (
+        T.Llama4TextConfig,
+        dict(
+            _LLAMALIKE,
+            num_key_value_heads=2,
+            intermediate_size=16,
+            intermediate_size_mlp=64,
+            num_local_experts=4,
+            num_experts_per_tok=1,
+            moe_layers=[1, 2],
+            no_rope_layers=[1, 0, 1],
+            layer_types=["chunked_attention", "full_attention", "chunked_attention"],
+            attention_chunk_size=64,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+    ),
     "bloom": (T.BloomConfig, dict(vocab_size=VOCAB, hidden_size=32, n_layer=3, n_head=4)),
     "falcon": (
         T.FalconConfig,
@@ -131,7 +168,7 @@ FAMILIES = {
     ),
 }
 _FLOAT32_SOFTMAX = ("gemma2", "gemma3_text", "bloom", "gpt_oss")
-FLOAT32_INSIDE = ("gptj", "bloom", "falcon", "gpt_neo", "mixtral", "qwen3_moe", "gpt_oss")
+FLOAT32_INSIDE = ("gptj", "bloom", "falcon", "gpt_neo", "mixtral", "qwen3_moe", "gpt_oss", "afmoe")
 """Families that compute part of their forward in float32 even for float64 weights (GPT-J's and
 GPT-Neo's attention scores, BLOOM's softmax, Falcon's rotations, the routers of mixtures of experts):
 left padding moves their numbers by ~1e-9 (a router's float32 weights by one rounding step), so
@@ -139,7 +176,18 @@ oracle tests that compare a padded batch with unpadded prompts at 1e-9 run their
 or say their tolerance."""
 """Families whose modeling code takes its softmax in float32 (or supports only eager attention)."""
 FAMILY_NAMES = tuple(FAMILIES)
-DISCOVERED = ("gemma3_text", "phi3", "olmo2", "mixtral", "qwen3_moe", "gpt_oss", "bloom", "falcon", "gpt_neo")
+DISCOVERED = (
+    "gemma3_text",
+    "phi3",
+    "olmo2",
+    "mixtral",
+    "qwen3_moe",
+    "gpt_oss",
+    "bloom",
+    "falcon",
+    "gpt_neo",
+    "afmoe",
+)
 """Families whose architecture recallscope only discovers (no spec was ever written for them): every
 method's oracle tests run on them too."""
 

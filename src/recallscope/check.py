@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from recallscope.core.attention import Knockout, block_attention, eager_attention
+from recallscope.core.attention import Knockout, block_attention, eager_attention, output_gate_hook
 from recallscope.core.cache import forward, run_with_cache
 from recallscope.core.decompose import (
     head_outputs,
@@ -227,10 +227,12 @@ def _check_head_sources(ctx: _Context) -> CheckResult:
     """Σ_j α_{N,j} v_j W_O^h over sources and heads == attn_out at the last position (eager run)."""
     m, results = ctx.model, []
     for layer in sorted({0, ctx.last}):
-        sites = [Site(layer, "pattern"), Site(layer, "v"), Site(layer, "attn_out")]
-        cache = run_with_cache(m, ctx.batch, sites)
+        sites, gates = [Site(layer, "pattern"), Site(layer, "v"), Site(layer, "attn_out")], []
+        with output_gate_hook(m, layer, gates.append):
+            cache = run_with_cache(m, ctx.batch, sites)
         pattern = cache[sites[0]][:, :, -1:]  # [B, H, 1, T]
-        total = head_source_outputs(m, layer, pattern, cache[sites[1]]).total()
+        gate = gates[-1][:, -1:] if gates else None  # [B, 1, H, d_head]
+        total = head_source_outputs(m, layer, pattern, cache[sites[1]], gate).total()
         # inline attention may take its softmax in float32 in a float64 model (BLOOM): its tolerance
         kind = ctx.post_norm if pattern.dtype == m.dtype else "kernel"
         res = ctx.result("head_sources", total, cache[sites[2]][:, -1:], kind=kind)

@@ -46,6 +46,9 @@ TINY = {
     "head_dim": 16,
     "intermediate_size": 96,
     "vocab_size": 320,
+    "vocab_size_per_layer_input": 320,  # Gemma 3n's per-layer token embeddings
+    "hidden_size_per_layer_input": 16,
+    "laurel_rank": 8,
     "max_position_embeddings": 128,
     "num_local_experts": 4,
     "num_experts": 4,
@@ -80,6 +83,8 @@ TINY = {
     "eos_token_id": 2,
 }
 """Config values of the tiny models (set where the config has the attribute)."""
+_OPTIONAL = ("embedding_multiplier", "residual_multiplier", "logits_scaling")
+"""Keys of :data:`TINY` set only where the config uses them (not None), as are the token ids."""
 N_LAYERS = 2
 MAX_PARAMETERS = 3_000_000
 
@@ -118,8 +123,21 @@ def _complete_cohere_compass(config) -> None:
     }
 
 
+def _complete_llama4_text(config) -> None:
+    # two layers cut from the default config both use RoPE and experts; its checkpoints have a layer
+    # without RoPE (every 4th) and Maverick interleaves dense layers: block 0 dense, block 1 NoPE
+    config.no_rope_layers = [1, 0]
+    config.layer_types = ["chunked_attention", "full_attention"]
+    config.moe_layers = [1]
+    config.intermediate_size_mlp = TINY["intermediate_size"]
+
+
 _COMPLETIONS = {  # default configs that cannot build a model, completed as their checkpoints are
     "dbrx": ("default config completed: attn_config.rope_theta, clip_qkv=8", _complete_dbrx),
+    "llama4_text": (
+        "layers as in its checkpoints: block 0 dense, block 1 without RoPE (and qk-norm)",
+        _complete_llama4_text,
+    ),
     "cohere_compass_text": (
         "default config completed: RoPE on sliding layers, none on full layers",
         _complete_cohere_compass,
@@ -161,12 +179,34 @@ def tiny_config(model_type: str) -> transformers.PretrainedConfig:
     """
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    config = CONFIG_MAPPING[model_type]()
+    config = _with_tiny_sizes(CONFIG_MAPPING[model_type])
     for sub in _sub_configs(config):
         _shrink(sub)
     if model_type in _COMPLETIONS:
         _COMPLETIONS[model_type][1](config)
     return config
+
+
+def _with_tiny_sizes(config_class) -> transformers.PretrainedConfig:
+    """The config built with the tiny sizes as arguments, so that what it derives from them when it
+    is built (LongCat's ``qk_head_dim``, Laguna's per-layer head counts) follows them. Its default
+    layer count and layer schedules (lists of layer kinds) are kept: :func:`_cut_layers` cuts them,
+    as it cuts every per-layer list. The default config when the class refuses those arguments.
+    """
+    default = config_class()
+    sizes = {  # layer schedules as the default config has them, not re-derived from TINY's sizes
+        key: value
+        for key, value in vars(default).items()
+        if isinstance(value, list) and value and all(isinstance(v, str) for v in value)
+    }
+    for key, value in TINY.items():
+        optional = key.endswith("_token_id") or key in _OPTIONAL
+        if key in vars(default) and not (optional and vars(default)[key] is None):
+            sizes[key] = value
+    try:
+        return config_class(**sizes)
+    except Exception:  # noqa: BLE001 - a config that validates its sizes against each other
+        return default
 
 
 def _sub_configs(config) -> list:
@@ -220,17 +260,26 @@ def _set_size(config, key: str, value) -> None:
     if not present:
         return
     current = _get(config, key)
-    optional = key.endswith("_token_id") or key in (
-        "embedding_multiplier",
-        "residual_multiplier",
-        "logits_scaling",
-    )
+    optional = key.endswith("_token_id") or key in _OPTIONAL
     if optional and current is None:
         return
+    if not optional and _per_layer_list(config, current) and not isinstance(value, list | tuple):
+        value = type(current)([value] * len(current))  # one entry per layer (Gemma 3n's widths)
     try:
         setattr(config, key, value)
     except Exception:  # noqa: BLE001 - a config may validate or derive a value: keep its own
         return
+
+
+def _per_layer_list(config, value) -> bool:
+    """Is ``value`` a list of numbers with one entry per layer (a size that varies by layer)?"""
+    n_layers = _get(config, "num_hidden_layers")
+    return (
+        isinstance(value, list | tuple)
+        and isinstance(n_layers, int)
+        and len(value) == n_layers
+        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+    )
 
 
 def _cut_layers(config, old_layers: int) -> None:
@@ -386,6 +435,9 @@ def _check(model_type: str, class_name: str, dtype: torch.dtype, kernel: str | N
             return Row(
                 model_type, class_name, "excluded", f"{RECURRENT}: no attention in its first block", name
             )
+        if "recurrent depth" in message:
+            why = "its blocks run repeatedly in one forward (recurrent depth)"
+            return Row(model_type, class_name, "excluded", f"{RECURRENT}: {why}", name)
         return Row(model_type, class_name, "failing", f"discovery: {_after_colon(message)}", name)
     except Exception as err:  # noqa: BLE001 - modeling code failing on the probe input
         return Row(model_type, class_name, "failing", f"discovery: {_first_line(err)}", name)
@@ -404,7 +456,7 @@ def _check(model_type: str, class_name: str, dtype: torch.dtype, kernel: str | N
 def _positions(model) -> str:
     spec, config = model.spec, model.hf_model.config
     if spec.pos_embed:
-        return "learned positions"
+        return "a table of positions" if spec.pos_table else "learned positions"
     if any("rotary" in type(m).__name__.lower() for m in model.hf_model.modules()):
         return "RoPE"
     return "ALiBi" if getattr(config, "alibi", True) else "no positions"
@@ -414,7 +466,12 @@ _FEATURES = (  # (label, test on the model), in the order the table lists them
     ("GQA", lambda m: 1 < m.spec.dims.n_kv_heads < m.spec.dims.n_heads),
     ("MQA", lambda m: m.spec.dims.n_kv_heads == 1 < m.spec.dims.n_heads),
     ("mixture of experts", lambda m: any(v.experts for v in m.spec.block_specs())),
-    ("with dense layers", lambda m: len(m.spec.block_specs()) > 1),
+    (
+        "with dense layers",
+        lambda m: (
+            any(v.experts for v in m.spec.block_specs()) and any(not v.experts for v in m.spec.block_specs())
+        ),
+    ),
     ("shared experts", lambda m: any(v.shared_expert_down for v in m.spec.block_specs())),
     ("parallel blocks", lambda m: m.spec.parallel),
     ("sandwich norms", lambda m: m.spec.ln_1 is not None and (m.spec.attn_post_norm or m.spec.mlp_post_norm)),
@@ -424,6 +481,7 @@ _FEATURES = (  # (label, test on the model), in the order the table lists them
     ("fused q/k/v", lambda m: m.spec.qkv_proj is not None),
     ("fused gate-up", lambda m: m.spec.gate_up is not None),
     ("qk-norm", lambda m: m.spec.qk_norm),
+    ("gated attention output", lambda m: m.spec.attn_output_gate),
     ("sliding window", lambda m: bool(getattr(m.hf_model.config, "sliding_window", None))),
     ("attention sinks", lambda m: m.spec.attention_sinks),
     ("soft-capping", lambda m: m.spec.final_logit_softcap or m.spec.attn_logit_softcap),

@@ -245,7 +245,7 @@ def test_mlp_accessors_reproduce_the_mlp(tiny_models, family):
     model = tiny_models(family)
     batch = _batch(model)
     layer = 1
-    if model.spec.experts is not None:  # per-expert input weights: refused by name
+    if model.spec.at(layer).experts is not None:  # per-expert input weights: refused by name
         for accessor in (model.W_in, model.W_gate, model.mlp_act):
             with pytest.raises(rs.SiteError, match="mixture-of-experts MLP in block 1"):
                 accessor(layer)

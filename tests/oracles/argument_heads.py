@@ -1,9 +1,10 @@
 """Naive argument-head analysis (Lv et al. L3 + L4, ``methods.md`` §1.2): one unpadded prompt at a time.
 
 L3, literal path patching: for every sender (each head, each MLP) one full forward of the clean prompt
-in which every layer's ``q``, ``k``, ``v`` (all positions) are set to their clean cached values with
-``site_hook``, the sender's ``z`` (an MLP sender's ``mlp_out``) at the last position is set to its
-counterfactual value, and, with ``freeze_mlps``, the MLP outputs after the sender (for a head, its own
+in which every layer's ``q``, ``k``, ``v`` (all positions; and ``z`` for a gated attention output,
+whose gate reads the residual too) are set to their clean cached values with ``site_hook``, the
+sender's ``z`` (an MLP sender's ``mlp_out``) at the last position is set to its counterfactual
+value, and, with ``freeze_mlps``, the MLP outputs after the sender (for a head, its own
 layer's too) are set to their clean values. The metric ``iw`` is read on the full-vocabulary logits.
 
 L4: the attention row of the last position from ``run_with_cache``'s ``pattern``; each head's output
@@ -69,14 +70,16 @@ def naive_path_patching(
     position; ``target``: a token id or ``"top1"``.
     """
     L, H = model.n_layers, model.n_heads
-    frozen = [Site(layer, name) for layer in range(L) for name in ("q", "k", "v", "mlp_out")]
+    # a gated attention output reads the residual as q/k/v do: its heads' z is held clean with them
+    held = ("q", "k", "v", "z") if model.spec.attn_output_gate else ("q", "k", "v")
+    frozen = [Site(layer, name) for layer in range(L) for name in (*held, "mlp_out")]
     clean = run_with_cache(model, ids[None], frozen, logits="last")
     token = int(clean.logits[0].argmax()) if target == "top1" else int(target)
 
     def forward(edits) -> float:
         with contextlib.ExitStack() as stack:
             for layer in range(L):
-                for name in ("q", "k", "v"):
+                for name in held:
                     stack.enter_context(site_hook(model, Site(layer, name), _held(clean[Site(layer, name)])))
             for site, fn in edits:
                 stack.enter_context(site_hook(model, site, fn))

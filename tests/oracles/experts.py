@@ -23,7 +23,13 @@ def coefficients(model, layer: int, normed: torch.Tensor) -> torch.Tensor:
     spec = model.spec
     block, bank = model.module(spec.mlp, layer), model.module(spec.experts, layer)
     router = next(m for name, m in block.named_children() if name in ("gate", "router"))
-    _, weights, index = router(normed[None])
+    seen_route = {}  # the router as the block calls it (AFMoE hands it the expert biases)
+    handle = router.register_forward_hook(lambda m, args, out: seen_route.__setitem__("out", out))
+    try:
+        block.forward(normed[None, None])  # forward, not __call__: hooks on the block itself stay out
+    finally:
+        handle.remove()
+    _, weights, index = seen_route["out"]
     down, d_expert, width = _layout(bank)
     parts = [torch.zeros(width, dtype=normed.dtype) for _ in range(down.shape[0])]
     for slot in range(index.shape[-1]):

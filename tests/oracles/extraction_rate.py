@@ -80,7 +80,7 @@ def naive_capture(model, ids: torch.Tensor, subject_last: int) -> dict:
     """Per layer: attention module output, MLP output (last position), block output at the last subject
     token, last attention row ``[H, T]`` and values ``[T, H_kv, d_head]``; plus the last logits."""
     spec, d = model.spec, model.d_model
-    got: dict = {k: {} for k in ("attn", "mlp", "subject", "probs", "v")}
+    got: dict = {k: {} for k in ("attn", "mlp", "subject", "probs", "v", "z")}
 
     def grab(kind, layer, fn):
         def hook(module, args, output):  # a copy: Falcon adds to its MLP output in place
@@ -103,6 +103,9 @@ def naive_capture(model, ids: torch.Tensor, subject_last: int) -> dict:
             stack.enter_context(
                 rs.site_hook(model, Site(layer, "v"), _saver(got["v"], layer, lambda v: v[0]))
             )
+            stack.enter_context(
+                rs.site_hook(model, Site(layer, "z"), _saver(got["z"], layer, lambda z: z[0, -1]))
+            )
         try:
             with torch.no_grad():
                 got["logits"] = model.hf_model(ids[None].to(model.device)).logits[0, -1]
@@ -120,15 +123,20 @@ def _saver(store, layer, fn):
 
 
 def naive_counterfactual(
-    model, layer: int, probs: torch.Tensor, v: torch.Tensor, blocked, mode
+    model, layer: int, probs: torch.Tensor, v: torch.Tensor, blocked, mode, z: torch.Tensor
 ) -> torch.Tensor:
-    """Layer ``layer``'s attention output ``[d]`` at the last position with a modified row."""
+    """Layer ``layer``'s attention output ``[d]`` at the last position with a modified row; a gated
+    output keeps the clean gate ``g = z / mix`` (``z [H, d_head]`` at the last position)."""
     n_heads, group = model.n_heads, model.n_heads // model.n_kv_heads
     mixed = []
     for h in range(n_heads):
         kv = h // group  # GQA: query head h reads key/value head h // group
         weights = modified_row(probs[h], blocked, mode)
-        mixed.append(sum(weights[j] * v[j, kv] for j in range(v.shape[0])))
+        mix = sum(weights[j] * v[j, kv] for j in range(v.shape[0]))
+        if model.spec.attn_output_gate:
+            clean = sum(probs[h, j] * v[j, kv] for j in range(v.shape[0]))
+            mix = mix * torch.where(clean != 0, z[h] / torch.where(clean != 0, clean, 1), 0)
+        mixed.append(mix)
     z = torch.cat(mixed)[None]  # [1, H * d_head]
     with torch.no_grad():
         out = model.module(model.spec.o_proj, layer)(z)
@@ -156,7 +164,9 @@ def naive_fact(
             out[(kind, layer)] = (*rank_of(scores, target), scores.topk(k).indices.tolist())
         for name in variants:
             blocked = blocked_positions(len(ids), subject, name)
-            vec = naive_counterfactual(model, layer, got["probs"][layer], got["v"][layer], blocked, mode)
+            vec = naive_counterfactual(
+                model, layer, got["probs"][layer], got["v"][layer], blocked, mode, got["z"][layer]
+            )
             scores = naive_scores(model, vec.double(), readout)
             top1 = int(scores.argmax()) if (scores == scores.max()).sum() == 1 else -1  # tied: none
             out["cf"][(name, layer)] = (*rank_of(scores, target), top1)

@@ -135,13 +135,14 @@ def _attention(model, c, layer, x, readouts, out) -> None:
         o = post(z[h] @ W_O[h])
         out["head_out"][layer, h] = o.numpy()
         out["head"][layer, h] = lp(x + o) - base
+        gate = _gate(model, z[h], sum(pattern[h, j] * v[j, kv] for j in range(T)))  # [Dh]
         for j in range(T):
-            u = post(pattern[h, j] * v[j, kv] @ W_O[h])
+            u = post(pattern[h, j] * (v[j, kv] * gate) @ W_O[h])
             out["position_out"][layer, h, j] = u.numpy()
             out["position"][layer, h, j] = lp(x + u) - base
             out["attention"][layer, h, j] = float(pattern[h, j])
             for n in range(Dh):
-                coeff = pattern[h, j] * v[j, kv, n]
+                coeff = pattern[h, j] * v[j, kv, n] * gate[n]
                 unit = post(coeff * W_O[h, n])
                 out["unit_out_sum"][layer, h] += unit.numpy()
                 out["unit_coeff"][layer, h, n, j] = float(coeff) * scale
@@ -149,6 +150,16 @@ def _attention(model, c, layer, x, readouts, out) -> None:
                 score = lp(x + unit) - base
                 out["unit"][layer, h, n, j] = score
                 out["unit_prob"][layer, h, n, j] = np.exp(base + score) - np.exp(base)
+
+
+def _gate(model, z: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
+    """A gated attention output (sigmoid gate, sub-norm): ``z = g ⊙ mix`` per head, so ``g = z / mix``
+    element by element (0 where the mix is 0); 1 without a gate."""
+    if not model.spec.attn_output_gate:
+        return torch.ones_like(mix)
+    return torch.tensor(
+        [float(a) / float(b) if b != 0 else 0.0 for a, b in zip(z, mix, strict=True)], dtype=mix.dtype
+    )
 
 
 def _neurons(model, c, layer, r, readouts, out) -> None:

@@ -67,10 +67,14 @@ def _by_hand(model, layer: int, units: set, stack: contextlib.ExitStack) -> None
         pre = torch.zeros(model.d_model, dtype=out.dtype) if b_O is None else b_O.clone()
         for h in range(model.n_heads):
             for n in range(model.d_head):
-                z = 0.0
+                z, mix = 0.0, 0.0
                 for j in range(v.shape[0]):
+                    term = alpha[h, j] * v[j, h // model.n_groups, n]
+                    mix = mix + term
                     if (h, n, j) not in units:
-                        z = z + alpha[h, j] * v[j, h // model.n_groups, n]
+                        z = z + term
+                if model.spec.attn_output_gate:  # z = g ⊙ mix: the clean gate g = z / mix, frozen
+                    z = z * (live["z"][h, n] / mix if mix != 0 else 0.0)
                 pre = pre + z * W_O[h, n]
         if model.spec.attn_post_norm is not None:
             live["busy"] = True  # the model's own norm (HF computes it in fp32)
@@ -82,6 +86,7 @@ def _by_hand(model, layer: int, units: set, stack: contextlib.ExitStack) -> None
 
     stack.enter_context(rs.site_hook(model, rs.Site(layer, "v"), keep_v))
     stack.enter_context(pattern_hook(model, layer, keep_pattern))
+    stack.enter_context(rs.site_hook(model, rs.Site(layer, "z"), lambda z: live.update(z=z[0, -1])))
     stack.enter_context(rs.site_hook(model, rs.Site(layer, "attn_out"), recompute))
 
 

@@ -101,7 +101,10 @@ def ffn_subvalue(model, acts: dict, layer: int, pos: int, k: int) -> torch.Tenso
     c = acts[(layer, "mlp_post")][pos]
     s = c[k] * _value_vector(model, layer, k)
     if model.spec.mlp_post_norm is not None:
-        pre = model.module(model.spec.mlp_out_proj, layer)(c[None])[0].detach()
+        if model.spec.experts is None:
+            pre = model.module(model.spec.mlp_out_proj, layer)(c[None])[0].detach()
+        else:  # the experts' (and shared expert's) output: every neuron's c_k w_k summed
+            pre = sum(c[i] * _value_vector(model, layer, i) for i in range(len(c))).detach()
         params = model.norm_params(model.spec.mlp_post_norm, layer)
         s = s * gain(model, model.spec.mlp_post_norm, layer) / (pre.pow(2).mean() + params.eps).sqrt()
     return s

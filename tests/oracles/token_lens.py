@@ -5,7 +5,8 @@ queries and keys (after RoPE) that transformers hands to its attention interface
 the values they mix (GPT-J: its own probabilities via ``output_attentions`` and the ``v`` site);
 ``z`` and ``attn_out`` come from a cached forward (``Σ_j α_{N,j} v_j`` is checked against ``z``). Then
 explicit loops over layers, parts and heads: ``z_h(P) = Σ_{j∈P} α_{N,j} v_j`` (query head h reads
-key/value head ``h // n_groups``), heads concatenated, the ``o_proj`` module applied (minus its
+key/value head ``h // n_groups``; a gated output multiplies it by ``g = z / mix``), heads
+concatenated, the ``o_proj`` module applied (minus its
 bias), Gemma-2's attention post-norm applied at its actual scale, and the result decoded over the
 **full** vocabulary as ``W_U (γ ⊙ centre(c)) / ρ_final`` before picking the tracked tokens.
 """
@@ -131,17 +132,18 @@ def naive_token_lens(model, ids: torch.Tensor, spans: dict[str, list[int]], trac
         v = cache[Site(layer, "v")][0].double() if values is None else values[layer]  # [T, H_kv, Dh]
         alpha = probs[layer][:, -1]  # [H, T]
         z_site = cache[Site(layer, "z")][0, -1].double()  # [H, Dh]
+        whole = sum(alpha[:, j, None] * v[j].repeat_interleave(g, 0) for j in range(T))  # [H, Dh]
+        gate = _gate(model, whole, z_site)
         vectors = []
         for positions in sets.values():
             z = torch.zeros(H, Dh, dtype=torch.float64)
             for h in range(H):
                 for j in positions:
-                    z[h] += alpha[h, j] * v[j, h // g]
+                    z[h] += alpha[h, j] * v[j, h // g] * gate[h]
             vectors.append(_o_proj(o_proj[layer], z.reshape(-1)))
         # self-check: all parts together are the model's own mix z at N
-        whole = sum(alpha[:, j, None] * v[j].repeat_interleave(g, 0) for j in range(T))
         rtol, atol = (1e-9, 1e-12) if model.dtype == torch.float64 else (1e-3, 1e-5)
-        np.testing.assert_allclose(whole.numpy(), z_site.numpy(), rtol=rtol, atol=atol)
+        np.testing.assert_allclose((whole * gate).numpy(), z_site.numpy(), rtol=rtol, atol=atol)
         if has_bias:
             vectors.append(o_proj[layer].bias.detach().double())
         vectors = _post_norm(model, layer, vectors, o_proj[layer], z_site)
@@ -149,6 +151,20 @@ def naive_token_lens(model, ids: torch.Tensor, spans: dict[str, list[int]], trac
             logit[layer, p] = decode(vector)[tracked].numpy()
         attn_out[layer] = decode(cache[Site(layer, "attn_out")][0, -1].double())[tracked].numpy()
     return {"parts": parts, "logit": logit, "attn_out": attn_out}
+
+
+def _gate(model, mix: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Gated attention output (BitNet's sub-norm, sigmoid gates): ``z = g ⊙ mix`` at the query, so
+    ``g = z / mix`` element by element (0 where the mix is 0); 1 for attention without a gate.
+    """
+    if not model.spec.attn_output_gate:
+        return torch.ones_like(mix)
+    gate = torch.zeros_like(mix)
+    for h in range(mix.shape[0]):
+        for n in range(mix.shape[1]):
+            if mix[h, n] != 0:
+                gate[h, n] = z[h, n] / mix[h, n]
+    return gate
 
 
 def _o_proj(module, z: torch.Tensor) -> torch.Tensor:

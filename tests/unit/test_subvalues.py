@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 import recallscope as rs
+from recallscope.core.attention import output_gate_hook
 from recallscope.core.subvalues import (
     FrozenHead,
     attn_subvalues,
@@ -23,10 +24,13 @@ LAYER = 1
 def _cache(model, batch):
     names = ("resid_pre", "attn_out", "mlp_out", "mlp_post", "v", "pattern")
     sites = [Site(LAYER, name) for name in names] + [Site(model.n_layers - 1, "resid_post")]
-    cache = rs.run_with_cache(model, batch, sites, logits="last")
+    gates = []  # a gated attention output's factor (none without a gate)
+    with output_gate_hook(model, LAYER, gates.append):
+        cache = rs.run_with_cache(model, batch, sites, logits="last")
     last = {s.name: cache[s][:, -1].double() for s in sites if s.name not in ("v", "pattern")}
     last["v"] = cache[Site(LAYER, "v")].double()
     last["pattern"] = cache[Site(LAYER, "pattern")][:, :, -1].double()  # [B, H, T]
+    last["gate"] = gates[-1][:, -1].double() if gates else None  # [B, H, d_head]
     return last, cache.logits.double()
 
 
@@ -38,7 +42,7 @@ def _tolerance(model) -> dict:
 def test_subvalues_sum_to_sublayer_outputs(setup):
     model, batch = setup
     last, _ = _cache(model, batch)
-    attn = attn_subvalues(model, LAYER, last["pattern"], last["v"])
+    attn = attn_subvalues(model, LAYER, last["pattern"], last["v"], last["gate"])
     ffn = ffn_subvalues(model, LAYER, last["mlp_post"])
     assert attn.coeffs.shape == (len(batch), model.n_heads * model.d_head, batch.seq_len)
     assert ffn.coeffs.shape == (len(batch), model.d_mlp, 1)
@@ -69,7 +73,7 @@ def test_rank1_equals_vector_increase_and_bounds_hold(setup):
     targets = logits.argmax(-1)
     cases = (
         (ffn_subvalues(model, LAYER, last["mlp_post"]), last["resid_pre"] + last["attn_out"], "ffn"),
-        (attn_subvalues(model, LAYER, last["pattern"], last["v"]), last["resid_pre"], "attn"),
+        (attn_subvalues(model, LAYER, last["pattern"], last["v"], last["gate"]), last["resid_pre"], "attn"),
     )
     for sub, base, kind in cases:
         B, K, R = sub.coeffs.shape

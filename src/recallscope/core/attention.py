@@ -40,10 +40,11 @@ from torch.overrides import TorchFunctionMode
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import eager_mask
 
-from recallscope.core.hooks import module_hook
+from recallscope.core.hooks import module_hook, site_hook
 from recallscope.errors import KnockoutError, UnsupportedModelError
-from recallscope.models.kernels import SOFTMAXES, attention_kernel, is_probabilities
+from recallscope.models.kernels import SOFTMAXES, attention_kernel, eager_kernel, is_probabilities
 from recallscope.models.model import Model
+from recallscope.models.sites import Site
 
 __all__ = [
     "Knockout",
@@ -55,6 +56,7 @@ __all__ = [
     "compile_knockouts",
     "EAGER_IMPLEMENTATION",
     "kernel_value_hook",
+    "output_gate_hook",
 ]
 
 KnockoutMode = Literal["pre_softmax", "post_softmax_zero"]
@@ -65,6 +67,7 @@ _MASKABLE = ("sdpa", "eager", EAGER_IMPLEMENTATION)
 _PROB_HOOKS: weakref.WeakKeyDictionary[nn.Module, list] = weakref.WeakKeyDictionary()
 _TAPS: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
 _VALUE_HOOKS: weakref.WeakKeyDictionary[nn.Module, list] = weakref.WeakKeyDictionary()
+_OUTPUT_HOOKS: weakref.WeakKeyDictionary[nn.Module, list] = weakref.WeakKeyDictionary()
 
 
 def _eager_attention(
@@ -85,30 +88,17 @@ def _eager_attention(
     and probabilities ``[B, H, Q, K]``.
     """
     value = _run_value_hooks(module, value)
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:  # GQA: query head h reads key/value head h // groups (= HF's repeat_kv)
-        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # [B, H, Q, K]
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    if attention_mask is not None:
-        mask = attention_mask[..., : key.shape[-2]]
-        if mask.dtype == torch.bool:
-            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        else:
-            scores = scores + mask
-    upcast = torch.float32 if scores.dtype in (torch.float16, torch.bfloat16) else None
-    if s_aux is None:
-        probs = torch.softmax(scores, dim=-1, dtype=upcast).to(query.dtype)
-    else:  # attention sinks (gpt-oss): one extra logit per head takes part in the softmax, then is dropped
-        sink = s_aux.reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1).to(scores.dtype)
-        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1, dtype=upcast)[..., :-1].to(
-            query.dtype
-        )
-    probs = _run_prob_hooks(module, probs)
-    output = torch.matmul(probs, value).transpose(1, 2).contiguous()
-    return output, probs
+    output, probs = eager_kernel(
+        query,
+        key,
+        value,
+        attention_mask,
+        scaling,
+        softcap,
+        s_aux,
+        on_probs=lambda p: _run_prob_hooks(module, p),
+    )
+    return _run_output_hooks(module, output), probs
 
 
 AttentionInterface.register(EAGER_IMPLEMENTATION, _eager_attention)
@@ -159,6 +149,44 @@ def kernel_value_hook(model: Model, layer: int, fn: Callable) -> Iterator[None]:
             yield
     finally:
         entries.remove(call)
+
+
+def _run_output_hooks(module: nn.Module, output: torch.Tensor) -> torch.Tensor:
+    for fn in _OUTPUT_HOOKS.get(module, ()):
+        fn(output)
+    return output
+
+
+@contextlib.contextmanager
+def output_gate_hook(model: Model, layer: int, fn: Callable) -> Iterator[None]:
+    """Calls ``fn(g [B, T, n_heads, d_head])`` with the per-position factor of an attention whose
+    output is gated before ``W_O`` (``spec.attn_output_gate``: AFMoE's and MiniCPM5's sigmoid
+    gates, BitNet's sub-norm): ``z = g ⊙ Σ_j α_j v_j``, read as ``z`` over the kernel's output and
+    frozen, as a norm's scale is; 0 where the kernel's output is 0. Nothing is called for attention
+    without a gate (``g`` is 1 there). Runs recallscope's eager kernel inside.
+    """
+    if not model.spec.attn_output_gate:
+        yield
+        return
+    owner, seen = model.module(model.spec.attn, layer), []
+    home = model.device
+
+    def keep_mix(output: torch.Tensor) -> None:  # [B, T, H, d_head]
+        seen.append(output.detach().to(home))
+
+    def gate(z: torch.Tensor) -> None:  # [B, T, H, d_head]
+        mix = seen.pop()
+        dtype = torch.promote_types(z.dtype, torch.float32)
+        z, mix = z.to(dtype), mix.to(dtype).reshape(z.shape)
+        fn(torch.where(mix != 0, z / torch.where(mix != 0, mix, 1), 0))
+
+    entries = _OUTPUT_HOOKS.setdefault(owner, [])
+    entries.append(keep_mix)
+    try:
+        with eager_attention(model), site_hook(model, Site(layer, "z"), gate):
+            yield
+    finally:
+        entries.remove(keep_mix)
 
 
 def _run_prob_hooks(module: nn.Module, probs: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,8 @@ plus ``rest``, equal the activation the model computed:
 - :func:`head_outputs`: ``attn_out = Σ_h o^h + b_O`` with ``o^h = z^h W_O^h`` (GQA needs nothing
   special here: ``z`` is per query head);
 - :func:`head_source_outputs`: ``o^h_p = Σ_j α^h_{p,j} v^{kv(h)}_j W_O^h`` at query positions ``p``
-  (Token Lens; query head h reads key/value head ``h // n_groups``);
+  (Token Lens; query head h reads key/value head ``h // n_groups``; a gated output multiplies each
+  term by the query position's gate ``g_p``);
 - :func:`neuron_outputs`: ``mlp_out = Σ_k c_k w_k + b_out``, optionally projected onto directions
   first so the ``[…, d_mlp, d_model]`` stack is never built;
 - :func:`resid_decomposition`: ``resid_post[L-1] = embed (+ pos_embed) + Σ_ℓ (attn_out^ℓ + mlp_out^ℓ)``
@@ -81,12 +82,17 @@ def head_outputs(model: Model, layer: int, z: torch.Tensor) -> Decomposition:
 
 
 @torch.no_grad()
-def head_source_outputs(model: Model, layer: int, pattern: torch.Tensor, v: torch.Tensor) -> Decomposition:
+def head_source_outputs(
+    model: Model, layer: int, pattern: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None = None
+) -> Decomposition:
     """Per-head, per-source outputs at query positions.
 
     Args:
         pattern: attention probabilities at the query positions ``[B, n_heads, P, T]``.
         v: values of all key positions ``[B, T, n_kv_heads, d_head]``.
+        gate: the output gate at the query positions ``[B, P, n_heads, d_head]`` for attention
+            whose output is gated before ``W_O`` (:func:`~recallscope.core.attention.output_gate_hook`;
+            ``spec.attn_output_gate``); None means 1.
 
     Returns:
         parts ``[B, P, n_heads, T, d_model]``; summed over heads and sources, plus ``rest``, they
@@ -96,6 +102,8 @@ def head_source_outputs(model: Model, layer: int, pattern: torch.Tensor, v: torc
     dtype = _dtype(v)
     v = v.to(dtype).repeat_interleave(model.n_groups, dim=2)  # [B, T, H, d_head]: head h -> kv h//g
     weighted = torch.einsum("bhpt,bthe->bphte", pattern.to(dtype), v)
+    if gate is not None:
+        weighted = weighted * gate.to(dtype)[:, :, :, None]
     parts = torch.einsum("bphte,hed->bphtd", weighted, model.W_O(layer).to(v.device, dtype))
     return _with_bias(model, layer, parts, model.b_O(layer), "attn", axis=(2, 3))
 

@@ -89,8 +89,77 @@ def site_hook(model: Model, site: Site, fn: SiteFn) -> contextlib.AbstractContex
         from recallscope.core.moe import moe_post_hook
 
         return moe_post_hook(model, site.layer, fn)
+    if site.name == "pos_embed" and model.spec.pos_table:
+        return _pos_table_hook(model, fn)
     module, kind, view = _locate(model, site)
+    if site.name == "embed" and model.spec.embed_norm is not None:
+        return _after_embedding(model, module, view, fn)
     return _hook_with_view(model, site.layer, module, kind, view, fn)
+
+
+@contextlib.contextmanager
+def _after_embedding(model: Model, norm: nn.Module, view: _View, fn: SiteFn) -> Iterator[None]:
+    """The ``embed`` site at the embedding norm: only its call on the token embedding's output, the
+    first after the embedding module ran (NanoChat's one norm module also normalizes the final
+    residual, later in the same forward).
+    """
+    armed = [False]
+
+    def arm(mod, args, kwargs, output):
+        armed[0] = True
+
+    def first_after_embedding() -> bool:
+        fire, armed[0] = armed[0], False
+        return fire
+
+    with module_hook(model.module(model.spec.embed), arm, "fwd"):
+        with _hook_with_view(model, None, norm, "fwd", view, fn, when=first_after_embedding):
+            yield
+
+
+@contextlib.contextmanager
+def _pos_table_hook(model: Model, fn: SiteFn) -> Iterator[None]:
+    """``pos_embed`` of a model that adds rows of a position table without a module (CTRL): block 0's
+    input minus the ``embed`` site of the same forward; a write replaces that difference.
+    """
+    spec = model.spec
+    embed = model.module(spec.embed)
+    embed_site = _scaled(spec.embed_scale)
+    saved: list = [None]
+
+    def capture(mod, args, kwargs, output):
+        # a copy: the model may scale the embedding in place afterwards (CTRL)
+        saved[0] = embed_site.get(_output_tensor(output)).clone()
+        handles.pop().remove()
+
+    handles: list = []
+
+    def capture_last(mod, args, kwargs):
+        # registered at each call, so it runs after every other forward hook of the embedding: a
+        # written embed site is what is seen
+        handles.append(embed.register_forward_hook(capture, with_kwargs=True))
+
+    def get(raw):
+        return raw - saved[0].to(raw.device, raw.dtype)
+
+    def put(raw, new):
+        return raw + (new - get(raw))
+
+    def embedding_ran() -> bool:  # a forward from inputs_embeds (resume) has no embed site
+        return saved[0] is not None
+
+    def forget(mod, args, kwargs):  # after the site's own pre-hook: each forward its own embedding
+        saved[0] = None
+
+    block = model.block(0)
+    try:
+        with module_hook(embed, capture_last, "pre"):
+            with _hook_with_view(model, None, block, "pre", _View(get, put), fn, when=embedding_ran):
+                with module_hook(block, forget, "pre"):
+                    yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 # -- locating sites ------------------------------------------------------------------------------
@@ -112,6 +181,20 @@ def _scaled(scale: float) -> _View:
     if scale == 1.0:
         return _IDENTITY
     return _View(lambda raw: raw * scale, lambda raw, new: (new / scale).expand(raw.shape))
+
+
+def _biased(scale: float, bias: torch.Tensor | None) -> _View:
+    """The site is ``scale × (output + bias)``: a bias the block adds outside the module (``attn_bias``)."""
+    if bias is None:
+        return _scaled(scale)
+
+    def get(raw):
+        return (raw + bias.to(raw.device, raw.dtype)) * scale
+
+    def put(raw, new):
+        return (new / scale - bias.to(new.device, new.dtype)).expand(raw.shape)
+
+    return _View(get, put)
 
 
 def _columns_view(columns: torch.Tensor, n_heads: int) -> _View:
@@ -209,7 +292,7 @@ def _locate(model: Model, site: Site) -> tuple[nn.Module, str, _View]:
         return model.block(layer), ("pre" if name == "resid_pre" else "fwd"), _IDENTITY
     gate = _IDENTITY if spec.gate_up is None else _half_view(spec.gate_up == "gate_first")
     paths = {
-        "attn_out": (spec.attn_out, "fwd", _scaled(spec.residual_scale)),
+        "attn_out": (spec.attn_out, "fwd", _biased(spec.residual_scale, model.attn_bias(layer))),
         "mlp_out": (spec.mlp_out, "fwd", _scaled(spec.residual_scale)),
         "z": (spec.o_proj, "pre", None),
         "mlp_pre": (spec.mlp_pre, "fwd", gate),
@@ -269,8 +352,15 @@ def _replace_output(output: Any, new: torch.Tensor) -> Any:
 
 @contextlib.contextmanager
 def _hook_with_view(
-    model: Model, layer: int | None, module: nn.Module, kind: str, view: _View, fn: SiteFn
+    model: Model,
+    layer: int | None,
+    module: nn.Module,
+    kind: str,
+    view: _View,
+    fn: SiteFn,
+    when: Callable[[], bool] | None = None,
 ) -> Iterator[None]:
+    """``fn`` on the view of ``module``'s input or output at each call (each call ``when`` allows)."""
     home = model.device  # fn sees every layer's activation here, whatever device runs the layer
     with contextlib.ExitStack() as stack:
         shape = _track_batch_shape(model, layer, stack)
@@ -290,6 +380,8 @@ def _hook_with_view(
         if kind == "pre":
 
             def pre(mod, args, kwargs):
+                if when is not None and not when():
+                    return None
                 new = apply(_input_tensor(args, kwargs))
                 return None if new is None else _replace_input(args, kwargs, new)
 
@@ -297,6 +389,8 @@ def _hook_with_view(
         else:
 
             def fwd(mod, args, kwargs, output):
+                if when is not None and not when():
+                    return None
                 new = apply(_output_tensor(output))
                 return None if new is None else _replace_output(output, new)
 

@@ -15,7 +15,6 @@ which is the output itself when they are unchanged (up to rounding)::
 from __future__ import annotations
 
 import contextlib
-import inspect
 import weakref
 from collections.abc import Callable, Iterator
 
@@ -23,19 +22,10 @@ import torch
 from torch import nn
 
 from recallscope.core.hooks import module_hook
-from recallscope.models.experts import expert_coefficients
+from recallscope.models.experts import bank_inputs, expert_coefficients
 from recallscope.models.model import Model
 
 __all__ = ["moe_post_hook", "moe_coefficients"]
-
-
-def _bank_inputs(bank, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(tokens [S, d], expert index [S, k], router weights [S, k])`` of one call of the bank."""
-    if len(args) >= 3:
-        return args[0], args[1], args[2]
-    names = list(inspect.signature(bank.forward).parameters)
-    values = list(args) + [kwargs[name] for name in names[len(args) : 3]]
-    return values[0], values[1], values[2]
 
 
 # MoE block -> the functions registered on its coefficients, in registration order
@@ -128,7 +118,7 @@ def _capture(model: Model, spec, layer: int, seen: dict, stack: contextlib.ExitS
     """
 
     def routed(module, args, kwargs):
-        seen["bank"] = _bank_inputs(module, args, kwargs)
+        seen["bank"] = bank_inputs(module, args, kwargs)
 
     def shared_values(module, args, kwargs):
         seen["shared"] = args[0] if args else kwargs["input"]
@@ -151,18 +141,18 @@ def _coefficients(model: Model, spec, layer: int, bank, seen: dict) -> torch.Ten
     """
     x, index, weights = seen["bank"]
     dtype = torch.promote_types(x.dtype, torch.float32)
-    parts = [expert_coefficients(bank, model.tensor, x.to(dtype), index, weights)]
+    routed = expert_coefficients(bank, model.tensor, x.to(dtype), index, weights)
+    parts = [routed if spec.routed_scale == 1.0 else routed * spec.routed_scale]
+    n_tokens = routed.shape[0]
     if spec.shared_expert_down is not None:
-        values = seen["shared"].reshape(x.shape[0], -1).to(dtype)
+        values = seen["shared"].reshape(n_tokens, -1).to(dtype)
         down = model.module(spec.shared_expert_down, layer)
         gate = (
-            seen["gate"].reshape(x.shape[0], 1).to(dtype)
-            if "gate" in seen
-            else torch.ones_like(values[:, :1])
+            seen["gate"].reshape(n_tokens, 1).to(dtype) if "gate" in seen else torch.ones_like(values[:, :1])
         )
         parts.append(values * gate)
         if down.bias is not None:
             parts.append(gate)
     size = sum(part.shape[-1] for part in parts)
-    parts.append(x.new_zeros(x.shape[0], model.d_mlp - size, dtype=dtype))
+    parts.append(x.new_zeros(n_tokens, model.d_mlp - size, dtype=dtype))
     return torch.cat(parts, dim=-1)

@@ -206,7 +206,8 @@ def resume(
         ]
         cache = DynamicCache(ddp_cache_data=prefix)
     hidden = hidden.to(model.device)
-    inputs = {"inputs_embeds": hidden, cache_argument(model): cache}
+    # a copy: modeling code may scale inputs_embeds in place (CTRL), and hidden is the stubs' output
+    inputs = {"inputs_embeds": hidden.clone(), cache_argument(model): cache}
     if "position_ids" in inspect.signature(model.hf_model.forward).parameters:  # not ALiBi models
         inputs["position_ids"] = torch.arange(start_pos, state.seq_len, device=model.device).expand(
             len(rows), -1

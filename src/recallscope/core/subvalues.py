@@ -213,20 +213,25 @@ def ffn_subvalues(model: Model, layer: int, coeffs: torch.Tensor) -> Subvalues:
 
 
 @torch.no_grad()
-def attn_subvalues(model: Model, layer: int, pattern: torch.Tensor, v: torch.Tensor) -> Subvalues:
+def attn_subvalues(
+    model: Model, layer: int, pattern: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None = None
+) -> Subvalues:
     """Attention units ``(h, n, j)`` of ``layer`` at one query position.
 
     Args:
         pattern: ``[B, n_heads, T]`` the query's attention probabilities.
         v: ``[B, T, n_kv_heads, d_head]`` values of every key position.
+        gate: ``[B, n_heads, d_head]`` the query's output gate (``spec.attn_output_gate``; see
+            :func:`~recallscope.core.attention.output_gate_hook`), or None for 1.
 
     Returns:
         ``K = n_heads · d_head`` value vectors ``W_O[h, n]`` (unit index ``k = h·d_head + n``) with
-        ``R = T`` coefficients ``α_{h,j} v_{j, kv(h), n}`` each; query head ``h`` reads key/value
-        head ``h // n_groups``.
+        ``R = T`` coefficients ``α_{h,j} v_{j, kv(h), n}`` (times the gate ``g_{h,n}``) each;
+        query head ``h`` reads key/value head ``h // n_groups``.
     """
     v = _wide(v).repeat_interleave(model.n_groups, dim=2)  # [B, T, H, d_head]
-    coeffs = torch.einsum("bht,bthn->bhnt", pattern.to(v.dtype), v).flatten(1, 2)  # [B, H*d_head, T]
+    coeffs = torch.einsum("bht,bthn->bhnt", pattern.to(v.dtype), v)  # [B, H, d_head, T]
+    coeffs = (coeffs if gate is None else coeffs * gate.to(v.dtype)[..., None]).flatten(1, 2)
     W_O = model.W_O(layer).to(v.device, v.dtype).flatten(0, 1)  # [H*d_head, d]
     b_O = model.b_O(layer)
     pre = coeffs.sum(-1) @ W_O + (0 if b_O is None else b_O.to(v.device, v.dtype))

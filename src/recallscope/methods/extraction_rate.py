@@ -42,6 +42,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from recallscope.core.attention import output_gate_hook
 from recallscope.core.attributes import READOUTS, Readout, extraction_events, readout
 from recallscope.core.cache import forward
 from recallscope.core.hooks import site_hook
@@ -256,6 +257,8 @@ class Capture:
         subject_resid: ``[B, L, d_model]`` ``resid_post`` at the last subject token.
         pattern: ``[B, L, n_heads, T]`` attention row of the last query.
         v: ``[B, L, T, n_kv_heads, d_head]`` value vectors of every key.
+        gate: ``[B, L, n_heads, d_head]`` output gate of the last query (``spec.attn_output_gate``),
+            None for attention without one.
     """
 
     logits: torch.Tensor
@@ -264,6 +267,7 @@ class Capture:
     subject_resid: torch.Tensor
     pattern: torch.Tensor
     v: torch.Tensor
+    gate: torch.Tensor | None = None
 
 
 def capture(model: Model, batch: PromptBatch) -> Capture:
@@ -277,12 +281,17 @@ def capture(model: Model, batch: PromptBatch) -> Capture:
         "pattern": lambda act: act[:, :, -1],
         "v": lambda act: act,
     }
-    kept: dict[str, list] = {name: [None] * model.n_layers for name in readers}
+    kept: dict[str, list] = {name: [None] * model.n_layers for name in (*readers, "gate")}
     with contextlib.ExitStack() as stack:
         for layer in range(model.n_layers):
             for name, read in readers.items():
                 stack.enter_context(site_hook(model, Site(layer, name), _keeper(kept[name], layer, read)))
+            stack.enter_context(
+                output_gate_hook(model, layer, _keeper(kept["gate"], layer, lambda g: g[:, -1]))
+            )
         logits = forward(model, batch)
+    gates = kept.pop("gate")  # None without an output gate
+    gate = torch.stack(gates, dim=1) if model.spec.attn_output_gate else None
     stacked = {name: torch.stack(acts, dim=1) for name, acts in kept.items()}
     return Capture(
         logits=logits,
@@ -291,6 +300,7 @@ def capture(model: Model, batch: PromptBatch) -> Capture:
         subject_resid=stacked["resid_post"],
         pattern=stacked["pattern"],
         v=stacked["v"],
+        gate=gate,
     )
 
 
@@ -361,18 +371,22 @@ def counterfactual_weights(
 def counterfactual_outputs(model: Model, cap: Capture, weights: torch.Tensor) -> torch.Tensor:
     """Attention outputs at the last position recomputed from ``weights [B, L, n, H, T]``.
 
-    Returns ``[B, n, L, d_model]``: ``o_proj`` of the mixed values (bias included), then the
-    family's post-attention norm (Gemma-2), through the model's own modules.
+    Returns ``[B, n, L, d_model]``: ``o_proj`` of the mixed values (times the clean run's output
+    gate, if the attention has one; bias included), then the family's post-attention norm
+    (Gemma-2), through the model's own modules.
     """
     kv_heads, groups = model.n_kv_heads, model.n_groups
     dtype = torch.promote_types(weights.dtype, cap.v.dtype)  # BLOOM's float32 pattern, float64 values
     v, weights = cap.v.to(dtype), weights.to(dtype)  # [B, L, T, H_kv, d_head]
     grouped = weights.unflatten(3, (kv_heads, groups))  # [B, L, n, H_kv, g, T]: head h = kv·g + i
     z = torch.einsum("blnkgt,bltke->blnkge", grouped, v).flatten(3, 4)  # [B, L, n, H, d_head]
+    z = z if cap.gate is None else z * cap.gate[:, :, None].to(dtype)  # the gate of the clean run, frozen
     outs = []
     for layer in range(model.n_layers):
         o_proj = model.module(model.spec.o_proj, layer)
         out = o_proj(z[:, layer].flatten(-2).to(o_proj.weight.dtype))  # [B, n, d_model]
+        extra = model.attn_bias(layer)  # a bias the block adds outside o_proj (GPT-NeoX-Japanese)
+        out = out if extra is None else out + extra.to(out.device, out.dtype)
         outs.append(apply_update(model, "attn", layer, out))  # post-norm, residual scale
     return torch.stack(outs, dim=2)
 

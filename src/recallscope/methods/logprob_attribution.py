@@ -54,6 +54,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from recallscope.core.attention import output_gate_hook
 from recallscope.core.cache import forward
 from recallscope.core.hooks import site_hook
 from recallscope.core.subvalues import (
@@ -372,6 +373,7 @@ def _capture(model: Model, batch: PromptBatch, config: Config) -> tuple[torch.Te
                 row = lambda act: act[:, :, -1]  # noqa: E731
                 stack.enter_context(site_hook(model, Site(layer, "pattern"), keep(("pattern", layer), row)))
                 stack.enter_context(site_hook(model, Site(layer, "v"), keep(("v", layer), lambda act: act)))
+                stack.enter_context(output_gate_hook(model, layer, keep(("gate", layer), last)))
         final = Site(model.n_layers - 1, "resid_post")
         stack.enter_context(site_hook(model, final, keep("final", last)))
         logits = wide(forward(model, batch))
@@ -380,6 +382,7 @@ def _capture(model: Model, batch: PromptBatch, config: Config) -> tuple[torch.Te
     if attention:
         cap["pattern"] = [saved[("pattern", layer)] for layer in range(model.n_layers)]
         cap["v"] = [saved[("v", layer)] for layer in range(model.n_layers)]
+        cap["gate"] = [saved.get(("gate", layer)) for layer in range(model.n_layers)]  # None: ungated
     cap["resid_mid"] = cap["resid_pre"] + cap["attn_out"]
     return logits, cap
 
@@ -407,7 +410,7 @@ def _layer_level(head: FrozenHead, cap: dict, targets: torch.Tensor) -> dict[str
 
 
 def _attn(model: Model, cap: dict, layer: int) -> Subvalues:
-    return attn_subvalues(model, layer, cap["pattern"][layer], cap["v"][layer])
+    return attn_subvalues(model, layer, cap["pattern"][layer], cap["v"][layer], cap["gate"][layer])
 
 
 def _head_level(model, head, cap, targets, real, config) -> dict[str, torch.Tensor]:

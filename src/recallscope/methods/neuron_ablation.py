@@ -48,7 +48,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from recallscope.core.attention import pattern_hook
+from recallscope.core.attention import output_gate_hook, pattern_hook
 from recallscope.core.cache import forward
 from recallscope.core.hooks import site_hook
 from recallscope.core.subvalues import attn_subvalues, ffn_subvalues, value_directions
@@ -419,7 +419,9 @@ def _zero_neurons(row: torch.Tensor, neuron: torch.Tensor):
 
 
 def _remove_units(model: Model, layer: int, index: torch.Tensor, stack: contextlib.ExitStack) -> None:
-    """Subtract ``α_{N,j} v_{j,kv(h),n}`` of each unit from ``z[layer]`` at ``N``, read live."""
+    """Subtract ``α_{N,j} v_{j,kv(h),n}`` (times the output gate ``g_{N,h,n}``, if the attention
+    has one) of each unit from ``z[layer]`` at ``N``, read live.
+    """
     live: dict[str, torch.Tensor] = {}
 
     def keep_v(v: torch.Tensor) -> None:  # [r, T, H_kv, d_head]
@@ -433,6 +435,8 @@ def _remove_units(model: Model, layer: int, index: torch.Tensor, stack: contextl
         alpha = wide(live["alpha"][row, head, src])
         value = wide(live["v"][row, src, head // model.n_groups, dim])
         contribution = alpha * value  # (a float32 pattern of a float64 model: BLOOM's softmax)
+        if "gate" in live:
+            contribution = contribution * wide(live["gate"][row, -1, head, dim])
         removed = torch.zeros(z.shape[0], z.shape[2], z.shape[3], dtype=contribution.dtype, device=z.device)
         removed.index_put_((row, head, dim), contribution, accumulate=True)
         z = z.clone()
@@ -442,6 +446,7 @@ def _remove_units(model: Model, layer: int, index: torch.Tensor, stack: contextl
 
     stack.enter_context(site_hook(model, Site(layer, "v"), keep_v))
     stack.enter_context(pattern_hook(model, layer, keep_pattern))
+    stack.enter_context(output_gate_hook(model, layer, lambda g: live.update(gate=g)))  # reads z first
     stack.enter_context(site_hook(model, Site(layer, "z"), edit_z))
 
 

@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from recallscope.core.attention import output_gate_hook
 from recallscope.core.cache import forward
 from recallscope.core.hooks import site_hook
 from recallscope.core.steps import Tracked, answer_span_names, span_masks, tracked_tokens
@@ -245,6 +246,8 @@ def _capture(model: Model, batch: PromptBatch, partition: torch.Tensor) -> tuple
             pending[(kind, layer)] = wide(act.detach()[:, :, -1] if kind == "pattern" else act.detach())
             if ("pattern", layer) in pending and ("v", layer) in pending:
                 z[layer] = _mix(model, partition, pending.pop(("pattern", layer)), pending.pop(("v", layer)))
+            if kind == "gate":  # after the kernel: z = g ⊙ mix at the last position
+                z[layer] = z[layer] * pending.pop(("gate", layer))[:, None, -1]
 
         return save
 
@@ -253,6 +256,7 @@ def _capture(model: Model, batch: PromptBatch, partition: torch.Tensor) -> tuple
         for layer in range(model.n_layers):
             stack.enter_context(site_hook(model, Site(layer, "pattern"), keep("pattern", layer)))
             stack.enter_context(site_hook(model, Site(layer, "v"), keep("v", layer)))
+            stack.enter_context(output_gate_hook(model, layer, keep("gate", layer)))
         stack.enter_context(site_hook(model, final, lambda act: saved.update(final=wide(act[:, -1]))))
         forward(model, batch)
     if any(item is None for item in z):

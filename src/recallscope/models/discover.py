@@ -28,7 +28,14 @@ from torch.overrides import TorchFunctionMode
 from transformers.pytorch_utils import Conv1D
 
 from recallscope.errors import UnsupportedModelError
-from recallscope.models.experts import bank_of
+from recallscope.models.experts import (
+    bank_inputs,
+    bank_of,
+    expert_coefficients,
+    expert_values,
+    is_dense_dispatch,
+    is_stacked,
+)
 from recallscope.models.families._common import get_module
 from recallscope.models.kernels import SOFTMAXES, first_interface_call, is_probabilities, probe_input
 from recallscope.models.offload import OffloadedWeights
@@ -48,6 +55,9 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 PROBE_IDS = (3, 17, 5, 11, 7, 2, 13)
 """Token ids of the traced forward (taken modulo the vocabulary)."""
 
+_SCALE = 1000.0
+"""Factor a fused projection's output is scaled by to check that the kernel's values are linear in it."""
+
 _TOLERANCE = {torch.float64: 1e-9, torch.float32: 2e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 
 
@@ -59,9 +69,15 @@ def is_linear(module: nn.Module) -> bool:
 
 
 def is_experts(module: nn.Module) -> bool:
-    """A mixture-of-experts bank wired to transformers' ``ExpertsInterface`` (3-D expert weights)."""
+    """A mixture-of-experts bank wired to transformers' ``ExpertsInterface`` (3-D expert weights), one
+    with 3-D fused gate-up and down weights that every token goes to (Llama 4), or one with 2-D gate,
+    up and down weights stacked expert after expert (DBRX).
+    """
     weight = getattr(module, "down_proj", None)
-    return hasattr(module, "has_gate") and isinstance(weight, torch.Tensor) and weight.dim() == 3
+    if hasattr(module, "has_gate"):
+        return isinstance(weight, torch.Tensor) and weight.dim() == 3
+    # Llama 4's bank: every token to every expert; DBRX's: 2-D weights (models.experts)
+    return is_dense_dispatch(module) or is_stacked(module)
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -90,6 +106,8 @@ class _Call:
     order: int
     input: torch.Tensor | None
     output: torch.Tensor | None
+    routing: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+    """``(expert index [S, k], router weights [S, k])`` an experts bank was called with."""
 
 
 def _first_tensor(value) -> torch.Tensor | None:
@@ -162,6 +180,9 @@ def _trace(model: nn.Module, blocks_path: str, block: int = 0) -> _Trace:
             stack.append(name)
             first = _first_tensor(args) if args else _first_tensor(kwargs.get("hidden_states"))
             call = _Call(counter[0], _detached(first), None)
+            if is_experts(module) and not hasattr(module, "has_gate"):  # checked against its weights
+                _, index, weights = bank_inputs(module, args, kwargs)
+                call.routing = (None if index is None else index.detach().clone(), _detached(weights))
             counter[0] += 1
             if name not in trace.calls:
                 trace.calls[name] = call
@@ -332,6 +353,11 @@ def discover_spec(model: nn.Module) -> ArchSpec:
             if f.name not in MLP_FIELDS + ("dims", "norm_eps")
             and getattr(other, f.name) != getattr(spec, f.name)
         ]
+        differing += [  # one attention geometry for every block (Model.n_kv_heads, d_head)
+            f"{name} {getattr(other.dims, name)} vs {getattr(spec.dims, name)}"
+            for name in ("n_heads", "n_kv_heads", "d_head")
+            if getattr(other.dims, name) != getattr(spec.dims, name)
+        ]
         if differing:
             raise first.error(
                 f"block {group[0]} differs from block 0 beyond its feed-forward ({', '.join(differing)})"
@@ -357,22 +383,35 @@ MLP_FIELDS = (
     "experts",
     "shared_expert_down",
     "shared_expert_gate",
+    "routed_scale",
     "gated_mlp",
     "flat_mlp",
     "mlp_post_norm",
+    "attn_bias",
+    "qk_norm",
     "notes",
 )
-"""Spec fields of the feed-forward and of the norms in front of the sublayers, which may differ
-between blocks (``ArchSpec.variants``)."""
+"""Spec fields of the feed-forward, of the norms in front of the sublayers, of a bias added to the
+attention update outside any linear map, and the (descriptive) qk-norm flag, which may differ between
+blocks (``ArchSpec.variants``; Llama 4's layers without RoPE have no qk-norm)."""
 
 
 def _block_groups(blocks: nn.ModuleList) -> list[list[int]]:
-    """Indices of blocks built alike (same module classes at the same paths), block 0's group first."""
+    """Indices of blocks built alike (same module classes at the same paths, with parameters of the
+    same shapes), block 0's group first.
+    """
     groups: dict[tuple, list[int]] = {}
     for index, block in enumerate(blocks):
-        signature = tuple((name, type(module).__name__) for name, module in block.named_modules())
+        signature = tuple(
+            (name, type(module).__name__, _shapes(module)) for name, module in block.named_modules()
+        )
         groups.setdefault(signature, []).append(index)
     return list(groups.values())
+
+
+def _shapes(module: nn.Module) -> tuple:
+    """``(name, shape)`` of a module's own parameters."""
+    return tuple((name, tuple(p.shape)) for name, p in module.named_parameters(recurse=False))
 
 
 class _Discovery:
@@ -391,7 +430,12 @@ class _Discovery:
         self.unembed = self._path_of(unembed, "output embedding")
         self.blocks = self._blocks()
         self.prefix = f"{self.blocks}.{block}."
-        self.call = first_interface_call(model, PROBE_IDS)
+        # each block's own first attention call (its sinks, its kernel's output): the blocks before
+        # it run eagerly in the probe
+        within = get_module(model, f"{self.blocks}.{block}") if block else None
+        self.call = first_interface_call(model, PROBE_IDS, within)
+        if self.call is None and block and first_interface_call(model, PROBE_IDS) is not None:
+            raise self.error(f"block {block} calls no attention kernel, though block 0 does")
         if self.call is None and "eager" not in str(model.config._attn_implementation):
             # inline attention code (no AttentionInterface) may call a fused kernel unless it runs
             # eagerly (Falcon before transformers 5.25): its probabilities are read from its softmax
@@ -402,6 +446,7 @@ class _Discovery:
             raise
         except Exception as err:
             raise self.error(f"its forward failed ({type(err).__name__}: {err})") from err
+        self._refuse_repeated_blocks()
         embedding = model.get_input_embeddings().weight
         self.d_model, self.dtype = embedding.shape[1], embedding.dtype
         self.compare = _Compare(self.dtype)
@@ -409,11 +454,39 @@ class _Discovery:
         self.block0 = self.trace.get(f"{self.blocks}.{block}")
         if self.block0 is None or self.block0.output is None or self.first is None:
             raise self.error(f"its block {block} ({self.blocks}.{block}) did not run in a forward")
+        if self.first.input.dim() > 3:
+            raise self.error(
+                "its blocks read several residual streams per position (input "
+                f"{list(self.first.input.shape)}: hyper-connections, Gemma 3n's AltUp): one residual "
+                "stream per position is needed"
+            )
+        if self.first.input.dim() >= 2 and self.first.input.shape[-2] != len(PROBE_IDS):
+            raise self.error(
+                f"its blocks run on {self.first.input.shape[-2]} positions for {len(PROBE_IDS)} input "
+                "tokens (positions of its own prepended to the input, CPM-Ant's prompt tokens): residual "
+                "positions must be the input's tokens"
+            )
         if self.first.input.shape[-1] != self.d_model:
             raise self.error(
                 f"its blocks are {self.first.input.shape[-1]} wide but the embedding is {self.d_model} "
                 "(projected in and out, as OPT's project_in/project_out): the residual stream is not the "
                 "embedding's space"
+            )
+
+    def _refuse_repeated_blocks(self) -> None:
+        """A block that runs more than once in one forward applies its weights at several depths
+        (HRM's nested cycles over two stacks): a layer index would not name one residual update.
+        """
+        runs: dict[str, int] = {}
+        for name, _ in self.trace.later:
+            parent, _, index = name.rpartition(".")
+            if parent == self.blocks and index.isdigit():
+                runs[name] = runs.get(name, 1) + 1
+        if runs:
+            name, count = next(iter(runs.items()))
+            raise self.error(
+                f"its block {name} runs {count} times in one forward: blocks applied repeatedly "
+                "(recurrent depth) have no one residual update per layer"
             )
 
     def error(self, what: str) -> UnsupportedModelError:
@@ -462,18 +535,13 @@ class _Discovery:
         parallel, ln_2 = self._mlp_norm(mlp, mlp_out_proj, attn, o_proj, ln_1)
         attn_post = self._post_norm(o_proj)
         mlp_post = self._post_norm(mlp or mlp_out_proj) or self.inner_post_norm
-        attn_update, mlp_update, residual_scale = self._updates(
+        attn_update, mlp_update, residual_scale, attn_bias = self._updates(
             attn, o_proj, mlp, mlp_out_proj, attn_post, mlp_post
         )
-        embed_norm, embed_scale, pos_embed = self._embedding()
+        embed_norm, embed_scale, pos_embed, pos_table = self._embedding()
         final_norm, head_scale = self._final_norm()
         logit_scale, softcap = self._logits()
         logit_scale = logit_scale * head_scale
-        if embed_norm is not None and embed_norm == final_norm:
-            raise self.error(
-                f"one module ({final_norm}) normalizes both the embedding and the final residual, so "
-                "its hooks cannot tell the two apart"
-            )
         kind = self._norm_kinds(
             [final_norm] + [self.prefix + p for p in (ln_1, ln_2, attn_post, mlp_post) if p]
         )
@@ -488,6 +556,7 @@ class _Discovery:
             embed_norm=embed_norm,
             embed_scale=embed_scale,
             pos_embed=pos_embed,
+            pos_table=pos_table,
             blocks=self.blocks,
             final_norm=final_norm,
             unembed=self.unembed,
@@ -497,6 +566,7 @@ class _Discovery:
             attn=attn,
             o_proj=o_proj,
             attn_update=attn_update,
+            attn_bias=attn_bias,
             mlp=mlp,
             mlp_update=mlp_update,
             mlp_out_proj=mlp_out_proj,
@@ -511,9 +581,10 @@ class _Discovery:
             flat_mlp=self._flat(mlp_out_proj),
             experts=moe,
             gated_mlp="mlp_gate" in mlp_parts or (moe is not None and bank_of(self._module(moe)).gated),
-            qk_norm=any(_is_norm(m) for _, m in self.block_modules(attn)),
+            qk_norm=self._qk_norm(attn),
             attention_interface=self.call is not None,
             attention_sinks=self.call is not None and self.call.sinks,
+            attn_output_gate=self._output_gate(attn, o_proj),
             final_logit_softcap=softcap,
             attn_logit_softcap=getattr(self.text_config, "attn_logit_softcapping", None),
             **projections,
@@ -527,12 +598,17 @@ class _Discovery:
     # -- attention --------------------------------------------------------------------------------
     def _attention(self) -> str:
         if self.call is not None:
-            path, first = self.names.get(id(self.call.module), ""), f"{self.blocks}.0."
+            path, first = self.names.get(id(self.call.module), ""), self.prefix
             if not path.startswith(first):
                 raise self.error(
-                    f"the first attention call came from {path!r}, outside block 0: block 0 runs no "
-                    "attention (hybrid models with convolution, state-space or linear-attention layers "
-                    "are not supported)"
+                    f"the first attention call came from {path!r}, outside block {self.block}: block "
+                    f"{self.block} runs no attention (hybrid models with convolution, state-space or "
+                    "linear-attention layers are not supported)"
+                )
+            if self.call.calls > 1:
+                raise self.error(
+                    f"{path} calls the attention kernel {self.call.calls} times in one forward "
+                    "(differential attention): one probability pattern per head is needed"
                 )
             return path[len(first) :]  # the same module in every block (checked with the spec)
         owner = self.trace.softmax_owner
@@ -551,6 +627,36 @@ class _Discovery:
         if not writers:
             raise self.error(f"no output projection (a linear map to d_model) inside {self.prefix}{attn}")
         return writers[-1]
+
+    def _output_gate(self, attn: str, o_proj: str) -> bool:
+        """Is ``o_proj``'s input something other than what the attention kernel returned (a sigmoid
+        gate or a norm on the heads' mix, as AFMoE and BitNet have)? Seen in the probed block.
+        """
+        if self.call is None or self.names.get(id(self.call.module)) != self.prefix + attn:
+            return False
+        z, mix = self.block_call(o_proj).input, self.call.output
+        if z is None or z.numel() != mix.numel():
+            raise self.error(
+                f"{self.prefix}{o_proj} reads {z.shape[-1] if z is not None else 'no'} features per "
+                f"position, not the {mix.shape[-2]}×{mix.shape[-1]} its attention kernel returns"
+            )
+        # to float32's precision: some models compute attention in float32 for float64 weights (Flint)
+        loose = _Compare(torch.float32) if self.dtype == torch.float64 else self.compare
+        return not loose.close(z.reshape(mix.shape).double(), mix)
+
+    def _qk_norm(self, attn: str) -> bool:
+        """A norm inside the attention module other than one of the kernel's output (BitNet's sub-norm)."""
+        mix = None if self.call is None else self.call.output
+        for path, module in self.block_modules(attn):
+            seen = self.block_call(path).input
+            if _is_norm(module) and not (
+                mix is not None
+                and seen is not None
+                and seen.numel() == mix.numel()
+                and self.compare.close(seen.reshape(mix.shape).double(), mix)
+            ):
+                return True
+        return False
 
     def _qkv(self, attn: str, o_proj: str) -> dict:
         """Separate ``q/k/v`` projections by name, or one fused projection located by the values."""
@@ -571,13 +677,18 @@ class _Discovery:
                     leaf = p.rsplit(".", 1)[-1].lower().removesuffix("_proj")
                     if leaf in words:
                         named[f"{letter}_proj"] = p
-            if len(named) == 3:
-                return named
+            if len(named) == 3 or set(named) == {"k_proj", "v_proj"}:
+                if not self._kernel_values(named["v_proj"]):  # rescaled (MiMo): the v site reads the kernel
+                    self.n_value_features = _out_features(self._module(named.pop("v_proj")))
+                return named  # no q site where queries share a projection with a gate (MiniCPM5-MoE)
         fused = [(p, m) for p, m in readers if _out_features(m) > self.d_model]
         if len(fused) == 1:
             path = fused[0][0]
             columns = self._v_columns(path)
-            if columns is None:  # not where the kernel's values come from (latent attention's inputs)
+            if columns is None or not self._scales_with(path, columns):
+                # not where the kernel's values come from (latent attention's inputs), or not linearly
+                # (DBRX's clip_qkv clamps them after the projection): the v site reads the kernel's
+                self._kernel_value_features()
                 return {}
             self.n_value_features = len(columns)
             layout = _fused_layout(
@@ -585,6 +696,46 @@ class _Discovery:
             )
             return {"qkv_proj": path, "qkv_layout": layout, "v_columns": None if layout else columns}
         return {}  # no value projection we can read as a matrix (e.g. latent attention): W_V unavailable
+
+    def _scales_with(self, path: str, columns: tuple[int, ...]) -> bool:
+        """Are the kernel's values still the ``columns`` of ``path``'s output when that output is
+        :data:`_SCALE` times larger? Not where something after the projection is not linear in it (a
+        clamp the probe's values stayed inside: DBRX's ``clip_qkv``). True where the kernel is not seen.
+        """
+        if self.call is None:
+            return True
+        handle = self._module(path).register_forward_hook(lambda module, args, out: out * _SCALE)
+        try:
+            within = get_module(self.model, f"{self.blocks}.{self.block}") if self.block else None
+            call = first_interface_call(self.model, PROBE_IDS, within)
+        finally:
+            handle.remove()
+        if call is None:
+            return False
+        values = call.value  # [B, H_kv, K, d]
+        scaled = self.block_call(path).output[..., list(columns)] * _SCALE  # [B, T, H_kv·d], head-major
+        if scaled.numel() != values.numel():
+            return False
+        return self.compare.close(scaled.unflatten(-1, values.shape[1::2]).transpose(1, 2), values)
+
+    def _kernel_value_features(self) -> None:
+        """Where the v site reads the kernel's values ``[B, H_kv, K, d]``: ``H_kv · d`` value features
+        (not the config's head count, which a model may not use: DBRX keeps it in ``attn_config``).
+        """
+        if self.call is not None and self.call.value is not None:
+            self.n_value_features = self.call.value.shape[1] * self.call.value.shape[-1]
+
+    def _kernel_values(self, path: str) -> bool:
+        """Are the values the attention kernel received ``path``'s output, as they are unless the
+        modeling code rescales or normalizes them (MiMo-V2's ``attention_value_scale``)? True where
+        the kernel is not seen (inline attention).
+        """
+        if self.call is None:
+            return True
+        out, values = self.block_call(path).output, self.call.value  # [B, T, H_kv·d], [B, H_kv, K, d]
+        if out is None or out.numel() != values.numel():
+            return False
+        return self.compare.close(out.unflatten(-1, values.shape[1::2]).transpose(1, 2), values)
 
     def _v_columns(self, path: str) -> tuple[int, ...] | None:
         """Columns of a fused projection's output holding the values, head-major ``[kv_head, d_head]``."""
@@ -644,12 +795,10 @@ class _Discovery:
         output is the routed experts' sum plus a shared expert (scaled by ``σ(x g)`` if gated).
         """
         out = self.block_call(mlp).output
-        routed = self.block_call(bank).output
-        if routed is None or out is None or routed.numel() != out.numel():
-            raise self.error(f"cannot read the output of the experts bank {self.prefix}{bank}")
-        routed = routed.reshape(out.shape)
-        if self.compare.close(out, routed):
-            return {}
+        routed = self._routed(bank, out)
+        plain = self._routed_fit(out, routed, 0.0)
+        if plain is not None:
+            return plain
         inside = [(p, m) for p, m in self.block_modules(mlp) if not p.startswith(bank)]
         block_in = self.block_call(mlp).input
         downs = [  # maps to d_model that read neuron values, not the block's input
@@ -666,12 +815,14 @@ class _Discovery:
             if shared is None or shared.numel() != out.numel():
                 continue
             shared = shared.reshape(out.shape)
-            if self.compare.close(out, routed + shared):
-                return {"shared_expert_down": down}
+            fit = self._routed_fit(out, routed, shared)
+            if fit is not None:
+                return {"shared_expert_down": down, **fit}
             for gate in gates:
                 factor = torch.sigmoid(self.block_call(gate).output).reshape(*out.shape[:-1], 1)
-                if self.compare.close(out, routed + factor * shared):
-                    return {"shared_expert_down": down, "shared_expert_gate": gate}
+                fit = self._routed_fit(out, routed, factor * shared)
+                if fit is not None:
+                    return {"shared_expert_down": down, "shared_expert_gate": gate, **fit}
         for norm, module in inside:  # a norm inside the block, around the experts' sum (AXK1)
             call = self.block_call(norm)
             if not (_is_norm(module) and self._same(call.output, out)):
@@ -683,13 +834,70 @@ class _Discovery:
                 self.inner_post_norm = norm
                 return found[0]
         raise self.error(
-            f"the output of {self.prefix}{mlp} is neither its experts' sum nor that plus a (sigmoid-gated) "
-            "shared expert (nor a norm of either)"
+            f"the output of {self.prefix}{mlp} is neither (a constant times) its experts' sum nor that plus "
+            "a (sigmoid-gated) shared expert (nor a norm of either)"
         )
+
+    def _routed_fit(self, out: torch.Tensor, routed: torch.Tensor, rest) -> dict | None:
+        """``{}`` if ``out == routed + rest``, ``{"routed_scale": c}`` if ``out == c · routed + rest``
+        with a constant ``c`` (MiniMax-M3 scales its experts' sum outside the bank), else None.
+        """
+        if self.compare.close(out, routed + rest):
+            return {}
+        c = self.compare.scale(out - rest, [routed])
+        if c is None:
+            return None
+        return {} if c == 1.0 else {"routed_scale": c}
+
+    def _routed(self, bank: str, out: torch.Tensor | None) -> torch.Tensor:
+        """The routed experts' sum as the block adds it, ``[..., d]`` like ``out``: the bank's output,
+        summed over the experts for a bank that every token goes to; a bank outside the
+        ``ExpertsInterface`` is checked against its weights.
+        """
+        routed = self.block_call(bank).output
+        module = self._module(bank)
+        layout = bank_of(module)
+        if routed is not None and layout.dispatch == "all":
+            try:
+                routed = routed.unflatten(0, (layout.n_experts, -1)).sum(0)
+            except RuntimeError:
+                routed = None
+        if routed is not None and not hasattr(module, "has_gate"):
+            self._check_bank(bank, module, routed)
+        if routed is None or out is None or routed.numel() != out.numel():
+            raise self.error(f"cannot read the output of the experts bank {self.prefix}{bank}")
+        return routed.reshape(out.shape)
+
+    def _check_bank(self, path: str, bank: nn.Module, routed: torch.Tensor) -> None:
+        """A bank outside the ``ExpertsInterface`` (Llama 4's, every token to every expert; DBRX's,
+        2-D stacked weights) computes, from its input, routing and weights, the neurons
+        ``models.experts`` reads: its experts' sum ``routed [..., d]`` is ``Σ_k c_k W_out[k]``.
+        """
+
+        def read(module, name):
+            value = self.weights.read(module, name)
+            return None if value is None else value.to(torch.float64)
+
+        call = self.block_call(path)
+        layout = bank_of(bank)
+        kind = "stacked 2-D [gate, up, down]" if layout.stacked else "fused [gate | up]"
+        try:
+            coeffs = expert_coefficients(bank, read, call.input, *call.routing)
+            again = coeffs @ expert_values(bank, read)
+        except Exception as err:  # noqa: BLE001 - a layout that does not apply
+            raise self.error(
+                f"the experts bank {self.prefix}{path} is not read as {kind} experts "
+                f"({type(err).__name__}: {err})"
+            ) from err
+        if again.numel() != routed.numel() or not self.compare.close(again, routed.reshape(again.shape)):
+            raise self.error(
+                f"the experts bank {self.prefix}{path} is outside transformers' ExpertsInterface and its "
+                f"output is not act(gate) ⊙ up of its {kind} weights, times its down weights, per expert"
+            )
 
     def _shared_inputs(self, mlp: str, bank: str, down: str, total: torch.Tensor) -> dict | None:
         """``{"shared_expert_down": down}`` if ``total`` is the experts' sum plus that shared expert."""
-        routed = self.block_call(bank).output.reshape(total.shape)
+        routed = self._routed(bank, total)
         owner = down.rsplit(".", 1)[0]
         shared = self.block_call(owner if owner != mlp else down).output
         if shared is not None and shared.numel() == total.numel():
@@ -795,8 +1003,28 @@ class _Discovery:
         attn_in = self.block_call(attn).input
         norm = self._norm_before(attn_in)
         if norm is None and not self.compare.close(attn_in, self.block0.input):
+            wrapper = self._wrapped_norm(attn_in)
+            if wrapper is not None:
+                raise self.error(
+                    f"the input of {self.prefix}{attn} is the output of {self.prefix}{wrapper[0]}, which "
+                    f"applies the norm {self.prefix}{wrapper[1]} and then changes its output further (an "
+                    "input-dependent gate): not a LayerNorm or RMSNorm of the block input"
+                )
             raise self.error(f"the input of {self.prefix}{attn} is neither the block input nor a norm of it")
         return norm
+
+    def _wrapped_norm(self, value: torch.Tensor | None) -> tuple[str, str] | None:
+        """``(module, norm inside it)`` for a module whose output is ``value`` and that holds a norm
+        reading the block input (a norm wrapped with more computation, AXK2's gated RMSNorm).
+        """
+        for path, _ in self.block_modules():
+            if not self.compare.close(self.block_call(path).output, value):
+                continue
+            for inner, module in self.block_modules(path):
+                call = self.block_call(inner)
+                if inner != path and _is_norm(module) and self.compare.close(call.input, self.block0.input):
+                    return path, inner
+        return None
 
     def _mlp_norm(self, mlp, out_proj, attn, o_proj, ln_1) -> tuple[bool, str | None]:
         """``(parallel, norm in front of the MLP)``."""
@@ -825,23 +1053,51 @@ class _Discovery:
         return None
 
     def _updates(self, attn, o_proj, mlp, out_proj, attn_post, mlp_post):
-        """Which modules' outputs are the attention and MLP updates, and the residual scale ``c``
-        with ``resid_post = resid_pre + c · (attn_out + mlp_out)``.
+        """Which modules' outputs are the attention and MLP updates, the residual scale ``c`` with
+        ``resid_post = resid_pre + c · (attn_out + mlp_out)``, and a ``[d_model]`` parameter of the
+        attention module that the block adds to its update outside any linear map (or None).
         """
         x, y = self.block0.input, self.block0.output
         a_paths = [attn_post] if attn_post else [attn, o_proj]
         m_paths = [mlp_post] if mlp_post else [p for p in (mlp, out_proj) if p]
-        for a in a_paths:
-            for m in m_paths:
-                c = self.compare.scale(y - x, [self.block_call(a).output, self.block_call(m).output])
-                if c is not None:
-                    a_update = None if a in (attn, attn_post) else a
-                    m_update = None if m in (mlp, mlp_post) or (mlp is None and m == out_proj) else m
-                    return a_update, m_update, c
+        extra = ""
+        if mlp and mlp != out_proj and self._module(out_proj) is not self._module(mlp):
+            if not is_experts(self._module(out_proj)) and not self._same(
+                self.block_call(mlp).output, self.block_call(out_proj).output
+            ):  # the MLP adds something its neurons do not write (experts outside a bank, a residual)
+                m_paths = [p for p in m_paths if p != mlp]
+                extra = (
+                    f" ({self.prefix}{mlp}'s output is not its output projection {out_proj}'s, so it is no "
+                    "update its neurons account for)"
+                )
+        # a bias the block adds itself (GPT-NeoX-Japanese's last block): the attention module's own
+        # [d_model] parameters, tried only when the updates alone do not add up
+        biases = [None] + (
+            [
+                f"{attn}.{name}"
+                for name, param in self._module(attn).named_parameters(recurse=False)
+                if param.dim() == 1 and param.numel() == self.d_model
+            ]
+            if not attn_post
+            else []
+        )
+        for bias in biases:
+            for a in a_paths:
+                for m in m_paths:
+                    a_out, m_out = self.block_call(a).output, self.block_call(m).output
+                    if bias is not None and a_out is not None:
+                        owner, _, name = bias.rpartition(".")
+                        value = self.weights.read(self._module(owner), name)
+                        a_out = a_out + value.to(a_out.device, a_out.dtype)
+                    c = self.compare.scale(y - x, [a_out, m_out])
+                    if c is not None:
+                        a_update = None if a in (attn, attn_post) else a
+                        m_update = None if m in (mlp, mlp_post) or (mlp is None and m == out_proj) else m
+                        return a_update, m_update, c, bias
         raise self.error(
             "the block output is not its input plus the attention and MLP updates (checked "
-            f"{', '.join(a_paths)} with {', '.join(m_paths)}): post-norm blocks or another residual "
-            "scheme (hyper-connections) are not supported"
+            f"{', '.join(a_paths)} with {', '.join(m_paths)}){extra}: post-norm blocks or another "
+            "residual scheme (hyper-connections) are not supported"
         )
 
     def _norm_kinds(self, paths: list[str]) -> tuple[str, bool, tuple[tuple[str, float], ...]]:
@@ -864,9 +1120,10 @@ class _Discovery:
         return kind, offset, tuple(eps)
 
     # -- embedding, final norm, logits ------------------------------------------------------------
-    def _embedding(self) -> tuple[str | None, float, str | None]:
-        """``(embedding norm, embedding scale, position embedding)``: block 0's input is
-        ``scale · embed (+ pos)`` or ``norm(embed)``.
+    def _embedding(self) -> tuple[str | None, float, str | None, bool]:
+        """``(embedding norm, embedding scale, position embedding, whether that is a table)``: block
+        0's input is ``scale · embed (+ pos)`` or ``norm(embed)``; ``pos`` is a module's output or the
+        first rows of a table the model holds (CTRL's sinusoids, a buffer indexed in its forward).
         """
         x0 = self.first.input
         embed = self.trace.get(self.embed).output
@@ -887,28 +1144,63 @@ class _Discovery:
                 and self.compare.close(call.input, embed)
                 and self.compare.close(call.output, x0)
             ):
-                return name, 1.0, None
+                return name, 1.0, None, False
         scale = self.compare.scale(x0, [embed])
         if scale is not None:
-            return None, scale, None
+            return None, scale, None, False
         for name, call in outside:
             if self.compare.close(x0, embed + call.output):
-                return None, 1.0, name
+                return None, 1.0, name, False
+        table = self._position_table(x0, embed)
+        if table is not None:
+            return None, table[1], table[0], True
         raise self.error(
             f"the input of block 0 is not a multiple of the output of {self.embed} (plus position embeddings)"
         )
 
+    def _position_table(self, x0: torch.Tensor, embed: torch.Tensor) -> tuple[str, float] | None:
+        """``(path, scale)`` of a ``[n_positions, d_model]`` tensor of the model (not in the blocks) with
+        ``x0 == scale · embed + table[:T]`` over the probe's ``T`` positions.
+        """
+        n_positions = x0.shape[-2]
+        for name, tensor in [*self.model.named_buffers(), *self.model.named_parameters()]:
+            if (
+                name.startswith(self.blocks + ".")
+                or tensor.dim() != 2
+                or tensor.shape[-1] != self.d_model
+                or tensor.shape[0] < n_positions
+                or tensor is self.model.get_input_embeddings().weight
+                or not tensor.is_floating_point()
+            ):
+                continue
+            rows = tensor[:n_positions].detach().double().to(x0.device)
+            scale = self.compare.scale(x0 - rows, [embed])
+            if scale is not None:
+                return name, scale
+        return None
+
     def _final_norm(self) -> tuple[str, float]:
         last = self.trace.get(f"{self.blocks}.{len(get_module(self.model, self.blocks)) - 1}")
         head_in = self.trace.get(self.unembed).input
+        reading = []  # norms of the last block's output
         for name, call in [*self.trace.calls.items(), *self.trace.later]:
             if name.startswith(self.blocks) or not _is_norm(get_module(self.model, name)):
                 continue
             if last is None or call.order < last.order:
                 continue
+            if not self._same(call.input, last.output):  # a norm of something else (a head's own norm)
+                continue
+            reading.append(name)
             scale = self.compare.scale(head_in, [call.output])  # MiniCPM scales it before lm_head
             if scale is not None:
                 return name, scale
+        if reading:
+            raise self.error(
+                f"the output embedding {self.unembed} does not read the norm of the last block's output "
+                f"({reading[0]}) times a constant: what sits between them (a dense → activation → norm "
+                "prediction head, more blocks) makes the logits non-linear in the residual stream, so no "
+                "logit lens or direct logit attribution would be exact"
+            )
         raise self.error("no final norm (a norm between the last block and the output embedding)")
 
     def _logits(self) -> tuple[float, float | None]:
@@ -937,13 +1229,13 @@ class _Discovery:
             )
         d_head = o_in // n_heads
         n_kv = getattr(config, "num_key_value_heads", None) or n_heads
-        if "k_proj" in projections:
-            n_kv = _out_features(get_module(self.model, self.prefix + projections["k_proj"])) // d_head
+        if "v_proj" in projections:  # values are d_head wide; queries and keys may be wider (MiMo)
+            n_kv = _out_features(get_module(self.model, self.prefix + projections["v_proj"])) // d_head
         elif getattr(self, "n_value_features", None):
             n_kv = self.n_value_features // d_head
         if moe is not None:
             d_mlp = bank_of(get_module(self.model, self.prefix + moe)).n_neurons
-            if self.shared:
+            if self.shared.get("shared_expert_down"):
                 down = get_module(self.model, self.prefix + self.shared["shared_expert_down"])
                 d_mlp += _in_features(down) + int(down.bias is not None)
         else:

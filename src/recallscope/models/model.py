@@ -246,7 +246,24 @@ class Model:
         return weight.reshape(self.n_heads, self.d_head, self.d_model)
 
     def b_O(self, layer: int) -> torch.Tensor | None:
-        return self.tensor(self.module(self.spec.o_proj, layer), "bias")
+        """The attention update's bias ``[d_model]``: ``o_proj``'s bias plus any bias the block adds
+        outside it (``attn_bias``), or None.
+        """
+        bias = self.tensor(self.module(self.spec.o_proj, layer), "bias")
+        extra = self.attn_bias(layer)
+        if extra is None:
+            return bias
+        return extra if bias is None else bias + extra.to(bias.device, bias.dtype)
+
+    def attn_bias(self, layer: int) -> torch.Tensor | None:
+        """The ``[d_model]`` bias block ``layer`` adds to its attention update outside any linear map
+        (``ArchSpec.attn_bias``), or None.
+        """
+        path = self.spec.at(layer).attn_bias
+        if path is None:
+            return None
+        owner, _, name = path.rpartition(".")
+        return self.tensor(self.module(owner, layer) if owner else self.block(layer), name)
 
     def W_V(self, layer: int) -> torch.Tensor:
         """Value weights ``[n_kv_heads, d_model, d_head]``: ``v^{kv} = x W_V[kv] + b_V[kv]``.

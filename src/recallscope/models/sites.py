@@ -17,7 +17,7 @@ Canonical shapes (``B`` batch, ``P`` positions kept, ``T`` key positions; see ``
 name           shape                              meaning
 =============  =================================  ==============================================
 ``embed``      ``[B, P, d_model]``                token embedding (scaled for Gemma)
-``pos_embed``  ``[B, P, d_model]``                learned position embedding (GPT-2, OPT)
+``pos_embed``  ``[B, P, d_model]``                position embedding (GPT-2, OPT; CTRL's sinusoids)
 ``resid_pre``  ``[B, P, d_model]``                input of block ``layer``  (``x^ℓ``)
 ``resid_mid``  ``[B, P, d_model]``                after attention, before the MLP (``r^ℓ``)
 ``resid_post`` ``[B, P, d_model]``                output of block ``layer`` (``x^{ℓ+1}``)

@@ -53,9 +53,15 @@ class ArchSpec:
     unembed: str
     """``lm_head``; a ``Linear`` whose weight is ``W_U [V, d]`` (bias = ``b_U``, GPT-J/Phi)."""
     pos_embed: str | None = None
-    """Position embedding module added to the token embedding (GPT-2, OPT, GPT-Neo)."""
+    """Position embedding module added to the token embedding (GPT-2, OPT, GPT-Neo), or the table of
+    position vectors the model indexes itself when ``pos_table`` is set."""
+    pos_table: bool = False
+    """``pos_embed`` names a ``[n_positions, d_model]`` buffer or parameter whose rows the model adds to
+    the (scaled) token embedding without a module (CTRL's sinusoids); the ``pos_embed`` site is then
+    block 0's input minus the ``embed`` site of the same forward."""
     embed_norm: str | None = None
-    """Norm applied to the token embedding before block 0 (BLOOM); the ``embed`` site is its output."""
+    """Norm applied to the token embedding before block 0 (BLOOM); the ``embed`` site is its output
+    at its first call after the embedding module (it may also be ``final_norm``, NanoChat)."""
     embed_scale: float = 1.0
     """Constant the model multiplies the embedding module's output by (Granite's
     ``embedding_multiplier``); the ``embed`` site includes it."""
@@ -89,6 +95,10 @@ class ArchSpec:
     (BLOOM adds the residual inside its attention module: the update is ``dense``'s output)."""
     mlp_update: str | None = None
     """Same for the MLP (BLOOM's MLP adds the residual too)."""
+    attn_bias: str | None = None
+    """``module.parameter`` path of a ``[d_model]`` bias that the block adds to the attention update
+    outside any linear map (GPT-NeoX-Japanese's last block returns its ``attention.dense_bias`` next
+    to the output, and the block adds it): the ``attn_out`` site and ``Model.b_O`` include it."""
     mlp_act: str | None = None
     """The MLP's activation module (its input is ``mlp_pre``)."""
     mlp_activation: str | None = None
@@ -101,6 +111,9 @@ class ArchSpec:
     """Mixture-of-experts bank (transformers' ``ExpertsInterface``); its neurons are indexed
     ``expert · d_expert + neuron`` and their coefficients include the router weight
     (``models.experts``)."""
+    routed_scale: float = 1.0
+    """Constant the block multiplies its routed experts' sum by, outside the bank (MiniMax-M3's
+    ``routed_scaling_factor``); part of every routed neuron's coefficient."""
     shared_expert_down: str | None = None
     """Down projection of the shared expert that a mixture-of-experts block adds for every token."""
     shared_expert_gate: str | None = None
@@ -110,6 +123,12 @@ class ArchSpec:
     order (found by matching the values the attention kernel received)."""
     attention_sinks: bool = False
     """Each head has a learned sink logit in its softmax (gpt-oss): probabilities sum to less than 1."""
+    attn_output_gate: bool = False
+    """``o_proj`` reads the heads' mix ``Σ_j α_j v_j`` times a per-position factor, not the mix itself:
+    a sigmoid gate (AFMoE, MiniCPM5-MoE, Qwen3-Next) or a norm (BitNet's sub-norm). The ``z`` site
+    is ``o_proj``'s input; decompositions below it read the factor with
+    :func:`recallscope.core.attention.output_gate_hook`. Found by comparing ``o_proj``'s input
+    with the attention kernel's output."""
     residual_scale: float = 1.0
     """Constant the model multiplies each sublayer update by before adding it (Granite's
     ``residual_multiplier``); the ``attn_out``/``mlp_out`` sites include it."""
