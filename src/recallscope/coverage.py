@@ -398,15 +398,18 @@ def classify(model_type: str) -> Row:
     # float64 first; then float64 with masks that stay finite in float32 (modeling code that runs its
     # softmax in float32 turns float64's mask minimum into -inf: NaN on padded rows); then float32
     attempts = ((torch.float64, None), (torch.float64, EAGER_IMPLEMENTATION), (torch.float32, None))
-    for number, (dtype, kernel) in enumerate(attempts):
-        row = _check(model_type, class_name, dtype, kernel)
-        broken = any(text in row.reason for text in ("NaN in the reference", "forward failed"))
-        if row.status != "failing" or not broken or number == len(attempts) - 1:
+    rows = []
+    for dtype, kernel in attempts:
+        rows.append(_check(model_type, class_name, dtype, kernel))
+        broken = any(text in rows[-1].reason for text in ("NaN in the reference", "forward failed"))
+        if rows[-1].status != "failing" or not broken:
             break
-    if number == 1:
+    row = rows[-1]
+    if len(rows) == 2:
         row = _with_note(row, "float64 masks kept finite (its softmax runs in float32)")
-    elif number == 2:
-        row = _with_note(row, "float32 (its own float64 forward gives NaN)")
+    elif len(rows) == 3:
+        why = "gives NaN" if "NaN in the reference" in rows[0].reason else "fails"
+        row = _with_note(row, f"float32 (its own float64 forward {why})")
     if model_type in _COMPLETIONS:
         row = _with_note(row, _COMPLETIONS[model_type][0])
     return row
