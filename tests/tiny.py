@@ -168,7 +168,17 @@ FAMILIES = {
     ),
 }
 _FLOAT32_SOFTMAX = ("gemma2", "gemma3_text", "bloom", "gpt_oss")
-FLOAT32_INSIDE = ("gptj", "bloom", "falcon", "gpt_neo", "mixtral", "qwen3_moe", "gpt_oss", "afmoe", "llama4_text")
+FLOAT32_INSIDE = (
+    "gptj",
+    "bloom",
+    "falcon",
+    "gpt_neo",
+    "mixtral",
+    "qwen3_moe",
+    "gpt_oss",
+    "afmoe",
+    "llama4_text",
+)
 """Families that compute part of their forward in float32 even for float64 weights (GPT-J's and
 GPT-Neo's attention scores, BLOOM's softmax, Falcon's rotations, the routers of mixtures of experts):
 left padding moves their numbers by ~1e-9 (a router's float32 weights by one rounding step), so
