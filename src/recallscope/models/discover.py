@@ -37,7 +37,13 @@ from recallscope.models.experts import (
     is_stacked,
 )
 from recallscope.models.families._common import get_module
-from recallscope.models.kernels import SOFTMAXES, first_interface_call, is_probabilities, probe_input
+from recallscope.models.kernels import (
+    SOFTMAXES,
+    InterfaceCall,
+    first_interface_call,
+    is_probabilities,
+    probe_input,
+)
 from recallscope.models.offload import OffloadedWeights
 from recallscope.models.spec import ArchSpec, Dims
 
@@ -430,10 +436,7 @@ class _Discovery:
         self.unembed = self._path_of(unembed, "output embedding")
         self.blocks = self._blocks()
         self.prefix = f"{self.blocks}.{block}."
-        # each block's own first attention call (its sinks, its kernel's output): the blocks before
-        # it run eagerly in the probe
-        within = get_module(model, f"{self.blocks}.{block}") if block else None
-        self.call = first_interface_call(model, PROBE_IDS, within)
+        self.call = self._probe()
         if self.call is None and block and first_interface_call(model, PROBE_IDS) is not None:
             raise self.error(f"block {block} calls no attention kernel, though block 0 does")
         if self.call is None and "eager" not in str(model.config._attn_implementation):
@@ -488,6 +491,13 @@ class _Discovery:
                 f"its block {name} runs {count} times in one forward: blocks applied repeatedly "
                 "(recurrent depth) have no one residual update per layer"
             )
+
+    def _probe(self) -> InterfaceCall | None:
+        """This block's own first attention call (its sinks, its kernel's output); the blocks before
+        it run eagerly in the probe.
+        """
+        within = get_module(self.model, f"{self.blocks}.{self.block}") if self.block else None
+        return first_interface_call(self.model, PROBE_IDS, within)
 
     def error(self, what: str) -> UnsupportedModelError:
         return UnsupportedModelError(f"{self.name}: cannot discover its architecture: {what}")
@@ -642,21 +652,21 @@ class _Discovery:
             )
         # to float32's precision: some models compute attention in float32 for float64 weights (Flint)
         loose = _Compare(torch.float32) if self.dtype == torch.float64 else self.compare
-        return not loose.close(z.reshape(mix.shape).double(), mix)
+        return not self._is_kernel_output(z, loose)
+
+    def _is_kernel_output(self, x: torch.Tensor | None, compare: _Compare) -> bool:
+        """Is ``x`` what the probed attention kernel returned (its heads' mix, ``[B, Q, H, d_head]``)?"""
+        mix = None if self.call is None else self.call.output
+        if mix is None or x is None or x.numel() != mix.numel():
+            return False
+        return compare.close(x.reshape(mix.shape).double(), mix)
 
     def _qk_norm(self, attn: str) -> bool:
         """A norm inside the attention module other than one of the kernel's output (BitNet's sub-norm)."""
-        mix = None if self.call is None else self.call.output
-        for path, module in self.block_modules(attn):
-            seen = self.block_call(path).input
-            if _is_norm(module) and not (
-                mix is not None
-                and seen is not None
-                and seen.numel() == mix.numel()
-                and self.compare.close(seen.reshape(mix.shape).double(), mix)
-            ):
-                return True
-        return False
+        return any(
+            _is_norm(module) and not self._is_kernel_output(self.block_call(path).input, self.compare)
+            for path, module in self.block_modules(attn)
+        )
 
     def _qkv(self, attn: str, o_proj: str) -> dict:
         """Separate ``q/k/v`` projections by name, or one fused projection located by the values."""
@@ -706,17 +716,12 @@ class _Discovery:
             return True
         handle = self._module(path).register_forward_hook(lambda module, args, out: out * _SCALE)
         try:
-            within = get_module(self.model, f"{self.blocks}.{self.block}") if self.block else None
-            call = first_interface_call(self.model, PROBE_IDS, within)
+            call = self._probe()
         finally:
             handle.remove()
         if call is None:
             return False
-        values = call.value  # [B, H_kv, K, d]
-        scaled = self.block_call(path).output[..., list(columns)] * _SCALE  # [B, T, H_kv·d], head-major
-        if scaled.numel() != values.numel():
-            return False
-        return self.compare.close(scaled.unflatten(-1, values.shape[1::2]).transpose(1, 2), values)
+        return self._are_values(self.block_call(path).output[..., list(columns)] * _SCALE, call.value)
 
     def _kernel_value_features(self) -> None:
         """Where the v site reads the kernel's values ``[B, H_kv, K, d]``: ``H_kv · d`` value features
@@ -730,9 +735,10 @@ class _Discovery:
         modeling code rescales or normalizes them (MiMo-V2's ``attention_value_scale``)? True where
         the kernel is not seen (inline attention).
         """
-        if self.call is None:
-            return True
-        out, values = self.block_call(path).output, self.call.value  # [B, T, H_kv·d], [B, H_kv, K, d]
+        return self.call is None or self._are_values(self.block_call(path).output, self.call.value)
+
+    def _are_values(self, out: torch.Tensor | None, values: torch.Tensor) -> bool:
+        """Is ``out [B, T, H_kv·d]`` (head-major) the kernel's ``values [B, H_kv, K, d]``?"""
         if out is None or out.numel() != values.numel():
             return False
         return self.compare.close(out.unflatten(-1, values.shape[1::2]).transpose(1, 2), values)
@@ -1082,12 +1088,12 @@ class _Discovery:
             else []
         )
         for bias in biases:
+            owner, _, name = (bias or "").rpartition(".")
+            value = None if bias is None else self.weights.read(self._module(owner), name)
             for a in a_paths:
                 for m in m_paths:
                     a_out, m_out = self.block_call(a).output, self.block_call(m).output
-                    if bias is not None and a_out is not None:
-                        owner, _, name = bias.rpartition(".")
-                        value = self.weights.read(self._module(owner), name)
+                    if value is not None and a_out is not None:
                         a_out = a_out + value.to(a_out.device, a_out.dtype)
                     c = self.compare.scale(y - x, [a_out, m_out])
                     if c is not None:

@@ -255,17 +255,12 @@ def expert_coefficients(
     weights applied) and ``index`` and ``weights`` are not used.
     """
     layout = bank_of(bank)
-    if layout.stacked:
-        return _stacked_coefficients(bank, read, layout, x.reshape(-1, x.shape[-1]), index, weights)
-    name = "gate_up_proj" if layout.gated else "up_proj"
-    weight, bias = read(bank, name), read(bank, f"{name}_bias") if layout.has_bias else None
+    hidden = _expert_function(bank, read, layout)
     if layout.dispatch == "all":
         per_expert = x.unflatten(0, (layout.n_experts, -1))  # [E, S, d], expert after expert
         coeffs = x.new_zeros(per_expert.shape[1], layout.n_experts, layout.width)
         for expert in range(layout.n_experts):
-            w = weight[expert]
-            pre = per_expert[expert] @ (w if layout.transposed else w.T)
-            coeffs[:, expert] = _apply_gate(bank, pre)
+            coeffs[:, expert] = hidden(expert, per_expert[expert])
         return coeffs.flatten(1)
     x = x.reshape(-1, x.shape[-1])
     coeffs = x.new_zeros(x.shape[0], layout.n_experts, layout.width)
@@ -273,30 +268,29 @@ def expert_coefficients(
         if not 0 <= expert < layout.n_experts:  # padding index of some routers
             continue
         rows, slot = torch.where(index == expert)
-        w = weight[expert]
-        pre = x[rows] @ w if layout.transposed else x[rows] @ w.T
-        pre = pre if bias is None else pre + bias[expert]
-        hidden = _apply_gate(bank, pre) if layout.gated else bank.act_fn(pre)
-        scale = weights[rows, slot].to(hidden.dtype)
-        coeffs[rows, expert, : layout.d_expert] = hidden * scale[:, None]
+        values = hidden(expert, x[rows])
+        scale = weights[rows, slot].to(values.dtype)
+        coeffs[rows, expert, : layout.d_expert] = values * scale[:, None]
         if layout.has_bias:
             coeffs[rows, expert, layout.d_expert] = scale
     return coeffs.flatten(1)
 
 
-def _stacked_coefficients(
-    bank: nn.Module, read: Read, layout: Bank, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor
-) -> torch.Tensor:
-    """Coefficients ``[S, n_experts · d_expert]`` of a stacked bank for tokens ``x [S, d]`` sent to
-    experts ``index [S, k]`` with router weights ``weights [S, k]``.
+def _expert_function(bank: nn.Module, read: Read, layout: Bank) -> Callable:
+    """``hidden(expert, x [n, d]) -> [n, d_expert]``: one expert's neuron values (router weight not
+    applied), from the bank's weights as ``layout`` reads them.
     """
-    gate, up, _ = _read_stacked(bank, read, layout)  # [E, d_e, d] each
-    act = _activation(bank)
-    coeffs = x.new_zeros(x.shape[0], layout.n_experts, layout.d_expert)
-    for expert in torch.unique(index).tolist():
-        if not 0 <= expert < layout.n_experts:  # padding index of some routers
-            continue
-        rows, slot = torch.where(index == expert)
-        hidden = act(x[rows] @ gate[expert].T) * (x[rows] @ up[expert].T)
-        coeffs[rows, expert] = hidden * weights[rows, slot].to(hidden.dtype)[:, None]
-    return coeffs.flatten(1)
+    if layout.stacked:
+        gate, up, _ = _read_stacked(bank, read, layout)  # [E, d_e, d] each
+        act = _activation(bank)
+        return lambda expert, x: act(x @ gate[expert].T) * (x @ up[expert].T)
+    name = "gate_up_proj" if layout.gated else "up_proj"
+    weight, bias = read(bank, name), read(bank, f"{name}_bias") if layout.has_bias else None
+
+    def hidden(expert: int, x: torch.Tensor) -> torch.Tensor:
+        w = weight[expert]
+        pre = x @ w if layout.transposed else x @ w.T
+        pre = pre if bias is None else pre + bias[expert]
+        return _apply_gate(bank, pre) if layout.gated else bank.act_fn(pre)
+
+    return hidden
