@@ -148,6 +148,28 @@ FAMILIES = {
             eos_token_id=2,
         ),
     ),
+    # key/value heads that differ by block (the sliding-window blocks have twice as many, and sinks),
+    # queries and keys wider than the values, values rescaled after their projection, routed experts
+    # with a sigmoid router
+    "mimo_v2_flash": (
+        T.MiMoV2FlashConfig,
+        dict(
+            _LLAMALIKE,
+            num_key_value_heads=1,
+            head_dim=12,
+            v_head_dim=8,
+            layer_types=["full_attention", "sliding_attention", "sliding_attention"],
+            mlp_layer_types=["sparse", "sparse", "sparse"],
+            sliding_window=4,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            pad_token_id=0,
+        ),
+    ),
+    # Llama with AXK2's gated RMSNorm in front of both sublayers (norm(x) ⊙ σ(mlp(norm(x)))): no model
+    # in transformers has a gated input norm and value projections that are a matrix of the residual
+    "llama_gated_norms": (T.LlamaConfig, dict(_LLAMALIKE, num_key_value_heads=2, attention_bias=True)),
     "bloom": (T.BloomConfig, dict(vocab_size=VOCAB, hidden_size=32, n_layer=3, n_head=4)),
     "falcon": (
         T.FalconConfig,
@@ -178,6 +200,7 @@ FLOAT32_INSIDE = (
     "gpt_oss",
     "afmoe",
     "llama4_text",
+    "mimo_v2_flash",
 )
 """Families that compute part of their forward in float32 even for float64 weights (GPT-J's and
 GPT-Neo's attention scores, BLOOM's softmax, Falcon's rotations, the routers of mixtures of experts):
@@ -197,6 +220,8 @@ DISCOVERED = (
     "falcon",
     "gpt_neo",
     "afmoe",
+    "mimo_v2_flash",
+    "llama_gated_norms",
 )
 """Families whose architecture recallscope only discovers (no spec was ever written for them): every
 method's oracle tests run on them too."""
@@ -263,9 +288,30 @@ def tiny_hf_model(name: str, dtype: torch.dtype = torch.float64, seed: int = 0, 
     if name == "gptj":  # GPT-J's unembedding bias is zero-initialized: make it count
         model.lm_head.bias.data.normal_(0, 0.3)
     randomize_(model, seed)
+    if name == "llama_gated_norms":
+        _gate_norms_(model, seed)
     n_params = sum(p.numel() for p in model.parameters())
     assert n_params < 1_000_000, f"{name} is not tiny: {n_params} parameters"
     return model
+
+
+def _gate_norms_(model: torch.nn.Module, seed: int) -> None:
+    """Put AXK2's gated RMSNorm (random norm gain and gate) in front of every block's sublayers."""
+    from transformers.models.axk2.modeling_axk2 import AXK2GatedRMSNorm
+
+    config = model.config
+    gated = T.AXK2Config(hidden_size=config.hidden_size, rms_norm_eps=config.rms_norm_eps, gated_norm_rank=8)
+    generator = torch.Generator().manual_seed(seed + 1)
+    dtype = model.lm_head.weight.dtype
+    for block in model.model.layers:
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            norm = AXK2GatedRMSNorm(gated).to(dtype)
+            with torch.no_grad():
+                for param in norm.parameters():
+                    noise = torch.randn(param.shape, generator=generator, dtype=torch.float64)
+                    base = 1.0 if param.dim() == 1 else 0.0  # the norm's gain; the gate's weights
+                    param.copy_((base + 0.3 * noise).to(dtype))
+            setattr(block, name, norm)
 
 
 def tiny_model(name: str, dtype: torch.dtype = torch.float64, seed: int = 0, tokenizer=None, **overrides):

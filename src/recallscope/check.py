@@ -238,11 +238,12 @@ def _check_head_sources(ctx: _Context) -> CheckResult:
         res = ctx.result("head_sources", total, cache[sites[2]][:, -1:], kind=kind)
         real = ctx.batch.attention_mask.bool().to(pattern.device)  # [B, T] real query positions
         row_sums = cache[sites[0]].sum(-1).transpose(1, 2)[real]  # [n_real, H]
-        if m.spec.attention_sinks:  # the sink takes the rest: sums in (0, 1]
+        if m.spec.at(layer).attention_sinks:  # the sink takes the rest: sums in (0, 1]
             row_sums = torch.where((row_sums > 0) & (row_sums <= 1 + ctx.exact), 1.0, row_sums)
         sums = ctx.result("head_sources", row_sums, torch.ones_like(row_sums), kind=kind)
         results += [res, sums]
-    sums = "sum to at most 1 (attention sinks)" if m.spec.attention_sinks else "sum to 1"
+    sinks = any(spec.attention_sinks for spec in m.spec.block_specs())
+    sums = "sum to at most 1 (attention sinks)" if sinks else "sum to 1"
     return _combine("head_sources", results, f"pattern rows {sums}; Σ_{{h,j}} α v W_O + b_O == attn_out[-1]")
 
 

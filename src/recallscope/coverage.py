@@ -465,9 +465,20 @@ def _positions(model) -> str:
     return "ALiBi" if getattr(config, "alibi", True) else "no positions"
 
 
+def _kernel_values(model) -> bool:
+    """The ``v`` site is read where the kernel receives the values (no linear map of the residual
+    gives them: latent attention, a rescaled or clamped projection).
+    """
+    return model.spec.v_proj is None and model.spec.qkv_proj is None
+
+
+def _latent(model) -> bool:
+    return bool(_get(model.hf_model.config, "kv_lora_rank"))
+
+
 _FEATURES = (  # (label, test on the model), in the order the table lists them
-    ("GQA", lambda m: 1 < m.spec.dims.n_kv_heads < m.spec.dims.n_heads),
-    ("MQA", lambda m: m.spec.dims.n_kv_heads == 1 < m.spec.dims.n_heads),
+    ("GQA", lambda m: any(1 < s.dims.n_kv_heads < s.dims.n_heads for s in m.spec.block_specs())),
+    ("MQA", lambda m: any(s.dims.n_kv_heads == 1 < s.dims.n_heads for s in m.spec.block_specs())),
     ("mixture of experts", lambda m: any(v.experts for v in m.spec.block_specs())),
     (
         "with dense layers",
@@ -480,13 +491,17 @@ _FEATURES = (  # (label, test on the model), in the order the table lists them
     ("sandwich norms", lambda m: m.spec.ln_1 is not None and (m.spec.attn_post_norm or m.spec.mlp_post_norm)),
     ("post-norms", lambda m: m.spec.ln_1 is None and (m.spec.attn_post_norm or m.spec.mlp_post_norm)),
     ("inline attention", lambda m: not m.spec.attention_interface),
-    ("latent attention", lambda m: m.spec.v_proj is None and m.spec.qkv_proj is None),
+    ("latent attention", lambda m: _kernel_values(m) and _latent(m)),
+    ("values read in the kernel", lambda m: _kernel_values(m) and not _latent(m)),
     ("fused q/k/v", lambda m: m.spec.qkv_proj is not None),
     ("fused gate-up", lambda m: m.spec.gate_up is not None),
     ("qk-norm", lambda m: m.spec.qk_norm),
     ("gated attention output", lambda m: m.spec.attn_output_gate),
     ("sliding window", lambda m: bool(getattr(m.hf_model.config, "sliding_window", None))),
-    ("attention sinks", lambda m: m.spec.attention_sinks),
+    ("attention sinks", lambda m: any(spec.attention_sinks for spec in m.spec.block_specs())),
+    ("gated norms", lambda m: any(s.norm_gates for s in m.spec.block_specs())),
+    ("rescaled values", lambda m: any(s.value_scale != 1.0 for s in m.spec.block_specs())),
+    ("key/value heads by block", lambda m: len({s.dims.n_kv_heads for s in m.spec.block_specs()}) > 1),
     ("soft-capping", lambda m: m.spec.final_logit_softcap or m.spec.attn_logit_softcap),
     ("embedding norm", lambda m: m.spec.embed_norm is not None),
     ("scaled residual/logits", lambda m: m.spec.residual_scale != 1.0 or m.spec.logit_scale != 1.0),

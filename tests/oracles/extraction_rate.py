@@ -127,7 +127,7 @@ def naive_counterfactual(
 ) -> torch.Tensor:
     """Layer ``layer``'s attention output ``[d]`` at the last position with a modified row; a gated
     output keeps the clean gate ``g = z / mix`` (``z [H, d_head]`` at the last position)."""
-    n_heads, group = model.n_heads, model.n_heads // model.n_kv_heads
+    n_heads, group = model.n_heads, model.n_heads // v.shape[1]  # v [T, H_kv, d_head] of this layer
     mixed = []
     for h in range(n_heads):
         kv = h // group  # GQA: query head h reads key/value head h // group

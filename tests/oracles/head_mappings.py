@@ -35,8 +35,10 @@ def head_weights(model, layer: int, head: int, kv_head: int | None = None):
     a key/value head).
     """
     d, dh = model.d_model, model.d_head
-    kv = head // (model.n_heads // model.n_kv_heads) if kv_head is None else kv_head
     attn, out_name = _attention(model, layer)
+    v_proj = getattr(attn, "v_proj", None)  # this layer's own key/value head count (MiMo-V2: by layer)
+    n_kv = model.n_kv_heads if v_proj is None else v_proj.out_features // dh
+    kv = head // (model.n_heads // n_kv) if kv_head is None else kv_head
     family = model.spec.family
     if family == "gpt2":  # Conv1D [in, out]; c_attn columns [q | k | v], each [d]
         cols = slice(2 * d + kv * dh, 2 * d + (kv + 1) * dh)
@@ -48,8 +50,9 @@ def head_weights(model, layer: int, head: int, kv_head: int | None = None):
         W_V, b_V = attn.query_key_value.weight[rows].T, attn.query_key_value.bias[rows]
     else:
         rows = slice(kv * dh, (kv + 1) * dh)
-        W_V = attn.v_proj.weight[rows].T
-        b_V = None if attn.v_proj.bias is None else attn.v_proj.bias[rows]
+        scale = getattr(attn, "v_scale", 1.0)  # MiMo-V2 multiplies the projected values by a constant
+        W_V = attn.v_proj.weight[rows].T * scale
+        b_V = None if attn.v_proj.bias is None else attn.v_proj.bias[rows] * scale
     W_O = getattr(attn, out_name).weight[:, head * dh : (head + 1) * dh].T
     return W_V.detach(), None if b_V is None else b_V.detach(), W_O.detach()
 

@@ -131,7 +131,7 @@ def _attention(model, c, layer, x, readouts, out) -> None:
         out["attn_rest"][layer] = post(b_O.double()).numpy()
     base = lp(x)
     for h in range(H):
-        kv = h // model.n_groups
+        kv = h // (H // v.shape[1])  # v [T, H_kv, Dh] of this layer
         o = post(z[h] @ W_O[h])
         out["head_out"][layer, h] = o.numpy()
         out["head"][layer, h] = lp(x + o) - base

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from oracles.early_decoding import capture
+from oracles.query_attribution import norm_gate
 from recallscope.core.mlp import mlp_function
 
 
@@ -83,7 +84,9 @@ def heads_of(model, layer: int, regressors: str) -> list[tuple[int, int]]:
 
 
 def normalized(model, layer: int, resid: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
-    """``γ ⊙ centre(o) / ρ(resid)`` with the MLP norm's scale frozen on its actual input."""
+    """``γ ⊙ centre(o) / ρ(resid)`` with the MLP norm's scale (and a gated norm's gate) frozen on its
+    actual input.
+    """
     if model.spec.ln_2 is None:  # the MLP reads the residual itself (OLMo-2): it sees o as it is
         return o
     params = model.norm_params(model.spec.ln_2, layer)
@@ -92,11 +95,12 @@ def normalized(model, layer: int, resid: torch.Tensor, o: torch.Tensor) -> torch
         o = o - o.mean()
     else:
         rho = torch.sqrt((resid**2).mean() + params.eps)
+    gate = norm_gate(model, model.spec.ln_2, layer, resid)  # a gated norm's gate, frozen (else 1)
     if params.weight is None:
-        return o / rho
+        return gate * o / rho
     gain = params.weight.double()
     gain = 1 + gain if params.offset_one else gain
-    return gain * o / rho
+    return gate * gain * o / rho
 
 
 def logit_lens_ranks(model, W_U: torch.Tensor, x: torch.Tensor, tokens) -> list[float]:

@@ -69,7 +69,7 @@ def _by_hand(model, layer: int, units: set, stack: contextlib.ExitStack) -> None
             for n in range(model.d_head):
                 z, mix = 0.0, 0.0
                 for j in range(v.shape[0]):
-                    term = alpha[h, j] * v[j, h // model.n_groups, n]
+                    term = alpha[h, j] * v[j, h // (model.n_heads // v.shape[1]), n]
                     mix = mix + term
                     if (h, n, j) not in units:
                         z = z + term

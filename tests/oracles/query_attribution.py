@@ -36,6 +36,16 @@ def gain(model, path: str, layer: int) -> torch.Tensor:
     return torch.ones(model.d_model, dtype=model.dtype) if g is None else g
 
 
+def norm_gate(model, path: str | None, layer: int, x: torch.Tensor) -> torch.Tensor:
+    """The gate ``σ(mlp(norm(x)))`` a gated norm (AXK2's GatedRMSNorm) multiplies its norm's output
+    by, for ``x [..., d]``, by hand; 1 for a plain norm.
+    """
+    module = None if path is None else model.module(path, layer)
+    if module is None or not hasattr(module, "mlp"):
+        return torch.ones(model.d_model, dtype=x.dtype)
+    return torch.sigmoid(module.mlp(module.norm(x)).float()).to(x.dtype).detach()  # float32, as AXK2 does
+
+
 def weight_vector(module, k: int, side: str) -> torch.Tensor:
     """``side="in"``: the input weights of output ``k``; ``"out"``: the output vector of input ``k``."""
     w = module.weight.detach()
@@ -50,15 +60,15 @@ def ffn_key(model, acts: dict, layer: int, k: int, how: str) -> torch.Tensor:
     spec = model.spec
     if how == "as_coded":
         how = "value" if spec.gated_mlp else "input_row"
-    g2 = gain(model, spec.ln_2, layer)
+    x = acts[(layer, "resid_pre")][-1]
+    if not spec.parallel:
+        x = x + acts[(layer, "attn_out")][-1]
+    g2 = gain(model, spec.ln_2, layer) * norm_gate(model, spec.ln_2, layer, x)
     if how == "value":
         return _value_vector(model, layer, k) * g2
     if how in ("input_row", "gate_row"):
         path = spec.mlp_in if how == "input_row" else spec.mlp_gate
         return weight_vector(model.module(path, layer), k, "in") * g2
-    x = acts[(layer, "resid_pre")][-1]
-    if not spec.parallel:
-        x = x + acts[(layer, "attn_out")][-1]
     normed, rho = frozen_norm(model, layer, x)
     normed = normed.detach().requires_grad_(True)
     with torch.enable_grad():
@@ -76,7 +86,8 @@ def frozen_norm(model, layer: int, x: torch.Tensor, rho: torch.Tensor | None = N
     if rho is None:
         rho = (centred.detach().pow(2).mean() + params.eps).sqrt()
     out = centred / rho * gain(model, model.spec.ln_2, layer)
-    return (out if params.bias is None else out + params.bias), rho
+    out = out if params.bias is None else out + params.bias
+    return out * norm_gate(model, model.spec.ln_2, layer, x.detach()), rho
 
 
 def mlp_coeff(model, layer: int, normed: torch.Tensor) -> torch.Tensor:
@@ -123,8 +134,9 @@ def ov_tokens(model, layer: int, head: int, w: torch.Tensor, n: int) -> list[int
     """Top tokens of ``W_O^h (W_V^h ln_1(w) + b_V^h)`` (+ Gemma-2 post-attention norm)."""
     ln_1 = model.spec.ln_1  # None: the attention reads the residual itself (OLMo-2)
     x = w if ln_1 is None else model.module(ln_1, layer)(w[None])[0].detach()
-    kv = head // model.n_groups
-    v = x @ model.W_V(layer)[kv]
+    W_V = model.W_V(layer)  # [H_kv, d, d_head] of this layer
+    kv = head // (model.n_heads // len(W_V))
+    v = x @ W_V[kv]
     if model.b_V(layer) is not None:
         v = v + model.b_V(layer)[kv]
     out = v @ model.W_O(layer)[head]
@@ -171,7 +183,9 @@ def naive_query(
     query = torch.zeros(L, model.d_mlp, dtype=torch.float64)
     best = {}
     for layer, head, dim, j, imp in units:  # (b) and (c)
-        key = model.W_V(layer)[head // model.n_groups][:, dim] * gain(model, model.spec.ln_1, layer)
+        W_V = model.W_V(layer)  # [H_kv, d, d_head] of this layer
+        key = W_V[head // (model.n_heads // len(W_V))][:, dim] * gain(model, model.spec.ln_1, layer)
+        key = key * norm_gate(model, model.spec.ln_1, layer, acts[(layer, "resid_pre")][j])
         parts = [(i, dot(c, key)) for i, c in components(model, acts, j, layer, False)]
         out["unstable"][1] += not add_shares(out["attn_unit"], parts, imp, guard)
         denom = dot(acts[(layer, "resid_pre")][j], key)

@@ -117,7 +117,6 @@ def naive_token_lens(model, ids: torch.Tensor, spans: dict[str, list[int]], trac
         and ``attn_out [L, n]`` (the model's own ``attn_out`` at ``N``, decoded the same way).
     """
     L, H, Dh, T = model.n_layers, model.n_heads, model.d_head, len(ids)
-    g = model.n_heads // model.n_kv_heads
     sites = [Site(layer, name) for layer in range(L) for name in ("v", "z", "attn_out")]
     cache = rs.run_with_cache(model, ids[None], [*sites, Site(L - 1, "resid_post")])
     probs, values = attention_probs(model, ids)
@@ -130,6 +129,7 @@ def naive_token_lens(model, ids: torch.Tensor, spans: dict[str, list[int]], trac
     attn_out = np.zeros((L, len(tracked)))
     for layer in range(L):
         v = cache[Site(layer, "v")][0].double() if values is None else values[layer]  # [T, H_kv, Dh]
+        g = H // v.shape[1]  # query heads per key/value head in this layer
         alpha = probs[layer][:, -1]  # [H, T]
         z_site = cache[Site(layer, "z")][0, -1].double()  # [H, Dh]
         whole = sum(alpha[:, j, None] * v[j].repeat_interleave(g, 0) for j in range(T))  # [H, Dh]

@@ -76,3 +76,43 @@ def test_blocks_run_repeatedly_are_refused_as_recurrent_depth():
     with pytest.raises(rs.UnsupportedModelError, match="recurrent depth"):
         _load("hrm_text")
     assert coverage.classify("hrm_text").status == "excluded"
+
+
+def test_key_value_heads_that_differ_by_block_are_kept_per_block():
+    """MiMo-V2: its sliding-window blocks have twice the key/value heads, and sinks; values are rescaled."""
+    model = _load("mimo_v2_flash")
+    counts = [model.n_kv_heads_at(layer) for layer in range(model.n_layers)]
+    assert counts == [2, 4] and model.n_kv_heads == 4
+    assert [model.spec.at(layer).attention_sinks for layer in range(model.n_layers)] == [False, True]
+    with pytest.raises(rs.SiteError, match="n_groups_at"):
+        _ = model.n_groups
+    assert model.kv_head_rule() == "head // n_groups (2 in blocks [0]; 1 in blocks [1])"
+    config = model.hf_model.config
+    assert model.spec.value_scale == config.attention_value_scale != 1.0
+    sites = [Site(layer, "v") for layer in range(model.n_layers)]
+    cache = rs.run_with_cache(model, _batch(model), sites)
+    for layer, site in enumerate(sites):  # the v site is what the kernel receives: W_V includes the scale
+        assert cache[site].shape[2] == counts[layer] == model.W_V(layer).shape[0]
+        v_proj = model.module("self_attn.v_proj", layer)
+        assert torch.allclose(
+            model.W_V(layer).permute(1, 0, 2).flatten(1), v_proj.weight.T * config.attention_value_scale
+        )
+
+
+def test_a_gated_input_norm_is_read_as_its_norm_and_a_frozen_gate():
+    """AXK2: norm(x) ⊙ σ(mlp(norm(x))) in front of the attention (and of its experts)."""
+    model = _load("axk2")
+    gates = dict(model.spec.at(1).norm_gates)
+    assert gates == {
+        "input_layernorm": "input_layernorm.norm",
+        "post_attention_layernorm": "post_attention_layernorm.norm",
+    }
+    assert dict(model.spec.at(0).norm_gates) == {"input_layernorm": "input_layernorm.norm"}  # a dense block
+    params = model.norm_params("input_layernorm", 1)  # the norm inside the gated one
+    assert torch.equal(params.weight, model.module("input_layernorm.norm", 1).weight)
+    x = torch.randn(3, model.d_model, dtype=model.dtype)
+    gate = model.norm_gate("input_layernorm", 1, x)
+    wrapper = model.module("input_layernorm", 1)
+    assert torch.allclose(wrapper.norm(x) * gate, wrapper(x), atol=1e-12)
+    assert bool(((gate > 0) & (gate < 1)).all())  # a sigmoid gate
+    assert model.norm_gate("post_attention_layernorm", 0, x) is None  # block 0's is a plain norm

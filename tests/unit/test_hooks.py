@@ -22,15 +22,18 @@ def _close(a, b, tol=1e-10):
 def test_canonical_shapes(setup):
     model, batch = setup
     B, T = batch.input_ids.shape
-    d, H, Hkv, dh, dm = model.d_model, model.n_heads, model.n_kv_heads, model.d_head, model.d_mlp
+    d, H, Hkv, dh, dm = model.d_model, model.n_heads, model.n_kv_heads_at(1), model.d_head, model.d_mlp
+    spec = model.spec.at(1)
+    # queries and keys may be wider than the values (MiMo-V2): their width is the projection's
+    dqk = dh if spec.q_proj is None else model.module(spec.q_proj, 1).out_features // H
     expected = {
         "embed": (B, T, d),
         "resid_pre": (B, T, d),
         "resid_post": (B, T, d),
         "attn_out": (B, T, d),
         "mlp_out": (B, T, d),
-        "q": (B, T, H, dh),
-        "k": (B, T, Hkv, dh),
+        "q": (B, T, H, dqk),
+        "k": (B, T, Hkv, dqk),
         "v": (B, T, Hkv, dh),
         "z": (B, T, H, dh),
         "pattern": (B, H, T, T),
@@ -91,6 +94,7 @@ def test_zero_query_gives_uniform_attention(setup):
     premise = {
         "olmo2": "its qk-norm spans every head: zeroing one head's query rescales the others'",
         "gpt_oss": "its attention sinks take part of every row",
+        "mimo_v2_flash": "the attention sinks of its sliding-window blocks take part of every row",
         "bloom": "ALiBi adds a bias to every score",
     }
     if model.spec.family in premise:
@@ -110,12 +114,13 @@ def test_zero_query_gives_uniform_attention(setup):
 
 def test_zero_values_of_a_kv_head_silence_its_query_heads(setup):
     model, batch = setup
-    layer, kv_head = 2, model.n_kv_heads - 1
+    layer = 2
+    kv_head = model.n_kv_heads_at(layer) - 1
     z_site = Site(layer, "z")
     clean = _run(model, batch, [z_site])[z_site]
     with rs.patch(model, Site(layer, "v"), torch.zeros(()), heads=[kv_head]):
         z = _run(model, batch, [z_site])[z_site]
-    group = [h for h in range(model.n_heads) if h // model.n_groups == kv_head]
+    group = [h for h in range(model.n_heads) if h // model.n_groups_at(layer) == kv_head]
     rest = [h for h in range(model.n_heads) if h not in group]
     real = batch.attention_mask.bool()
     assert float(z[real][:, group].abs().max()) == 0.0

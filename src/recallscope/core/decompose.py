@@ -98,9 +98,9 @@ def head_source_outputs(
         parts ``[B, P, n_heads, T, d_model]``; summed over heads and sources, plus ``rest``, they
         equal ``attn_out`` at the query positions.
     """
-    _check_shape(v, (model.n_kv_heads, model.d_head), "v")
+    _check_shape(v, (model.n_kv_heads_at(layer), model.d_head), "v")
     dtype = _dtype(v)
-    v = v.to(dtype).repeat_interleave(model.n_groups, dim=2)  # [B, T, H, d_head]: head h -> kv h//g
+    v = model.per_query_head(v.to(dtype), layer)  # [B, T, H, d_head]: head h reads kv h // g
     weighted = torch.einsum("bhpt,bthe->bphte", pattern.to(dtype), v)
     if gate is not None:
         weighted = weighted * gate.to(dtype)[:, :, :, None]

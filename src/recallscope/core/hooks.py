@@ -227,18 +227,24 @@ def _half_view(first: bool) -> _View:
     return _View(get, put)
 
 
-def _heads_view(n_heads: int) -> _View:
-    return _View(lambda raw: raw.unflatten(-1, (n_heads, -1)))
+def _heads_view(n_heads: int, scale: float = 1.0) -> _View:
+    """Heads ``[..., n_heads, d]`` of a projection's output, times ``scale`` (``value_scale``)."""
+    if scale == 1.0:
+        return _View(lambda raw: raw.unflatten(-1, (n_heads, -1)))
+    return _View(
+        lambda raw: raw.unflatten(-1, (n_heads, -1)) * scale,
+        lambda raw, new: (new / scale).reshape(raw.shape),
+    )
 
 
-def _fused_view(model: Model, which: int) -> _View:
-    """q/k/v (``which`` = 0/1/2) from a fused projection output ``[B, T, 3 * d]``."""
-    n_heads, d_head = model.n_heads, model.d_head
+def _fused_view(model: Model, layer: int, which: int) -> _View:
+    """q/k/v (``which`` = 0/1/2) from block ``layer``'s fused projection output ``[B, T, 3 * d]``."""
+    n_heads, n_kv, d_head = model.n_heads, model.n_kv_heads_at(layer), model.d_head
     if model.spec.qkv_layout == "split":  # [q | k | v]: q has H heads, k and v H_kv each
-        widths = (n_heads * d_head, model.n_kv_heads * d_head, model.n_kv_heads * d_head)
+        widths = (n_heads * d_head, n_kv * d_head, n_kv * d_head)
         start = sum(widths[:which])
         cols = slice(start, start + widths[which])
-        heads = n_heads if which == 0 else model.n_kv_heads
+        heads = n_heads if which == 0 else n_kv
 
         def get(raw):
             return raw[..., cols].unflatten(-1, (heads, d_head))
@@ -307,6 +313,11 @@ def _locate(model: Model, site: Site) -> tuple[nn.Module, str, _View]:
         if name in _NEURONS:
             view = padded_view(view, spec.dims.d_mlp, model.d_mlp)
         return model.module(path, layer), kind, view or _heads_view(model.n_heads)
+    return _projection(model, spec, layer, name)
+
+
+def _projection(model: Model, spec, layer: int, name: str) -> tuple[nn.Module, str, _View]:
+    """The ``q``, ``k`` or ``v`` site of block ``layer`` (whose spec is ``spec``)."""
     which = "qkv".index(name)
     if spec.qkv_proj is not None and spec.qkv_layout is None:
         if name != "v" or spec.v_columns is None:
@@ -316,17 +327,19 @@ def _locate(model: Model, site: Site) -> tuple[nn.Module, str, _View]:
         return (
             model.module(spec.qkv_proj, layer),
             "fwd",
-            _columns_view(torch.tensor(spec.v_columns), model.n_kv_heads),
+            _columns_view(torch.tensor(spec.v_columns), model.n_kv_heads_at(layer)),
         )
     if spec.qkv_proj is not None:
-        return model.module(spec.qkv_proj, layer), "fwd", _fused_view(model, which)
+        return model.module(spec.qkv_proj, layer), "fwd", _fused_view(model, layer, which)
     proj = (spec.q_proj, spec.k_proj, spec.v_proj)[which]
     if proj is None:
         raise SiteError(
             f"{spec.family} has no separate {name} projection (latent attention?): no {name!r} site"
         )
-    n_heads = model.n_heads if name == "q" else model.n_kv_heads
-    return model.module(proj, layer), "fwd", _heads_view(n_heads)
+    if name == "q":
+        return model.module(proj, layer), "fwd", _heads_view(model.n_heads)
+    scale = spec.value_scale if name == "v" else 1.0
+    return model.module(proj, layer), "fwd", _heads_view(model.n_kv_heads_at(layer), scale)
 
 
 # -- generic hook plumbing -------------------------------------------------------------------------

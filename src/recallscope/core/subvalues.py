@@ -229,7 +229,7 @@ def attn_subvalues(
         ``R = T`` coefficients ``α_{h,j} v_{j, kv(h), n}`` (times the gate ``g_{h,n}``) each;
         query head ``h`` reads key/value head ``h // n_groups``.
     """
-    v = _wide(v).repeat_interleave(model.n_groups, dim=2)  # [B, T, H, d_head]
+    v = model.per_query_head(_wide(v), layer)  # [B, T, H, d_head]
     coeffs = torch.einsum("bht,bthn->bhnt", pattern.to(v.dtype), v)  # [B, H, d_head, T]
     coeffs = (coeffs if gate is None else coeffs * gate.to(v.dtype)[..., None]).flatten(1, 2)
     W_O = model.W_O(layer).to(v.device, v.dtype).flatten(0, 1)  # [H*d_head, d]

@@ -674,7 +674,7 @@ def _provenance(model: Model, config: Config) -> dict:
         if config.attend_to == "span"
         else "pattern row of the last position at the subject's first token",
         head_output=f"o_h = z_h W_O[h·d_h:(h+1)·d_h] at the last position{post}; "
-        f"kv_head = head // {model.n_groups}",
+        f"kv_head = {model.kv_head_rule()}",
         projection=projection,
         path_patching="off"
         if not config.path_patching

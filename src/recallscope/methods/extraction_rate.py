@@ -256,7 +256,8 @@ class Capture:
         attn_out, mlp_out: ``[B, L, d_model]`` updates at the last position.
         subject_resid: ``[B, L, d_model]`` ``resid_post`` at the last subject token.
         pattern: ``[B, L, n_heads, T]`` attention row of the last query.
-        v: ``[B, L, T, n_kv_heads, d_head]`` value vectors of every key.
+        v: ``[B, L, T, n_kv_heads, d_head]`` value vectors of every key (a block with fewer
+            key/value heads than ``model.n_kv_heads`` fills the first of them).
         gate: ``[B, L, n_heads, d_head]`` output gate of the last query (``spec.attn_output_gate``),
             None for attention without one.
     """
@@ -279,7 +280,7 @@ def capture(model: Model, batch: PromptBatch) -> Capture:
         "mlp_out": lambda act: act[:, -1],
         "resid_post": lambda act: act[rows, subject_last],
         "pattern": lambda act: act[:, :, -1],
-        "v": lambda act: act,
+        "v": lambda act: _padded_heads(act, model.n_kv_heads),
     }
     kept: dict[str, list] = {name: [None] * model.n_layers for name in (*readers, "gate")}
     with contextlib.ExitStack() as stack:
@@ -302,6 +303,11 @@ def capture(model: Model, batch: PromptBatch) -> Capture:
         v=stacked["v"],
         gate=gate,
     )
+
+
+def _padded_heads(v: torch.Tensor, n_kv: int) -> torch.Tensor:
+    """``v [B, T, h, d_head]`` with zero heads appended up to ``n_kv`` (blocks with fewer heads)."""
+    return torch.nn.functional.pad(v, (0, 0, 0, n_kv - v.shape[2]))
 
 
 def _keeper(slots: list, layer: int, read):
@@ -375,16 +381,15 @@ def counterfactual_outputs(model: Model, cap: Capture, weights: torch.Tensor) ->
     gate, if the attention has one; bias included), then the family's post-attention norm
     (Gemma-2), through the model's own modules.
     """
-    kv_heads, groups = model.n_kv_heads, model.n_groups
     dtype = torch.promote_types(weights.dtype, cap.v.dtype)  # BLOOM's float32 pattern, float64 values
     v, weights = cap.v.to(dtype), weights.to(dtype)  # [B, L, T, H_kv, d_head]
-    grouped = weights.unflatten(3, (kv_heads, groups))  # [B, L, n, H_kv, g, T]: head h = kv·g + i
-    z = torch.einsum("blnkgt,bltke->blnkge", grouped, v).flatten(3, 4)  # [B, L, n, H, d_head]
-    z = z if cap.gate is None else z * cap.gate[:, :, None].to(dtype)  # the gate of the clean run, frozen
     outs = []
     for layer in range(model.n_layers):
+        values = model.per_query_head(v[:, layer], layer)  # [B, T, H, d_head]: head h reads kv h // g
+        z = torch.einsum("bnht,bthe->bnhe", weights[:, layer], values)  # [B, n, H, d_head]
+        z = z if cap.gate is None else z * cap.gate[:, layer, None].to(dtype)  # the clean run's gate
         o_proj = model.module(model.spec.o_proj, layer)
-        out = o_proj(z[:, layer].flatten(-2).to(o_proj.weight.dtype))  # [B, n, d_model]
+        out = o_proj(z.flatten(-2).to(o_proj.weight.dtype))  # [B, n, d_model]
         extra = model.attn_bias(layer)  # a bias the block adds outside o_proj (GPT-NeoX-Japanese)
         out = out if extra is None else out + extra.to(out.device, out.dtype)
         outs.append(apply_update(model, "attn", layer, out))  # post-norm, residual scale

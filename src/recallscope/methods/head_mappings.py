@@ -99,8 +99,8 @@ class HeadMappingsResult:
 
     config: Config
     fact_ids: list[str]
-    n_groups: int
-    """Query heads per key/value head (``kv_head = head // n_groups``)."""
+    n_groups: np.ndarray
+    """``[layer]`` query heads per key/value head in each block (``kv_head = head // n_groups[layer]``)."""
     target_ids: np.ndarray
     """``[fact]`` the attribute token."""
     target_tokens: list[str]
@@ -134,7 +134,7 @@ class HeadMappingsResult:
                 "fact_id": np.array(self.fact_ids, dtype=object)[f],
                 "layer": layer,
                 "head": head,
-                "kv_head": head // self.n_groups,
+                "kv_head": head // self.n_groups[layer],
                 "mapping_rank": self.mapping_rank.reshape(-1),
                 "in_top_k": self.in_top_k.reshape(-1),
                 "output_rank": self.output_rank.reshape(-1),
@@ -204,7 +204,7 @@ def run(model: Model, batch: PromptBatch | FactSet, config: Config | None = None
     result = HeadMappingsResult(
         config=config,
         fact_ids=[fact_ids[i] for i in rows.tolist()],
-        n_groups=model.n_groups,
+        n_groups=np.array([model.n_groups_at(layer) for layer in range(model.n_layers)]),
         target_tokens=decode_tokens(model, torch.as_tensor(arrays["target_ids"])),
         subject_tokens=[
             decode_tokens(model, kept.input_ids[b, slice(*_span(kept, b))]) for b in range(len(kept))
@@ -285,7 +285,8 @@ def ov_outputs(model: Model, layer: int, x: torch.Tensor, *, input_norm: bool = 
     if b_V is not None:
         v = v + b_V.to(x.device, dtype)
     # query head h = kv * n_groups + g reads kv head h // n_groups: W_O [H, e, d] -> [kv, g, e, d]
-    W_O = model.W_O(layer).to(x.device, dtype).unflatten(0, (model.n_kv_heads, model.n_groups))
+    groups = (model.n_kv_heads_at(layer), model.n_groups_at(layer))
+    W_O = model.W_O(layer).to(x.device, dtype).unflatten(0, groups)
     out = torch.einsum("nke,kged->nkgd", v, W_O).flatten(1, 2)  # [N, H, d_model]
     return apply_update(model, "attn", layer, out)  # post-norm in the model's dtype, residual scale
 
@@ -355,7 +356,7 @@ def _provenance(model: Model, config: Config) -> dict:
         "post-norm folded in with the full attention output's scale), same readout",
         rank="0 = top: number of tokens with a strictly larger logit",
         in_top_k=f"mapping_rank < {config.top_k}",
-        heads=f"query heads; kv_head = head // {model.n_groups}",
+        heads=f"query heads; kv_head = {model.kv_head_rule()}",
         layers="0-based blocks",
         bos=model.bos,
     )

@@ -271,7 +271,7 @@ def _provenance(model: Model, config: Config) -> dict:
         config,
         projection="frozen_scale (final residual of the same forward)",
         readout="W_U (γ ⊙ centre(o_h)) / ρ_N; no bias, no final soft-cap; tracked tokens only",
-        heads=slicing + post + f"; kv_head = head // {model.n_groups}",
+        heads=slicing + post + f"; kv_head = {model.kv_head_rule()}",
         thresholds=f"per step × layer over all heads and examples: mean ± {config.k}·std (population std); "
         "computed by rates() on the concatenated frame",
         layers="block index",

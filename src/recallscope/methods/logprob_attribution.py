@@ -161,8 +161,8 @@ class LogprobAttributionResult:
     """``[F]`` left-padding length of each fact in the ``T`` axis."""
     final_scale: np.ndarray
     """``[F]`` ``ρ`` of the final norm on the final residual at ``N``."""
-    n_groups: int
-    """Query heads per key/value head (``kv_head = head // n_groups``)."""
+    n_groups: np.ndarray
+    """``[L]`` query heads per key/value head in each block (``kv_head = head // n_groups[layer]``)."""
     logprob_resid_pre: np.ndarray
     """``[F, L+1]`` ``log p(t | x^ℓ)``, ``ℓ = 0..L`` (``x^L`` = final residual)."""
     logprob_resid_mid: np.ndarray
@@ -247,7 +247,7 @@ class LogprobAttributionResult:
                 "fact_id": np.array(self.fact_ids, dtype=object)[f],
                 "layer": layer,
                 "head": head,
-                "kv_head": head // self.n_groups,
+                "kv_head": head // self.n_groups[layer],
                 "logprob_increase": self.head_score.reshape(-1),
             }
         )
@@ -314,7 +314,7 @@ def run(model: Model, batch: PromptBatch | FactSet, config: Config | None = None
         target_tokens=decode_tokens(model, torch.as_tensor(arrays["target_ids"])),
         tokens=[decode_tokens(model, batch.input_ids[b, pads[b] :]) for b in range(len(batch))],
         pad=np.asarray(pads),
-        n_groups=model.n_groups,
+        n_groups=np.array([model.n_groups_at(layer) for layer in range(model.n_layers)]),
         provenance=_provenance(model, config),
         **arrays,
     )
@@ -618,7 +618,7 @@ def _subvalue_table(model: Model, result: LogprobAttributionResult, kind: str) -
     else:
         head, dim, pos = where[1], where[2], where[3]
         src = pos - result.pad[fact]
-        columns.update(head=head, kv_head=head // result.n_groups, dim=dim, src_pos=src)
+        columns.update(head=head, kv_head=head // result.n_groups[where[0]], dim=dim, src_pos=src)
         columns["token"] = [result.tokens[f][s] for f, s in zip(fact, src, strict=True)]
         unit = head * model.d_head + dim
     pick = (fact, *where)
@@ -677,7 +677,7 @@ def _provenance(model: Model, config: Config) -> dict:
         "by log-prob increase or probability increase (over all layers); NaN elsewhere"
         if config.exact == "top"
         else "all",
-        units=f"(head h, dim n, source j) = α_Nj v_jn W_O[h, n]; kv_head = h // {model.n_groups}{post}",
+        units=f"(head h, dim n, source j) = α_Nj v_jn W_O[h, n]; kv_head = {model.kv_head_rule('h')}{post}",
         positions="src_pos relative to the start of the real prompt; pads never listed (0 in arrays)",
         layers="0-based blocks; resid_pre[l] = x^l is the input of block l, x^L the final residual",
         bos=model.bos,

@@ -256,15 +256,20 @@ def _layer_inputs(model, acts, layer, heads) -> tuple[torch.Tensor, torch.Tensor
 
 
 def _regressors(model, acts, layer, raw: torch.Tensor, space: str) -> torch.Tensor:
-    """The regressors ``[B, n, d]``: raw head outputs, or as the MLP's norm sees them."""
+    """The regressors ``[B, n, d]``: raw head outputs, or as the MLP's norm sees them (its scale and
+    a gated norm's gate frozen at their values).
+    """
     if space == "raw":
         return raw
     resid = acts[mlp_input_site(model, layer)].double()
-    params = model.norm_params(model.spec.at(layer).mlp_norm, layer)
+    path = model.spec.at(layer).mlp_norm
+    params = model.norm_params(path, layer)
     rho = params.rho(resid)
     gain = params.gain(torch.float64, raw.device)
     normed = params.centre(raw) / rho[:, None]
-    return normed if gain is None else normed * gain
+    normed = normed if gain is None else normed * gain
+    gate = model.norm_gate(path, layer, acts[mlp_input_site(model, layer)])  # [B, d] frozen, or None
+    return normed if gate is None else normed * gate.double()[:, None]
 
 
 def _fit(y: torch.Tensor, X: torch.Tensor, *, intercept: bool, pooled: bool):
@@ -604,8 +609,8 @@ def _provenance(model: Model, config: Config, without: list[int]) -> dict:
     }[config.regressors]
     space = {
         "raw": "raw head outputs o_h",
-        "normalized": "γ ⊙ centre(o_h) / ρ(MLP input) of the MLP's norm (frozen scale, no bias); "
-        "effective_weight undefined (NaN)",
+        "normalized": "γ ⊙ centre(o_h) / ρ(MLP input) of the MLP's norm (frozen scale, no bias; a gated "
+        "norm's gate frozen too); effective_weight undefined (NaN)",
     }[config.space]
     post = "; Gemma-2 attention post-norm folded in at its actual scale" if model.spec.attn_post_norm else ""
     return result_provenance(

@@ -433,7 +433,7 @@ def _remove_units(model: Model, layer: int, index: torch.Tensor, stack: contextl
     def edit_z(z: torch.Tensor) -> torch.Tensor:  # [r, T, H, d_head]
         row, head, dim, src = index.to(z.device)
         alpha = wide(live["alpha"][row, head, src])
-        value = wide(live["v"][row, src, head // model.n_groups, dim])
+        value = wide(live["v"][row, src, head // model.n_groups_at(layer), dim])
         contribution = alpha * value  # (a float32 pattern of a float64 model: BLOOM's softmax)
         if "gate" in live:
             contribution = contribution * wide(live["gate"][row, -1, head, dim])
@@ -475,7 +475,7 @@ def _value_vectors(model: Model, layer: int, dtype: torch.dtype, device) -> dict
     """``ffn [d_mlp, d]`` and ``attn [H·d_head, d]`` value vectors of ``layer`` (as in :class:`Subvalues`)."""
     coeffs = torch.zeros(1, model.d_mlp, dtype=dtype, device=device)
     pattern = torch.zeros(1, model.n_heads, 1, dtype=dtype, device=device)
-    v = torch.zeros(1, 1, model.n_kv_heads, model.d_head, dtype=dtype, device=device)
+    v = torch.zeros(1, 1, model.n_kv_heads_at(layer), model.d_head, dtype=dtype, device=device)
     ffn, attn = ffn_subvalues(model, layer, coeffs), attn_subvalues(model, layer, pattern, v)
     return {"ffn": ffn.values, "attn": attn.values}
 

@@ -479,25 +479,31 @@ def _weight(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def _layer_keys(model: Model, acts: dict, layer: int, fact, k, how: str) -> torch.Tensor:
     """Keys ``[m, d]`` of neurons ``k [m]`` of ``layer`` (rows ``fact [m]``)."""
     like = acts["comps"]
-    params = model.norm_params(model.spec.at(layer).mlp_norm, layer)
+    path = model.spec.at(layer).mlp_norm
+    params = model.norm_params(path, layer)
     gain = params.gain(like.dtype, like.device)
     gain = torch.ones(model.d_model, dtype=like.dtype, device=like.device) if gain is None else gain
-    if how == "value":
-        return _weight(model.W_out(layer), like)[k] * gain
-    if how in ("input_row", "gate_row"):
-        W = model.W_in(layer) if how == "input_row" else model.W_gate(layer)
-        return _weight(W, like)[:, k].T * gain
     x = acts["resid"][fact, -1, layer]  # x^ℓ_N; sequential blocks: r^ℓ = x^ℓ + a^ℓ
     x = x if model.spec.parallel else x + acts["comps"][fact, -1, 2 * layer + 1]
-    normed, inv_rho = _frozen_norm(params, x, gain)  # [m, d], [m]
-    return _mlp_gradient(model, layer, normed, k) * gain * inv_rho[:, None]
+    gate = model.norm_gate(path, layer, x)  # [m, d] a gated norm's gate at N, frozen (else None)
+    scale = gain if gate is None else gain * gate.to(like.dtype)
+    if how == "value":
+        return _weight(model.W_out(layer), like)[k] * scale
+    if how in ("input_row", "gate_row"):
+        W = model.W_in(layer) if how == "input_row" else model.W_gate(layer)
+        return _weight(W, like)[:, k].T * scale
+    normed, inv_rho = _frozen_norm(params, x, gain, gate)  # [m, d], [m]
+    return _mlp_gradient(model, layer, normed, k) * scale * inv_rho[:, None]
 
 
-def _frozen_norm(params, x: torch.Tensor, gain: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The norm's output ``x̃ [m, d]`` and its scale ``1/ρ [m]`` for inputs ``x [m, d]``."""
+def _frozen_norm(params, x: torch.Tensor, gain: torch.Tensor, gate) -> tuple[torch.Tensor, torch.Tensor]:
+    """The norm's output ``x̃ [m, d]`` (times a gated norm's ``gate [m, d]``) and its scale
+    ``1/ρ [m]`` for inputs ``x [m, d]``.
+    """
     inv_rho = 1.0 / params.rho(x)[:, 0]
     normed = params.centre(x) * inv_rho[:, None] * gain
-    return (normed if params.bias is None else normed + _weight(params.bias, x)), inv_rho
+    normed = normed if params.bias is None else normed + _weight(params.bias, x)
+    return (normed if gate is None else normed * gate.to(normed.dtype)), inv_rho
 
 
 def _mlp_gradient(model: Model, layer: int, normed: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -532,17 +538,25 @@ def _act_grad(act, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return y.detach(), slope
 
 
-def _unit_keys(model: Model, units: pd.DataFrame, config: Config, like: torch.Tensor) -> torch.Tensor:
-    """``W_V^ℓ[kv(h)][:, n] ⊙ γ_1`` (centred) per unit: ``[U, d]``."""
+def _unit_keys(model: Model, acts: dict, units: pd.DataFrame, config: Config) -> torch.Tensor:
+    """``W_V^ℓ[kv(h)][:, n] ⊙ γ_1`` (times a gated norm's gate at the unit's source) (centred) per
+    unit: ``[U, d]``.
+    """
+    like = acts["comps"]
     keys = torch.zeros(len(units), model.d_model, dtype=like.dtype, device=like.device)
     for layer in sorted(set(units["layer"].tolist())):
         at = np.flatnonzero(units["layer"].to_numpy() == layer)
         rows = units.iloc[at]
-        kv, n = _long(rows, "head", like.device) // model.n_groups, _long(rows, "dim", like.device)
+        kv = _long(rows, "head", like.device) // model.n_groups_at(layer)
+        n = _long(rows, "dim", like.device)
         W_V = _weight(model.W_V(layer), like)  # [n_kv, d, d_head]
-        gain = model.norm_params(model.spec.at(layer).ln_1, layer).gain(like.dtype, like.device)
-        rows = W_V[kv, :, n]  # [m, d]
-        keys[torch.as_tensor(at, device=like.device)] = rows if gain is None else rows * gain
+        path = model.spec.at(layer).ln_1
+        gain = model.norm_params(path, layer).gain(like.dtype, like.device)
+        key = W_V[kv, :, n]  # [m, d]
+        key = key if gain is None else key * gain
+        x = acts["resid"][_long(rows, "fact_row", like.device), _long(rows, "src", like.device), layer]
+        gate = model.norm_gate(path, layer, x)  # [m, d] at each unit's source, frozen (else None)
+        keys[torch.as_tensor(at, device=like.device)] = key if gate is None else key * gate.to(key.dtype)
     return _centred(model, keys, config)
 
 
@@ -553,7 +567,7 @@ def _attn_unit(model: Model, acts: dict, units: pd.DataFrame, config: Config):
     fact, layer = _long(units, "fact_row", device), _long(units, "layer", device)
     src = _long(units, "src", device)
     imp = _imp(units, comps)
-    keys = _unit_keys(model, units, config, comps)
+    keys = _unit_keys(model, acts, units, config)
     dots, total, unstable = _shares(comps[fact, src], keys, 2 * layer + 1, config.guard)
     scores, count = _accumulate(B, fact, dots, total, unstable, imp)
     return scores, count, keys
@@ -664,6 +678,8 @@ def _query_table(model, fact_ids, merged, shown, known: pd.DataFrame, config: Co
 
 
 def _provenance(model: Model, config: Config) -> dict:
+    gated = any(spec.norm_gates for spec in model.spec.block_specs())
+    gates = "; a gated norm's gate (at the key's position) frozen at its value" if gated else ""
     gated = model.spec.gated_mlp
     key = config.ffn_key if config.ffn_key != "as_coded" else ("value" if gated else "input_row")
     return result_provenance(
@@ -681,7 +697,7 @@ def _provenance(model: Model, config: Config) -> dict:
         guard=f"skip a row when |Σ c·key| < {config.guard} · Σ|c·key| (or Σ c·key = 0)",
         ffn_components="at the last position: embed (x^0), A^0, F^0, …, F^{l-1}, A^l (parallel: no A^l)",
         unit_components="at the unit's source position j: embed_j, A^0_j, …, F^{l-1}_j",
-        unit_key="W_V^l[kv(h)][:, n] ⊙ γ_1 (block l's pre-attention norm gain)",
+        unit_key="W_V^l[kv(h)][:, n] ⊙ γ_1 (block l's pre-attention norm gain)" + gates,
         query_denominator="x^l_j · key (the true residual at the source position)",
         query_neuron_value="c^i_{k,j} w^i_k (Gemma-2: post-norm folded with its actual scale)",
         ov_map="W_O^h (W_V^h ln_1(w_k) + b_V^h) (+ Gemma-2 post-norm), decoded with W_U (γ_f ⊙ centre(·))",

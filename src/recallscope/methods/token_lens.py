@@ -245,7 +245,8 @@ def _capture(model: Model, batch: PromptBatch, partition: torch.Tensor) -> tuple
         def save(act: torch.Tensor) -> None:
             pending[(kind, layer)] = wide(act.detach()[:, :, -1] if kind == "pattern" else act.detach())
             if ("pattern", layer) in pending and ("v", layer) in pending:
-                z[layer] = _mix(model, partition, pending.pop(("pattern", layer)), pending.pop(("v", layer)))
+                pattern, v = pending.pop(("pattern", layer)), pending.pop(("v", layer))
+                z[layer] = _mix(model, layer, partition, pattern, v)
             if kind == "gate":  # after the kernel: z = g ⊙ mix at the last position
                 z[layer] = z[layer] * pending.pop(("gate", layer))[:, None, -1]
 
@@ -267,12 +268,13 @@ def _capture(model: Model, batch: PromptBatch, partition: torch.Tensor) -> tuple
     return z, saved["final"]
 
 
-def _mix(model: Model, partition: torch.Tensor, pattern: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _mix(model: Model, layer: int, partition, pattern: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``z [B, P, H, d_h]``: ``Σ_{j∈P} α_{N,j} v_j`` from ``pattern [B, H, T]``, ``v [B, T, H_kv, d_h]``
     and the position sets ``partition [B, P, T]`` (query head h reads kv head h // n_groups).
     """
     weights = partition.to(pattern.device, pattern.dtype)[:, :, None] * pattern[:, None]  # [B, P, H, T]
-    weights = weights.unflatten(2, (model.n_kv_heads, model.n_groups))  # [B, P, H_kv, g, T]
+    groups = (model.n_kv_heads_at(layer), model.n_groups_at(layer))
+    weights = weights.unflatten(2, groups)  # [B, P, H_kv, g, T]
     return torch.einsum("bpkgt,btke->bpkge", weights, v.to(pattern.dtype)).flatten(2, 3)
 
 
@@ -299,7 +301,7 @@ def _provenance(model: Model, config: Config, parts: list[str], tracked: Tracked
         partition=PARTITION,
         parts=parts,
         tracked=list(tracked.names),
-        update=f"u^l(P) = Σ_h W_O^h Σ_(j∈P) α_Nj v_j; kv_head = h // {model.n_groups}{post}",
+        update=f"u^l(P) = Σ_h W_O^h Σ_(j∈P) α_Nj v_j; kv_head = {model.kv_head_rule('h')}{post}",
         absent="a span a fact lacks has no rows in the frame and NaN logits in the arrays",
         layers="0-based blocks; u^l is part of attn_out of block l at the last position",
         bos=model.bos,

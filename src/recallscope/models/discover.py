@@ -337,9 +337,10 @@ def norm_eps(module: nn.Module) -> float | None:
 def discover_spec(model: nn.Module) -> ArchSpec:
     """Derive the :class:`ArchSpec` of a transformers ``*ForCausalLM`` (see the module docstring).
 
-    Blocks built alike share block 0's spec. Blocks whose feed-forward differs (the dense first
-    layers of DeepSeek-style mixture-of-experts models) are discovered on their own and kept as
-    ``variants``; everything but the feed-forward must match block 0.
+    Blocks built alike share block 0's spec. Blocks whose feed-forward or key/value heads differ
+    (the dense first layers of DeepSeek-style mixture-of-experts models, MiMo-V2's sliding-window
+    layers with twice the key/value heads and sinks) are discovered on their own and kept as
+    ``variants``; the query heads, their width and everything else must match block 0.
 
     Raises:
         UnsupportedModelError: a role could not be found or does not behave as it must; the
@@ -356,12 +357,12 @@ def discover_spec(model: nn.Module) -> ArchSpec:
         differing = [
             f.name
             for f in dataclasses.fields(ArchSpec)
-            if f.name not in MLP_FIELDS + ("dims", "norm_eps")
+            if f.name not in MLP_FIELDS + KV_FIELDS + ("dims", "norm_eps")
             and getattr(other, f.name) != getattr(spec, f.name)
         ]
-        differing += [  # one attention geometry for every block (Model.n_kv_heads, d_head)
+        differing += [  # one query-head geometry for every block (Model.n_heads, d_head)
             f"{name} {getattr(other.dims, name)} vs {getattr(spec.dims, name)}"
-            for name in ("n_heads", "n_kv_heads", "d_head")
+            for name in ("n_heads", "d_head")
             if getattr(other.dims, name) != getattr(spec.dims, name)
         ]
         if differing:
@@ -370,14 +371,15 @@ def discover_spec(model: nn.Module) -> ArchSpec:
             )
         variants.append((tuple(group), other))
     d_mlp = max(v.dims.d_mlp for _, v in variants)
-    return dataclasses.replace(
-        spec, dims=dataclasses.replace(spec.dims, d_mlp=d_mlp), variants=tuple(variants)
-    )
+    n_kv = max(v.dims.n_kv_heads for _, v in variants)
+    dims = dataclasses.replace(spec.dims, d_mlp=d_mlp, n_kv_heads=n_kv)
+    return dataclasses.replace(spec, dims=dims, variants=tuple(variants))
 
 
 MLP_FIELDS = (
     "ln_1",
     "ln_2",
+    "norm_gates",
     "mlp",
     "mlp_update",
     "mlp_in",
@@ -400,6 +402,11 @@ MLP_FIELDS = (
 """Spec fields of the feed-forward, of the norms in front of the sublayers, of a bias added to the
 attention update outside any linear map, and the (descriptive) qk-norm flag, which may differ between
 blocks (``ArchSpec.variants``; Llama 4's layers without RoPE have no qk-norm)."""
+
+
+KV_FIELDS = ("attention_sinks", "v_columns", "value_scale")
+"""Spec fields of the key/value heads, which may differ between blocks with their number
+(``ArchSpec.variants``; MiMo-V2's sliding-window layers have sinks and twice the key/value heads)."""
 
 
 def _block_groups(blocks: nn.ModuleList) -> list[list[int]]:
@@ -425,6 +432,7 @@ class _Discovery:
         self.model = model
         self.block = block
         self.shared: dict = {}
+        self.norm_gates: dict[str, str] = {}  # gated norm in front of a sublayer -> the norm inside it
         self.inner_post_norm: str | None = None
         self.weights = OffloadedWeights(model)
         self.name = type(model).__name__
@@ -594,6 +602,7 @@ class _Discovery:
             qk_norm=self._qk_norm(attn),
             attention_interface=self.call is not None,
             attention_sinks=self.call is not None and self.call.sinks,
+            norm_gates=tuple(self.norm_gates.items()),
             attn_output_gate=self._output_gate(attn, o_proj),
             final_logit_softcap=softcap,
             attn_logit_softcap=getattr(self.text_config, "attn_logit_softcapping", None),
@@ -688,8 +697,11 @@ class _Discovery:
                     if leaf in words:
                         named[f"{letter}_proj"] = p
             if len(named) == 3 or set(named) == {"k_proj", "v_proj"}:
-                if not self._kernel_values(named["v_proj"]):  # rescaled (MiMo): the v site reads the kernel
+                scale = self._value_scale(attn, named["v_proj"])
+                if scale is None:  # not the kernel's values, nor a constant times them: read the kernel's
                     self.n_value_features = _out_features(self._module(named.pop("v_proj")))
+                elif scale != 1.0:  # MiMo-V2's attention_value_scale
+                    named["value_scale"] = scale
                 return named  # no q site where queries share a projection with a gate (MiniCPM5-MoE)
         fused = [(p, m) for p, m in readers if _out_features(m) > self.d_model]
         if len(fused) == 1:
@@ -707,10 +719,11 @@ class _Discovery:
             return {"qkv_proj": path, "qkv_layout": layout, "v_columns": None if layout else columns}
         return {}  # no value projection we can read as a matrix (e.g. latent attention): W_V unavailable
 
-    def _scales_with(self, path: str, columns: tuple[int, ...]) -> bool:
-        """Are the kernel's values still the ``columns`` of ``path``'s output when that output is
-        :data:`_SCALE` times larger? Not where something after the projection is not linear in it (a
-        clamp the probe's values stayed inside: DBRX's ``clip_qkv``). True where the kernel is not seen.
+    def _scales_with(self, path: str, columns: tuple[int, ...], scale: float = 1.0) -> bool:
+        """Are the kernel's values still (``scale`` times) the ``columns`` of ``path``'s output when
+        that output is :data:`_SCALE` times larger? Not where something after the projection is not
+        linear in it (a clamp the probe's values stayed inside: DBRX's ``clip_qkv``). True where the
+        kernel is not seen.
         """
         if self.call is None:
             return True
@@ -721,7 +734,8 @@ class _Discovery:
             handle.remove()
         if call is None:
             return False
-        return self._are_values(self.block_call(path).output[..., list(columns)] * _SCALE, call.value)
+        out = self.block_call(path).output[..., list(columns)] * _SCALE
+        return self._are_values(out, call.value, scale)
 
     def _kernel_value_features(self) -> None:
         """Where the v site reads the kernel's values ``[B, H_kv, K, d]``: ``H_kv · d`` value features
@@ -730,18 +744,30 @@ class _Discovery:
         if self.call is not None and self.call.value is not None:
             self.n_value_features = self.call.value.shape[1] * self.call.value.shape[-1]
 
-    def _kernel_values(self, path: str) -> bool:
-        """Are the values the attention kernel received ``path``'s output, as they are unless the
-        modeling code rescales or normalizes them (MiMo-V2's ``attention_value_scale``)? True where
-        the kernel is not seen (inline attention).
+    def _value_scale(self, attn: str, path: str) -> float | None:
+        """The constant ``c`` with the kernel's values ``= c ×`` the output of ``path`` (1 unless the
+        modeling code rescales them: MiMo-V2's ``attention_value_scale``), checked again with that
+        output :data:`_SCALE` times larger (nothing after the projection clamps it); None when the
+        values are no constant times the output (a norm, a clamp). 1 where the kernel is not seen.
         """
-        return self.call is None or self._are_values(self.block_call(path).output, self.call.value)
+        if self.call is None:
+            return 1.0
+        out, values = self.block_call(path).output, self.call.value
+        if out is None or out.numel() != values.numel():
+            return None
+        out = out.unflatten(-1, values.shape[1::2]).transpose(1, 2)
+        fitted = float((out * values).sum() / (out * out).sum().clamp_min(1e-300))
+        scale = 1.0 if self.compare.close(out, values) else _declared(self._module(attn), fitted)
+        if not self.compare.close(out * scale, values):
+            return None
+        width = _out_features(self._module(path))
+        return scale if self._scales_with(path, tuple(range(width)), scale) else None
 
-    def _are_values(self, out: torch.Tensor | None, values: torch.Tensor) -> bool:
-        """Is ``out [B, T, H_kv·d]`` (head-major) the kernel's ``values [B, H_kv, K, d]``?"""
+    def _are_values(self, out: torch.Tensor | None, values: torch.Tensor, scale: float = 1.0) -> bool:
+        """Is ``scale × out [B, T, H_kv·d]`` (head-major) the kernel's ``values [B, H_kv, K, d]``?"""
         if out is None or out.numel() != values.numel():
             return False
-        return self.compare.close(out.unflatten(-1, values.shape[1::2]).transpose(1, 2), values)
+        return self.compare.close(out.unflatten(-1, values.shape[1::2]).transpose(1, 2) * scale, values)
 
     def _v_columns(self, path: str) -> tuple[int, ...] | None:
         """Columns of a fused projection's output holding the values, head-major ``[kv_head, d_head]``."""
@@ -1007,29 +1033,25 @@ class _Discovery:
 
     def _input_norm(self, attn: str) -> str | None:
         attn_in = self.block_call(attn).input
-        norm = self._norm_before(attn_in)
+        norm = self._norm_before(attn_in) or self._gated_norm(attn_in)
         if norm is None and not self.compare.close(attn_in, self.block0.input):
-            wrapper = self._wrapped_norm(attn_in)
-            if wrapper is not None:
-                raise self.error(
-                    f"the input of {self.prefix}{attn} is the output of {self.prefix}{wrapper[0]}, which "
-                    f"applies the norm {self.prefix}{wrapper[1]} and then changes its output further (an "
-                    "input-dependent gate): not a LayerNorm or RMSNorm of the block input"
-                )
             raise self.error(f"the input of {self.prefix}{attn} is neither the block input nor a norm of it")
         return norm
 
-    def _wrapped_norm(self, value: torch.Tensor | None) -> tuple[str, str] | None:
-        """``(module, norm inside it)`` for a module whose output is ``value`` and that holds a norm
-        reading the block input (a norm wrapped with more computation, AXK2's gated RMSNorm).
+    def _gated_norm(self, value: torch.Tensor | None) -> str | None:
+        """A module whose output is ``value`` and that holds a norm of its own input whose output it
+        multiplies by an input-dependent gate (AXK2's gated RMSNorm: ``norm(x) ⊙ σ(mlp(norm(x)))``),
+        recorded in ``norm_gates``; None when there is none.
         """
         for path, _ in self.block_modules():
-            if not self.compare.close(self.block_call(path).output, value):
+            outer = self.block_call(path)
+            if not self.compare.close(outer.output, value):
                 continue
             for inner, module in self.block_modules(path):
                 call = self.block_call(inner)
-                if inner != path and _is_norm(module) and self.compare.close(call.input, self.block0.input):
-                    return path, inner
+                if inner != path and _is_norm(module) and self.compare.close(call.input, outer.input):
+                    self.norm_gates[path] = inner
+                    return path
         return None
 
     def _mlp_norm(self, mlp, out_proj, attn, o_proj, ln_1) -> tuple[bool, str | None]:
@@ -1043,7 +1065,7 @@ class _Discovery:
                 if is_linear(m) and self.block_call(p).order > self.block_call(o_proj).order
             ]
             mlp_in = self.block_call(first[0]).input if first else mlp_in
-        norm = self._norm_before(mlp_in)
+        norm = self._norm_before(mlp_in) or self._gated_norm(mlp_in)
         resid = self.block_call(norm).input if norm else mlp_in
         if self.compare.close(resid, self.block0.input):
             return True, norm
@@ -1112,6 +1134,8 @@ class _Discovery:
         """
         kinds, eps = {}, []
         for path in paths:
+            inner = self.norm_gates.get(path.removeprefix(self.prefix))
+            path = path if inner is None else self.prefix + inner  # a gated norm: the norm inside it
             module = get_module(self.model, path)
             found = norm_kind(module, self.d_model, self.weights, self.dtype)
             if found is None:
@@ -1255,6 +1279,16 @@ class _Discovery:
             d_mlp=d_mlp,
             d_vocab=_out_features(get_module(self.model, self.unembed)),
         )
+
+
+def _declared(module: nn.Module, fitted: float) -> float:
+    """The float attribute of ``module`` within 1e-3 of ``fitted`` (the constant as the modeling code
+    holds it, not as a low-precision probe measures it), else ``fitted``.
+    """
+    for value in vars(module).values():
+        if isinstance(value, float) and abs(value - fitted) <= 1e-3 * abs(fitted):
+            return value
+    return fitted
 
 
 def _fused_layout(columns: tuple[int, ...] | None, n_heads: int, width: int) -> str | None:

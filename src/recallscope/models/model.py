@@ -174,8 +174,44 @@ class Model:
 
     @property
     def n_groups(self) -> int:
-        """Query heads per key/value head."""
-        return self.spec.dims.n_groups
+        """Query heads per key/value head, when every block has as many key/value heads (else
+        :class:`SiteError`: use :meth:`n_groups_at`).
+        """
+        counts = {self.n_kv_heads_at(layer) for layer in range(self.n_layers)}
+        if len(counts) > 1:
+            raise SiteError(
+                f"{self.spec.family}: blocks have {sorted(counts)} key/value heads, so query heads per "
+                "key/value head differ by block: use n_groups_at(layer)"
+            )
+        return self.n_heads // counts.pop()
+
+    def n_kv_heads_at(self, layer: int) -> int:
+        """Key/value heads of block ``layer`` (``n_kv_heads`` is the most any block has)."""
+        return self.spec.n_kv_heads_at(self.check_layer(layer))
+
+    def n_groups_at(self, layer: int) -> int:
+        """Query heads per key/value head in block ``layer``: query head h reads ``h // n_groups_at``."""
+        return self.n_heads // self.n_kv_heads_at(layer)
+
+    def kv_head_rule(self, head: str = "head") -> str:
+        """How query head ``head`` finds its key/value head, for provenance: ``"head // 2"``, or with
+        the count of each group of blocks when they differ.
+        """
+        by_groups: dict[int, list[int]] = {}
+        for layer in range(self.n_layers):
+            by_groups.setdefault(self.n_groups_at(layer), []).append(layer)
+        if len(by_groups) == 1:
+            return f"{head} // {next(iter(by_groups))}"
+        where = "; ".join(f"{g} in blocks {layers}" for g, layers in by_groups.items())
+        return f"{head} // n_groups ({where})"
+
+    def per_query_head(self, v: torch.Tensor, layer: int, dim: int = -2) -> torch.Tensor:
+        """Key/value-head tensor ``v [..., H_kv, ...]`` of block ``layer`` → one entry per query head
+        ``[..., n_heads, ...]`` along ``dim`` (query head h reads key/value head ``h // n_groups_at``).
+        A ``v`` padded to ``n_kv_heads`` is cut to the block's own count first.
+        """
+        n_kv = self.n_kv_heads_at(layer)
+        return v.narrow(dim, 0, n_kv).repeat_interleave(self.n_heads // n_kv, dim=dim)
 
     def provenance(self) -> dict[str, Any]:
         """Everything needed to say which model and software produced a number."""
@@ -273,12 +309,12 @@ class Model:
         """
         weight = self.tensor(self._v_module(layer), "weight")
         weight = weight if self.spec.conv1d else weight.T  # [d_model, out_features]
-        return self._value_part(weight).permute(1, 0, 2)
+        return self._value_part(weight, layer).permute(1, 0, 2)
 
     def b_V(self, layer: int) -> torch.Tensor | None:
         """Value bias ``[n_kv_heads, d_head]``, or None."""
         bias = self.tensor(self._v_module(layer), "bias")
-        return None if bias is None else self._value_part(bias)
+        return None if bias is None else self._value_part(bias, layer)
 
     def _v_module(self, layer: int) -> nn.Module:
         path = self.spec.qkv_proj or self.spec.v_proj
@@ -289,15 +325,19 @@ class Model:
             )
         return self.module(path, layer)
 
-    def _value_part(self, x: torch.Tensor) -> torch.Tensor:
-        """``[..., out_features]`` of the value (or fused qkv) projection → ``[..., n_kv_heads, d_head]``."""
-        return x[..., self.value_columns(x.shape[-1])].unflatten(-1, (self.n_kv_heads, self.d_head))
-
-    def value_columns(self, width: int) -> torch.Tensor:
-        """Indices of the value features, ``[kv_head, d_head]`` order, in the ``width`` outputs of the
-        value (or fused q/k/v) projection.
+    def _value_part(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        """``[..., out_features]`` of the value (or fused qkv) projection → ``[..., n_kv_heads, d_head]``,
+        times the attention's ``value_scale``.
         """
-        spec, n_kv, d_head = self.spec, self.n_kv_heads, self.d_head
+        columns, scale = self.value_columns(x.shape[-1], layer), self.spec.at(layer).value_scale
+        part = x[..., columns].unflatten(-1, (self.n_kv_heads_at(layer), self.d_head))
+        return part if scale == 1.0 else part * scale
+
+    def value_columns(self, width: int, layer: int) -> torch.Tensor:
+        """Indices of the value features, ``[kv_head, d_head]`` order, in the ``width`` outputs of
+        block ``layer``'s value (or fused q/k/v) projection.
+        """
+        spec, n_kv, d_head = self.spec.at(layer), self.n_kv_heads_at(layer), self.d_head
         if spec.qkv_proj is None:
             return torch.arange(width)
         if spec.v_columns is not None:
@@ -418,10 +458,13 @@ class Model:
 
     def norm_params(self, path: str | None, layer: int | None = None) -> NormParams:
         """Parameters of the norm at ``path`` (``self.spec.final_norm`` for the final norm); a
-        ``path`` of None (a sublayer that reads the residual itself) gives the identity.
+        ``path`` of None (a sublayer that reads the residual itself) gives the identity, a gated norm
+        (``spec.norm_gates``) the norm inside it (its gate: :meth:`norm_gate`).
         """
         if path is None:
             return NormParams(kind="identity", weight=None, bias=None, eps=0.0)
+        if layer is not None:  # a gated norm (spec.norm_gates): the norm inside it
+            path = dict(self.spec.at(layer).norm_gates).get(path, path)
         norm = self.module(path, layer)
         eps = norm_eps(norm)
         eps = dict(self.spec.norm_eps).get(path) if eps is None else eps
@@ -432,6 +475,22 @@ class Model:
             eps=float(eps if eps is not None else 1e-6),
             offset_one=self.spec.norm_offset_one,
         )
+
+    @torch.no_grad()
+    def norm_gate(self, path: str | None, layer: int, x: torch.Tensor) -> torch.Tensor | None:
+        """The gate ``g [..., d_model]`` the gated norm at ``path`` of block ``layer`` multiplies its
+        norm's output by for inputs ``x [..., d_model]`` (``spec.norm_gates``): the module's output
+        over the inner norm's, both run natively (0 where the norm's output is 0), in at least
+        float32. None for a norm without a gate.
+        """
+        inner = dict(self.spec.at(layer).norm_gates).get(path) if path else None
+        if inner is None:
+            return None
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        x = x.to(self.dtype)
+        out = self.module(path, layer)(x).to(dtype)
+        normed = self.module(inner, layer)(x).to(dtype)
+        return torch.where(normed != 0, out / torch.where(normed != 0, normed, 1), 0)
 
     # -- offloaded weights (accelerate device maps) ---------------------------------------------
     def tensor(self, module: nn.Module, name: str) -> torch.Tensor | None:

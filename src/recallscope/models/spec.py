@@ -22,6 +22,8 @@ class Dims:
     n_layers: int
     n_heads: int
     n_kv_heads: int
+    """Key/value heads; in a spec with ``variants``, the most any block has (blocks may differ:
+    ``ArchSpec.at(layer).dims``)."""
     d_model: int
     d_head: int
     d_mlp: int
@@ -83,6 +85,13 @@ class ArchSpec:
     the MLP's input side (a norm between activation and down projection, BitNet)."""
     mlp_out_proj: str
     """Output projection ``W_out``; its input holds the neuron coefficients ``c_k``."""
+    norm_gates: tuple[tuple[str, str], ...] = ()
+    """``(path, norm)`` of each norm in front of a sublayer that multiplies its output by an
+    input-dependent gate (AXK2's gated RMSNorm: ``y = norm(x) ⊙ σ(mlp(norm(x)))``): ``path``
+    (``ln_1`` or ``ln_2``) is the module the sublayer reads, ``norm`` the LayerNorm or RMSNorm inside
+    it, whose parameters ``Model.norm_params(path)`` gives. Linearizations of the norm freeze the gate
+    ``g = y / norm(x)`` (per position and feature) at its value, as they freeze the norm's scale
+    (``Model.norm_gate``)."""
     ln_2: str | None = None
     """Norm in front of the MLP (the same path as ``ln_1`` when parallel blocks share it); None when
     the MLP reads the residual itself."""
@@ -121,6 +130,9 @@ class ArchSpec:
     v_columns: tuple[int, ...] | None = None
     """Columns of a fused q/k/v projection's output holding the values, ``[kv_head, d_head]``
     order (found by matching the values the attention kernel received)."""
+    value_scale: float = 1.0
+    """Constant the attention multiplies ``v_proj``'s output by before the kernel (MiMo-V2's
+    ``attention_value_scale``): the ``v`` site, ``Model.W_V`` and ``Model.b_V`` include it."""
     attention_sinks: bool = False
     """Each head has a learned sink logit in its softmax (gpt-oss): probabilities sum to less than 1."""
     attn_output_gate: bool = False
@@ -170,10 +182,12 @@ class ArchSpec:
     notes: tuple[str, ...] = field(default=())
     """Human-readable notes on conventions, shown by ``check-model``."""
     variants: tuple[tuple[tuple[int, ...], ArchSpec], ...] = ()
-    """When blocks' feed-forwards differ (the dense first layers of a mixture-of-experts model):
-    ``(layers, spec)`` for every group of blocks built alike, block 0's first, each ``spec`` with that
-    group's feed-forward fields and neuron count. ``dims.d_mlp`` here is the largest count; smaller
-    layers are padded with neurons that write zero. Empty when every block is built alike."""
+    """When blocks' feed-forwards or key/value heads differ (the dense first layers of a
+    mixture-of-experts model, MiMo-V2's sliding-window layers): ``(layers, spec)`` for every group of
+    blocks built alike, block 0's first, each ``spec`` with that group's feed-forward fields, neuron
+    count, key/value heads and sinks. ``dims.d_mlp`` and ``dims.n_kv_heads`` here are the largest
+    counts; smaller layers are padded with neurons that write zero. Empty when every block is built
+    alike."""
 
     def at(self, layer: int) -> ArchSpec:
         """The spec that describes block ``layer`` (itself, or the variant holding it)."""
@@ -185,6 +199,10 @@ class ArchSpec:
     def block_specs(self) -> tuple[ArchSpec, ...]:
         """One spec per group of blocks built alike (itself when every block is)."""
         return tuple(spec for _, spec in self.variants) or (self,)
+
+    def n_kv_heads_at(self, layer: int) -> int:
+        """Key/value heads of block ``layer``."""
+        return self.at(layer).dims.n_kv_heads
 
     def d_mlp_at(self, layer: int) -> int:
         """Neurons of block ``layer``'s feed-forward before padding."""
@@ -201,7 +219,9 @@ class ArchSpec:
                 value = f"{len(value)} columns"
             if item.name == "variants":
                 value = "; ".join(
-                    f"layers {list(layers)}: mlp={v.mlp}, experts={v.experts}" for layers, v in value
+                    f"layers {list(layers)}: mlp={v.mlp}, experts={v.experts}, "
+                    f"n_kv_heads={v.dims.n_kv_heads}, attention_sinks={v.attention_sinks}"
+                    for layers, v in value
                 )
             lines.append(f"  {item.name} = {value}")
         return "\n".join(lines)
