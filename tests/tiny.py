@@ -9,6 +9,7 @@ silently build a full-size model.
 from __future__ import annotations
 
 import functools
+import math
 import string
 
 import torch
@@ -170,6 +171,24 @@ FAMILIES = {
     # Llama with AXK2's gated RMSNorm in front of both sublayers (norm(x) ⊙ σ(mlp(norm(x)))): no model
     # in transformers has a gated input norm and value projections that are a matrix of the residual
     "llama_gated_norms": (T.LlamaConfig, dict(_LLAMALIKE, num_key_value_heads=2, attention_bias=True)),
+    # Gemma 4: a global layer with wider heads (and its own head count per layer in the config),
+    # values normalized in the attention (read where the kernel receives them), sandwich norms, and
+    # a scalar each block multiplies its output by (random here, as in its checkpoints)
+    "gemma4_unified_text": (
+        T.Gemma4UnifiedTextConfig,
+        dict(
+            _LLAMALIKE,
+            num_key_value_heads=2,
+            global_head_dim=16,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            sliding_window=4,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+    ),
+    # Llama whose blocks scale the residual as Beam's do (see _scale_residual_), all in float64
+    "llama_scaled_residual": (T.LlamaConfig, dict(_LLAMALIKE, num_key_value_heads=2, attention_bias=True)),
     "bloom": (T.BloomConfig, dict(vocab_size=VOCAB, hidden_size=32, n_layer=3, n_head=4)),
     "falcon": (
         T.FalconConfig,
@@ -189,6 +208,21 @@ FAMILIES = {
         ),
     ),
 }
+if hasattr(T, "BeamConfig"):  # (newer transformers only)
+    # depth-scaled residual adds (mid = a·x + b·attn, out = a'·mid + b'·mlp, constants by block),
+    # sandwich norms, SwiGLU and the final soft-cap in float32 (so no float64 mlp_pre: conformance
+    # and site tests only; llama_scaled_residual runs the methods' oracles on such blocks)
+    FAMILIES["beam"] = (
+        T.BeamConfig,
+        dict(
+            _LLAMALIKE,
+            num_key_value_heads=2,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            mlp_layer_types=["dense", "dense", "dense"],
+            sliding_window=4,
+        ),
+    )
+
 _FLOAT32_SOFTMAX = ("gemma2", "gemma3_text", "bloom", "gpt_oss")
 FLOAT32_INSIDE = (
     "gptj",
@@ -201,6 +235,7 @@ FLOAT32_INSIDE = (
     "afmoe",
     "llama4_text",
     "mimo_v2_flash",
+    "beam",
 )
 """Families that compute part of their forward in float32 even for float64 weights (GPT-J's and
 GPT-Neo's attention scores, BLOOM's softmax, Falcon's rotations, the routers of mixtures of experts):
@@ -290,6 +325,12 @@ def tiny_hf_model(name: str, dtype: torch.dtype = torch.float64, seed: int = 0, 
     randomize_(model, seed)
     if name == "llama_gated_norms":
         _gate_norms_(model, seed)
+    if name == "llama_scaled_residual":
+        _scale_residual_(model)
+    generator = torch.Generator().manual_seed(seed)
+    for buffer_name, buffer in model.named_buffers():  # Gemma 4's output scalars: 1 at init
+        if buffer_name.endswith("layer_scalar"):
+            buffer.fill_(0.5 + float(torch.rand((), generator=generator, dtype=torch.float64)))
     n_params = sum(p.numel() for p in model.parameters())
     assert n_params < 1_000_000, f"{name} is not tiny: {n_params} parameters"
     return model
@@ -312,6 +353,28 @@ def _gate_norms_(model: torch.nn.Module, seed: int) -> None:
                     base = 1.0 if param.dim() == 1 else 0.0  # the norm's gain; the gate's weights
                     param.copy_((base + 0.3 * noise).to(dtype))
             setattr(block, name, norm)
+
+
+def residual_coefficients(n_layers: int) -> list[tuple[float, float, float, float]]:
+    """Beam's depth-scaled adds, ``(α_a, β_a, α_m, β_m)`` per block: add ``n = 2, 3, …`` keeps
+    ``sqrt((n-1)/n)`` of the residual and adds ``1/sqrt(n)`` of the sublayer's output."""
+    adds = [(math.sqrt((n - 1) / n), 1 / math.sqrt(n)) for n in range(2, 2 * n_layers + 2)]
+    return [(*adds[2 * i], *adds[2 * i + 1]) for i in range(n_layers)]
+
+
+def _scale_residual_(model: torch.nn.Module) -> None:
+    """Make every Llama block add as Beam's do: ``mid = α_a x + β_a attn``, ``out = α_m mid + β_m mlp``."""
+    for block, (alpha_a, beta_a, alpha_m, beta_m) in zip(
+        model.model.layers, residual_coefficients(len(model.model.layers)), strict=True
+    ):
+
+        def forward(hidden_states, *, _block=block, _mix=(alpha_a, beta_a, alpha_m, beta_m), **kwargs):
+            attn, _ = _block.self_attn(hidden_states=_block.input_layernorm(hidden_states), **kwargs)
+            mid = _mix[0] * hidden_states + _mix[1] * attn
+            return _mix[2] * mid + _mix[3] * _block.mlp(_block.post_attention_layernorm(mid))
+
+        block.forward = forward
+    model.beam_like_residual = True  # read by the oracles (tests/oracles/early_decoding.py)
 
 
 def tiny_model(name: str, dtype: torch.dtype = torch.float64, seed: int = 0, tokenizer=None, **overrides):

@@ -172,7 +172,10 @@ def _check_logits_match_hf(ctx: _Context) -> CheckResult:
 def _check_hidden_states(ctx: _Context) -> CheckResult:
     """resid_pre equals output_hidden_states; the last entry is the final-normed resid_post."""
     m = ctx.model
-    ours = torch.stack([ctx.cache[Site(layer, "resid_pre")] for layer in range(m.n_layers)])
+    # the model's residual is D × the resid_pre site (1 unless blocks scale it: spec.residual_mix)
+    ours = torch.stack(
+        [ctx.cache[Site(layer, "resid_pre")] * m.stream_scale(layer, "pre") for layer in range(m.n_layers)]
+    )
     theirs = torch.stack(ctx.hidden_states[: m.n_layers])
     first = ctx.result("hidden_states", ours.transpose(0, 1), theirs.transpose(0, 1))
     normed = apply_final_norm(m, ctx.cache[Site(ctx.last, "resid_post")])
@@ -250,8 +253,8 @@ def _check_head_sources(ctx: _Context) -> CheckResult:
 def _check_final_norm(ctx: _Context) -> CheckResult:
     m = ctx.model
     x = ctx.cache[Site(ctx.last, "resid_post")]
-    with torch.no_grad():
-        theirs = m.module(m.spec.final_norm)(x)
+    with torch.no_grad():  # the model's residual is D × the site (1 unless blocks scale it)
+        theirs = m.module(m.spec.final_norm)(x * m.stream_scale(ctx.last, "post"))
     return ctx.result(
         "final_norm",
         apply_final_norm(m, x),

@@ -20,7 +20,7 @@ REQUIRED = (
     # the families recallscope supported before discovery
     "gpt2 llama mistral qwen2 qwen3 gemma gemma2 gpt_neox gptj opt phi"
 ).split()
-PASS_RATE = 0.85  # a floor that only rises; the goal is 0.90
+PASS_RATE = 0.89  # a floor that only rises; the goal is 0.90
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,9 @@ def test_docs_and_readme_state_what_the_command_prints(rows):
     """docs/models.md is the command's output for the transformers it names; the README quotes it."""
     text = (ROOT / "docs" / "models.md").read_text()
     generated_with = re.search(r"Generated with transformers (\S+) and", text).group(1)
-    summary = re.search(r"\*\*(\d+ of \d+ decoder-only attention model types pass \(\d+%\)); ", text).group(1)
+    summary = re.search(
+        r"\*\*(\d+ of \d+ decoder-only attention model types pass \([\d.]+%\)); ", text
+    ).group(1)
     assert summary in (ROOT / "README.md").read_text(), "README and docs/models.md disagree"
     if generated_with != transformers.__version__:
         pytest.skip(
@@ -110,7 +112,7 @@ def test_models_command(capsys, tmp_path):
     out = capsys.readouterr().out
     assert done.value.code in (0, None), out
     assert re.search(r"llama\s+supported", out) and re.search(r"bert\s+excluded", out)
-    assert "1 of 1 decoder-only attention model types pass (100%)" in out
+    assert "1 of 1 decoder-only attention model types pass (100.0%)" in out
     text = out_file.read_text()
     assert (
         "| `llama` | `LlamaForCausalLM` |" in text
@@ -129,3 +131,8 @@ def test_model_types_listing(capsys):
         main(["models"])
     out = capsys.readouterr().out
     assert f"{len(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)} model types" in out
+
+
+def test_the_share_is_never_rounded_up_to_a_bar():
+    rows = [coverage.Row(f"t{i}", "C", "supported" if i < 1799 else "failing", "") for i in range(1999)]
+    assert "1799 of 1999 decoder-only attention model types pass (89.9%)" in coverage.summary(rows)

@@ -17,7 +17,20 @@ from oracles.early_decoding import (
 from recallscope.methods import early_decoding as ed
 from tiny import DISCOVERED, ONE_TO_MANY, one_to_many_batch
 
-FAMILIES = ["gpt2", "llama_gqa", "gemma2", "gpt_neox", "gptj", "opt", "phi", "qwen3", "mistral", *DISCOVERED]
+# llama_scaled_residual: blocks that scale the residual (Beam's adds); its oracle knows the constants
+FAMILIES = [
+    "gpt2",
+    "llama_gqa",
+    "gemma2",
+    "gpt_neox",
+    "gptj",
+    "opt",
+    "phi",
+    "qwen3",
+    "mistral",
+    "llama_scaled_residual",
+    *DISCOVERED,
+]
 TOL = dict(rtol=1e-9, atol=1e-10)
 
 

@@ -11,6 +11,7 @@ helper (caches, site hooks, frozen head) is used.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import numpy as np
 import torch
@@ -44,15 +45,37 @@ def _last(out, d: int, scale: float = 1.0) -> torch.Tensor:
     return out.detach().reshape(-1, d)[-1].clone() * scale
 
 
+def update_scales(model) -> list[float]:
+    """Per block, what one unit of its attention and MLP modules' outputs adds to the final residual:
+    the residual multiplier (Granite), or for Beam's depth-scaled adds (``out = sqrt((n-1)/n) x +
+    f / sqrt(n)`` at add ``n = 2, 3, …, N = 2L + 1``) ``1 / sqrt(n)`` times every later add's
+    ``sqrt((n'-1)/n')``, which telescopes to ``1 / sqrt(N)``.
+    """
+    if _beam_like(model):
+        return [embedding_scale(model)] * model.n_layers
+    return [model.spec.residual_scale] * model.n_layers
+
+
+def embedding_scale(model) -> float:
+    """What one unit of block 0's input adds to the final residual: 1, or Beam's ``Π_n sqrt((n-1)/n)
+    = 1 / sqrt(N)``."""
+    return 1 / math.sqrt(2 * model.n_layers + 1) if _beam_like(model) else 1.0
+
+
+def _beam_like(model) -> bool:
+    """Beam, or the Llama test family whose blocks add as Beam's do (``tiny.residual_coefficients``)."""
+    return model.spec.family == "beam" or getattr(model.hf_model, "beam_like_residual", False)
+
+
 def capture(model, ids: torch.Tensor, extra=None) -> dict:
     """Last-position ``attn`` / ``mlp`` updates ``[L, d]`` and the final residual ``[d]`` of ``ids [T]``.
 
     ``extra(stack, saved)`` may register more hooks on the same forward.
     """
-    spec, d, saved = model.spec, model.d_model, {}
+    spec, d, saved, scales = model.spec, model.d_model, {}, update_scales(model)
 
     def keep(key):
-        return lambda module, args, out: saved.__setitem__(key, _last(out, d, spec.residual_scale))
+        return lambda module, args, out: saved.__setitem__(key, _last(out, d, scales[key[1]]))
 
     def final(module, args):
         saved["final"] = args[0].detach()[0, -1]
@@ -102,7 +125,7 @@ def identity_parts(model, ids: torch.Tensor, token_ids) -> tuple[np.ndarray, np.
 
     saved = capture(model, ids, extra=hooks)
     decode = frozen_decoder(model, saved["final"])
-    x0, xL = decode(saved["x0"]), decode(saved["final"])
+    x0, xL = decode(saved["x0"] * embedding_scale(model)), decode(saved["final"])
     return np.array([float(x0[int(t)]) for t in token_ids]), np.array([float(xL[int(t)]) for t in token_ids])
 
 

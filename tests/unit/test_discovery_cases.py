@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 import torch
 
@@ -116,3 +119,46 @@ def test_a_gated_input_norm_is_read_as_its_norm_and_a_frozen_gate():
     assert torch.allclose(wrapper.norm(x) * gate, wrapper(x), atol=1e-12)
     assert bool(((gate > 0) & (gate < 1)).all())  # a sigmoid gate
     assert model.norm_gate("post_attention_layernorm", 0, x) is None  # block 0's is a plain norm
+
+
+def test_residual_scaled_by_block_is_fitted_and_read_in_units_of_the_final_residual():
+    """Beam: add n keeps sqrt((n-1)/n) of the residual and adds 1/sqrt(n) of the sublayer's output."""
+    model = _load("beam")
+    adds = [(math.sqrt((n - 1) / n), 1 / math.sqrt(n)) for n in range(2, 2 * model.n_layers + 2)]
+    expected = [(*adds[2 * i], *adds[2 * i + 1]) for i in range(model.n_layers)]
+    np.testing.assert_allclose(model.spec.residual_mix, expected, rtol=1e-12)
+    last = model.n_layers - 1
+    assert model.stream_scale(last, "post") == 1.0  # the last block's output is the model's own residual
+    sites = [Site(None, "embed"), Site(last, "resid_post")]
+    sites += [Site(layer, name) for layer in range(model.n_layers) for name in ("attn_out", "mlp_out")]
+    batch = _batch(model)
+    cache = rs.run_with_cache(model, batch, sites)
+    out = model.hf_model(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True
+    )
+    n_adds = 2 * model.n_layers + 1
+    total = cache[sites[0]] + sum(cache[site] for site in sites[2:])
+    torch.testing.assert_close(total, cache[sites[1]], rtol=1e-10, atol=1e-12)  # the sites only add
+    # the embedding contributes 1/sqrt(N) of itself to the final residual (Π sqrt((n-1)/n))
+    torch.testing.assert_close(
+        cache[sites[0]], out.hidden_states[0] / math.sqrt(n_adds), rtol=1e-10, atol=1e-12
+    )
+
+
+def test_heads_wider_in_some_blocks_are_padded_with_zero_features():
+    """Gemma 4: its global layers' heads are twice as wide; text attends causally (bidirectional
+    attention is only among image tokens, use_bidirectional_attention="vision")."""
+    model = _load("gemma4_unified_text")
+    assert model.hf_model.config.use_bidirectional_attention == "vision"
+    widths = [model.d_head_at(layer) for layer in range(model.n_layers)]
+    assert widths == [16, 32] and model.d_head == 32
+    W_O = model.W_O(0)  # [H, 32, d]: block 0's heads are 16 wide, padded with zero rows
+    assert W_O.shape == (model.n_heads, 32, model.d_model) and not W_O[:, 16:].any() and W_O[:, :16].any()
+    batch = _batch(model)
+    sites = [Site(0, "z"), Site(0, "v"), Site(0, "attn_out")]
+    cache = rs.run_with_cache(model, batch, sites)
+    assert cache[sites[0]].shape[-1] == cache[sites[1]].shape[-1] == 32
+    assert not cache[sites[0]][..., 16:].any() and not cache[sites[1]][..., 16:].any()
+    with rs.patch(model, sites[0], cache[sites[0]]):  # writing back what was read changes nothing
+        again = rs.run_with_cache(model, batch, sites[2:])
+    assert torch.equal(again[sites[2]], cache[sites[2]])

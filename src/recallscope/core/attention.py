@@ -138,9 +138,11 @@ def kernel_value_hook(model: Model, layer: int, fn: Callable) -> Iterator[None]:
     owner = model.module(model.spec.attn, layer)
     home = model.device
 
+    width, full = model.d_head_at(layer), model.d_head  # narrower heads are padded with zeros
+
     def call(value: torch.Tensor) -> torch.Tensor | None:  # [B, H_kv, T, d] <-> canonical [B, T, H_kv, d]
-        new = fn(value.transpose(1, 2).to(home))
-        return None if new is None else new.to(value.device, value.dtype).transpose(1, 2)
+        new = fn(torch.nn.functional.pad(value.transpose(1, 2).to(home), (0, full - width)))
+        return None if new is None else new[..., :width].to(value.device, value.dtype).transpose(1, 2)
 
     entries = _VALUE_HOOKS.setdefault(owner, [])
     entries.append(call)
@@ -177,7 +179,8 @@ def output_gate_hook(model: Model, layer: int, fn: Callable) -> Iterator[None]:
     def gate(z: torch.Tensor) -> None:  # [B, T, H, d_head]
         mix = seen.pop()
         dtype = torch.promote_types(z.dtype, torch.float32)
-        z, mix = z.to(dtype), mix.to(dtype).reshape(z.shape)
+        z, mix = z.to(dtype), mix.to(dtype).reshape(*z.shape[:-1], -1)
+        mix = torch.nn.functional.pad(mix, (0, z.shape[-1] - mix.shape[-1]))  # z of narrower heads is padded
         fn(torch.where(mix != 0, z / torch.where(mix != 0, mix, 1), 0))
 
     entries = _OUTPUT_HOOKS.setdefault(owner, [])

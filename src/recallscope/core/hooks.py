@@ -177,10 +177,18 @@ _IDENTITY = _View(lambda raw: raw, lambda raw, new: new.expand(raw.shape))
 
 
 def _scaled(scale: float) -> _View:
-    """The site is ``scale ×`` the module's output (Granite's embedding and residual multipliers)."""
+    """The site is ``scale ×`` the module's output (Granite's embedding and residual multipliers, a
+    residual that blocks scale: ``Model.stream_scale``). Writing back what was read is bit-exact:
+    elements written with the value read keep the module's own.
+    """
     if scale == 1.0:
         return _IDENTITY
-    return _View(lambda raw: raw * scale, lambda raw, new: (new / scale).expand(raw.shape))
+
+    def put(raw, new):
+        new = new.expand(raw.shape)
+        return torch.where(new == raw * scale, raw, new / scale)
+
+    return _View(lambda raw: raw * scale, put)
 
 
 def _biased(scale: float, bias: torch.Tensor | None) -> _View:
@@ -191,8 +199,9 @@ def _biased(scale: float, bias: torch.Tensor | None) -> _View:
     def get(raw):
         return (raw + bias.to(raw.device, raw.dtype)) * scale
 
-    def put(raw, new):
-        return (new / scale - bias.to(new.device, new.dtype)).expand(raw.shape)
+    def put(raw, new):  # bit-exact where the value read is written back
+        new = new.expand(raw.shape)
+        return torch.where(new == get(raw), raw, new / scale - bias.to(new.device, new.dtype))
 
     return _View(get, put)
 
@@ -231,15 +240,34 @@ def _heads_view(n_heads: int, scale: float = 1.0) -> _View:
     """Heads ``[..., n_heads, d]`` of a projection's output, times ``scale`` (``value_scale``)."""
     if scale == 1.0:
         return _View(lambda raw: raw.unflatten(-1, (n_heads, -1)))
-    return _View(
-        lambda raw: raw.unflatten(-1, (n_heads, -1)) * scale,
-        lambda raw, new: (new / scale).reshape(raw.shape),
-    )
+
+    def get(raw):
+        return raw.unflatten(-1, (n_heads, -1)) * scale
+
+    def put(raw, new):  # bit-exact where the value read is written back
+        heads = raw.unflatten(-1, (n_heads, -1))
+        new = new.expand(heads.shape)
+        return torch.where(new == heads * scale, heads, new / scale).reshape(raw.shape)
+
+    return _View(get, put)
+
+
+def _padded_heads(view: _View, width: int, full: int) -> _View:
+    """``view``'s heads ``[..., h, width]`` padded with zero features to ``full`` when read and cut back
+    when written (a block whose heads are narrower than the model's ``d_head``: Gemma 4).
+    """
+    if width >= full:
+        return view
+
+    def get(raw):
+        return torch.nn.functional.pad(view.get(raw), (0, full - width))
+
+    return _View(get, lambda raw, new: view.put(raw, new[..., :width]))
 
 
 def _fused_view(model: Model, layer: int, which: int) -> _View:
     """q/k/v (``which`` = 0/1/2) from block ``layer``'s fused projection output ``[B, T, 3 * d]``."""
-    n_heads, n_kv, d_head = model.n_heads, model.n_kv_heads_at(layer), model.d_head
+    n_heads, n_kv, d_head = model.n_heads, model.n_kv_heads_at(layer), model.d_head_at(layer)
     if model.spec.qkv_layout == "split":  # [q | k | v]: q has H heads, k and v H_kv each
         widths = (n_heads * d_head, n_kv * d_head, n_kv * d_head)
         start = sum(widths[:which])
@@ -288,18 +316,28 @@ def _locate(model: Model, site: Site) -> tuple[nn.Module, str, _View]:
     """``(module, "pre" | "fwd", view)`` for every site served by one plain hook."""
     layer, name = site.layer, site.name
     spec = model.spec if layer is None else model.spec.at(layer)
+    stream = model.stream_scale(0, "pre")  # (1 unless blocks scale the residual: Model.stream_scale)
     if name == "embed":  # what enters block 0 besides position embeddings
-        return model.module(spec.embed_norm or spec.embed), "fwd", _scaled(spec.embed_scale)
+        return model.module(spec.embed_norm or spec.embed), "fwd", _scaled(spec.embed_scale / stream)
     if name == "pos_embed":
         if spec.pos_embed is None:
             raise SiteError(f"{spec.family} has no learned position embedding (pos_embed site)")
-        return model.module(spec.pos_embed), "fwd", _IDENTITY
+        return model.module(spec.pos_embed), "fwd", _scaled(1 / stream)
     if name in ("resid_pre", "resid_post"):
-        return model.block(layer), ("pre" if name == "resid_pre" else "fwd"), _IDENTITY
+        where = name.removeprefix("resid_")
+        return (
+            model.block(layer),
+            ("pre" if where == "pre" else "fwd"),
+            _scaled(1 / model.stream_scale(layer, where)),
+        )
     gate = _IDENTITY if spec.gate_up is None else _half_view(spec.gate_up == "gate_first")
     paths = {
-        "attn_out": (spec.attn_out, "fwd", _biased(spec.residual_scale, model.attn_bias(layer))),
-        "mlp_out": (spec.mlp_out, "fwd", _scaled(spec.residual_scale)),
+        "attn_out": (
+            spec.attn_out,
+            "fwd",
+            _biased(model.update_scale("attn", layer), model.attn_bias(layer)),
+        ),
+        "mlp_out": (spec.mlp_out, "fwd", _scaled(model.update_scale("mlp", layer))),
         "z": (spec.o_proj, "pre", None),
         "mlp_pre": (spec.mlp_pre, "fwd", gate),
         "mlp_post": (spec.mlp_out_proj, "pre", _IDENTITY),
@@ -312,8 +350,11 @@ def _locate(model: Model, site: Site) -> tuple[nn.Module, str, _View]:
         path, kind, view = paths[name]
         if name in _NEURONS:
             view = padded_view(view, spec.dims.d_mlp, model.d_mlp)
-        return model.module(path, layer), kind, view or _heads_view(model.n_heads)
-    return _projection(model, spec, layer, name)
+        if view is None:  # z: the heads of o_proj's input
+            view = _padded_heads(_heads_view(model.n_heads), spec.dims.d_head, model.d_head)
+        return model.module(path, layer), kind, view
+    module, kind, view = _projection(model, spec, layer, name)
+    return module, kind, _padded_heads(view, spec.dims.d_head, model.d_head) if name == "v" else view
 
 
 def _projection(model: Model, spec, layer: int, name: str) -> tuple[nn.Module, str, _View]:

@@ -69,11 +69,14 @@ def mlp_function(model: Model, layer: int) -> Callable[[torch.Tensor], torch.Ten
             return f_tokens(resid.reshape(-1, 1, resid.shape[-1])).reshape(resid.shape)
         return f_tokens(resid)
 
+    stream = model.stream_scale(layer, "pre" if spec.parallel else "mid")  # the residual is D × the site
+    scale = model.update_scale("mlp", layer)
+
     def f_tokens(resid: torch.Tensor) -> torch.Tensor:
-        out = mlp(norm(resid.to(model.dtype)))
+        out = mlp(norm((resid if stream == 1.0 else resid * stream).to(model.dtype)))
         out = out[0] if isinstance(out, tuple) else out  # gpt-oss also returns its router scores
         out = out if post is None else post(out)
-        return out if spec.residual_scale == 1.0 else out * spec.residual_scale
+        return out if scale == 1.0 else out * scale
 
     return f
 

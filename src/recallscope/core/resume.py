@@ -212,8 +212,13 @@ def resume(
         inputs["position_ids"] = torch.arange(start_pos, state.seq_len, device=model.device).expand(
             len(rows), -1
         )
+    stream = model.stream_scale(start_layer - 1, "post") if start_layer else 1.0  # the residual: D × site
     with torch.no_grad(), contextlib.ExitStack() as stack:
-        stack.enter_context(_blocks_skipped(model, start_layer, state.tuple_blocks, hidden))
+        stack.enter_context(
+            _blocks_skipped(
+                model, start_layer, state.tuple_blocks, hidden if stream == 1.0 else hidden * stream
+            )
+        )
         if start_layer == 0:  # the embedding pipeline may scale, normalize or add positions
             stack.enter_context(site_hook(model, Site(0, "resid_pre"), lambda act: hidden))
         out = model.hf_model(**inputs, use_cache=True, logits_to_keep=logits_to_keep)

@@ -67,7 +67,7 @@ def update_map(model: Model, sublayer: Sublayer, layer: int, raw: torch.Tensor) 
     when the update is ``raw`` itself. The post-norm's ``ρ`` is taken on ``raw`` (its actual input).
     """
     path = _post_norm_path(model, sublayer, layer)
-    scale = model.spec.residual_scale
+    scale = model.update_scale(sublayer, layer)
     if path is None and scale == 1.0:
         return None
     if path is None:
@@ -85,5 +85,5 @@ def apply_update(model: Model, sublayer: Sublayer, layer: int, raw: torch.Tensor
     path = _post_norm_path(model, sublayer, layer)
     if path is not None:
         raw = model.module(path, layer)(raw.to(model.dtype)).to(raw.dtype)
-    scale = model.spec.residual_scale
+    scale = model.update_scale(sublayer, layer)
     return raw if scale == 1.0 else raw * scale

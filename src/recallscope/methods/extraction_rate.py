@@ -389,6 +389,7 @@ def counterfactual_outputs(model: Model, cap: Capture, weights: torch.Tensor) ->
         z = torch.einsum("bnht,bthe->bnhe", weights[:, layer], values)  # [B, n, H, d_head]
         z = z if cap.gate is None else z * cap.gate[:, layer, None].to(dtype)  # the clean run's gate
         o_proj = model.module(model.spec.o_proj, layer)
+        z = z[..., : model.d_head_at(layer)]  # (narrower heads than d_head are padded with zeros)
         out = o_proj(z.flatten(-2).to(o_proj.weight.dtype))  # [B, n, d_model]
         extra = model.attn_bias(layer)  # a bias the block adds outside o_proj (GPT-NeoX-Japanese)
         out = out if extra is None else out + extra.to(out.device, out.dtype)

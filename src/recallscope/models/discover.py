@@ -265,6 +265,18 @@ class _Compare:
         c = 1.0 if abs(c - 1.0) <= self.tol / 10 else c  # a plain sum stays a plain sum
         return c if self.close(c * total, target) else None
 
+    def fit(self, target, u, v) -> tuple[float, float] | None:
+        """``(α, β)`` with ``target == α u + β v`` (to rounding; least squares; ``α`` near 1 is 1),
+        or None.
+        """
+        if target is None or u is None or v is None or not target.numel() == u.numel() == v.numel():
+            return None
+        u, v = u.reshape(target.shape), v.reshape(target.shape)  # OPT's MLP side is flat [B·T, d]
+        columns = torch.stack([u.reshape(-1), v.reshape(-1)], 1)
+        alpha, beta = (float(c) for c in torch.linalg.lstsq(columns, target.reshape(-1, 1)).solution[:, 0])
+        alpha = 1.0 if abs(alpha - 1.0) <= self.tol / 10 else alpha
+        return (alpha, beta) if self.close(alpha * u + beta * v, target) else None
+
 
 # -- norms ---------------------------------------------------------------------------------------
 
@@ -337,10 +349,11 @@ def norm_eps(module: nn.Module) -> float | None:
 def discover_spec(model: nn.Module) -> ArchSpec:
     """Derive the :class:`ArchSpec` of a transformers ``*ForCausalLM`` (see the module docstring).
 
-    Blocks built alike share block 0's spec. Blocks whose feed-forward or key/value heads differ
-    (the dense first layers of DeepSeek-style mixture-of-experts models, MiMo-V2's sliding-window
-    layers with twice the key/value heads and sinks) are discovered on their own and kept as
-    ``variants``; the query heads, their width and everything else must match block 0.
+    Blocks built alike share block 0's spec. Blocks whose feed-forward, key/value heads or head
+    width differ (the dense first layers of DeepSeek-style mixture-of-experts models, MiMo-V2's
+    sliding-window layers with twice the key/value heads and sinks, Gemma 4's wider heads in its
+    global layers) are discovered on their own and kept as ``variants``; the number of query heads
+    and everything else must match block 0.
 
     Raises:
         UnsupportedModelError: a role could not be found or does not behave as it must; the
@@ -350,7 +363,7 @@ def discover_spec(model: nn.Module) -> ArchSpec:
     spec = first.spec()
     groups = _block_groups(get_module(model, spec.blocks))
     if len(groups) == 1:
-        return spec
+        return _with_residual_mix(model, spec, first)
     variants = [(tuple(groups[0]), spec)]
     for group in groups[1:]:
         other = _Discovery(model, block=group[0]).spec()
@@ -360,11 +373,8 @@ def discover_spec(model: nn.Module) -> ArchSpec:
             if f.name not in MLP_FIELDS + KV_FIELDS + ("dims", "norm_eps")
             and getattr(other, f.name) != getattr(spec, f.name)
         ]
-        differing += [  # one query-head geometry for every block (Model.n_heads, d_head)
-            f"{name} {getattr(other.dims, name)} vs {getattr(spec.dims, name)}"
-            for name in ("n_heads", "d_head")
-            if getattr(other.dims, name) != getattr(spec.dims, name)
-        ]
+        if other.dims.n_heads != spec.dims.n_heads:  # one query-head count for every block (Model.n_heads)
+            differing.append(f"n_heads {other.dims.n_heads} vs {spec.dims.n_heads}")
         if differing:
             raise first.error(
                 f"block {group[0]} differs from block 0 beyond its feed-forward ({', '.join(differing)})"
@@ -372,8 +382,78 @@ def discover_spec(model: nn.Module) -> ArchSpec:
         variants.append((tuple(group), other))
     d_mlp = max(v.dims.d_mlp for _, v in variants)
     n_kv = max(v.dims.n_kv_heads for _, v in variants)
-    dims = dataclasses.replace(spec.dims, d_mlp=d_mlp, n_kv_heads=n_kv)
-    return dataclasses.replace(spec, dims=dims, variants=tuple(variants))
+    d_head = max(v.dims.d_head for _, v in variants)
+    dims = dataclasses.replace(spec.dims, d_mlp=d_mlp, n_kv_heads=n_kv, d_head=d_head)
+    return _with_residual_mix(model, dataclasses.replace(spec, dims=dims, variants=tuple(variants)), first)
+
+
+def _with_residual_mix(model: nn.Module, spec: ArchSpec, first: _Discovery) -> ArchSpec:
+    """``spec`` with every block's residual mix (``ArchSpec.residual_mix``), fitted on one probe
+    forward, when the blocks scale the residual or mix it by block (Beam); unchanged when every
+    block adds ``residual_scale`` times its updates, or has parallel sublayers.
+    """
+    if spec.parallel:  # (their blocks must add plainly: _Discovery._updates)
+        return spec
+    blocks = get_module(model, spec.blocks)
+    sites = {}
+    for layer in range(len(blocks)):
+        at, prefix = spec.at(layer), f"{spec.blocks}.{layer}."
+        reads = at.ln_2 or at.mlp
+        if reads is None:  # no module reads the MLP's residual: block 0 must add plainly
+            if first.mix != (1.0, spec.residual_scale, 1.0, spec.residual_scale):
+                raise first.error("its blocks scale the residual, but nothing shows what the MLP reads")
+            return spec
+        sites[layer] = (prefix + at.attn_out, prefix + at.mlp_out, prefix + reads)
+    calls = _first_calls(
+        model, [f"{spec.blocks}.{i}" for i in sites] + [p for t in sites.values() for p in t]
+    )
+    c, mixes = spec.residual_scale, []
+    for layer, (a_path, m_path, mid_path) in sites.items():
+        block = calls.get(f"{spec.blocks}.{layer}")
+        a, m = (calls[p].output if p in calls else None for p in (a_path, m_path))
+        mid = calls[mid_path].input if mid_path in calls else None
+        bias = spec.at(layer).attn_bias
+        if bias is not None and a is not None:
+            owner, _, name = bias.rpartition(".")
+            a = a + first.weights.read(get_module(blocks[layer], owner), name).double().to(a.device)
+        mix = None if block is None else first._mixing(block.input, a, mid, m, block.output)
+        if mix is None:
+            raise first.error(
+                f"the output of block {layer} is not (constant multiples of) its input plus its attention "
+                "and MLP updates: every block must add its updates to the residual as block 0 does"
+            )
+        beta = tuple(c if abs(b - c) <= first.compare.tol / 10 * max(1.0, abs(c)) else b for b in mix[1::2])
+        mixes.append((mix[0], beta[0], mix[2], beta[1]))
+    if all(mix == (1.0, c, 1.0, c) for mix in mixes):
+        return spec
+    mixed = {"residual_scale": 1.0, "residual_mix": tuple(mixes)}
+    variants = tuple((layers, dataclasses.replace(v, **mixed)) for layers, v in spec.variants)
+    return dataclasses.replace(spec, **mixed, variants=variants)
+
+
+def _first_calls(model: nn.Module, names: list[str]) -> dict[str, _Call]:
+    """One forward of :data:`PROBE_IDS` recording the first call of each named module (float64)."""
+    calls: dict[str, _Call] = {}
+
+    def keep(name: str):
+        def post(module, args, kwargs, output):
+            if name not in calls:
+                first = _first_tensor(args) if args else _first_tensor(kwargs.get("hidden_states"))
+                calls[name] = _Call(len(calls), _detached(first), _detached(_first_tensor(output)))
+
+        return post
+
+    handles = [
+        get_module(model, name).register_forward_hook(keep(name), with_kwargs=True) for name in set(names)
+    ]
+    ids = probe_input(model, PROBE_IDS)
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
 
 
 MLP_FIELDS = (
@@ -553,9 +633,12 @@ class _Discovery:
         parallel, ln_2 = self._mlp_norm(mlp, mlp_out_proj, attn, o_proj, ln_1)
         attn_post = self._post_norm(o_proj)
         mlp_post = self._post_norm(mlp or mlp_out_proj) or self.inner_post_norm
-        attn_update, mlp_update, residual_scale, attn_bias = self._updates(
-            attn, o_proj, mlp, mlp_out_proj, attn_post, mlp_post
+        mid = self._mlp_residual(mlp, mlp_out_proj, ln_2)
+        attn_update, mlp_update, self.mix, attn_bias = self._updates(
+            attn, o_proj, mlp, mlp_out_proj, attn_post, mlp_post, None if parallel else mid
         )
+        plain = self.mix[0] == self.mix[2] == 1.0 and self.mix[1] == self.mix[3]
+        residual_scale = self.mix[1] if plain else 1.0
         embed_norm, embed_scale, pos_embed, pos_table = self._embedding()
         final_norm, head_scale = self._final_norm()
         logit_scale, softcap = self._logits()
@@ -1066,10 +1149,15 @@ class _Discovery:
             ]
             mlp_in = self.block_call(first[0]).input if first else mlp_in
         norm = self._norm_before(mlp_in) or self._gated_norm(mlp_in)
-        resid = self.block_call(norm).input if norm else mlp_in
-        if self.compare.close(resid, self.block0.input):
+        if self.compare.close(self._mlp_residual(mlp, out_proj, norm, mlp_in), self.block0.input):
             return True, norm
         return False, norm
+
+    def _mlp_residual(self, mlp, out_proj, norm, mlp_in=None) -> torch.Tensor | None:
+        """The residual the MLP reads: its norm's input, else its own input (``mlp_in`` when given)."""
+        if norm is not None:
+            return self.block_call(norm).input
+        return mlp_in if mlp_in is not None else self.block_call(mlp or out_proj).input
 
     def _post_norm(self, writer: str | None) -> str | None:
         out = self.block_call(writer).output if writer else None
@@ -1080,10 +1168,12 @@ class _Discovery:
                 return p
         return None
 
-    def _updates(self, attn, o_proj, mlp, out_proj, attn_post, mlp_post):
-        """Which modules' outputs are the attention and MLP updates, the residual scale ``c`` with
-        ``resid_post = resid_pre + c · (attn_out + mlp_out)``, and a ``[d_model]`` parameter of the
-        attention module that the block adds to its update outside any linear map (or None).
+    def _updates(self, attn, o_proj, mlp, out_proj, attn_post, mlp_post, mid):
+        """Which modules' outputs are the attention and MLP updates, how the block mixes them into
+        the residual, ``(α_a, β_a, α_m, β_m)`` with ``mid = α_a x + β_a a`` and ``out = α_m mid + β_m m``
+        (``(1, c, 1, c)``: ``out = x + c · (a + m)``; other mixes only for sequential blocks, whose
+        MLP's residual ``mid`` is given), and a ``[d_model]`` parameter of the attention module that
+        the block adds to its update outside any linear map (or None).
         """
         x, y = self.block0.input, self.block0.output
         a_paths = [attn_post] if attn_post else [attn, o_proj]
@@ -1109,24 +1199,40 @@ class _Discovery:
             if not attn_post
             else []
         )
-        for bias in biases:
-            owner, _, name = (bias or "").rpartition(".")
-            value = None if bias is None else self.weights.read(self._module(owner), name)
-            for a in a_paths:
-                for m in m_paths:
-                    a_out, m_out = self.block_call(a).output, self.block_call(m).output
-                    if value is not None and a_out is not None:
-                        a_out = a_out + value.to(a_out.device, a_out.dtype)
-                    c = self.compare.scale(y - x, [a_out, m_out])
-                    if c is not None:
-                        a_update = None if a in (attn, attn_post) else a
-                        m_update = None if m in (mlp, mlp_post) or (mlp is None and m == out_proj) else m
-                        return a_update, m_update, c, bias
+        candidates = [(bias, a, m) for bias in biases for a in a_paths for m in m_paths]
+        for mixed in (False, True):  # a plain sum of updates first, for every candidate
+            for bias, a, m in candidates:
+                a_out, m_out = self.block_call(a).output, self.block_call(m).output
+                if bias is not None and a_out is not None:
+                    owner, _, name = bias.rpartition(".")
+                    a_out = a_out + self.weights.read(self._module(owner), name).to(a_out.device, a_out.dtype)
+                c = None if mixed else self.compare.scale(y - x, [a_out, m_out])
+                mix = (
+                    self._mixing(x, a_out, mid, m_out, y)
+                    if mixed
+                    else (None if c is None else (1.0, c, 1.0, c))
+                )
+                if mix is not None:
+                    a_update = None if a in (attn, attn_post) else a
+                    m_update = None if m in (mlp, mlp_post) or (mlp is None and m == out_proj) else m
+                    return a_update, m_update, mix, bias
         raise self.error(
-            "the block output is not its input plus the attention and MLP updates (checked "
-            f"{', '.join(a_paths)} with {', '.join(m_paths)}){extra}: post-norm blocks or another "
-            "residual scheme (hyper-connections) are not supported"
+            "the block output is not its input plus the attention and MLP updates, nor constant "
+            f"multiples of them (checked {', '.join(a_paths)} with {', '.join(m_paths)}){extra}: "
+            "post-norm blocks or another residual scheme (input-dependent residual gates, "
+            "hyper-connections) are not supported"
         )
+
+    def _mixing(self, x, a, mid, m, y) -> tuple[float, float, float, float] | None:
+        """``(α_a, β_a, α_m, β_m)`` with ``mid == α_a x + β_a a`` and ``y == α_m mid + β_m m`` (Beam's
+        depth-scaled residual adds), or None (``mid`` None: parallel blocks).
+        """
+        if mid is None:
+            return None
+        first, second = self.compare.fit(mid, x, a), self.compare.fit(y, mid, m)
+        if first is None or second is None or min(first[0], second[0]) <= self.compare.tol:
+            return None  # (a residual kept at a scale ≤ 0 is no residual: an update includes it)
+        return (*first, *second)
 
     def _norm_kinds(self, paths: list[str]) -> tuple[str, bool, tuple[tuple[str, float], ...]]:
         """``(kind, offset_one, eps of the norms that do not declare theirs)``; all norms must be
@@ -1243,8 +1349,9 @@ class _Discovery:
         if scale is not None:
             return scale, None
         cap = getattr(self.text_config, "final_logit_softcapping", None)
-        if cap and self.compare.close(logits, torch.tanh(head_out / cap) * cap):
-            return 1.0, float(cap)
+        capped = None if not cap else torch.tanh(head_out / cap) * cap
+        if cap and (self.compare.close(logits, capped) or _Compare(torch.float32).close(logits, capped)):
+            return 1.0, float(cap)  # (Beam soft-caps in float32 whatever the model's dtype)
         raise self.error(
             f"the logits are neither a multiple of the output of {self.unembed} nor its soft-capped value"
         )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import platform
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -189,9 +190,51 @@ class Model:
         """Key/value heads of block ``layer`` (``n_kv_heads`` is the most any block has)."""
         return self.spec.n_kv_heads_at(self.check_layer(layer))
 
+    def d_head_at(self, layer: int) -> int:
+        """Width of block ``layer``'s heads (``d_head`` is the widest; narrower blocks' ``z``, ``v``,
+        ``W_O`` and ``W_V`` are padded with features that are zero).
+        """
+        return self.spec.d_head_at(self.check_layer(layer))
+
     def n_groups_at(self, layer: int) -> int:
         """Query heads per key/value head in block ``layer``: query head h reads ``h // n_groups_at``."""
         return self.n_heads // self.n_kv_heads_at(layer)
+
+    @functools.cached_property
+    def _stream(self) -> dict[str, list[float]]:
+        """Per block, the residual's scale ``D`` at its input (``pre``), at its MLP's input (``mid``)
+        and at its output (``post``), and the factors of its updates (``attn``, ``mlp``).
+        """
+        c = self.spec.residual_scale
+        mixes = self.spec.residual_mix or ((1.0, c, 1.0, c),) * self.n_layers
+        final = math.prod(alpha for mix in mixes for alpha in mix[::2])  # the sites end on the real residual
+        out: dict[str, list[float]] = {key: [] for key in ("pre", "mid", "post", "attn", "mlp")}
+        scale = 1.0 / final
+        for alpha_a, beta_a, alpha_m, beta_m in mixes:
+            out["pre"].append(scale)
+            scale *= alpha_a
+            out["mid"].append(scale)
+            out["attn"].append(beta_a / scale)
+            scale = 1.0 if len(out["post"]) == self.n_layers - 1 else scale * alpha_m
+            out["post"].append(scale)
+            out["mlp"].append(beta_m / scale)
+        return out
+
+    def stream_scale(self, layer: int, where: Literal["pre", "mid", "post"]) -> float:
+        """``D``: the model's residual at block ``layer``'s input (``pre``), its MLP's input (``mid``)
+        or its output (``post``) is ``D`` times the ``resid_pre``/``resid_mid``/``resid_post`` site.
+        1 unless blocks scale the residual they add to (``spec.residual_mix``): the sites are then
+        the residual of a model that only adds, in units of the last block's output (``D = 1``
+        there: the final residual is the model's own; the embeddings and every update are what they
+        contribute to it), and a norm reading a site has its ``eps`` over ``D²``.
+        """
+        return self._stream[where][self.check_layer(layer)]
+
+    def update_scale(self, sublayer: Literal["attn", "mlp"], layer: int) -> float:
+        """The ``attn_out``/``mlp_out`` site is this times the update module's output:
+        ``residual_scale`` (Granite), or ``β / D`` with ``spec.residual_mix``.
+        """
+        return self._stream[sublayer][self.check_layer(layer)]
 
     def kv_head_rule(self, head: str = "head") -> str:
         """How query head ``head`` finds its key/value head, for provenance: ``"head // 2"``, or with
@@ -276,10 +319,12 @@ class Model:
         return self.tensor(self.module(self.spec.embed), "weight")
 
     def W_O(self, layer: int) -> torch.Tensor:
-        """Attention output weights ``[n_heads, d_head, d_model]``; head h owns ``W_O[h]``."""
+        """Attention output weights ``[n_heads, d_head, d_model]``; head h owns ``W_O[h]`` (a block with
+        narrower heads is padded with zero rows).
+        """
         weight = self.tensor(self.module(self.spec.o_proj, layer), "weight")
         weight = weight if self.spec.conv1d else weight.T  # [n_heads * d_head, d_model]
-        return weight.reshape(self.n_heads, self.d_head, self.d_model)
+        return _padded(weight.reshape(self.n_heads, -1, self.d_model), self.d_head, dim=1)
 
     def b_O(self, layer: int) -> torch.Tensor | None:
         """The attention update's bias ``[d_model]``: ``o_proj``'s bias plus any bias the block adds
@@ -330,14 +375,14 @@ class Model:
         times the attention's ``value_scale``.
         """
         columns, scale = self.value_columns(x.shape[-1], layer), self.spec.at(layer).value_scale
-        part = x[..., columns].unflatten(-1, (self.n_kv_heads_at(layer), self.d_head))
-        return part if scale == 1.0 else part * scale
+        part = x[..., columns].unflatten(-1, (self.n_kv_heads_at(layer), self.d_head_at(layer)))
+        return _padded(part if scale == 1.0 else part * scale, self.d_head, dim=-1)
 
     def value_columns(self, width: int, layer: int) -> torch.Tensor:
         """Indices of the value features, ``[kv_head, d_head]`` order, in the ``width`` outputs of
         block ``layer``'s value (or fused q/k/v) projection.
         """
-        spec, n_kv, d_head = self.spec.at(layer), self.n_kv_heads_at(layer), self.d_head
+        spec, n_kv, d_head = self.spec.at(layer), self.n_kv_heads_at(layer), self.d_head_at(layer)
         if spec.qkv_proj is None:
             return torch.arange(width)
         if spec.v_columns is not None:
@@ -459,10 +504,12 @@ class Model:
     def norm_params(self, path: str | None, layer: int | None = None) -> NormParams:
         """Parameters of the norm at ``path`` (``self.spec.final_norm`` for the final norm); a
         ``path`` of None (a sublayer that reads the residual itself) gives the identity, a gated norm
-        (``spec.norm_gates``) the norm inside it (its gate: :meth:`norm_gate`).
+        (``spec.norm_gates``) the norm inside it (its gate: :meth:`norm_gate`). A norm of the residual
+        applies to the ``resid_*`` sites (its ``eps`` over ``D²``, :meth:`stream_scale`).
         """
         if path is None:
             return NormParams(kind="identity", weight=None, bias=None, eps=0.0)
+        stream = self._norm_stream(path, layer)
         if layer is not None:  # a gated norm (spec.norm_gates): the norm inside it
             path = dict(self.spec.at(layer).norm_gates).get(path, path)
         norm = self.module(path, layer)
@@ -472,9 +519,20 @@ class Model:
             kind=self.spec.norm,
             weight=self.tensor(norm, "weight"),
             bias=self.tensor(norm, "bias"),
-            eps=float(eps if eps is not None else 1e-6),
+            eps=float(eps if eps is not None else 1e-6) / stream**2,  # on the sites' units
             offset_one=self.spec.norm_offset_one,
         )
+
+    def _norm_stream(self, path: str, layer: int | None) -> float:
+        """``D`` of the residual the norm at ``path`` reads (1 for norms of anything else)."""
+        if not self.spec.residual_mix:
+            return 1.0
+        if layer is None:
+            return self._stream["post"][-1] if path == self.spec.final_norm else 1.0
+        spec = self.spec.at(layer)
+        if path == spec.ln_1 or (path == spec.ln_2 and spec.parallel):
+            return self.stream_scale(layer, "pre")
+        return self.stream_scale(layer, "mid") if path == spec.ln_2 else 1.0
 
     @torch.no_grad()
     def norm_gate(self, path: str | None, layer: int, x: torch.Tensor) -> torch.Tensor | None:

@@ -26,6 +26,8 @@ class Dims:
     ``ArchSpec.at(layer).dims``)."""
     d_model: int
     d_head: int
+    """Width of each head's values (``z``); in a spec with ``variants``, the widest any block has
+    (narrower blocks are padded with features that are zero: ``ArchSpec.at(layer).dims``)."""
     d_mlp: int
     d_vocab: int
 
@@ -144,6 +146,12 @@ class ArchSpec:
     residual_scale: float = 1.0
     """Constant the model multiplies each sublayer update by before adding it (Granite's
     ``residual_multiplier``); the ``attn_out``/``mlp_out`` sites include it."""
+    residual_mix: tuple[tuple[float, float, float, float], ...] = ()
+    """Per block ``(α_a, β_a, α_m, β_m)`` when blocks also scale the residual they add to (Beam's
+    depth-scaled adds): ``mid = α_a x + β_a a`` and ``out = α_m mid + β_m m`` for the block input
+    ``x``, the attention and MLP modules' outputs ``a`` and ``m``. Sites are then in units of a
+    residual stream that only adds (``Model.stream_scale``); empty when every block adds
+    ``residual_scale`` times its updates."""
     attn_post_norm: str | None = None
     """Gemma-2 sandwich norm applied to the attention output before the residual add."""
     mlp_post_norm: str | None = None
@@ -200,6 +208,10 @@ class ArchSpec:
         """One spec per group of blocks built alike (itself when every block is)."""
         return tuple(spec for _, spec in self.variants) or (self,)
 
+    def d_head_at(self, layer: int) -> int:
+        """Width of block ``layer``'s heads before padding."""
+        return self.at(layer).dims.d_head
+
     def n_kv_heads_at(self, layer: int) -> int:
         """Key/value heads of block ``layer``."""
         return self.at(layer).dims.n_kv_heads
@@ -219,8 +231,8 @@ class ArchSpec:
                 value = f"{len(value)} columns"
             if item.name == "variants":
                 value = "; ".join(
-                    f"layers {list(layers)}: mlp={v.mlp}, experts={v.experts}, "
-                    f"n_kv_heads={v.dims.n_kv_heads}, attention_sinks={v.attention_sinks}"
+                    f"layers {list(layers)}: mlp={v.mlp}, experts={v.experts}, n_kv_heads="
+                    f"{v.dims.n_kv_heads}, d_head={v.dims.d_head}, attention_sinks={v.attention_sinks}"
                     for layers, v in value
                 )
             lines.append(f"  {item.name} = {value}")

@@ -53,6 +53,14 @@ _REFUSED_CONFIG = {
 }
 
 
+def _refused(config, key: str) -> bool:
+    """Is ``key`` of :data:`_REFUSED_CONFIG` in use? Gemma 4's ``use_bidirectional_attention="vision"``
+    makes only image tokens attend both ways: text stays causal.
+    """
+    value = getattr(config, key, False)
+    return bool(value) and not (key == "use_bidirectional_attention" and value == "vision")
+
+
 def spec_for(model: nn.Module) -> ArchSpec:
     """The validated :class:`ArchSpec` of a transformers ``*ForCausalLM`` model.
 
@@ -67,9 +75,7 @@ def spec_for(model: nn.Module) -> ArchSpec:
             f"{type(model).__name__} has no output embedding: recallscope needs a causal LM with its "
             f"unembedding (load it with AutoModelForCausalLM, not AutoModel)"
         )
-    refuse(
-        model, [f"config.{key}: {why}" for key, why in _REFUSED_CONFIG.items() if getattr(config, key, False)]
-    )
+    refuse(model, [f"config.{key}: {why}" for key, why in _REFUSED_CONFIG.items() if _refused(config, key)])
     spec = discover_spec(model)
     override: Callable | None = OVERRIDES.get(getattr(config, "model_type", None))
     if override is not None:
