@@ -124,7 +124,7 @@ def _pos_table_hook(model: Model, fn: SiteFn) -> Iterator[None]:
     """
     spec = model.spec
     embed = model.module(spec.embed)
-    embed_site = _scaled(spec.embed_scale)
+    embed_site = _scaled(spec.embed_scale / model.stream_scale(0, "pre"))  # (in the resid sites' units)
     saved: list = [None]
 
     def capture(mod, args, kwargs, output):

@@ -415,7 +415,8 @@ def _with_residual_mix(model: nn.Module, spec: ArchSpec, first: _Discovery) -> A
         bias = spec.at(layer).attn_bias
         if bias is not None and a is not None:
             owner, _, name = bias.rpartition(".")
-            a = a + first.weights.read(get_module(blocks[layer], owner), name).double().to(a.device)
+            holder = get_module(blocks[layer], owner) if owner else blocks[layer]
+            a = a + first.weights.read(holder, name).double().to(a.device)
         mix = None if block is None else first._mixing(block.input, a, mid, m, block.output)
         if mix is None:
             raise first.error(
