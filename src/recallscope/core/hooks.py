@@ -176,32 +176,22 @@ class _View:
 _IDENTITY = _View(lambda raw: raw, lambda raw, new: new.expand(raw.shape))
 
 
-def _scaled(scale: float) -> _View:
-    """The site is ``scale ×`` the module's output (Granite's embedding and residual multipliers, a
-    residual that blocks scale: ``Model.stream_scale``). Writing back what was read is bit-exact:
-    elements written with the value read keep the module's own.
+def _scaled(scale: float, bias: torch.Tensor | None = None) -> _View:
+    """The site is ``scale × (output + bias)``: Granite's embedding and residual multipliers, a
+    residual that blocks scale (``Model.stream_scale``), a bias the block adds outside the module
+    (``attn_bias``). Writing back what was read is bit-exact: elements written with the value read
+    keep the module's own.
     """
-    if scale == 1.0:
+    if scale == 1.0 and bias is None:
         return _IDENTITY
+
+    def get(raw):
+        return (raw if bias is None else raw + bias.to(raw.device, raw.dtype)) * scale
 
     def put(raw, new):
         new = new.expand(raw.shape)
-        return torch.where(new == raw * scale, raw, new / scale)
-
-    return _View(lambda raw: raw * scale, put)
-
-
-def _biased(scale: float, bias: torch.Tensor | None) -> _View:
-    """The site is ``scale × (output + bias)``: a bias the block adds outside the module (``attn_bias``)."""
-    if bias is None:
-        return _scaled(scale)
-
-    def get(raw):
-        return (raw + bias.to(raw.device, raw.dtype)) * scale
-
-    def put(raw, new):  # bit-exact where the value read is written back
-        new = new.expand(raw.shape)
-        return torch.where(new == get(raw), raw, new / scale - bias.to(new.device, new.dtype))
+        back = new / scale if bias is None else new / scale - bias.to(new.device, new.dtype)
+        return torch.where(new == get(raw), raw, back)
 
     return _View(get, put)
 
@@ -238,16 +228,13 @@ def _half_view(first: bool) -> _View:
 
 def _heads_view(n_heads: int, scale: float = 1.0) -> _View:
     """Heads ``[..., n_heads, d]`` of a projection's output, times ``scale`` (``value_scale``)."""
-    if scale == 1.0:
-        return _View(lambda raw: raw.unflatten(-1, (n_heads, -1)))
+    scaled = _scaled(scale)
 
     def get(raw):
-        return raw.unflatten(-1, (n_heads, -1)) * scale
+        return scaled.get(raw).unflatten(-1, (n_heads, -1))
 
-    def put(raw, new):  # bit-exact where the value read is written back
-        heads = raw.unflatten(-1, (n_heads, -1))
-        new = new.expand(heads.shape)
-        return torch.where(new == heads * scale, heads, new / scale).reshape(raw.shape)
+    def put(raw, new):
+        return scaled.put(raw, new.expand(*raw.shape[:-1], n_heads, raw.shape[-1] // n_heads).flatten(-2))
 
     return _View(get, put)
 
@@ -335,7 +322,7 @@ def _locate(model: Model, site: Site) -> tuple[nn.Module, str, _View]:
         "attn_out": (
             spec.attn_out,
             "fwd",
-            _biased(model.update_scale("attn", layer), model.attn_bias(layer)),
+            _scaled(model.update_scale("attn", layer), model.attn_bias(layer)),
         ),
         "mlp_out": (spec.mlp_out, "fwd", _scaled(model.update_scale("mlp", layer))),
         "z": (spec.o_proj, "pre", None),

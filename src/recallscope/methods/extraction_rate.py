@@ -280,7 +280,7 @@ def capture(model: Model, batch: PromptBatch) -> Capture:
         "mlp_out": lambda act: act[:, -1],
         "resid_post": lambda act: act[rows, subject_last],
         "pattern": lambda act: act[:, :, -1],
-        "v": lambda act: _padded_heads(act, model.n_kv_heads),
+        "v": lambda act: _padded_kv_heads(act, model.n_kv_heads),
     }
     kept: dict[str, list] = {name: [None] * model.n_layers for name in (*readers, "gate")}
     with contextlib.ExitStack() as stack:
@@ -305,7 +305,7 @@ def capture(model: Model, batch: PromptBatch) -> Capture:
     )
 
 
-def _padded_heads(v: torch.Tensor, n_kv: int) -> torch.Tensor:
+def _padded_kv_heads(v: torch.Tensor, n_kv: int) -> torch.Tensor:
     """``v [B, T, h, d_head]`` with zero heads appended up to ``n_kv`` (blocks with fewer heads)."""
     return torch.nn.functional.pad(v, (0, 0, 0, n_kv - v.shape[2]))
 

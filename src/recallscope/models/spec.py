@@ -31,11 +31,6 @@ class Dims:
     d_mlp: int
     d_vocab: int
 
-    @property
-    def n_groups(self) -> int:
-        """Query heads per key/value head (1 for MHA, ``n_heads`` for MQA)."""
-        return self.n_heads // self.n_kv_heads
-
 
 @dataclass(frozen=True, kw_only=True)
 class ArchSpec:
