@@ -187,6 +187,23 @@ FAMILIES = {
             eos_token_id=2,
         ),
     ),
+    # Gemma 4 as its small checkpoints (E2B, E4B): a third update per block after the MLP, from the
+    # token's per-layer embedding (PLE) gated by the residual, besides everything gemma4_unified_text has
+    "gemma4_text": (
+        T.Gemma4TextConfig,
+        dict(
+            _LLAMALIKE,
+            num_key_value_heads=2,
+            global_head_dim=16,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+            sliding_window=4,
+            hidden_size_per_layer_input=8,
+            vocab_size_per_layer_input=VOCAB,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+    ),
     # Llama whose blocks scale the residual as Beam's do (see _scale_residual_), all in float64
     "llama_scaled_residual": (T.LlamaConfig, dict(_LLAMALIKE, num_key_value_heads=2, attention_bias=True)),
     "bloom": (T.BloomConfig, dict(vocab_size=VOCAB, hidden_size=32, n_layer=3, n_head=4)),

@@ -185,12 +185,18 @@ def _check_hidden_states(ctx: _Context) -> CheckResult:
 
 
 def _check_block_sum(ctx: _Context) -> CheckResult:
-    """resid_post = resid_pre + attn_out + mlp_out: the update sites are what the block adds."""
+    """resid_post = resid_pre + attn_out + mlp_out (+ ple_out): the update sites are what the block adds."""
     c, results = ctx.cache, []
+    updates = _update_names(ctx.model)
     for layer in range(ctx.model.n_layers):
-        total = c[Site(layer, "resid_pre")] + c[Site(layer, "attn_out")] + c[Site(layer, "mlp_out")]
+        total = c[Site(layer, "resid_pre")] + sum(c[Site(layer, name)] for name in updates)
         results.append(ctx.result("block_sum", total, c[Site(layer, "resid_post")]))
-    return _combine("block_sum", results, "resid_pre + attn_out + mlp_out == resid_post")
+    return _combine("block_sum", results, f"resid_pre + {' + '.join(updates)} == resid_post")
+
+
+def _update_names(model: Model) -> tuple[str, ...]:
+    """The update sites of a block: ``attn_out``, ``mlp_out`` (and ``ple_out``, Gemma 4)."""
+    return tuple(dict.fromkeys(s.name for s in resid_sites(model) if s.layer is not None))
 
 
 def _check_resid_decomposition(ctx: _Context) -> CheckResult:
@@ -199,7 +205,7 @@ def _check_resid_decomposition(ctx: _Context) -> CheckResult:
         "resid_decomposition",
         decomposition.total(),
         ctx.cache[Site(ctx.last, "resid_post")],
-        detail="embed + Σ attn_out + Σ mlp_out == resid_post[-1]",
+        detail=f"embed + Σ {' + Σ '.join(_update_names(ctx.model))} == resid_post[-1]",
         terms=len(decomposition.labels),
     )
 
@@ -464,7 +470,7 @@ CHECKS: tuple[tuple[str, Callable[[_Context], CheckResult]], ...] = (
 _MODULES = {  # the spec fields each check rests on, named in refusals
     "logits_match_hf": ("blocks",),
     "hidden_states": ("blocks", "final_norm"),
-    "block_sum": ("attn_out", "mlp_out"),
+    "block_sum": ("attn_out", "mlp_out", "ple_update"),
     "resid_decomposition": ("embed_norm", "embed", "pos_embed"),
     "head_sum": ("o_proj", "attn_post_norm"),
     "neuron_sum": ("mlp_out_proj", "mlp_post_norm"),

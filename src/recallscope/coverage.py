@@ -519,6 +519,7 @@ _FEATURES = (  # (label, test on the model), in the order the table lists them
     ("embedding norm", lambda m: m.spec.embed_norm is not None),
     ("scaled residual/logits", lambda m: m.spec.residual_scale != 1.0 or m.spec.logit_scale != 1.0),
     ("residual scaled by block", lambda m: bool(m.spec.residual_mix)),
+    ("per-layer inputs", lambda m: m.spec.ple_update is not None),
     ("(1+w) norms", lambda m: m.spec.norm_offset_one),
 )
 

@@ -35,14 +35,14 @@ def test_last_resid_post_equals_the_model_logits(family, tiny_models):
     assert (result.rank[:, 0, -1, 0, 1] == 0).all()  # top1 has rank 0 at the last layer
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama_gqa", "gpt_neox", "gptj"])
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa", "gpt_neox", "gptj", "gemma4_text"])
 def test_frozen_scale_updates_sum_to_the_final_logits(name, tiny_models):
-    """Yan & Jia's decoding is additive: embeddings + every attn/MLP update = the final residual."""
+    """Yan & Jia's decoding is additive: embeddings + every attn/MLP update (and per-layer input,
+    Gemma 4) = the final residual."""
     model = tiny_models(name)
     batch = _batch(model)
-    updates = ll.run(
-        model, batch, ll.Config(sites=("attn_out", "mlp_out"), mode="frozen_scale", targets=("gold",))
-    )
+    sites = ("attn_out", "mlp_out") + (("ple_out",) if model.spec.ple_update else ())
+    updates = ll.run(model, batch, ll.Config(sites=sites, mode="frozen_scale", targets=("gold",)))
     final = ll.run(model, batch, ll.Config(sites=("resid_post",), mode="frozen_scale", targets=("gold",)))
     embed = rs.run_with_cache(
         model, batch, ["embed", "pos_embed"] if model.spec.pos_embed else ["embed"], positions=[-1]

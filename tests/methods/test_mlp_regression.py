@@ -306,3 +306,19 @@ def test_config_errors(tiny_models):
         mr._check_sizes(model, mr.Config(), heads, 5)
     mr._check_sizes(model, mr.Config(pooled=True), heads, 5)
     assert mr.Config.preset("lv").regressors == "feeding_layer"
+
+
+def test_ranks_before_and_after_the_mlp_leave_a_later_update_out(tiny_models):
+    """Gemma 4 adds a per-layer input after the MLP: "after" is resid_mid + mlp_out, not resid_post."""
+    model = tiny_models("gemma4_text")
+    _, batch = _facts_and_batch(model)
+    result = mr.run(model, batch, mr.Config())
+    sites = [rs.Site(layer, name) for layer in result.layers for name in ("resid_mid", "mlp_out")]
+    cache = rs.run_with_cache(model, batch, sites, positions=[-1])
+    targets = batch.target_ids.clamp(min=0)
+    for i, layer in enumerate(result.layers):
+        mid, mlp = (cache[rs.Site(layer, name)][:, 0] for name in ("resid_mid", "mlp_out"))
+        for when, x in (("before", mid), ("after", mid + mlp)):
+            proj = rs.project_to_vocab(model, x, "logit_lens", targets=targets)
+            expected = proj.target_ranks.numpy() + 1
+            np.testing.assert_array_equal(result.fit[f"target_rank_{when}"][:, i], expected)

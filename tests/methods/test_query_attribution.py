@@ -240,6 +240,12 @@ def test_errors():
         qa.Config(n_show=-1)
 
 
+def test_blocks_with_a_third_update_are_refused(tiny_models):
+    model = tiny_models("gemma4_text")  # per-layer inputs: a component the shares would leave out
+    with pytest.raises(rs.RecallscopeError, match="third update after the MLP .* ple_out"):
+        qa.run(model, _batch(model))
+
+
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_mlp_accessors_reproduce_the_mlp(tiny_models, family):
     model = tiny_models(family)

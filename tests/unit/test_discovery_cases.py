@@ -12,8 +12,10 @@ import recallscope as rs
 from recallscope import coverage
 from recallscope.core.attention import output_gate_hook
 from recallscope.core.cache import forward
+from recallscope.core.decompose import resid_sites
+from recallscope.core.hooks import module_hook
 from recallscope.models.sites import Site
-from tiny import byte_level_tokenizer
+from tiny import byte_level_tokenizer, tiny_hf_model
 
 
 def _load(model_type: str) -> rs.Model:
@@ -162,3 +164,53 @@ def test_heads_wider_in_some_blocks_are_padded_with_zero_features():
     with rs.patch(model, sites[0], cache[sites[0]]):  # writing back what was read changes nothing
         again = rs.run_with_cache(model, batch, sites[2:])
     assert torch.equal(again[sites[2]], cache[sites[2]])
+
+
+def test_per_layer_inputs_are_a_third_update_of_their_own():
+    """Gemma 4 (E2B, E4B): after the MLP each block adds norm(W_proj (act(W_gate r) ⊙ e_l)) of its
+    residual r and the token's per-layer embedding e_l, then multiplies by its layer_scalar."""
+    model = _load("gemma4_text")
+    assert model.spec.ple_update == "post_per_layer_input_norm"
+    assert model.spec.mlp_out_proj == "mlp.down_proj"  # not the per-layer projection, written later
+    scalars = [float(model.block(layer).layer_scalar) for layer in range(model.n_layers)]
+    np.testing.assert_allclose(model.spec.ple_mix, scalars, rtol=1e-12)  # (random in the tiny model)
+    batch = _batch(model)
+    sites = [Site(layer, name) for layer in range(model.n_layers) for name in ("resid_mid", "ple_out")]
+    ple = Site(model.n_layers - 1, "ple_out")
+    sites += [Site(model.n_layers - 1, name) for name in ("mlp_out", "resid_post")]
+    cache = rs.run_with_cache(model, batch, sites)
+    module_out = []
+    norm = model.module("post_per_layer_input_norm", model.n_layers - 1)
+    with module_hook(norm, lambda mod, args, kwargs, out: module_out.append(out), "fwd"):
+        forward(model, batch)
+    # the last block's output is the model's residual: the site is what the module wrote, times the scalar
+    torch.testing.assert_close(cache[ple], module_out[0] * scalars[-1], rtol=1e-12, atol=1e-12)
+    last = model.n_layers - 1
+    total = cache[Site(last, "resid_mid")] + cache[Site(last, "mlp_out")] + cache[ple]
+    torch.testing.assert_close(total, cache[Site(last, "resid_post")], rtol=1e-12, atol=1e-12)
+    decomposition = rs.resid_decomposition(model, rs.run_with_cache(model, batch, resid_sites(model)))
+    assert [label for label in decomposition.labels if label.endswith("ple_out")] == [
+        f"{layer}.ple_out" for layer in range(model.n_layers)
+    ]
+
+
+def test_resume_replays_the_recorded_per_layer_inputs():
+    """Resuming from block 1 with its recorded input gives the recorded logits, though the model
+    would otherwise derive per-layer inputs from the resumed input (and fail to invert it)."""
+    from recallscope.core.resume import record_run, resume
+
+    model = _load("gemma4_text")
+    ids = _batch(model).input_ids[:1, -4:]
+    state = record_run(model, ids, logits_to_keep=4)
+    assert state.block_inputs is not None and all(len(inputs) == 1 for inputs in state.block_inputs)
+    hidden = state.stream[:, 1, 2:]
+    logits = resume(model, state, torch.tensor([0]), start_layer=1, start_pos=2, hidden=hidden)
+    torch.testing.assert_close(logits[0, -1], state.logits[0, -1], rtol=1e-10, atol=1e-10)
+
+
+def test_blocks_that_reuse_another_blocks_keys_and_values_are_refused_by_name():
+    """Gemma 4's E2B and E4B checkpoints share keys and values across their last layers."""
+    layers = ["sliding_attention", "full_attention"] * 2
+    hf_model = tiny_hf_model("gemma4_text", num_hidden_layers=4, num_kv_shared_layers=2, layer_types=layers)
+    with pytest.raises(rs.UnsupportedModelError, match="block 2 has no key projection .* key/value sharing"):
+        rs.load_model(hf_model, tokenizer=byte_level_tokenizer(), device="cpu")

@@ -158,11 +158,17 @@ def test_update_sites_are_what_the_block_adds(setup):
     model, batch = setup
     layer = 1
     sites = [Site(layer, n) for n in ("resid_pre", "attn_out", "mlp_out", "resid_post")]
+    late = [Site(layer, "ple_out")] if model.spec.ple_update else []  # Gemma 4's per-layer input
     with rs.patch(model, Site(layer, "attn_out"), torch.zeros(())):
-        cache = _run(model, batch, sites)
+        cache = _run(model, batch, sites + late)
     pre, attn, mlp, post = (cache[s] for s in sites)
     assert float(attn.abs().max()) == 0.0
-    _close(post, pre + mlp)
+    _close(post, pre + mlp + sum(cache[s] for s in late))
+    if late:  # the third update is a site of its own: zeroed, the block adds two
+        with rs.patch(model, late[0], torch.zeros(())):
+            cache = _run(model, batch, sites + late)
+        assert float(cache[late[0]].abs().max()) == 0.0
+        _close(cache[sites[3]], cache[sites[0]] + cache[sites[1]] + cache[sites[2]])
 
 
 def test_resid_mid_read_and_write(setup):
@@ -175,10 +181,16 @@ def test_resid_mid_read_and_write(setup):
     clean = _run(model, batch, [mid, Site(1, "resid_pre"), Site(1, "attn_out")])
     _close(clean[mid], clean[Site(1, "resid_pre")] + clean[Site(1, "attn_out")], tol=0)
     target = torch.randn(model.d_model, dtype=torch.float64)
+    late = [Site(1, "ple_out")] if model.spec.ple_update else []  # Gemma 4's per-layer input
     with rs.patch(model, mid, target, positions=[-1]):
-        patched = _run(model, batch, [mid, post, mlp])
+        patched = _run(model, batch, [mid, post, mlp, *late])
     _close(patched[mid][:, -1], target.expand(2, -1), tol=1e-12)
-    _close(patched[post], patched[mid] + patched[mlp], tol=1e-12)
+    _close(patched[post], patched[mid] + patched[mlp] + sum(patched[s] for s in late), tol=1e-12)
+
+
+def test_ple_out_site_only_where_blocks_add_one(tiny_models):
+    with pytest.raises(rs.SiteError, match="no third update after the MLP .* no ple_out site"):
+        rs.site_hook(tiny_models("llama_gqa"), Site(0, "ple_out"), print)
 
 
 def test_noise_on_embeddings(setup):

@@ -170,8 +170,9 @@ def _with_bias(model, layer, parts, bias, sublayer, axis) -> Decomposition:
 def resid_sites(model: Model) -> list[Site]:
     """The sites :func:`resid_decomposition` needs."""
     sites = [Site(None, "embed")] + ([Site(None, "pos_embed")] if model.spec.pos_embed else [])
+    updates = ("attn_out", "mlp_out") + (("ple_out",) if model.spec.ple_update else ())
     for layer in range(model.n_layers):
-        sites += [Site(layer, "attn_out"), Site(layer, "mlp_out")]
+        sites += [Site(layer, name) for name in updates]
     return sites
 
 
@@ -184,7 +185,7 @@ def resid_decomposition(model: Model, cache, *, upto: int | None = None) -> Deco
 
     Returns:
         parts ``[B, P, n_components, d_model]`` labelled ``embed``, ``pos_embed``, ``0.attn_out``,
-        ``0.mlp_out``, …; ``rest`` is 0.
+        ``0.mlp_out`` (``0.ple_out``: Gemma 3n/4's per-layer inputs), …; ``rest`` is 0.
     """
     upto = model.n_layers - 1 if upto is None else model.check_layer(upto)
     labels, parts = [], []

@@ -325,10 +325,15 @@ def _locate(model: Model, site: Site) -> tuple[nn.Module, str, _View]:
             _scaled(model.update_scale("attn", layer), model.attn_bias(layer)),
         ),
         "mlp_out": (spec.mlp_out, "fwd", _scaled(model.update_scale("mlp", layer))),
+        "ple_out": (spec.ple_update, "fwd", _scaled(model.update_scale("ple", layer))),
         "z": (spec.o_proj, "pre", None),
         "mlp_pre": (spec.mlp_pre, "fwd", gate),
         "mlp_post": (spec.mlp_out_proj, "pre", _IDENTITY),
     }
+    if name == "ple_out" and spec.ple_update is None:
+        raise SiteError(
+            f"{spec.family} adds no third update after the MLP (per-layer inputs): no ple_out site"
+        )
     if name == "mlp_pre" and spec.mlp_pre is None:
         raise SiteError(
             f"{spec.family}: the input side of block {layer}'s MLP was not identified: no mlp_pre site"

@@ -80,6 +80,10 @@ class RunState:
     cache: Cache | None = None
     """The model's own cache object, kept when its layers hold more than keys and values (the
     indexer keys of DeepSeek-V3.2's sparse attention); resumed by cropping and row selection."""
+    block_inputs: list[dict] | None = None
+    """Per block, the per-position inputs it received besides the residual (``{argument: [R, T,
+    …]}``: Gemma 4's per-layer inputs, ``ArchSpec.ple_update``), replayed on resume; None for models
+    whose blocks read only the residual."""
 
     @property
     def seq_len(self) -> int:
@@ -105,9 +109,12 @@ def record_run(model: Model, input_ids: torch.Tensor, *, logits_to_keep: int = 1
         is_tuple[0] = isinstance(output, tuple)
 
     cache = _empty_cache(model)
+    block_inputs: list[dict] | None = [{} for _ in range(n_layers)] if model.spec.ple_update else None
     with torch.no_grad(), contextlib.ExitStack() as stack:
         for layer in range(n_layers):
             stack.enter_context(site_hook(model, Site(layer, "resid_pre"), keep(layer)))
+            if block_inputs is not None:
+                stack.enter_context(_record_block_inputs(model, layer, block_inputs[layer]))
         stack.enter_context(site_hook(model, Site(n_layers - 1, "resid_post"), keep(n_layers)))
         stack.enter_context(module_hook(model.block(0), block_type, "fwd"))
         out = model.hf_model(
@@ -119,7 +126,53 @@ def record_run(model: Model, input_ids: torch.Tensor, *, logits_to_keep: int = 1
     keys = [layer.keys for layer in cache.layers]
     values = [layer.values for layer in cache.layers]
     special = None if _plain(cache) else cache
-    return RunState(torch.stack(stream, dim=1), keys, values, out.logits, is_tuple[0], special)
+    return RunState(torch.stack(stream, dim=1), keys, values, out.logits, is_tuple[0], special, block_inputs)
+
+
+def _per_position(args: tuple, kwargs: dict) -> dict:
+    """A block call's per-position inputs besides the residual (its first argument): tensors
+    ``[R, T, …]`` with the residual's rows and positions, keyed by argument index or name.
+    """
+    hidden = args[0] if args else kwargs["hidden_states"]
+    found = {i: a for i, a in enumerate(args) if i}
+    found |= {k: v for k, v in kwargs.items() if k != "hidden_states"}
+    return {
+        key: value
+        for key, value in found.items()
+        if torch.is_tensor(value) and value.dim() >= 3 and value.shape[:2] == hidden.shape[:2]
+    }
+
+
+def _record_block_inputs(model: Model, layer: int, into: dict) -> contextlib.AbstractContextManager:
+    def save(module, args, kwargs):
+        into.update({key: value.detach() for key, value in _per_position(args, kwargs).items()})
+
+    return module_hook(model.block(layer), save, "pre")
+
+
+@contextlib.contextmanager
+def _replayed_block_inputs(model: Model, state: RunState, rows, start_layer: int, start_pos: int):
+    """Blocks from ``start_layer`` on get the recorded run's per-position inputs (rows ``rows``,
+    positions from ``start_pos``) instead of those the model derives from the resumed input.
+    """
+
+    def replay(recorded: dict):
+        def pre(module, args, kwargs):
+            args, kwargs = list(args), dict(kwargs)
+            for key, value in recorded.items():
+                new = value[rows, start_pos:]
+                if isinstance(key, int):
+                    args[key] = new
+                else:
+                    kwargs[key] = new
+            return tuple(args), kwargs
+
+        return pre
+
+    with contextlib.ExitStack() as stack:
+        for layer in range(start_layer, model.n_layers):
+            stack.enter_context(module_hook(model.block(layer), replay(state.block_inputs[layer]), "pre"))
+        yield
 
 
 def _plain(cache: Cache) -> bool:
@@ -208,10 +261,16 @@ def resume(
     hidden = hidden.to(model.device)
     # a copy: modeling code may scale inputs_embeds in place (CTRL), and hidden is the stubs' output
     inputs = {"inputs_embeds": hidden.clone(), cache_argument(model): cache}
-    if "position_ids" in inspect.signature(model.hf_model.forward).parameters:  # not ALiBi models
+    parameters = inspect.signature(model.hf_model.forward).parameters
+    if "position_ids" in parameters:  # not ALiBi models
         inputs["position_ids"] = torch.arange(start_pos, state.seq_len, device=model.device).expand(
             len(rows), -1
         )
+    if state.block_inputs is not None and "per_layer_inputs" in parameters:
+        # Gemma 4 would otherwise find token ids by matching inputs_embeds with its embedding:
+        # placeholders, as the blocks get the recorded ones
+        for value in state.block_inputs[0].values():
+            inputs["per_layer_inputs"] = value.new_zeros(len(rows), n_new, model.n_layers, value.shape[-1])
     stream = model.stream_scale(start_layer - 1, "post") if start_layer else 1.0  # the residual: D × site
     with torch.no_grad(), contextlib.ExitStack() as stack:
         stack.enter_context(
@@ -221,5 +280,7 @@ def resume(
         )
         if start_layer == 0:  # the embedding pipeline may scale, normalize or add positions
             stack.enter_context(site_hook(model, Site(0, "resid_pre"), lambda act: hidden))
+        if state.block_inputs is not None:
+            stack.enter_context(_replayed_block_inputs(model, state, rows, start_layer, start_pos))
         out = model.hf_model(**inputs, use_cache=True, logits_to_keep=logits_to_keep)
     return out.logits

@@ -48,6 +48,7 @@ the scale grid and the fitting metric are reconstructions [inf] (``methods.md`` 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import math
 from collections.abc import Iterator, Sequence
@@ -441,7 +442,7 @@ def _slim(state: RunState, start_layer: int, start_pos: int) -> RunState:
     keys = [prefix(k, i) for i, k in enumerate(state.keys)]
     values = [prefix(v, i) for i, v in enumerate(state.values)]
     stream = state.stream.new_zeros(()).expand(state.stream.shape[0], 1, state.seq_len, 1)  # seq_len only
-    return RunState(stream, keys, values, state.logits[:, :0], state.tuple_blocks)
+    return dataclasses.replace(state, stream=stream, keys=keys, values=values, logits=state.logits[:, :0])
 
 
 def _attribute(model: Model, saved: dict, layers: range, final: torch.Tensor, targets: torch.Tensor) -> dict:

@@ -391,6 +391,12 @@ def run(model: Model, batch: PromptBatch | FactSet, config: Config | None = None
         layers="block index l (hidden: output of block l)",
         bos=model.bos,
     )
+    if model.spec.ple_update:
+        conventions["per_layer_inputs"] = (
+            "the noise is added to the token embeddings only: each block's per-layer input (ple_out) "
+            "still gets the span tokens' own per-layer embeddings, and the noised embedding only "
+            "through the model's projection of it"
+        )
     return CausalTracingResult(
         config, traces, noises, result_provenance(model, config, **conventions), skipped
     )

@@ -41,7 +41,7 @@ __all__ = ["NAME", "DESCRIPTION", "Config", "LogitLensResult", "run", "cost"]
 
 NAME = "logit_lens"
 DESCRIPTION = "Decode the residual stream and sublayer updates at every layer: when does the answer appear?"
-_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "ple_out")
 CHUNK_SIZE = 16
 """Facts per runner chunk (one forward each)."""
 
@@ -167,6 +167,10 @@ def run(model: Model, batch: PromptBatch | FactSet, config: Config | None = None
     batch = as_batch(model, batch)
     if "resid_mid" in config.sites and model.spec.parallel:
         raise RecallscopeError(f"{model.spec.family} has parallel blocks: resid_mid does not exist")
+    if "ple_out" in config.sites and model.spec.ple_update is None:
+        raise RecallscopeError(
+            f"{model.spec.family}'s blocks add no per-layer input after the MLP: ple_out does not exist"
+        )
     positions = _positions(batch, config.positions)  # [B, P]
     sites = [Site(layer, name) for name in config.sites for layer in range(model.n_layers)]
     final = Site(model.n_layers - 1, "resid_post")

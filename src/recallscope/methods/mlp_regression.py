@@ -44,7 +44,7 @@ cosine with ``y``.
 Interpretation check (L5 item 4): the 1-based rank of the subject's first token and of the gold
 target's first token under the logit lens (the model's own final norm, :func:`project_to_vocab`
 mode ``logit_lens``) of the residual before the MLP (``resid_post − mlp_out``) and after it
-(``resid_post``).
+(``resid_post``; both less ``ple_out`` in blocks that add a per-layer input after the MLP, Gemma 4).
 
 Fast by construction: one forward per ``batch_size`` facts keeps ``z`` of the needed layers, the
 MLP input, ``mlp_out`` and ``resid_post`` at ``N`` only; fits, JVPs and ranks run on those.
@@ -191,6 +191,7 @@ def needed_sites(
     for layer in layers:
         sites += [mlp_input_site(model, layer), Site(layer, "mlp_out")]
         sites += [Site(layer, "resid_post")] if ranks else []
+        sites += [Site(layer, "ple_out")] if ranks and model.spec.ple_update else []
     return list(dict.fromkeys(sites))
 
 
@@ -583,7 +584,7 @@ def _linearized(model, layer, resid, raw, y, batch_size, out, fit, i) -> None:
 
 def _ranks(model: Model, acts, layers: list[int], tokens: torch.Tensor) -> dict[str, np.ndarray]:
     """1-based logit-lens ranks of the subject / target token before and after each MLP."""
-    after = torch.stack([acts[Site(layer, "resid_post")] for layer in layers], 1)  # [F, layer, d]
+    after = torch.stack([_after_mlp(model, acts, layer) for layer in layers], 1)  # [F, layer, d]
     mlp = torch.stack([acts[Site(layer, "mlp_out")] for layer in layers], 1)
     x = torch.stack([after - mlp, after], 2)  # [F, layer, 2 (before/after), d]
     proj = project_to_vocab(model, x.to(model.dtype), "logit_lens", targets=tokens.clamp(min=0))
@@ -594,6 +595,14 @@ def _ranks(model: Model, acts, layers: list[int], tokens: torch.Tensor) -> dict[
         for w, when in enumerate(("before", "after")):
             out[f"{token}_rank_{when}"] = ranks[:, :, w, t].numpy()
     return out
+
+
+def _after_mlp(model: Model, acts, layer: int) -> torch.Tensor:
+    """The residual just after MLP ``layer``'s update: ``resid_post``, less the third update a block
+    adds after it (``ple_out``, Gemma 4's per-layer input).
+    """
+    after = acts[Site(layer, "resid_post")]
+    return after - acts[Site(layer, "ple_out")] if model.spec.ple_update else after
 
 
 def _provenance(model: Model, config: Config, without: list[int]) -> dict:
@@ -629,7 +638,9 @@ def _provenance(model: Model, config: Config, without: list[int]) -> dict:
         if config.linearized
         else "off",
         ranks="logit_lens (the model's own final norm, b_U, soft-cap) of resid_post − mlp_out (before) "
-        "and resid_post (after); 1-based; subject's first token and the gold target's first token",
+        "and resid_post (after)"
+        + (" less ple_out, the per-layer input added after the MLP," if model.spec.ple_update else "")
+        + "; 1-based; subject's first token and the gold target's first token",
         layers="block index",
         positions="last",
         bos=model.bos,

@@ -244,6 +244,7 @@ def _component_parts(n_components: int) -> tuple[np.ndarray, np.ndarray]:
 def run(model: Model, batch: PromptBatch | FactSet, config: Config | None = None) -> QueryAttributionResult:
     """Score the value rows with ``logprob_attribution``, then find their query layers and neurons."""
     config = config or Config()
+    _check_two_updates(model)
     batch = as_batch(model, batch)
     values = logprob_attribution.run(model, batch, _value_config(config))
     row_of = {fact: i for i, fact in enumerate(batch.fact_ids or map(str, range(len(batch))))}
@@ -322,6 +323,7 @@ def query_scores(
             compared with (default: ``value_neurons``).
     """
     config = config or Config()
+    _check_two_updates(model)
     known_value = value_neurons if known_value is None else known_value
     _check_rows(model, batch, value_neurons, NEURON_COLUMNS, "value_neurons")
     _check_rows(model, batch, value_units, UNIT_COLUMNS, "value_units")
@@ -349,6 +351,16 @@ def query_scores(
         value_units=_with_fact_ids(value_units, fact_ids, pads),
         provenance=_provenance(model, config),
     )
+
+
+def _check_two_updates(model: Model) -> None:
+    """The components are the embedding and two updates per block: refuse blocks that add a third."""
+    if model.spec.ple_update is not None:
+        raise RecallscopeError(
+            f"query_attribution splits the residual into the embedding and each block's attention and "
+            f"MLP updates, but {model.spec.family}'s blocks add a third update after the MLP (per-layer "
+            "inputs, ple_out): its shares would leave that part out. Run the other methods on this model."
+        )
 
 
 def _check_rows(model, batch, frame: pd.DataFrame, columns, name: str) -> None:

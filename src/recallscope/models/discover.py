@@ -67,6 +67,10 @@ _SCALE = 1000.0
 _TOLERANCE = {torch.float64: 1e-9, torch.float32: 2e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 
 
+class _NotTheUpdates(UnsupportedModelError):
+    """The block's output is not its input plus the updates tried (discovery may try others)."""
+
+
 # -- module predicates -------------------------------------------------------------------------
 
 
@@ -265,17 +269,19 @@ class _Compare:
         c = 1.0 if abs(c - 1.0) <= self.tol / 10 else c  # a plain sum stays a plain sum
         return c if self.close(c * total, target) else None
 
-    def fit(self, target, u, v) -> tuple[float, float] | None:
-        """``(α, β)`` with ``target == α u + β v`` (to rounding; least squares; ``α`` near 1 is 1),
-        or None.
+    def fit(self, target, u, *vs) -> tuple[float, ...] | None:
+        """``(α, β, …)`` with ``target == α u + Σ β_i v_i`` (to rounding; least squares; ``α`` near 1
+        is 1), or None.
         """
-        if target is None or u is None or v is None or not target.numel() == u.numel() == v.numel():
+        terms = (u, *vs)
+        if target is None or any(t is None or t.numel() != target.numel() for t in terms):
             return None
-        u, v = u.reshape(target.shape), v.reshape(target.shape)  # OPT's MLP side is flat [B·T, d]
-        columns = torch.stack([u.reshape(-1), v.reshape(-1)], 1)
-        alpha, beta = (float(c) for c in torch.linalg.lstsq(columns, target.reshape(-1, 1)).solution[:, 0])
-        alpha = 1.0 if abs(alpha - 1.0) <= self.tol / 10 else alpha
-        return (alpha, beta) if self.close(alpha * u + beta * v, target) else None
+        terms = [t.reshape(target.shape) for t in terms]  # OPT's MLP side is flat [B·T, d]
+        columns = torch.stack([t.reshape(-1) for t in terms], 1)
+        found = [float(c) for c in torch.linalg.lstsq(columns, target.reshape(-1, 1)).solution[:, 0]]
+        found[0] = 1.0 if abs(found[0] - 1.0) <= self.tol / 10 else found[0]
+        total = sum(c * t for c, t in zip(found, terms, strict=True))
+        return tuple(found) if self.close(total, target) else None
 
 
 # -- norms ---------------------------------------------------------------------------------------
@@ -366,6 +372,13 @@ def discover_spec(model: nn.Module) -> ArchSpec:
         return _with_residual_mix(model, spec, first)
     variants = [(tuple(groups[0]), spec)]
     for group in groups[1:]:
+        block = get_module(model, f"{spec.blocks}.{group[0]}")
+        if spec.k_proj and not _has(block, spec.k_proj):
+            raise first.error(
+                f"block {group[0]} has no key projection ({spec.k_proj}) of its own, unlike block 0: it "
+                "reuses the keys and values of an earlier block (cross-layer key/value sharing, "
+                "Gemma 3n/4's num_kv_shared_layers), so its attention reads another block's residual"
+            )
         other = _Discovery(model, block=group[0]).spec()
         differing = [
             f.name
@@ -400,36 +413,52 @@ def _with_residual_mix(model: nn.Module, spec: ArchSpec, first: _Discovery) -> A
         at, prefix = spec.at(layer), f"{spec.blocks}.{layer}."
         reads = at.ln_2 or at.mlp
         if reads is None:  # no module reads the MLP's residual: block 0 must add plainly
-            if first.mix != (1.0, spec.residual_scale, 1.0, spec.residual_scale):
+            betas = set(first.mix[1::2] + first.mix[4:])
+            if set(first.mix[::2][:2]) != {1.0} or betas != {spec.residual_scale}:
                 raise first.error("its blocks scale the residual, but nothing shows what the MLP reads")
             return spec
-        sites[layer] = (prefix + at.attn_out, prefix + at.mlp_out, prefix + reads)
+        late = () if at.ple_update is None else (prefix + at.ple_update,)
+        sites[layer] = (prefix + at.attn_out, prefix + at.mlp_out, prefix + reads, *late)
     calls = _first_calls(
         model, [f"{spec.blocks}.{i}" for i in sites] + [p for t in sites.values() for p in t]
     )
     c, mixes = spec.residual_scale, []
-    for layer, (a_path, m_path, mid_path) in sites.items():
+    for layer, (a_path, m_path, mid_path, *late) in sites.items():
         block = calls.get(f"{spec.blocks}.{layer}")
-        a, m = (calls[p].output if p in calls else None for p in (a_path, m_path))
+        a, m, *late = (calls[p].output if p in calls else None for p in (a_path, m_path, *late))
         mid = calls[mid_path].input if mid_path in calls else None
         bias = spec.at(layer).attn_bias
         if bias is not None and a is not None:
             owner, _, name = bias.rpartition(".")
             holder = get_module(blocks[layer], owner) if owner else blocks[layer]
             a = a + first.weights.read(holder, name).double().to(a.device)
-        mix = None if block is None else first._mixing(block.input, a, mid, m, block.output)
+        mix = None if block is None else first._mixing(block.input, a, mid, m, block.output, *late)
         if mix is None:
             raise first.error(
                 f"the output of block {layer} is not (constant multiples of) its input plus its attention "
                 "and MLP updates: every block must add its updates to the residual as block 0 does"
             )
-        beta = tuple(c if abs(b - c) <= first.compare.tol / 10 * max(1.0, abs(c)) else b for b in mix[1::2])
-        mixes.append((mix[0], beta[0], mix[2], beta[1]))
-    if all(mix == (1.0, c, 1.0, c) for mix in mixes):
+        beta = tuple(
+            c if abs(b - c) <= first.compare.tol / 10 * max(1.0, abs(c)) else b for b in mix[1::2] + mix[4:]
+        )
+        mixes.append((mix[0], beta[0], mix[2], *beta[1:]))
+    if all(mix[:4] == (1.0, c, 1.0, c) and set(mix[4:]) <= {c} for mix in mixes):
         return spec
-    mixed = {"residual_scale": 1.0, "residual_mix": tuple(mixes)}
+    mixed = {
+        "residual_scale": 1.0,
+        "residual_mix": tuple(mix[:4] for mix in mixes),
+        "ple_mix": tuple(mix[4] for mix in mixes if len(mix) > 4),
+    }
     variants = tuple((layers, dataclasses.replace(v, **mixed)) for layers, v in spec.variants)
     return dataclasses.replace(spec, **mixed, variants=variants)
+
+
+def _has(block: nn.Module, path: str) -> bool:
+    try:
+        get_module(block, path)
+    except AttributeError:
+        return False
+    return True
 
 
 def _first_calls(model: nn.Module, names: list[str]) -> dict[str, _Call]:
@@ -629,23 +658,39 @@ class _Discovery:
     def spec(self) -> ArchSpec:
         attn = self._attention()
         o_proj = self._o_proj(attn)
-        moe, mlp, mlp_out_proj = self._mlp(attn, o_proj)
+        try:
+            return self._spec(attn, o_proj)
+        except _NotTheUpdates as err:  # a third update after the MLP's (Gemma 4's per-layer input)?
+            late = self._late_writer(attn, o_proj)
+            if late is None:
+                raise
+            try:
+                return self._spec(attn, o_proj, late)
+            except _NotTheUpdates:
+                raise err from None
+
+    def _spec(self, attn: str, o_proj: str, late: str | None = None) -> ArchSpec:
+        """The spec, with ``late`` (a linear map to ``d_model`` after the MLP's) the writer of a
+        third update the block adds (``ArchSpec.ple_update``) when given.
+        """
+        moe, mlp, mlp_out_proj = self._mlp(attn, o_proj, late)
         ln_1 = self._input_norm(attn)
         parallel, ln_2 = self._mlp_norm(mlp, mlp_out_proj, attn, o_proj, ln_1)
         attn_post = self._post_norm(o_proj)
         mlp_post = self._post_norm(mlp or mlp_out_proj) or self.inner_post_norm
+        ple = None if late is None else self._post_norm(late) or late
         mid = self._mlp_residual(mlp, mlp_out_proj, ln_2)
         attn_update, mlp_update, self.mix, attn_bias = self._updates(
-            attn, o_proj, mlp, mlp_out_proj, attn_post, mlp_post, None if parallel else mid
+            attn, o_proj, mlp, mlp_out_proj, attn_post, mlp_post, None if parallel else mid, ple
         )
-        plain = self.mix[0] == self.mix[2] == 1.0 and self.mix[1] == self.mix[3]
+        plain = self.mix[0] == self.mix[2] == 1.0 and len(set(self.mix[1::2] + self.mix[4:])) == 1
         residual_scale = self.mix[1] if plain else 1.0
         embed_norm, embed_scale, pos_embed, pos_table = self._embedding()
         final_norm, head_scale = self._final_norm()
         logit_scale, softcap = self._logits()
         logit_scale = logit_scale * head_scale
         kind = self._norm_kinds(
-            [final_norm] + [self.prefix + p for p in (ln_1, ln_2, attn_post, mlp_post) if p]
+            [final_norm] + [self.prefix + p for p in (ln_1, ln_2, attn_post, mlp_post, ple) if p]
         )
         projections = self._qkv(attn, o_proj)
         mlp_parts = self._mlp_inputs(mlp, mlp_out_proj, moe)
@@ -674,6 +719,7 @@ class _Discovery:
             mlp_out_proj=mlp_out_proj,
             attn_post_norm=attn_post,
             mlp_post_norm=mlp_post,
+            ple_update=ple,
             residual_scale=residual_scale,
             parallel=parallel,
             norm=kind[0],
@@ -875,27 +921,20 @@ class _Discovery:
         return tuple(columns)
 
     # -- MLP --------------------------------------------------------------------------------------
-    def _mlp(self, attn: str, o_proj: str) -> tuple[str | None, str | None, str]:
+    def _mlp(self, attn: str, o_proj: str, late: str | None = None) -> tuple[str | None, str | None, str]:
         """``(experts, mlp module, output projection)``; the MLP is the block child that runs after
-        the attention and writes ``d_model`` features (a linear map, or an experts bank).
+        the attention and writes ``d_model`` features (a linear map, or an experts bank), the last
+        one before ``late`` (the writer of a third update, :meth:`_late_writer`) when given.
         """
-        attn_order = self.block_call(attn).order
         block = get_module(self.model, f"{self.blocks}.{self.block}")
-        experts = [p for p, m in self.block_modules() if is_experts(m)]
-        if experts:
-            expert_path = experts[0]
+        expert_path = self.experts_path()
+        if expert_path is not None:
             top = expert_path.split(".")[0]
             self.shared = self._shared_expert(top, expert_path)
             return expert_path, top, expert_path
-        writers = [
-            p
-            for p, m in self.block_modules()
-            if is_linear(m)
-            and _out_features(m) == self.d_model
-            and not p.startswith(attn + ".")
-            and self.block_call(p).order > attn_order
-            and p != o_proj
-        ]
+        writers = self._writers(attn, o_proj)
+        if late is not None:
+            writers = writers[: writers.index(late)]
         if not writers:
             raise self.error("no MLP output projection (a linear map to d_model after the attention)")
         out_proj = writers[-1]
@@ -905,6 +944,33 @@ class _Discovery:
         if mlp is not None:
             return None, mlp, out_proj
         return None, None, out_proj
+
+    def _writers(self, attn: str, o_proj: str) -> list[str]:
+        """Linear maps to ``d_model`` that run after the attention (outside it), in call order."""
+        attn_order = self.block_call(attn).order
+        return [
+            p
+            for p, m in self.block_modules()
+            if is_linear(m)
+            and _out_features(m) == self.d_model
+            and not p.startswith(attn + ".")
+            and self.block_call(p).order > attn_order
+            and p != o_proj
+        ]
+
+    def _late_writer(self, attn: str, o_proj: str) -> str | None:
+        """The last linear map to ``d_model`` when an earlier one (the MLP's) runs after the attention
+        too and it is no part of the MLP's module: the writer of a candidate third update (Gemma 4's
+        per-layer input projection), else None.
+        """
+        writers = self._writers(attn, o_proj)
+        if len(writers) < 2 or self.experts_path() is not None:
+            return None
+        last, before = writers[-1], writers[-2]
+        return last if last.split(".")[0] != before.split(".")[0] else None
+
+    def experts_path(self) -> str | None:
+        return next((p for p, m in self.block_modules() if is_experts(m)), None)
 
     def _shared_expert(self, mlp: str, bank: str) -> dict:
         """``shared_expert_down`` and ``shared_expert_gate`` of a mixture-of-experts block whose
@@ -1169,12 +1235,14 @@ class _Discovery:
                 return p
         return None
 
-    def _updates(self, attn, o_proj, mlp, out_proj, attn_post, mlp_post, mid):
+    def _updates(self, attn, o_proj, mlp, out_proj, attn_post, mlp_post, mid, late=None):
         """Which modules' outputs are the attention and MLP updates, how the block mixes them into
         the residual, ``(α_a, β_a, α_m, β_m)`` with ``mid = α_a x + β_a a`` and ``out = α_m mid + β_m m``
         (``(1, c, 1, c)``: ``out = x + c · (a + m)``; other mixes only for sequential blocks, whose
         MLP's residual ``mid`` is given), and a ``[d_model]`` parameter of the attention module that
-        the block adds to its update outside any linear map (or None).
+        the block adds to its update outside any linear map (or None). With ``late``, the module
+        whose output is a third update added after the MLP's, the mix has its factor ``β_p`` last
+        (``out = α_m mid + β_m m + β_p p``).
         """
         x, y = self.block0.input, self.block0.output
         a_paths = [attn_post] if attn_post else [attn, o_proj]
@@ -1207,30 +1275,35 @@ class _Discovery:
                 if bias is not None and a_out is not None:
                     owner, _, name = bias.rpartition(".")
                     a_out = a_out + self.weights.read(self._module(owner), name).to(a_out.device, a_out.dtype)
-                c = None if mixed else self.compare.scale(y - x, [a_out, m_out])
+                lates = [] if late is None else [self.block_call(late).output]
+                c = None if mixed else self.compare.scale(y - x, [a_out, m_out, *lates])
                 mix = (
-                    self._mixing(x, a_out, mid, m_out, y)
+                    self._mixing(x, a_out, mid, m_out, y, *lates)
                     if mixed
-                    else (None if c is None else (1.0, c, 1.0, c))
+                    else (None if c is None else (1.0, c, 1.0, c, *(c for _ in lates)))
                 )
                 if mix is not None:
                     a_update = None if a in (attn, attn_post) else a
                     m_update = None if m in (mlp, mlp_post) or (mlp is None and m == out_proj) else m
                     return a_update, m_update, mix, bias
-        raise self.error(
+        raise _NotTheUpdates(
+            f"{self.name}: cannot discover its architecture: "
             "the block output is not its input plus the attention and MLP updates, nor constant "
             f"multiples of them (checked {', '.join(a_paths)} with {', '.join(m_paths)}){extra}: "
             "post-norm blocks or another residual scheme (input-dependent residual gates, "
             "hyper-connections) are not supported"
         )
 
-    def _mixing(self, x, a, mid, m, y) -> tuple[float, float, float, float] | None:
+    def _mixing(self, x, a, mid, m, y, late=None) -> tuple[float, ...] | None:
         """``(α_a, β_a, α_m, β_m)`` with ``mid == α_a x + β_a a`` and ``y == α_m mid + β_m m`` (Beam's
-        depth-scaled residual adds), or None (``mid`` None: parallel blocks).
+        depth-scaled residual adds), with ``β_p`` appended and ``+ β_p late`` in ``y`` when the block
+        adds a third update ``late`` (Gemma 4's per-layer input); None when they do not fit (or
+        ``mid`` is None: parallel blocks).
         """
         if mid is None:
             return None
-        first, second = self.compare.fit(mid, x, a), self.compare.fit(y, mid, m)
+        first = self.compare.fit(mid, x, a)
+        second = self.compare.fit(y, mid, m, *([] if late is None else [late]))
         if first is None or second is None or min(first[0], second[0]) <= self.compare.tol:
             return None  # (a residual kept at a scale ≤ 0 is no residual: an update includes it)
         return (*first, *second)

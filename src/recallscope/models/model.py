@@ -203,14 +203,15 @@ class Model:
     @functools.cached_property
     def _stream(self) -> dict[str, list[float]]:
         """Per block, the residual's scale ``D`` at its input (``pre``), at its MLP's input (``mid``)
-        and at its output (``post``), and the factors of its updates (``attn``, ``mlp``).
+        and at its output (``post``), and the factors of its updates (``attn``, ``mlp``, ``ple``).
         """
         c = self.spec.residual_scale
         mixes = self.spec.residual_mix or ((1.0, c, 1.0, c),) * self.n_layers
         final = math.prod(alpha for mix in mixes for alpha in mix[::2])  # the sites end on the real residual
-        out: dict[str, list[float]] = {key: [] for key in ("pre", "mid", "post", "attn", "mlp")}
+        ples = self.spec.ple_mix or (c,) * self.n_layers
+        out: dict[str, list[float]] = {key: [] for key in ("pre", "mid", "post", "attn", "mlp", "ple")}
         scale = 1.0 / final
-        for alpha_a, beta_a, alpha_m, beta_m in mixes:
+        for (alpha_a, beta_a, alpha_m, beta_m), beta_p in zip(mixes, ples, strict=True):
             out["pre"].append(scale)
             scale *= alpha_a
             out["mid"].append(scale)
@@ -218,6 +219,7 @@ class Model:
             scale = 1.0 if len(out["post"]) == self.n_layers - 1 else scale * alpha_m
             out["post"].append(scale)
             out["mlp"].append(beta_m / scale)
+            out["ple"].append(beta_p / scale)
         return out
 
     def stream_scale(self, layer: int, where: Literal["pre", "mid", "post"]) -> float:
@@ -230,8 +232,8 @@ class Model:
         """
         return self._stream[where][self.check_layer(layer)]
 
-    def update_scale(self, sublayer: Literal["attn", "mlp"], layer: int) -> float:
-        """The ``attn_out``/``mlp_out`` site is this times the update module's output:
+    def update_scale(self, sublayer: Literal["attn", "mlp", "ple"], layer: int) -> float:
+        """The ``attn_out``/``mlp_out``/``ple_out`` site is this times the update module's output:
         ``residual_scale`` (Granite), or ``β / D`` with ``spec.residual_mix``.
         """
         return self._stream[sublayer][self.check_layer(layer)]

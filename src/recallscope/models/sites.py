@@ -23,6 +23,8 @@ name           shape                              meaning
 ``resid_post`` ``[B, P, d_model]``                output of block ``layer`` (``x^{ℓ+1}``)
 ``attn_out``   ``[B, P, d_model]``                attention update added to the residual (``a^ℓ``)
 ``mlp_out``    ``[B, P, d_model]``                MLP update added to the residual (``m^ℓ``)
+``ple_out``    ``[B, P, d_model]``                third update, after the MLP's: Gemma 3n/4's
+                                                  per-layer input (``p^ℓ``; ``ArchSpec.ple_update``)
 ``q``          ``[B, P, n_heads, d_head]``        query projection (before RoPE and qk-norm)
 ``k``, ``v``   ``[B, P, n_kv_heads, d_head]``     key / value projection (before RoPE and qk-norm)
 ``z``          ``[B, P, n_heads, d_head]``        per-head mix ``Σ_j α_ij v_j`` (input of ``W_O``)
@@ -53,6 +55,7 @@ SiteName = Literal[
     "resid_post",
     "attn_out",
     "mlp_out",
+    "ple_out",
     "q",
     "k",
     "v",

@@ -147,6 +147,14 @@ class ArchSpec:
     ``x``, the attention and MLP modules' outputs ``a`` and ``m``. Sites are then in units of a
     residual stream that only adds (``Model.stream_scale``); empty when every block adds
     ``residual_scale`` times its updates."""
+    ple_update: str | None = None
+    """Module whose output is a third update the block adds to the residual after the MLP's
+    (Gemma 3n/4's per-layer inputs, PLE: ``norm(W_proj (act(W_gate r) ⊙ e_ℓ))`` of the residual
+    ``r`` after the MLP and the token's per-layer embedding ``e_ℓ``): the ``ple_out`` site, a
+    component of its own in residual decompositions; None for the usual two updates."""
+    ple_mix: tuple[float, ...] = ()
+    """Per block the factor ``β_p`` of the third update (``out = α_m mid + β_m m + β_p p``) when
+    ``residual_mix`` is set; empty otherwise (the factor is ``residual_scale``)."""
     attn_post_norm: str | None = None
     """Gemma-2 sandwich norm applied to the attention output before the residual add."""
     mlp_post_norm: str | None = None
