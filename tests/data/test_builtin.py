@@ -54,7 +54,8 @@ def test_every_template_renders_with_spans(relation):
     for fact in facts:
         assert fact.prompt[slice(*fact.subject_span)].casefold() == fact.subject.casefold()
         assert fact.relation_span is not None and fact.prompt[slice(*fact.relation_span)].strip()
-        assert fact.prompt == fact.prompt.strip() and fact.prompt[0].isupper() or not fact.prompt[0].isalpha()
+        assert fact.prompt == fact.prompt.strip()
+        assert fact.prompt[0].isupper() or not fact.prompt[0].isalpha()
         assert fact.description
 
 

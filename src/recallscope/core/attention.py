@@ -40,6 +40,7 @@ from torch.overrides import TorchFunctionMode
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import eager_mask
 
+from recallscope.core.dtypes import compute_dtype
 from recallscope.core.hooks import module_hook, site_hook
 from recallscope.errors import KnockoutError, UnsupportedModelError
 from recallscope.models.kernels import SOFTMAXES, attention_kernel, eager_kernel, is_probabilities
@@ -178,7 +179,7 @@ def output_gate_hook(model: Model, layer: int, fn: Callable) -> Iterator[None]:
 
     def gate(z: torch.Tensor) -> None:  # [B, T, H, d_head]
         mix = seen.pop()
-        dtype = torch.promote_types(z.dtype, torch.float32)
+        dtype = compute_dtype(z.dtype)
         z, mix = z.to(dtype), mix.to(dtype).reshape(*z.shape[:-1], -1)
         mix = torch.nn.functional.pad(mix, (0, z.shape[-1] - mix.shape[-1]))  # z of narrower heads is padded
         fn(torch.where(mix != 0, z / torch.where(mix != 0, mix, 1), 0))

@@ -28,19 +28,28 @@ from dataclasses import dataclass
 
 import torch
 
-from recallscope.core.updates import update_map
-from recallscope.errors import ShapeError
+from recallscope.core.dtypes import compute_dtype
+from recallscope.core.updates import apply_update, update_map
+from recallscope.errors import RecallscopeError, ShapeError
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
 
 __all__ = [
+    "SLICINGS",
     "Decomposition",
+    "head_vectors",
+    "ov_outputs",
     "head_outputs",
     "head_source_outputs",
     "neuron_outputs",
     "resid_decomposition",
     "resid_sites",
 ]
+
+
+SLICINGS = ("input_columns", "reference_code")
+"""How :func:`head_vectors` cuts ``W_O`` into heads: by its input columns (right), or as Yan & Jia's
+released code does (a reinterpretation of the memory of ``o_proj.weight``)."""
 
 
 @dataclass(frozen=True)
@@ -64,10 +73,6 @@ class Decomposition:
         return self.parts.sum(self.axis) + self.rest
 
 
-def _dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)
-
-
 @torch.no_grad()
 def head_outputs(model: Model, layer: int, z: torch.Tensor) -> Decomposition:
     """Per-head outputs ``[B, P, n_heads, d_model]`` from ``z [B, P, n_heads, d_head]``.
@@ -75,7 +80,7 @@ def head_outputs(model: Model, layer: int, z: torch.Tensor) -> Decomposition:
     Sum over heads plus ``rest`` equals ``attn_out`` at the same positions.
     """
     _check_shape(z, (model.n_heads, model.d_head), "z")
-    dtype = _dtype(z)
+    dtype = compute_dtype(z.dtype)
     W_O = model.W_O(layer).to(z.device, dtype)
     parts = torch.einsum("bphe,hed->bphd", z.to(dtype), W_O)
     return _with_bias(model, layer, parts, model.b_O(layer), "attn", axis=2)
@@ -99,7 +104,7 @@ def head_source_outputs(
         equal ``attn_out`` at the query positions.
     """
     _check_shape(v, (model.n_kv_heads_at(layer), model.d_head), "v")
-    dtype = _dtype(v)
+    dtype = compute_dtype(v.dtype)
     v = model.per_query_head(v.to(dtype), layer)  # [B, T, H, d_head]: head h reads kv h // g
     weighted = torch.einsum("bhpt,bthe->bphte", pattern.to(dtype), v)
     if gate is not None:
@@ -124,7 +129,7 @@ def neuron_outputs(
         ``mlp_out`` (or its projection).
     """
     _check_shape(coeffs, (model.d_mlp,), "coeffs")
-    dtype = _dtype(coeffs)
+    dtype = compute_dtype(coeffs.dtype)
     coeffs = coeffs.to(dtype)
     W_out = model.W_out(layer).to(coeffs.device, dtype)  # [d_mlp, d_model]
     b_out = model.b_out(layer)
@@ -150,6 +155,51 @@ def neuron_outputs(
     if onto.dim() == 1:
         parts, rest = parts[..., 0], rest if isinstance(rest, float) else rest[..., 0]
     return Decomposition(parts, rest, axis=2)
+
+
+def head_vectors(model: Model, layer: int, z: torch.Tensor, slicing: str = "input_columns") -> torch.Tensor:
+    """Per-head outputs ``[B, n_heads, d_model]`` of ``layer`` from ``z [B, n_heads, d_head]`` (one position).
+
+    ``input_columns``: ``z_h W_O[h]`` (Gemma-2's post-norm folded in); ``reference_code``: the released
+    code's ``z_h · o_proj.weight.view(H, d_h, d)[h]`` (same post-norm folding).
+    """
+    if slicing == "input_columns":
+        return head_outputs(model, layer, z[:, None]).parts[:, 0]
+    if slicing != "reference_code":
+        raise RecallscopeError(f"wo_slicing must be one of {SLICINGS}, got {slicing!r}")
+    W_O = model.W_O(layer).to(z.device, z.dtype)  # [H, d_head, d]
+    weight = W_O.flatten(0, 1).T.contiguous()  # HF Linear layout [d_out, H·d_head]
+    sliced = weight.view(
+        model.n_heads, model.d_head, model.d_model
+    )  # memory reinterpretation, not a transpose
+    parts = torch.einsum("bhe,hed->bhd", z, sliced)
+    b_O = model.b_O(layer)
+    raw = torch.einsum("bhe,hed->bd", z, W_O) + (0 if b_O is None else b_O.to(z.device, z.dtype))
+    update = update_map(model, "attn", layer, raw)  # post-norm at the true output; residual scale
+    return parts if update is None else update(parts, axes=(1,))
+
+
+def ov_outputs(model: Model, layer: int, x: torch.Tensor, *, input_norm: bool = True) -> torch.Tensor:
+    """Every head's OV map of input vectors: ``x [N, d_model]`` → ``out [N, n_heads, d_model]``.
+
+    ``out[:, h] = (norm(x) W_V[h // n_groups] + b_V[h // n_groups]) W_O[h]`` with block ``layer``'s
+    pre-attention norm (when ``input_norm``), then Gemma-2's post-attention norm on each head alone.
+    Computed in at least float32; the norms run in the model's dtype, as in its forward.
+    """
+    dtype = compute_dtype(model.dtype)
+    spec = model.spec.at(layer)
+    if input_norm and spec.ln_1 is not None:  # no norm: the attention reads the residual (OLMo-2)
+        x = model.module(spec.ln_1, layer)(x.to(model.dtype))
+    x = x.to(dtype)
+    v = torch.einsum("nd,kde->nke", x, model.W_V(layer).to(x.device, dtype))  # [N, n_kv_heads, d_head]
+    b_V = model.b_V(layer)
+    if b_V is not None:
+        v = v + b_V.to(x.device, dtype)
+    # query head h = kv * n_groups + g reads kv head h // n_groups: W_O [H, e, d] -> [kv, g, e, d]
+    groups = (model.n_kv_heads_at(layer), model.n_groups_at(layer))
+    W_O = model.W_O(layer).to(x.device, dtype).unflatten(0, groups)
+    out = torch.einsum("nke,kged->nkgd", v, W_O).flatten(1, 2)  # [N, H, d_model]
+    return apply_update(model, "attn", layer, out)  # post-norm in the model's dtype, residual scale
 
 
 def _with_bias(model, layer, parts, bias, sublayer, axis) -> Decomposition:
@@ -193,7 +243,7 @@ def resid_decomposition(model: Model, cache, *, upto: int | None = None) -> Deco
         if site.layer is None or site.layer <= upto:
             labels.append(str(site))
             parts.append(cache[site])
-    dtype = _dtype(parts[0])
+    dtype = compute_dtype(parts[0].dtype)
     stacked = torch.stack([p.to(dtype) for p in parts], dim=2)
     return Decomposition(stacked, 0.0, axis=2, labels=tuple(labels))
 

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from recallscope.core.dtypes import compute_dtype
 from recallscope.core.hooks import module_hook
 from recallscope.models.experts import bank_inputs, expert_coefficients
 from recallscope.models.model import Model
@@ -76,7 +77,7 @@ def _dispatcher(model: Model, layer: int, entries: list) -> Iterator[None]:
         if coeffs is clean:
             return None
         out = output[0] if isinstance(output, tuple) else output
-        values = model.W_out(layer).to(out.device, torch.promote_types(out.dtype, torch.float32))
+        values = model.W_out(layer).to(out.device, compute_dtype(out.dtype))
         delta = (coeffs - clean).to(values.device, values.dtype) @ values  # only the edited neurons
         if inner_norm is None:
             new_out = (out + delta.reshape(out.shape).to(out.dtype)).to(out.dtype)
@@ -140,7 +141,7 @@ def _coefficients(model: Model, spec, layer: int, bank, seen: dict) -> torch.Ten
     shared expert's, then zeros up to the model's ``d_mlp`` (a block with fewer neurons).
     """
     x, index, weights = seen["bank"]
-    dtype = torch.promote_types(x.dtype, torch.float32)
+    dtype = compute_dtype(x.dtype)
     routed = expert_coefficients(bank, model.tensor, x.to(dtype), index, weights)
     parts = [routed if spec.routed_scale == 1.0 else routed * spec.routed_scale]
     n_tokens = routed.shape[0]

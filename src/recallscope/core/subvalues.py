@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
+from recallscope.core.dtypes import upcast
 from recallscope.core.updates import update_map
 from recallscope.core.vocab import final_norm_scale
 from recallscope.errors import ShapeError
@@ -60,10 +61,6 @@ _EXP_SAFE = 60.0
 """Largest gap between the shift and the true maximum for which ``exp`` cannot underflow in fp32."""
 
 
-def _wide(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
 def value_directions(
     model: Model, vectors: torch.Tensor, *, dtype: torch.dtype | None = None
 ) -> torch.Tensor:
@@ -72,7 +69,7 @@ def value_directions(
     The frozen head without ``1/ρ`` or bias (so it needs no forward), in ``dtype`` (default: the
     vectors' dtype, at least float32) on the vectors' device.
     """
-    dtype = dtype or _wide(vectors).dtype
+    dtype = dtype or upcast(vectors).dtype
     params = model.norm_params(model.spec.final_norm)
     x = vectors.to(dtype)
     if params.kind == "layer":
@@ -205,7 +202,7 @@ def ffn_subvalues(model: Model, layer: int, coeffs: torch.Tensor) -> Subvalues:
 
     ``values = W_out [d_mlp, d]`` (⊙ Gemma-2's post-norm gain, whose ``1/ρ`` goes into the coefficients).
     """
-    c = _wide(coeffs)
+    c = upcast(coeffs)
     W_out = model.W_out(layer).to(c.device, c.dtype)
     b_out = model.b_out(layer)
     pre = c @ W_out + (0 if b_out is None else b_out.to(c.device, c.dtype))
@@ -229,7 +226,7 @@ def attn_subvalues(
         ``R = T`` coefficients ``α_{h,j} v_{j, kv(h), n}`` (times the gate ``g_{h,n}``) each;
         query head ``h`` reads key/value head ``h // n_groups``.
     """
-    v = model.per_query_head(_wide(v), layer)  # [B, T, H, d_head]
+    v = model.per_query_head(upcast(v), layer)  # [B, T, H, d_head]
     coeffs = torch.einsum("bht,bthn->bhnt", pattern.to(v.dtype), v)  # [B, H, d_head, T]
     coeffs = (coeffs if gate is None else coeffs * gate.to(v.dtype)[..., None]).flatten(1, 2)
     W_O = model.W_O(layer).to(v.device, v.dtype).flatten(0, 1)  # [H*d_head, d]

@@ -27,6 +27,7 @@ from typing import Literal
 
 import torch
 
+from recallscope.core.dtypes import compute_dtype, upcast
 from recallscope.errors import ShapeError
 from recallscope.models.model import Model
 
@@ -69,17 +70,13 @@ class VocabProjection:
         return None if self.target_logprobs is None else self.target_logprobs.exp()
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)
-
-
 def final_norm_scale(model: Model, resid: torch.Tensor) -> torch.Tensor:
     """``ρ [..., 1]`` of the final norm for residual vectors ``resid [..., d_model]``.
 
     RMSNorm: ``sqrt(mean(x²) + ε)``; LayerNorm: ``sqrt(var(x) + ε)`` (biased variance).
     """
     params = model.norm_params(model.spec.final_norm)
-    x = resid.to(_compute_dtype(resid))
+    x = upcast(resid)
     if params.kind == "rms":
         return (x.pow(2).mean(-1, keepdim=True) + params.eps).sqrt()
     return (x.var(-1, keepdim=True, unbiased=False) + params.eps).sqrt()
@@ -90,7 +87,7 @@ def apply_final_norm(
 ) -> torch.Tensor:
     """Final norm of ``x [..., d_model]``; with ``scale`` given, its frozen-scale (linear) version."""
     params = model.norm_params(model.spec.final_norm)
-    dtype = _compute_dtype(x)
+    dtype = compute_dtype(x.dtype)
     x = x.to(dtype)
     if params.kind == "layer":
         x = x - x.mean(-1, keepdim=True)
@@ -165,7 +162,7 @@ def project_to_vocab(
 
 def _prepare(model, x, mode, scale_from, bias) -> torch.Tensor:
     if mode == "raw":
-        return x.to(_compute_dtype(x))
+        return upcast(x)
     if mode == "logit_lens":
         return apply_final_norm(model, x)
     scale = final_norm_scale(model, scale_from)
@@ -175,7 +172,7 @@ def _prepare(model, x, mode, scale_from, bias) -> torch.Tensor:
 def _frozen_bias(model: Model, weight: torch.Tensor) -> torch.Tensor | None:
     """``W_U·β + b_U``: the constant logits of the frozen-scale head."""
     beta = model.norm_params(model.spec.final_norm).bias
-    dtype = _compute_dtype(weight)
+    dtype = compute_dtype(weight.dtype)
     total = None if beta is None else weight.to(dtype) @ beta.to(dtype)
     if model.b_U is not None:
         total = model.b_U.to(dtype) if total is None else total + model.b_U.to(dtype)

@@ -60,6 +60,7 @@ import pandas as pd
 import torch
 
 from recallscope.core.cache import forward
+from recallscope.core.decoding import work_dtype
 from recallscope.core.decompose import head_outputs, neuron_outputs
 from recallscope.core.hooks import site_hook
 from recallscope.core.resume import RunState, equal_length_rows, record_run, resume
@@ -69,7 +70,6 @@ from recallscope.data.builtin import generic_text
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
 from recallscope.methods.base import Cost, MethodConfig, as_batch, choose_targets, result_provenance, wide
-from recallscope.methods.early_decoding import work_dtype
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
 from recallscope.stats import bootstrap_ci, expected_calibration_error, mean_ci, paired_bootstrap_ci

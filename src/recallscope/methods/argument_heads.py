@@ -8,7 +8,7 @@ maps:
 - ``attention``: the head's attention from ``N`` to the subject, summed over the subject's tokens
   (``attend_to="span"``) or to its first token only (``"first"``, the paper's ``pos_N``);
 - ``subject_logit``: the head's output ``o^{ℓ,h}_N = z^{ℓ,h}_N W_O^{ℓ,h}``
-  (:func:`~recallscope.methods.head_promotion.head_vectors`, Gemma-2's post-norm folded in) read on
+  (:func:`~recallscope.core.decompose.head_vectors`, Gemma-2's post-norm folded in) read on
   the subject's first token: the frozen-scale logit ``W_U (γ ⊙ centre(o)) / ρ_N`` of that token
   (``projection="frozen_scale"``, ``ρ_N`` the final norm's scale on the same forward's final residual,
   no bias, no soft-cap) or the raw ``⟨o, W_U[tok]⟩`` (``"raw"``, the paper's scatter).
@@ -62,6 +62,8 @@ import pandas as pd
 import torch
 
 from recallscope.core.cache import run_with_cache
+from recallscope.core.decoding import work_dtype
+from recallscope.core.decompose import head_vectors
 from recallscope.core.hooks import site_hook
 from recallscope.core.resume import equal_length_rows, record_run, resume
 from recallscope.core.subvalues import FrozenHead
@@ -70,8 +72,6 @@ from recallscope.data.facts import FactSet
 from recallscope.data.variants import add_relation_context, counterfactual_facts
 from recallscope.errors import RecallscopeError
 from recallscope.methods.base import Cost, MethodConfig, choose_targets, logit_minus_mean, result_provenance
-from recallscope.methods.early_decoding import work_dtype
-from recallscope.methods.head_promotion import head_vectors
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
 from recallscope.stats import mean_ci

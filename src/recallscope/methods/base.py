@@ -32,6 +32,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from recallscope.core.dtypes import upcast
 from recallscope.errors import RecallscopeError
 
 __all__ = [
@@ -128,7 +129,7 @@ def as_batch(model, facts_or_batch):
 
 def wide(logits: torch.Tensor) -> torch.Tensor:
     """Logits in at least float32 (bf16/fp16 models); float64 is kept."""
-    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return upcast(logits)
 
 
 def choose_targets(batch, logits: torch.Tensor, target: str) -> torch.Tensor:

@@ -42,6 +42,7 @@ import pandas as pd
 import torch
 
 from recallscope.core.cache import run_with_cache
+from recallscope.core.dtypes import upcast
 from recallscope.core.patching import add_noise, patch_cells
 from recallscope.core.resume import RunState, record_run, resume
 from recallscope.core.steps import answer_span_names, answer_steps, span_masks
@@ -459,7 +460,7 @@ def _trace(model, ids, span, gold, noise, config, fact_id) -> FactTrace:
 
 def _score(logits: torch.Tensor, target: Sequence[int], metric: str) -> torch.Tensor:
     """``[R]`` scores from ``logits [R, n, V]``: P(target) (``prob``) or Σ log P of the answer."""
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    logits = upcast(logits)
     picked = logits[:, torch.arange(len(target)), torch.tensor(target)] - logits.logsumexp(-1)  # [R, n]
     return (picked[:, 0].exp() if metric == "prob" else picked.sum(-1)).double()
 

@@ -30,15 +30,14 @@ final residual at ``N``; the tracked tokens are decoded through per-row covector
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 import torch
 
-from recallscope.core.cache import run_with_cache
-from recallscope.core.steps import Tracked, tracked_tokens
+from recallscope.core.decoding import TrackedInfo, decode_tracked, last_position_cache, tracked_frame
+from recallscope.core.steps import tracked_tokens
 from recallscope.core.subvalues import FrozenHead
 from recallscope.core.tokens import PromptBatch
 from recallscope.data.facts import FactSet
@@ -57,11 +56,6 @@ __all__ = [
     "EarlyDecodingResult",
     "run",
     "cost",
-    "TrackedInfo",
-    "last_position_cache",
-    "decode_tracked",
-    "tracked_frame",
-    "work_dtype",
 ]
 
 NAME = "early_decoding"
@@ -100,35 +94,6 @@ class Config(MethodConfig):
             raise RecallscopeError(
                 f"subject and bias must be True or False, got subject={self.subject!r}, bias={self.bias!r}"
             )
-
-
-@dataclass(frozen=True)
-class TrackedInfo:
-    """The tracked tokens of ``F`` facts as plain data (what results keep of a :class:`Tracked`).
-
-    Attributes:
-        names: ``[n]`` ``subject``, ``answer_1`` … ``answer_k``.
-        ids: ``[F, n]`` token ids.
-        roles: ``[F][n]`` ``subject`` / ``previous`` / ``current`` / ``future``.
-        steps: ``[F]`` answer step of each fact.
-        tokens: ``[F][n]`` token strings.
-    """
-
-    names: list[str]
-    ids: np.ndarray
-    roles: list[list[str]]
-    steps: np.ndarray
-    tokens: list[list[str]]
-
-    @classmethod
-    def from_tracked(cls, tracked: Tracked) -> TrackedInfo:
-        return cls(
-            names=list(tracked.names),
-            ids=tracked.ids.numpy(),
-            roles=[list(r) for r in tracked.roles],
-            steps=tracked.steps.numpy(),
-            tokens=[list(t) for t in tracked.tokens],
-        )
 
 
 @dataclass
@@ -202,77 +167,6 @@ def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = Non
     forward = len(batch) * batch.seq_len * (4 * model.d_model + 2 * model.d_mlp)
     work = float(sum(batch.seq_len - int(p) for p in batch.pad_lengths) * model.n_layers)
     return Cost(1, work, (kept + forward) * max(model.dtype.itemsize, 4))
-
-
-# -- helpers shared with head_promotion ---------------------------------------------------------------
-
-
-def work_dtype(model: Model) -> torch.dtype:
-    """The dtype activations are kept in: the model's, at least float32."""
-    return torch.promote_types(model.dtype, torch.float32)
-
-
-def last_position_cache(model: Model, batch: PromptBatch, sites: Sequence[Site]) -> tuple[dict, torch.Tensor]:
-    """One forward keeping ``sites`` and the final residual at the last position ``N``.
-
-    Returns:
-        ``{site: [B, ...]}`` (the site's shape without the position axis) and the final residual
-        ``[B, d_model]`` (``resid_post`` of the last block), in :func:`work_dtype`.
-    """
-    final = Site(model.n_layers - 1, "resid_post")
-    cache = run_with_cache(model, batch, [*sites, final], positions=[-1], dtype=work_dtype(model))
-    return {site: cache[site][:, 0] for site in sites}, cache[final][:, 0]
-
-
-def decode_tracked(head: FrozenHead, vectors: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Frozen-scale logits of each row's tracked tokens for vectors read at ``N``.
-
-    Args:
-        head: the frozen head of the ``B`` rows.
-        vectors: ``[B, ..., d_model]`` components of each row.
-        ids: ``[B, n]`` tracked token ids.
-
-    Returns:
-        ``[B, ..., n]``; with ``head.bias`` its constant logits of the tokens are added.
-    """
-    u = head.token_covectors(ids)  # [B, n, d]
-    flat = vectors.to(u.device, u.dtype).reshape(len(vectors), -1, vectors.shape[-1])  # [B, M, d]
-    logits = torch.einsum("bmd,bnd->bmn", flat, u).reshape(*vectors.shape[:-1], u.shape[1])
-    if head.bias is not None:
-        constant = head.bias[ids.to(head.bias.device).long()]  # [B, n]
-        logits = logits + constant.view(len(ids), *[1] * (vectors.dim() - 2), -1)
-    return logits
-
-
-def tracked_frame(
-    fact_ids: Sequence[str], tracked: TrackedInfo, values: np.ndarray, axes: Mapping[str, Sequence]
-) -> pd.DataFrame:
-    """A tidy frame of ``values [F, *axes, n]`` (one row per fact × axes × tracked token).
-
-    Columns ``fact_id``, ``step``, the ``axes`` (labelled by their sequences), ``tracked``, ``role``,
-    ``token`` and ``logit``.
-    """
-    index = np.indices(values.shape).reshape(values.ndim, -1)
-    f, t = index[0], index[-1]
-    columns: dict[str, np.ndarray] = {
-        "fact_id": np.array(fact_ids, dtype=object)[f],
-        "step": np.asarray(tracked.steps, dtype=np.int64)[f],
-    }
-    for i, (name, labels) in enumerate(axes.items()):
-        columns[name] = np.asarray(list(labels))[index[1 + i]]
-    columns["tracked"] = np.array(tracked.names, dtype=object)[t]
-    columns["role"] = _object_grid(tracked.roles)[f, t]
-    columns["token"] = _object_grid(tracked.tokens)[f, t]
-    columns["logit"] = values.reshape(-1)
-    return pd.DataFrame(columns)
-
-
-def _object_grid(rows: Sequence[Sequence[str]]) -> np.ndarray:
-    """``[F][n]`` strings as an ``[F, n]`` object array (never splits strings into characters)."""
-    grid = np.empty((len(rows), len(rows[0]) if rows else 0), dtype=object)
-    for i, row in enumerate(rows):
-        grid[i, :] = list(row)
-    return grid
 
 
 def _provenance(model: Model, config: Config) -> dict:

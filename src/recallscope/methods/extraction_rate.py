@@ -45,6 +45,7 @@ import torch
 from recallscope.core.attention import output_gate_hook
 from recallscope.core.attributes import READOUTS, Readout, extraction_events, readout
 from recallscope.core.cache import forward
+from recallscope.core.dtypes import upcast
 from recallscope.core.hooks import site_hook
 from recallscope.core.tokens import PromptBatch
 from recallscope.core.updates import apply_update
@@ -359,7 +360,7 @@ def counterfactual_weights(
     Returns:
         ``[B, L, n, H, T]`` weights (at least float32).
     """
-    probs = pattern.to(torch.promote_types(pattern.dtype, torch.float32))[:, :, None]  # [B, L, 1, H, T]
+    probs = upcast(pattern)[:, :, None]  # [B, L, 1, H, T]
     keep = ~blocked[:, None, :, None, :].to(probs.device)  # [B, 1, n, 1, T]
     real = real[:, None, None, None, :].to(probs.device)
     touched = (~keep & real).any(-1, keepdim=True)  # [B, 1, n, 1, 1]: the variant blocks something

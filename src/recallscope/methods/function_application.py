@@ -8,7 +8,7 @@ vocabulary space with the final norm's scale frozen on the final residual of the
 - ``mlp_out``: the whole MLP output ``m^ℓ_N``;
 - ``remainder``: ``f = m^ℓ_N − X β̂`` (``− c`` with an intercept), the part of the MLP output that
   a per-example least-squares fit on the outputs of the heads that feed it does not explain
-  (L5, :func:`recallscope.methods.mlp_regression.remainders`). It is Lv et al.'s "function
+  (L5, :func:`recallscope.core.regression.remainders`). It is Lv et al.'s "function
   application" component: the MLP's contribution that is not a re-weighting of the heads.
 
 For each component the frame gives the target's frozen-scale ``logit`` and its 1-based ``rank``
@@ -44,14 +44,14 @@ import pandas as pd
 import torch
 
 from recallscope.core.cache import run_with_cache
+from recallscope.core.decoding import decode_tracked, work_dtype
+from recallscope.core.regression import needed_sites, regressor_heads, remainders
 from recallscope.core.subvalues import FrozenHead
 from recallscope.core.tokens import PromptBatch, answer_ids
 from recallscope.data.facts import FactSet
 from recallscope.data.variants import add_relation_context, counterfactual_facts
 from recallscope.errors import RecallscopeError
 from recallscope.methods.base import Cost, MethodConfig, result_provenance
-from recallscope.methods.early_decoding import decode_tracked, work_dtype
-from recallscope.methods.mlp_regression import needed_sites, regressor_heads, remainders
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
 from recallscope.stats import mean_ci

@@ -37,10 +37,10 @@ import torch
 
 from recallscope.core.attributes import READOUTS, Readout, readout
 from recallscope.core.cache import forward
-from recallscope.core.decompose import head_outputs
+from recallscope.core.decompose import head_outputs, ov_outputs
+from recallscope.core.dtypes import upcast
 from recallscope.core.hooks import site_hook
 from recallscope.core.tokens import PromptBatch
-from recallscope.core.updates import apply_update
 from recallscope.core.vocab import decode_tokens
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
@@ -256,7 +256,7 @@ def subject_inputs(batch: PromptBatch, embed: torch.Tensor, how: str) -> torch.T
 
     ``how``: ``mean`` of the subject's embeddings, or its ``first`` / ``last`` token's.
     """
-    embed = embed.to(torch.promote_types(embed.dtype, torch.float32))
+    embed = upcast(embed)
     bounds = batch.spans["subject"].to(embed.device)
     rows = torch.arange(len(batch), device=embed.device)
     if how == "first":
@@ -268,29 +268,6 @@ def subject_inputs(batch: PromptBatch, embed: torch.Tensor, how: str) -> torch.T
 
 
 @torch.no_grad()
-def ov_outputs(model: Model, layer: int, x: torch.Tensor, *, input_norm: bool = True) -> torch.Tensor:
-    """Every head's OV map of input vectors: ``x [N, d_model]`` → ``out [N, n_heads, d_model]``.
-
-    ``out[:, h] = (norm(x) W_V[h // n_groups] + b_V[h // n_groups]) W_O[h]`` with block ``layer``'s
-    pre-attention norm (when ``input_norm``), then Gemma-2's post-attention norm on each head alone.
-    Computed in at least float32; the norms run in the model's dtype, as in its forward.
-    """
-    dtype = torch.promote_types(model.dtype, torch.float32)
-    spec = model.spec.at(layer)
-    if input_norm and spec.ln_1 is not None:  # no norm: the attention reads the residual (OLMo-2)
-        x = model.module(spec.ln_1, layer)(x.to(model.dtype))
-    x = x.to(dtype)
-    v = torch.einsum("nd,kde->nke", x, model.W_V(layer).to(x.device, dtype))  # [N, n_kv_heads, d_head]
-    b_V = model.b_V(layer)
-    if b_V is not None:
-        v = v + b_V.to(x.device, dtype)
-    # query head h = kv * n_groups + g reads kv head h // n_groups: W_O [H, e, d] -> [kv, g, e, d]
-    groups = (model.n_kv_heads_at(layer), model.n_groups_at(layer))
-    W_O = model.W_O(layer).to(x.device, dtype).unflatten(0, groups)
-    out = torch.einsum("nke,kged->nkgd", v, W_O).flatten(1, 2)  # [N, H, d_model]
-    return apply_update(model, "attn", layer, out)  # post-norm in the model's dtype, residual scale
-
-
 def _layer(model, layer, x, z, targets, config) -> dict[str, torch.Tensor]:
     """One layer, all facts and heads: the OV rows (ranks, top-k) and the real outputs (rank, logit)."""
     mapped = readout(

@@ -36,15 +36,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from recallscope.core.decompose import head_outputs
+from recallscope.core.decoding import TrackedInfo, decode_tracked, last_position_cache, tracked_frame
+from recallscope.core.decompose import SLICINGS, head_vectors
 from recallscope.core.steps import ROLES, tracked_tokens
 from recallscope.core.subvalues import FrozenHead
 from recallscope.core.tokens import PromptBatch
-from recallscope.core.updates import update_map
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
 from recallscope.methods.base import Cost, MethodConfig, as_batch, result_provenance
-from recallscope.methods.early_decoding import TrackedInfo, decode_tracked, last_position_cache, tracked_frame
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
 
@@ -68,7 +67,6 @@ DESCRIPTION = (
 )
 CHUNK_SIZE = 16
 """Facts per runner chunk (one forward each)."""
-SLICINGS = ("input_columns", "reference_code")
 _KEYS = ["step", "layer", "head"]
 
 
@@ -175,28 +173,6 @@ def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = Non
     forward = len(batch) * batch.seq_len * (4 * model.d_model + 2 * model.d_mlp)
     work = float(sum(batch.seq_len - int(p) for p in batch.pad_lengths) * model.n_layers)
     return Cost(1, work, (kept + forward) * max(model.dtype.itemsize, 4))
-
-
-def head_vectors(model: Model, layer: int, z: torch.Tensor, slicing: str = "input_columns") -> torch.Tensor:
-    """Per-head outputs ``[B, n_heads, d_model]`` of ``layer`` from ``z [B, n_heads, d_head]`` (one position).
-
-    ``input_columns``: ``z_h W_O[h]`` (Gemma-2's post-norm folded in); ``reference_code``: the released
-    code's ``z_h · o_proj.weight.view(H, d_h, d)[h]`` (same post-norm folding).
-    """
-    if slicing == "input_columns":
-        return head_outputs(model, layer, z[:, None]).parts[:, 0]
-    if slicing != "reference_code":
-        raise RecallscopeError(f"wo_slicing must be one of {SLICINGS}, got {slicing!r}")
-    W_O = model.W_O(layer).to(z.device, z.dtype)  # [H, d_head, d]
-    weight = W_O.flatten(0, 1).T.contiguous()  # HF Linear layout [d_out, H·d_head]
-    sliced = weight.view(
-        model.n_heads, model.d_head, model.d_model
-    )  # memory reinterpretation, not a transpose
-    parts = torch.einsum("bhe,hed->bhd", z, sliced)
-    b_O = model.b_O(layer)
-    raw = torch.einsum("bhe,hed->bd", z, W_O) + (0 if b_O is None else b_O.to(z.device, z.dtype))
-    update = update_map(model, "attn", layer, raw)  # post-norm at the true output; residual scale
-    return parts if update is None else update(parts, axes=(1,))
 
 
 # -- dataset-wide thresholds and rates ----------------------------------------------------------------

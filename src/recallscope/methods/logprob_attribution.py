@@ -56,6 +56,7 @@ import torch
 
 from recallscope.core.attention import output_gate_hook
 from recallscope.core.cache import forward
+from recallscope.core.dtypes import upcast
 from recallscope.core.hooks import site_hook
 from recallscope.core.subvalues import (
     FrozenHead,
@@ -360,7 +361,7 @@ def _capture(model: Model, batch: PromptBatch, config: Config) -> tuple[torch.Te
     def keep(key, pick):
         def save(act: torch.Tensor) -> None:
             act = pick(act.detach())
-            saved[key] = act.to(torch.promote_types(act.dtype, torch.float32))
+            saved[key] = upcast(act)
 
         return save
 
@@ -574,7 +575,7 @@ def _exact_scores(model, head, cap, base, targets, kind, coeffs, chosen) -> torc
 def _value_vectors(model: Model, kind: str, layer: int) -> torch.Tensor:
     """``[K, d]`` the value vectors of ``layer`` as the subvalues use them (Gemma-2: post-norm gain)."""
     values = model.W_out(layer) if kind == "neuron" else model.W_O(layer).flatten(0, 1)
-    values = values.to(torch.promote_types(values.dtype, torch.float32))
+    values = upcast(values)
     gain = update_gain(model, "mlp" if kind == "neuron" else "attn", layer, values.dtype, values.device)
     return values if gain is None else values * gain
 

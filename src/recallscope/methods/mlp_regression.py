@@ -53,7 +53,7 @@ MLP input, ``mlp_out`` and ``resid_post`` at ``N`` only; fits, JVPs and ranks ru
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -61,10 +61,18 @@ import numpy as np
 import pandas as pd
 import torch
 
-from recallscope.core.cache import run_with_cache
-from recallscope.core.decompose import head_outputs
-from recallscope.core.mlp import feeding_attention_layer, mlp_input_site, mlp_jvp
-from recallscope.core.regression import least_squares
+from recallscope.core import regression
+from recallscope.core.mlp import mlp_input_site, mlp_jvp
+from recallscope.core.regression import (
+    REGRESSORS,
+    SPACES,
+    last_position_acts,
+    layer_inputs,
+    needed_sites,
+    regressor_heads,
+    regressor_matrix,
+    remainder_fit,
+)
 from recallscope.core.tokens import PromptBatch
 from recallscope.core.vocab import project_to_vocab
 from recallscope.data.facts import FactSet
@@ -96,8 +104,6 @@ DESCRIPTION = (
 )
 CHUNK_SIZE = 32
 """Facts per runner chunk (per-example fits); ``batch_size`` facts per forward inside ``run``."""
-REGRESSORS = ("feeding_layer", "earlier_layers")
-SPACES = ("raw", "normalized")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -166,41 +172,6 @@ def needs_all_facts(config: Config) -> bool:
     return config.pooled
 
 
-# -- shared helpers (also used by the function-application analysis, L6) ------------------------------
-
-
-def regressor_heads(model: Model, layer: int, regressors: str = "feeding_layer") -> list[tuple[int, int]]:
-    """The ``(source_layer, head)`` pairs regressed for MLP ``layer`` (empty for MLP 0 of parallel blocks)."""
-    if regressors not in REGRESSORS:
-        raise RecallscopeError(f"regressors must be one of {REGRESSORS}, got {regressors!r}")
-    feeding = feeding_attention_layer(model, layer)
-    if feeding is None:
-        return []
-    sources = [feeding] if regressors == "feeding_layer" else range(feeding + 1)
-    return [(src, h) for src in sources for h in range(model.n_heads)]
-
-
-def needed_sites(
-    model: Model, layers: Sequence[int], *, regressors: str = "feeding_layer", ranks: bool = False
-) -> list[Site]:
-    """Last-position sites the fits of MLPs ``layers`` read: ``z`` of the regressor layers, the MLP
-    input and ``mlp_out`` (and ``resid_post`` with ``ranks``).
-    """
-    sources = sorted({src for layer in layers for src, _ in regressor_heads(model, layer, regressors)})
-    sites = [Site(src, "z") for src in sources]
-    for layer in layers:
-        sites += [mlp_input_site(model, layer), Site(layer, "mlp_out")]
-        sites += [Site(layer, "resid_post")] if ranks else []
-        sites += [Site(layer, "ple_out")] if ranks and model.spec.ple_update else []
-    return list(dict.fromkeys(sites))
-
-
-def last_position_acts(model: Model, batch: PromptBatch, sites: Sequence[Site]) -> dict[Site, torch.Tensor]:
-    """One forward keeping ``sites`` at the last position: ``{site: [B, ...]}`` in float64."""
-    cache = run_with_cache(model, batch, list(sites), positions=[-1])
-    return {site: cache[site][:, 0].double() for site in sites}
-
-
 def remainders(
     model: Model,
     cache_or_acts: PromptBatch | FactSet | Mapping[Site, torch.Tensor],
@@ -210,77 +181,11 @@ def remainders(
     intercept: bool = False,
     space: str = "raw",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mlp_out [B, d], remainder [B, d]) at the last position of MLP `layer`, per-example fit.
-
-    Args:
-        model: the model.
-        cache_or_acts: a batch or fact set (one forward is run), or last-position activations
-            ``{Site: [B, ...]}`` holding :func:`needed_sites` of ``[layer]``.
-        layer: the MLP's block index.
-        regressors, intercept, space: as in :class:`Config`.
-
-    Returns:
-        float64 ``y = m^ℓ_N`` and ``f = y − Σ β o (− c)``; with no regressor heads (MLP 0 of a
-        parallel model) ``f = y`` (minus its mean with ``intercept``).
+    """(mlp_out [B, d], remainder [B, d]) at the last position of MLP `layer`, per-example fit
+    (:func:`recallscope.core.regression.remainders`; a fact set is tokenized first).
     """
-    model.check_layer(layer)
-    if space not in SPACES:
-        raise RecallscopeError(f"space must be one of {SPACES}, got {space!r}")
-    acts = cache_or_acts
-    if isinstance(acts, PromptBatch | FactSet):
-        batch = as_batch(model, acts)
-        acts = last_position_acts(model, batch, needed_sites(model, [layer], regressors=regressors))
-    heads = regressor_heads(model, layer, regressors)
-    y, raw, _ = _layer_inputs(model, acts, layer, heads)
-    X = _regressors(model, acts, layer, raw, space)
-    return y, _fit(y, X, intercept=intercept, pooled=False)[0]
-
-
-def _layer_inputs(model, acts, layer, heads) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``y [B, d]``, raw head outputs ``[B, n, d]`` and the MLP input ``[B, d]`` (float64)."""
-    try:
-        y = acts[Site(layer, "mlp_out")].double()
-        resid = acts[mlp_input_site(model, layer)].double()
-        by_source = {}
-        for src in sorted({s for s, _ in heads}):
-            z = acts[Site(src, "z")].double()  # [B, H, d_head]
-            by_source[src] = head_outputs(model, src, z[:, None]).parts[:, 0]  # [B, H, d]
-    except KeyError as err:
-        raise RecallscopeError(
-            f"the activations lack site {err.args[0]} needed for MLP {layer}: pass the last-position "
-            f"activations of needed_sites(model, [{layer}]) or a batch"
-        ) from None
-    raw = (
-        torch.stack([by_source[s][:, h] for s, h in heads], 1) if heads else y.new_zeros(len(y), 0, len(y[0]))
-    )
-    return y, raw, resid
-
-
-def _regressors(model, acts, layer, raw: torch.Tensor, space: str) -> torch.Tensor:
-    """The regressors ``[B, n, d]``: raw head outputs, or as the MLP's norm sees them (its scale and
-    a gated norm's gate frozen at their values).
-    """
-    if space == "raw":
-        return raw
-    resid = acts[mlp_input_site(model, layer)].double()
-    path = model.spec.at(layer).mlp_norm
-    params = model.norm_params(path, layer)
-    rho = params.rho(resid)
-    gain = params.gain(torch.float64, raw.device)
-    normed = params.centre(raw) / rho[:, None]
-    normed = normed if gain is None else normed * gain
-    gate = model.norm_gate(path, layer, acts[mlp_input_site(model, layer)])  # [B, d] frozen, or None
-    return normed if gate is None else normed * gate.double()[:, None]
-
-
-def _fit(y: torch.Tensor, X: torch.Tensor, *, intercept: bool, pooled: bool):
-    """``(remainder [B, d], Fit | None)``; with no regressors only the intercept (if any) is removed."""
-    if X.shape[1]:
-        fit = least_squares(y, X, intercept=intercept, pooled=pooled)
-        return fit.remainder, fit
-    if not intercept:
-        return y.clone(), None
-    return (y - (y.mean(0, keepdim=True) if pooled else y.mean(1, keepdim=True))), None
+    acts = as_batch(model, cache_or_acts) if isinstance(cache_or_acts, FactSet) else cache_or_acts
+    return regression.remainders(model, acts, layer, regressors=regressors, intercept=intercept, space=space)
 
 
 # -- the method ---------------------------------------------------------------------------------------
@@ -396,9 +301,9 @@ def run(model: Model, facts: PromptBatch | FactSet, config: Config | None = None
     remainder = np.zeros((F, len(layers), d))
     for i, layer in enumerate(layers):
         n = len(heads[layer])
-        y, raw, resid = _layer_inputs(model, acts, layer, heads[layer])
-        X = _regressors(model, acts, layer, raw, config.space)
-        rest, result = _fit(y, X, intercept=config.intercept, pooled=config.pooled)
+        y, raw, resid = layer_inputs(model, acts, layer, heads[layer])
+        X = regressor_matrix(model, acts, layer, raw, config.space)
+        rest, result = remainder_fit(y, X, intercept=config.intercept, pooled=config.pooled)
         remainder[:, i] = rest.numpy()
         fit["y_norm"][:, i] = y.norm(dim=-1).numpy()
         fit["n_regressors"][:, i] = n

@@ -50,6 +50,7 @@ import torch
 
 from recallscope.core.attention import output_gate_hook, pattern_hook
 from recallscope.core.cache import forward
+from recallscope.core.dtypes import compute_dtype
 from recallscope.core.hooks import site_hook
 from recallscope.core.subvalues import attn_subvalues, ffn_subvalues, value_directions
 from recallscope.core.tokens import PromptBatch
@@ -487,7 +488,7 @@ def _value_stats(model: Model, targets: np.ndarray, ranks: bool) -> dict[str, np
     With ``ranks`` also the targets' ranks in ``±D_w``: ``ffn_rank_pos`` / ``ffn_rank_neg``
     ``[F, L, d_mlp]`` and ``attn_rank_pos`` / ``attn_rank_neg`` ``[F, L, H, d_head]``.
     """
-    dtype, device = torch.promote_types(model.dtype, torch.float32), model.W_U.device
+    dtype, device = compute_dtype(model.dtype), model.W_U.device
     targets = torch.as_tensor(targets, device=device).long()
     out: dict[str, list] = {}
     for layer in range(model.n_layers):

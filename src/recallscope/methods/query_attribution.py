@@ -21,7 +21,7 @@ increase ``Imp``, Y&A-4/5 from :mod:`~recallscope.methods.logprob_attribution`):
     sum to 1: the denominator is the whole residual (embedding, attention, biases included).
 (d) for the top ``n_show`` query neurons: the top tokens of the neuron's value vector ``w_k`` after
     the OV map of the head whose unit contributed most to its score (``W_O^h W_V^h ln_1(w_k)``,
-    :func:`~recallscope.methods.head_mappings.ov_outputs`), next to the top tokens of ``w_k``.
+    :func:`~recallscope.core.decompose.ov_outputs`), next to the top tokens of ``w_k``.
 
 FFN keys (``ffn_key``; §3.6 pitfall 1): ``linearized`` (default) is the gradient of ``c_k`` with
 respect to the MLP's input residual at the actual input with the norm's scale frozen,
@@ -59,6 +59,8 @@ import pandas as pd
 import torch
 
 from recallscope.core.cache import run_with_cache
+from recallscope.core.decompose import ov_outputs
+from recallscope.core.dtypes import compute_dtype
 from recallscope.core.moe import moe_coefficients
 from recallscope.core.subvalues import ffn_subvalues, value_directions
 from recallscope.core.tokens import PromptBatch
@@ -67,7 +69,6 @@ from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
 from recallscope.methods import logprob_attribution
 from recallscope.methods.base import Cost, MethodConfig, as_batch, result_provenance
-from recallscope.methods.head_mappings import ov_outputs
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
 
@@ -420,7 +421,7 @@ def _cache(model: Model, batch: PromptBatch, neurons: pd.DataFrame, units: pd.Da
     deepest = max(n_post, int(neurons["layer"].max()) if len(neurons) else 0)
     sites = [Site(i, n) for i in range(deepest + 1) for n in ("resid_pre", "attn_out", "mlp_out")]
     sites += [Site(i, "mlp_post") for i in range(n_post)]
-    dtype = torch.promote_types(model.dtype, torch.float32)
+    dtype = compute_dtype(model.dtype)
     cache = run_with_cache(model, batch, sites, dtype=dtype)
     resid = cache.stack([Site(i, "resid_pre") for i in range(deepest + 1)], 2)  # [B, T, L', d]
     parts = [resid[:, :, 0]]
@@ -733,6 +734,6 @@ def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = Non
     n, T, L, d = len(batch), batch.seq_len, model.n_layers, model.d_model
     rows = min(n, config.max_batch_rows)
     floats = rows * T * (L * (4 * d + model.d_mlp) + (2 * L + 1) * d) + 2 * rows * L * model.d_mlp
-    width = torch.promote_types(model.dtype, torch.float32).itemsize
+    width = compute_dtype(model.dtype).itemsize
     own = Cost(math.ceil(n / config.max_batch_rows), float(n * T * L), floats * width)
     return logprob_attribution.cost(model, batch, _value_config(config)) + own
