@@ -3,8 +3,8 @@
 Yan & Jia's finding, per answer step: upper-layer MLPs **promote** the answers — the current one and
 those not generated yet — while attention reading the **previous answers' spans** suppresses the
 answers already given, so the model does not repeat itself. This module tests both halves on the
-results of :mod:`~recallscope.methods.early_decoding` (MLP updates decoded per layer) and
-:mod:`~recallscope.methods.token_lens` (attention updates decoded per source span)::
+results of :mod:`~recallscope.methods.yan_jia2025.early_decoding` (MLP updates decoded per layer) and
+:mod:`~recallscope.methods.yan_jia2025.token_lens` (attention updates decoded per source span)::
 
     early = rs.methods.early_decoding.run(model, facts).to_frame()
     lens = rs.methods.token_lens.run(model, facts).to_frame()

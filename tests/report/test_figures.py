@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from recallscope.methods.causal_tracing import BUCKETS
+from recallscope.methods.general.summaries import BUCKETS
 from recallscope.report.figures import (
     causal_trace_average,
     causal_trace_fact,

@@ -18,7 +18,9 @@ module defines:
   the dataset). The runner then calls ``run`` once with every fact (the method batches its own
   forwards) under a store key that hashes the fact list.
 
-Methods do no file I/O, plotting or progress bars.
+Methods do no file I/O, plotting or progress bars. :func:`check_method` checks this shape;
+``recallscope.methods.register`` (or the ``recallscope.methods`` entry point of another package)
+adds a method that has it.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from recallscope.core.dtypes import upcast
 from recallscope.errors import RecallscopeError
 
 __all__ = [
+    "check_method",
     "MethodConfig",
     "Cost",
     "result_provenance",
@@ -80,10 +83,52 @@ class MethodConfig:
         return dataclasses.asdict(self)
 
     def stable_hash(self) -> str:
-        """A short hash of every field but ``preset_name`` (part of the result-store key)."""
+        """A short hash of the method's name and every field but ``preset_name`` (part of the
+        result-store key). The name is the module's own, spelled as when every method was a module
+        of ``recallscope.methods``, so stored runs stay resumable whichever folder holds the method.
+        """
         values = {k: v for k, v in self.to_dict().items() if k != "preset_name"}
         text = json.dumps(values, sort_keys=True, default=str)
-        return hashlib.sha256(f"{type(self).__module__}:{text}".encode()).hexdigest()[:12]
+        method = type(self).__module__.rsplit(".", 1)[-1]
+        return hashlib.sha256(f"recallscope.methods.{method}:{text}".encode()).hexdigest()[:12]
+
+
+def check_method(module: Any) -> None:
+    """Check that ``module`` has the shape of a method (this module's docstring), before running it.
+
+    Raises:
+        RecallscopeError: naming everything that is missing or of the wrong kind.
+    """
+    problems = [f"{attr}: a non-empty string" for attr in ("NAME", "DESCRIPTION") if not _text(module, attr)]
+    size = getattr(module, "CHUNK_SIZE", None)
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        problems.append("CHUNK_SIZE: a positive number of facts per chunk")
+    config = getattr(module, "Config", None)
+    if not (
+        isinstance(config, type)
+        and issubclass(config, MethodConfig)
+        and config.__dataclass_params__.frozen  # (a subclass that is no dataclass inherits the base's)
+        and "__dataclass_fields__" in vars(config)
+    ):
+        problems.append(
+            "Config: a frozen dataclass (kw_only) subclassing recallscope.methods.base.MethodConfig"
+        )
+    for name in ("run", "cost"):
+        if not callable(getattr(module, name, None)):
+            problems.append(f"{name}(model, facts, config): a function")
+    for name in ("prepare", "needs_all_facts"):
+        if hasattr(module, name) and not callable(getattr(module, name)):
+            problems.append(f"{name}: a function when present")
+    if problems:
+        label = getattr(module, "__name__", repr(module))
+        raise RecallscopeError(
+            f"{label} is not a recallscope method: " + "; ".join(problems) + " (see recallscope.methods.base)"
+        )
+
+
+def _text(module: Any, attr: str) -> bool:
+    value = getattr(module, attr, None)
+    return isinstance(value, str) and bool(value.strip())
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from recallscope.methods.causal_tracing import average_by_bucket  # noqa: E402
+from recallscope.methods.general.summaries import average_by_bucket  # noqa: E402
 from recallscope.stats import mean_ci  # noqa: E402
 
 __all__ = [

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -28,7 +29,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 from safetensors.numpy import load_file, save_file
 
 __all__ = ["Store", "atomic_write"]
@@ -57,7 +57,8 @@ def _write_json(path: Path, value: Any) -> None:
 
 
 def _jsonable(value: Any) -> Any:
-    if isinstance(value, (np.generic, torch.Tensor)):
+    torch = sys.modules.get("torch")  # (a tensor exists only once torch is imported)
+    if isinstance(value, np.generic) or (torch is not None and isinstance(value, torch.Tensor)):
         return value.tolist() if hasattr(value, "tolist") else value.item()
     if isinstance(value, (set, frozenset, tuple)):
         return list(value)

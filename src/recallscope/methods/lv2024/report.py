@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from recallscope.methods.anti_overconfidence import summary as anti_summary
-from recallscope.methods.argument_heads import argument_passers
-from recallscope.methods.function_application import summary as function_summary
-from recallscope.methods.mlp_regression import coefficients
+from recallscope.methods.lv2024.summaries import anti_overconfidence_summary as anti_summary
+from recallscope.methods.lv2024.summaries import argument_passers, coefficients
+from recallscope.methods.lv2024.summaries import function_application_summary as function_summary
 from recallscope.report.figures import grouped_bars, head_grid, layer_bars, mean_curves, save_figure
 from recallscope.report.section import Options, Section, Table, method_config, new_section
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from recallscope.methods.head_promotion import rates as head_rates
+from recallscope.methods.yan_jia2025.summaries import rates as head_rates
 from recallscope.promote_suppress import promote_then_suppress
 from recallscope.report.figures import head_scatter, save_figure, step_curves
 from recallscope.report.section import Options, Section, Table, new_section

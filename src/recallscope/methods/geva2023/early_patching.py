@@ -51,6 +51,7 @@ from recallscope.core.vocab import decode_tokens
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
 from recallscope.methods.base import Cost, MethodConfig, as_batch, choose_targets, result_provenance, wide
+from recallscope.methods.geva2023.summaries import early_patching_summary as summary
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
 
@@ -206,34 +207,6 @@ class EarlyPatchingResult:
             named[f"{fact}/extracts"] = self.extracts[i]
             named[f"{fact}/clean_rank"] = self.clean_rank[i]
         return named
-
-
-def summary(frame: pd.DataFrame) -> pd.DataFrame:
-    """Extraction rates per ``(source_layer, positions)`` of a :meth:`EarlyPatchingResult.to_frame` table.
-
-    Over the valid layers (``layer > source_layer``) only: ``extraction_rate`` = fraction of facts whose
-    patched MHSA output extracts the target at some layer (max over layers, then mean over facts);
-    ``clean_rate`` = the same for the unpatched outputs over the same layers; ``n_facts`` (facts with a
-    valid layer) and ``n_layers`` (valid layers). A pair with no valid layer (``ℓ0 = L - 1``) gets NaN
-    rates and zero counts.
-    """
-    keys = ["source_layer", "positions"]
-    groups = frame[keys].drop_duplicates().set_index(keys).index
-    valid = frame[frame["valid"].astype(bool)]
-    per_fact = valid.groupby([*keys, "fact_id"], sort=False)[["extracts", "clean_extracts"]].max()
-    rates = (
-        per_fact.astype(float)
-        .groupby(level=keys, sort=False)
-        .agg(
-            extraction_rate=("extracts", "mean"),
-            clean_rate=("clean_extracts", "mean"),
-            n_facts=("extracts", "size"),
-        )
-    )
-    rates["n_layers"] = valid.groupby(keys, sort=False)["layer"].nunique()
-    out = rates.reindex(groups)
-    out[["n_facts", "n_layers"]] = out[["n_facts", "n_layers"]].fillna(0).astype(int)
-    return out.reset_index()
 
 
 def run(model: Model, batch: PromptBatch | FactSet, config: Config | None = None) -> EarlyPatchingResult:

@@ -3,7 +3,7 @@
 A subvalue is *activated* by its coefficient, which is (close to) an inner product of a key with the
 normalized residual. The residual is a sum of earlier components, so the inner product splits over
 them. Per fact, with value rows (the top FFN neurons and attention units by log-probability
-increase ``Imp``, Y&A-4/5 from :mod:`~recallscope.methods.logprob_attribution`):
+increase ``Imp``, Y&A-4/5 from :mod:`~recallscope.methods.yu2024.logprob_attribution`):
 
 (a) ``ffn_value``: for each of the top ``n_value_neurons`` FFN neurons ``(ℓ, k)``, the components
     of the residual its MLP reads at the last position ``N``: ``embed`` (``x^0``, with learned
@@ -41,7 +41,7 @@ Shares can explode when the denominator nearly cancels: a neuron or unit with
 ``|Σ c·key| < guard · Σ |c·key|`` is skipped and counted (``n_unstable``).
 
 The core, :func:`query_scores`, takes the value rows as tables, so any ranking can be analysed;
-:func:`run` gets them from :mod:`~recallscope.methods.logprob_attribution`. Fast by construction:
+:func:`run` gets them from :mod:`~recallscope.methods.yu2024.logprob_attribution`. Fast by construction:
 one forward per ``max_batch_rows`` facts caches every component at every position, then each
 analysis is a few gathers and matmuls over all facts' rows at once. The naive loops over neurons,
 units and components (one unpadded prompt at a time) are in ``tests/oracles`` and give the same
@@ -67,8 +67,8 @@ from recallscope.core.tokens import PromptBatch
 from recallscope.core.vocab import decode_tokens
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
-from recallscope.methods import logprob_attribution
 from recallscope.methods.base import Cost, MethodConfig, as_batch, result_provenance
+from recallscope.methods.yu2024 import logprob_attribution
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
 

@@ -60,6 +60,7 @@ from recallscope.methods.base import (
     result_provenance,
     wide,
 )
+from recallscope.methods.geva2023.summaries import extraction_summary as summary
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
 
@@ -507,51 +508,6 @@ def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = Non
 
 
 # -- statistics ----------------------------------------------------------------------------------
-
-
-def summary(frame: pd.DataFrame) -> pd.DataFrame:
-    """G4/G6 statistics over the facts of a :meth:`ExtractionRateResult.to_frame` frame.
-
-    Returns a one-row frame with columns ``n_facts``; ``attn_example_rate`` / ``mlp_example_rate``
-    (fraction of facts with ≥ 1 extraction event); ``attn_layers_mean`` / ``mlp_layers_mean``
-    (extracting layers per fact, over all facts) and ``*_layers_mean_extracting`` (over facts with ≥ 1
-    event); ``attn_only_pct``, ``mlp_only_pct``, ``both_pct``, ``none_pct`` (co-occurrence, %);
-    ``attn_first_pct`` (among "both", % whose first attention event is at or before the first MLP
-    event); and ``rank_gap_n``, ``rank_gap_q1``, ``rank_gap_median``, ``rank_gap_q3`` of
-    ``subject_rank − attn_rank`` over the (fact, layer) pairs where attention extracts (G6).
-    Undefined statistics are NaN.
-    """
-    per_fact = frame.groupby("fact_id", sort=False)
-    counts = {s: per_fact[f"{s}_extracts"].sum() for s in ("attn", "mlp")}
-    any_attn, any_mlp = counts["attn"] > 0, counts["mlp"] > 0
-    row: dict[str, float] = {"n_facts": len(counts["attn"])}
-    for s, n in counts.items():
-        row[f"{s}_example_rate"] = float((n > 0).mean())
-        row[f"{s}_layers_mean"] = float(n.mean())
-        row[f"{s}_layers_mean_extracting"] = float(n[n > 0].mean()) if (n > 0).any() else np.nan
-    groups = {
-        "attn_only": any_attn & ~any_mlp,
-        "mlp_only": ~any_attn & any_mlp,
-        "both": any_attn & any_mlp,
-        "none": ~any_attn & ~any_mlp,
-    }
-    row.update({f"{name}_pct": 100 * float(mask.mean()) for name, mask in groups.items()})
-    row["attn_first_pct"] = _attn_first_pct(frame, groups["both"])
-    events = frame[frame["attn_extracts"]]
-    gap = (events["subject_rank"] - events["attn_rank"]).astype(float)
-    row["rank_gap_n"] = len(gap)
-    for name, q in (("q1", 0.25), ("median", 0.5), ("q3", 0.75)):
-        row[f"rank_gap_{name}"] = float(gap.quantile(q)) if len(gap) else np.nan
-    return pd.DataFrame([row])
-
-
-def _attn_first_pct(frame: pd.DataFrame, both: pd.Series) -> float:
-    """Among facts where both sublayers extract, % whose first attention event is not later."""
-    if not both.any():
-        return np.nan
-    first = {s: frame[frame[f"{s}_extracts"]].groupby("fact_id")["layer"].min() for s in ("attn", "mlp")}
-    facts = both[both].index
-    return 100 * float((first["attn"][facts] <= first["mlp"][facts]).mean())
 
 
 def layer_rates(frame: pd.DataFrame) -> pd.DataFrame:

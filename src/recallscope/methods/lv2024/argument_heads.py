@@ -72,9 +72,9 @@ from recallscope.data.facts import FactSet
 from recallscope.data.variants import add_relation_context, counterfactual_facts
 from recallscope.errors import RecallscopeError
 from recallscope.methods.base import Cost, MethodConfig, choose_targets, logit_minus_mean, result_provenance
+from recallscope.methods.lv2024.summaries import argument_passers, scores
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
-from recallscope.stats import mean_ci
 
 __all__ = [
     "NAME",
@@ -575,85 +575,6 @@ def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = Non
 
 
 # -- dataset-wide summary -------------------------------------------------------------------------
-
-
-def scores(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per head over the facts of ``frame`` (:meth:`ArgumentHeadsResult.to_frame`, chunks concatenated).
-
-    Returns:
-        One row per ``layer`` × ``head``: ``attention`` and ``subject_logit`` (means over facts),
-        ``r`` (Pearson correlation of attention and subject_logit over facts; NaN with fewer than 2
-        facts or a constant column), ``delta`` and ``delta_pct`` (means) with ``delta_ci`` and
-        ``delta_pct_ci`` (95% normal half-widths, 1.96 × standard error; NaN without path
-        patching), and ``n`` (facts).
-    """
-    missing = {"fact_id", "layer", "head", "attention", "subject_logit", "delta", "delta_pct"} - set(
-        frame.columns
-    )
-    if missing:
-        raise RecallscopeError(
-            f"argument_heads scores need a frame with columns fact_id, layer, head, attention, "
-            f"subject_logit, delta, delta_pct; missing {sorted(missing)}: pass "
-            "ArgumentHeadsResult.to_frame() (or the stored table)"
-        )
-    frame = frame.sort_values(["layer", "head"], kind="stable")
-    out = mean_ci(frame, ["layer", "head"], ["attention", "subject_logit", "delta", "delta_pct"])
-    out = out.drop(columns=["attention_ci", "subject_logit_ci"])
-    r = frame.groupby(["layer", "head"], sort=False).apply(_pearson, include_groups=False)
-    out["r"] = r.to_numpy()
-    columns = [
-        "layer",
-        "head",
-        "attention",
-        "subject_logit",
-        "r",
-        "delta",
-        "delta_ci",
-        "delta_pct",
-        "delta_pct_ci",
-        "n",
-    ]
-    return out[columns].reset_index(drop=True)
-
-
-def _pearson(group: pd.DataFrame) -> float:
-    x, y = group["attention"].to_numpy(float), group["subject_logit"].to_numpy(float)
-    if len(x) < 2 or x.std() == 0 or y.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(x, y)[0, 1])
-
-
-def argument_passers(
-    frame: pd.DataFrame, *, min_r: float = 0.0, min_attention: float = 0.1, top: int = 5
-) -> pd.DataFrame:
-    """:func:`scores` with the rule that flags argument-passing heads.
-
-    A head **moves** the subject when, over the facts, ``r > min_r`` (a positive correlation by
-    default: a head whose attention to the subject is saturated on every fact has little variance to
-    correlate, so a high bar would reject the clearest passers), the mean ``attention ≥
-    min_attention`` and the mean ``subject_logit > 0``. It **matters** when its mean path-patching
-    ``delta`` is negative and among the ``top`` most negative of all heads. It **passes** the
-    argument when both hold. Without path-patching numbers (``delta`` all NaN), ``matters`` is NaN
-    and heads pass on ``moves`` alone.
-
-    Returns:
-        The scores with ``delta_rank`` (0 = most negative mean delta), ``moves``, ``matters``,
-        ``passes``; passers first, then by ``delta``.
-    """
-    out = scores(frame)
-    out["moves"] = (out["r"] > min_r) & (out["attention"] >= min_attention) & (out["subject_logit"] > 0)
-    if out["delta"].notna().any():
-        out["delta_rank"] = out["delta"].rank(method="first").astype("Int64") - 1
-        out["matters"] = (out["delta"] < 0) & (out["delta_rank"] < top)
-        out["passes"] = out["moves"] & out["matters"]
-    else:
-        out["delta_rank"] = pd.array([pd.NA] * len(out), dtype="Int64")
-        out["matters"] = np.nan
-        out["passes"] = out["moves"]
-    order = out.assign(_not=~out["passes"].astype(bool)).sort_values(
-        ["_not", "delta", "r"], ascending=[True, True, False]
-    )
-    return order.drop(columns="_not").reset_index(drop=True)
 
 
 def _provenance(model: Model, config: Config) -> dict:

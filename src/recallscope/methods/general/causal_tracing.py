@@ -51,6 +51,7 @@ from recallscope.core.vocab import decode_tokens
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
 from recallscope.methods.base import Cost, MethodConfig, as_batch, result_provenance, window
+from recallscope.methods.general.summaries import BUCKETS, average_by_bucket, bucket_names
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
 
@@ -65,6 +66,7 @@ __all__ = [
     "window",
     "prepare",
     "cost",
+    "BUCKETS",
     "average_by_bucket",
     "bucket_names",
     "trace_spans",
@@ -80,21 +82,6 @@ CHUNK_SIZE = 1
 
 Kind = Literal["hidden", "mlp", "attn"]
 _SITE = {"hidden": "resid_post", "mlp": "mlp_out", "attn": "attn_out"}
-BUCKETS = (
-    "before subject",
-    "first subject",
-    "middle subject",
-    "last subject",
-    "first subsequent",
-    "further tokens",
-    "last token",
-)
-"""ROME's position classes when the subject is corrupted (:func:`bucket_names` for other spans)."""
-
-
-def bucket_names(span: str = "subject") -> tuple[str, ...]:
-    """The position classes, in order, when ``span`` is corrupted ("first answer_1", …)."""
-    return tuple(b.replace("subject", span) for b in BUCKETS)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -261,24 +248,6 @@ class CausalTracingResult:
     def average_by_bucket(self) -> pd.DataFrame:
         """Mean indirect effect per kind × position class × layer (ROME's average plot)."""
         return average_by_bucket(self.to_frame())
-
-
-def average_by_bucket(frame: pd.DataFrame) -> pd.DataFrame:
-    """ROME's average over facts of a :meth:`CausalTracingResult.to_frame` table.
-
-    Each fact's positions of a class (e.g. the middle subject tokens) are averaged first, then the
-    facts, so that every fact weighs the same. Columns: (span,) kind, bucket, layer, indirect_effect,
-    score, n_facts.
-    """
-    if frame.empty:
-        return frame
-    spans = ["span"] if "span" in frame else []
-    keys = [*spans, "kind", "bucket", "layer"]
-    per_fact = frame.groupby(["fact_id", *keys], sort=False)[["indirect_effect", "score"]]
-    grouped = per_fact.mean().reset_index().groupby(keys, sort=False)
-    out = grouped[["indirect_effect", "score"]].mean()
-    out["n_facts"] = grouped.size()
-    return out.reset_index()
 
 
 def noise_level(model: Model, batch: PromptBatch, span: str = "subject", factor: float = 3.0) -> float:

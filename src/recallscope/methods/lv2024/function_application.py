@@ -52,9 +52,10 @@ from recallscope.data.facts import FactSet
 from recallscope.data.variants import add_relation_context, counterfactual_facts
 from recallscope.errors import RecallscopeError
 from recallscope.methods.base import Cost, MethodConfig, result_provenance
+from recallscope.methods.lv2024.summaries import COLUMNS
+from recallscope.methods.lv2024.summaries import function_application_summary as summary
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
-from recallscope.stats import mean_ci
 
 __all__ = [
     "NAME",
@@ -79,24 +80,6 @@ COMPONENTS = ("mlp_out", "remainder")
 REGRESSORS = ("feeding_layer", "earlier_layers")
 SPACES = ("raw", "normalized")
 TARGETS = ("gold", "top1")
-COLUMNS = [
-    "fact_id",
-    "layer",
-    "component",
-    "norm",
-    "logit",
-    "rank",
-    "relation_rank",
-    "n_candidates",
-    "margin",
-    "cosine",
-    "cosine_others",
-    "top_token",
-    "cf_logit_new",
-    "cf_logit_old",
-    "follows",
-    "shift",
-]
 _METRICS = ["norm", "logit", "rank", "relation_rank", "n_candidates", "margin", "cosine", "cosine_others"]
 _CF = ["cf_logit_new", "cf_logit_old", "follows", "shift"]
 
@@ -467,40 +450,6 @@ def _counterfactual(values: dict, head: FrozenHead, vectors, rows, old, new, F: 
 # -- dataset-wide summary --------------------------------------------------------------------------
 
 
-def summary(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per ``layer`` × ``component`` over all facts of ``frame`` (chunks concatenated).
-
-    Columns: ``layer``, ``component``, ``logit`` (mean), ``rank_median``, ``relation_rank`` (mean),
-    ``relation_top1`` (share with ``relation_rank == 1``), ``cosine`` (mean), ``follow_rate`` (mean
-    of ``follows`` over facts with a counterfactual), ``shift`` (mean), ``shift_ci`` (95% normal
-    band), ``n`` (facts) and ``n_counterfactual``.
-    """
-    missing = {"fact_id", "layer", "component", "logit", "rank", "relation_rank", "follows", "shift"} - set(
-        frame.columns
-    )
-    if missing:
-        raise RecallscopeError(
-            f"function_application summary needs a frame with columns {COLUMNS}; missing {sorted(missing)}: "
-            "pass FunctionApplicationResult.to_frame() (or the stored table)"
-        )
-    keys = ["layer", "component"]
-    grouped = frame.groupby(keys, sort=True)
-    out = grouped[["logit", "relation_rank", "cosine"]].mean()
-    out.insert(1, "rank_median", grouped["rank"].median())
-    out.insert(3, "relation_top1", grouped["relation_rank"].apply(lambda r: float((r == 1).mean())))
-    out["follow_rate"] = grouped["follows"].mean()
-    out["n"] = grouped.size()
-    out = out.reset_index()
-    shifts = frame.dropna(subset=["shift"])
-    if len(shifts):
-        band = mean_ci(shifts, keys, ["shift"]).rename(columns={"n": "n_counterfactual"})
-        out = out.merge(band, on=keys, how="left")
-    else:
-        out["shift"], out["shift_ci"], out["n_counterfactual"] = np.nan, np.nan, 0
-    out["n_counterfactual"] = out["n_counterfactual"].fillna(0).astype(np.int64)
-    return out
-
-
 def _provenance(model: Model, config: Config) -> dict:
     return result_provenance(
         model,
@@ -512,7 +461,7 @@ def _provenance(model: Model, config: Config) -> dict:
             "mlp_out": "the MLP update added to the residual (Gemma-2: after its post-norm)",
             "remainder": f"mlp_out minus its per-example least-squares fit on the {config.regressors} heads "
             f"({config.space} space, {'with' if config.intercept else 'no'} intercept); "
-            "recallscope.methods.mlp_regression.remainders",
+            "recallscope.core.regression.remainders",
         },
         target=f"{config.target}: "
         + ("first token of the fact's answer" if config.target == "gold" else "the model's greedy token"),

@@ -7,7 +7,8 @@ For every layer ``ℓ`` and head ``h`` the head's output at the last position ``
 (``W_O^{ℓ,h}`` = the rows ``h·d_h … (h+1)·d_h`` of ``W_O [H·d_h, d]``, i.e. the *input-column* block
 of the HF ``o_proj`` weight; Gemma-2's attention post-norm is folded in at its actual scale, see
 :func:`~recallscope.core.decompose.head_outputs`) is decoded with the final norm's scale frozen on
-the final residual, like early decoding (:mod:`recallscope.methods.early_decoding`), for the tracked
+the final residual, like early decoding (:mod:`~recallscope.methods.yan_jia2025.early_decoding`), for the
+tracked
 tokens: the subject's first token and the first token of every answer. Summed over heads, plus the
 logits of ``b_O``, this is the decoded attention update.
 
@@ -38,12 +39,13 @@ import torch
 
 from recallscope.core.decoding import TrackedInfo, decode_tracked, last_position_cache, tracked_frame
 from recallscope.core.decompose import SLICINGS, head_vectors
-from recallscope.core.steps import ROLES, tracked_tokens
+from recallscope.core.steps import tracked_tokens
 from recallscope.core.subvalues import FrozenHead
 from recallscope.core.tokens import PromptBatch
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
 from recallscope.methods.base import Cost, MethodConfig, as_batch, result_provenance
+from recallscope.methods.yan_jia2025.summaries import rates, thresholds
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
 
@@ -67,7 +69,6 @@ DESCRIPTION = (
 )
 CHUNK_SIZE = 16
 """Facts per runner chunk (one forward each)."""
-_KEYS = ["step", "layer", "head"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -176,64 +177,6 @@ def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = Non
 
 
 # -- dataset-wide thresholds and rates ----------------------------------------------------------------
-
-
-def thresholds(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per ``step`` × ``layer``: ``mean`` and population ``std`` of every tracked logit.
-
-    Taken over all heads and examples of ``frame`` (a :meth:`HeadPromotionResult.to_frame`, or
-    several concatenated).
-    """
-    _check_frame(frame)
-    grouped = frame.groupby(["step", "layer"], sort=True)["logit"]
-    out = grouped.mean().to_frame("mean")
-    out["std"] = grouped.std(ddof=0)
-    return out.reset_index()
-
-
-def rates(frame: pd.DataFrame, k: float = 1.0) -> pd.DataFrame:
-    """Promotion and suppression rates of every head, with dataset-wide thresholds ``μ ± kσ``.
-
-    Args:
-        frame: a :meth:`HeadPromotionResult.to_frame` of all the facts (chunks concatenated).
-        k: threshold width in standard deviations.
-
-    Returns:
-        One row per ``step`` × ``layer`` × ``head``: ``promotion_rate`` and ``suppression_rate``
-        (fractions of examples with any tracked logit above ``μ + kσ`` / below ``μ − kσ``),
-        ``n_examples``, the layer's ``mean`` and ``std``, and per role ``promotes_<role>`` /
-        ``suppresses_<role>`` (role ∈ subject, previous, current, future): the same fractions over
-        the examples that have a token of that role (NaN where none has).
-    """
-    limits = thresholds(frame)
-    flags = frame.merge(limits, on=["step", "layer"], how="left")
-    flags["promotes"] = (flags["logit"] > flags["mean"] + k * flags["std"]).astype(float)
-    flags["suppresses"] = (flags["logit"] < flags["mean"] - k * flags["std"]).astype(float)
-    per_example = flags.groupby([*_KEYS, "fact_id"], sort=True)[["promotes", "suppresses"]].max()
-    out = per_example.groupby(level=_KEYS).mean()
-    out.columns = ["promotion_rate", "suppression_rate"]
-    out["n_examples"] = per_example.groupby(level=_KEYS).size()
-    out = out.join(_role_rates(flags)).reset_index()
-    return out.merge(limits, on=["step", "layer"], how="left")
-
-
-def _role_rates(flags: pd.DataFrame) -> pd.DataFrame:
-    """``promotes_<role>`` / ``suppresses_<role>`` per step × layer × head (NaN for absent roles)."""
-    by_role = flags.pivot_table(
-        index=[*_KEYS, "fact_id"], columns="role", values=["promotes", "suppresses"], aggfunc="max"
-    )  # [examples, (verb, role)], NaN where the example has no token of the role
-    out = by_role.groupby(level=_KEYS).mean()
-    out.columns = [f"{verb}_{role}" for verb, role in out.columns]
-    return out.reindex(columns=[f"{verb}_{role}" for verb in ("promotes", "suppresses") for role in ROLES])
-
-
-def _check_frame(frame: pd.DataFrame) -> None:
-    missing = {"fact_id", "step", "layer", "head", "role", "logit"} - set(frame.columns)
-    if missing:
-        raise RecallscopeError(
-            f"head_promotion rates need a frame with columns fact_id, step, layer, head, role, logit; "
-            f"missing {sorted(missing)}: pass HeadPromotionResult.to_frame() (or the stored table)"
-        )
 
 
 def _provenance(model: Model, config: Config) -> dict:

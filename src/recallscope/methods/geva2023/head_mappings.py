@@ -45,6 +45,7 @@ from recallscope.core.vocab import decode_tokens
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
 from recallscope.methods.base import Cost, MethodConfig, as_batch, choose_targets, result_provenance, wide
+from recallscope.methods.geva2023.summaries import rank_heads
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
 
@@ -155,34 +156,6 @@ class HeadMappingsResult:
             named[f"{fact}/top_ids"] = self.top_ids[i]
             named[f"{fact}/output_rank"] = self.output_rank[i]
         return named
-
-
-def rank_heads(frame: pd.DataFrame) -> pd.DataFrame:
-    """Heads sorted by the fraction of facts whose attribute is in their top-k (ties: lower mean rank).
-
-    Args:
-        frame: :meth:`HeadMappingsResult.to_frame` rows (``layer``, ``head``, ``mapping_rank``,
-            ``in_top_k``; ``output_rank`` is averaged too when present), possibly of many chunks.
-
-    Returns:
-        One row per (layer, head): ``n_facts``, ``n_in_top_k``, ``frac_in_top_k``,
-        ``mean_mapping_rank`` (and ``mean_output_rank``), best head first.
-    """
-    extra = {"mean_output_rank": ("output_rank", "mean")} if "output_rank" in frame else {}
-    ranked = (
-        frame.groupby(["layer", "head"], as_index=False)
-        .agg(
-            n_facts=("in_top_k", "size"),
-            n_in_top_k=("in_top_k", "sum"),
-            frac_in_top_k=("in_top_k", "mean"),
-            mean_mapping_rank=("mapping_rank", "mean"),
-            **extra,
-        )
-        .sort_values(
-            ["frac_in_top_k", "mean_mapping_rank", "layer", "head"], ascending=[False, True, True, True]
-        )
-    )
-    return ranked.reset_index(drop=True)
 
 
 def run(model: Model, batch: PromptBatch | FactSet, config: Config | None = None) -> HeadMappingsResult:

@@ -78,9 +78,9 @@ from recallscope.core.vocab import project_to_vocab
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
 from recallscope.methods.base import Cost, MethodConfig, as_batch, result_provenance
+from recallscope.methods.lv2024.summaries import coefficients
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
-from recallscope.stats import mean_ci
 
 __all__ = [
     "NAME",
@@ -354,53 +354,6 @@ def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = Non
     ranks = 256 * model.d_vocab * 8
     work = float(sum(batch.seq_len - int(p) for p in batch.pad_lengths) * (max(layers) + 1))
     return Cost(math.ceil(B / config.batch_size), work, forward + kept + per_layer + ranks)
-
-
-def coefficients(frame: pd.DataFrame, fit: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Dataset-wide summary per MLP layer and regressor head (call it on all chunks concatenated).
-
-    Args:
-        frame: :meth:`MlpRegressionResult.to_frame` rows (several results concatenated).
-        fit: the matching ``fit`` tables, for the layer's mean R².
-
-    Returns:
-        One row per ``layer`` × ``source_layer`` × ``head``: ``coef`` (mean over facts), ``coef_ci``
-        (95% normal band, 1.96 standard errors), ``n`` (facts), ``frac_positive`` (fraction of facts
-        with ``coef > 0``: amplified), ``effective_weight`` (mean ``1 + coef``), ``linear_coef`` (mean),
-        ``linear_coef_ci``, and with ``fit`` ``r2`` and ``r2_adjusted`` (means over the layer's fits).
-    """
-    missing = {"fact_id", "layer", "source_layer", "head", "coef", "linear_coef"} - set(frame.columns)
-    if missing:
-        raise RecallscopeError(
-            f"coefficients needs an mlp_regression frame (fact_id, layer, source_layer, head, coef, "
-            f"linear_coef); missing {sorted(missing)}: pass MlpRegressionResult.to_frame() or the stored "
-            "table"
-        )
-    keys = ["layer", "source_layer", "head"]
-    out = mean_ci(frame.sort_values(keys, kind="stable"), keys, ["coef", "linear_coef"])
-    grouped = frame.groupby(keys, sort=False)
-    positive = grouped["coef"].apply(lambda c: float((c > 0).mean()))
-    out = out.merge(positive.rename("frac_positive").reset_index(), on=keys)
-    weight = grouped["effective_weight"].mean() if "effective_weight" in frame else None
-    if weight is not None:
-        out = out.merge(weight.rename("effective_weight").reset_index(), on=keys)
-    if fit is not None:
-        if not {"layer", "r2"} <= set(fit.columns):
-            raise RecallscopeError("coefficients: fit must be the mlp_regression 'fit' table (layer, r2)")
-        r2 = [c for c in ("r2", "r2_adjusted") if c in fit.columns]
-        out = out.merge(fit.groupby("layer")[r2].mean().reset_index(), on="layer", how="left")
-    order = [
-        *keys,
-        "coef",
-        "coef_ci",
-        "n",
-        "frac_positive",
-        "effective_weight",
-        "linear_coef",
-        "linear_coef_ci",
-    ]
-    order += ["r2", "r2_adjusted"] if fit is not None else []
-    return out[[c for c in order if c in out.columns]]
 
 
 # -- internals ----------------------------------------------------------------------------------------

@@ -70,9 +70,10 @@ from recallscope.data.builtin import generic_text
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
 from recallscope.methods.base import Cost, MethodConfig, as_batch, choose_targets, result_provenance, wide
+from recallscope.methods.lv2024.summaries import anti_overconfidence_summary as summary
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
-from recallscope.stats import bootstrap_ci, expected_calibration_error, mean_ci, paired_bootstrap_ci
+from recallscope.stats import bootstrap_ci, expected_calibration_error, paired_bootstrap_ci
 
 __all__ = [
     "NAME",
@@ -731,34 +732,6 @@ def _mitigation_table(facts, fit, choice, candidates, perplexity, config) -> pd.
     low, high = bootstrap_ci(facts.lowers, **boot)
     row.update(lowers_fraction=float(facts.lowers.mean()), lowers_low=low, lowers_high=high)
     return pd.DataFrame([row])
-
-
-def summary(frame: pd.DataFrame, tables: dict[str, pd.DataFrame] | None = None) -> pd.DataFrame:
-    """Per component over all facts of ``frame`` (a :meth:`AntiOverconfidenceResult.to_frame`).
-
-    Returns:
-        One row per ``layer`` × ``component`` (frame order) with ``kind``, ``index``, ``logit`` and
-        ``iw`` (means), ``logit_ci`` / ``iw_ci`` (1.96 standard errors), ``n``, ``frac_negative``
-        (share of facts where the logit contribution is < 0), ``train_logit`` (mean over train facts),
-        and, when ``tables`` holds ``fit`` and ``mitigation``, ``candidate`` and ``chosen`` flags.
-    """
-    missing = {"fact_id", "split", "component", "kind", "layer", "index", "logit", "iw"} - set(frame.columns)
-    if missing:
-        raise RecallscopeError(
-            f"anti_overconfidence summary needs the method's frame; missing columns {sorted(missing)}"
-        )
-    keys = ["layer", "component", "kind", "index"]
-    out = mean_ci(frame, keys, ["logit", "iw"])
-    grouped = frame.assign(negative=(frame.logit < 0).astype(float)).groupby(keys, sort=False)
-    out["frac_negative"] = grouped["negative"].mean().to_numpy()
-    train = frame[frame.split == "train"].groupby(keys, sort=False)["logit"].mean()
-    out["train_logit"] = out.set_index(keys).index.map(train.to_dict()).astype(float)
-    if tables and "fit" in tables and "mitigation" in tables:
-        fit, chosen = tables["fit"], tables["mitigation"].iloc[0]
-        pairs = set(zip(fit.layer, fit.component, strict=True))
-        out["candidate"] = [pair in pairs for pair in zip(out.layer, out.component, strict=True)]
-        out["chosen"] = (out.layer == chosen.layer) & (out.component == chosen.component)
-    return out
 
 
 def _provenance(model: Model, config: Config, candidates, choice, n_facts: int, n_train: int) -> dict:

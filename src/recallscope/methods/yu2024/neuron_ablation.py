@@ -6,7 +6,7 @@ Each attribution *method* ranks every subvalue of a fact at the last position ``
 ``K`` of each kind, as a *budget* such as ``"ffn:100"`` or ``"attn:200+ffn:100"`` says, are zeroed
 together in one forward and the target's reciprocal rank ``mrr = 1/(rank + 1)`` (rank 0 = top of
 the final logits), probability and log-probability are compared with the clean run. Methods (the
-scores come from :mod:`recallscope.methods.logprob_attribution`, same target and head ``bias``):
+scores come from :mod:`recallscope.methods.yu2024.logprob_attribution`, same target and head ``bias``):
 
 - ``logprob_increase``: ``log p(t | x + s) − log p(t | x)`` (the paper's score, Y&A-4/5);
 - ``prob_increase``: ``p(t | x + s) − p(t | x)``;
@@ -57,11 +57,12 @@ from recallscope.core.tokens import PromptBatch
 from recallscope.core.vocab import decode_tokens
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
-from recallscope.methods import logprob_attribution as la
 from recallscope.methods.base import Cost, MethodConfig, as_batch, choose_targets, result_provenance, wide
+from recallscope.methods.yu2024 import logprob_attribution as la
+from recallscope.methods.yu2024.summaries import SUMMARY_COLUMNS
+from recallscope.methods.yu2024.summaries import neuron_ablation_summary as summary
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
-from recallscope.stats import mean_ci
 
 __all__ = [
     "NAME",
@@ -75,6 +76,7 @@ __all__ = [
     "cost",
     "ablate",
     "summary",
+    "SUMMARY_COLUMNS",
     "parse_budget",
     "target_metrics",
 ]
@@ -267,36 +269,6 @@ class NeuronAblationResult:
                 named[f"{fact}/{name}_ffn"] = ffn
                 named[f"{fact}/{name}_attn"] = attn
         return named
-
-
-SUMMARY_COLUMNS = (
-    "mrr_drop_pct",
-    "prob_drop_pct",
-    "logprob_drop",
-    "mrr",
-    "prob",
-    "logprob",
-    "clean_mrr",
-    "clean_prob",
-    "clean_logprob",
-)
-
-
-def summary(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per method × budget: mean drops and metrics across facts with 95% CIs (``<column>_ci``), ``n`` facts.
-
-    Random rows are first averaged over seeds per fact. ``mrr_drop_pct_pooled`` and
-    ``prob_drop_pct_pooled`` are the drops of the means, ``100·(1 − mean after / mean clean)``.
-
-    Args:
-        frame: :meth:`NeuronAblationResult.to_frame` rows, possibly of many chunks.
-    """
-    keys = ["fact_id", "method", "budget"]
-    per_fact = frame.groupby(keys, sort=False)[list(SUMMARY_COLUMNS)].mean().reset_index()
-    out = mean_ci(per_fact, ["method", "budget"], SUMMARY_COLUMNS)
-    for name in ("mrr", "prob"):
-        out[f"{name}_drop_pct_pooled"] = 100 * (1 - out[name] / out[f"clean_{name}"])
-    return out
 
 
 # -- the core: zero selections in batched forwards --------------------------------------------------
