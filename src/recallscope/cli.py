@@ -265,12 +265,16 @@ def report_cmd(run_dir: str) -> None:
 
 @cli.command("methods")
 def methods_cmd() -> None:
-    """List the registered methods and their presets."""
+    """List the registered methods, the paper folder (or package) holding each, and their presets."""
     from recallscope.methods import REGISTRY
 
+    def paper(module) -> str:
+        parts = module.__name__.split(".")
+        return parts[2] if parts[:2] == ["recallscope", "methods"] else f"plugin: {parts[0]}"
+
     _table(
-        ["method", "presets", "description"],
-        [[name, ", ".join(m.Config.PRESETS) or "-", m.DESCRIPTION] for name, m in REGISTRY.items()],
+        ["method", "paper", "presets", "description"],
+        [[name, paper(m), ", ".join(m.Config.PRESETS) or "-", m.DESCRIPTION] for name, m in REGISTRY.items()],
     )
 
 

@@ -71,6 +71,7 @@ def test_run_flag_errors(capsys, tmp_path):
 def test_methods_lists_the_registry(capsys):
     code, out, _ = run(["methods"], capsys)
     assert code == 0 and "causal_tracing" in out and "rome, yan_jia" in out and "logit_lens" in out
+    assert "geva2023" in out and "lv2024" in out  # the paper folder of each method
 
 
 def test_datasets_lists_the_builtin_sets(capsys):
