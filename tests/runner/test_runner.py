@@ -10,6 +10,7 @@ import pytest
 
 import recallscope as rs
 from recallscope.methods import REGISTRY, causal_tracing, logit_lens
+from recallscope.methods.base import MethodResult
 from recallscope.runner import Job, Store, load_config_file, method_configs, run_job
 from recallscope.runner.plan import plan_job
 from recallscope.runner.run import chunks
@@ -229,6 +230,7 @@ def test_every_method_follows_the_protocol(tiny_models):
         if hasattr(module, "prepare"):
             config = module.prepare(model, given, config)
         result = module.run(model, given, config)
+        assert isinstance(result, MethodResult)
         frame = result.to_frame()
         ids = {f.fact_id for f in given}
         assert set(frame["fact_id"]) == ids

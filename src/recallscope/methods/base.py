@@ -6,9 +6,10 @@ module defines:
 - ``NAME`` and ``DESCRIPTION`` (one line, shown by ``recallscope methods``);
 - ``Config``: a frozen :class:`MethodConfig` with documented fields, clean defaults and each
   paper's exact behaviour as a preset;
-- ``run(model, facts_or_batch, config) -> Result``; the result has ``to_frame()`` (tidy rows with a
-  ``fact_id`` column), ``tables()`` (extra tidy tables by name, may be empty), ``arrays()`` (named
-  arrays keyed ``"<fact_id>/<name>"``), ``provenance`` and ``skipped`` (``(fact_id, reason)``);
+- ``run(model, facts_or_batch, config) -> Result``; the result is a dataclass subclassing
+  :class:`MethodResult` (``provenance``, ``skipped`` as ``(fact_id, reason)``) with ``to_frame()``
+  (tidy rows with a ``fact_id`` column), ``tables()`` (extra tidy tables by name, may be empty) and
+  ``arrays()`` (named arrays keyed ``"<fact_id>/<name>"``);
 - ``cost(model, batch, config) -> Cost``: forward passes, work and peak memory, without running;
 - optionally ``prepare(model, facts, config) -> Config``: dataset-wide calibration done once before
   the facts are split into chunks (e.g. the causal-tracing noise level);
@@ -40,6 +41,7 @@ from recallscope.errors import RecallscopeError
 __all__ = [
     "check_method",
     "MethodConfig",
+    "MethodResult",
     "Cost",
     "result_provenance",
     "as_batch",
@@ -91,6 +93,19 @@ class MethodConfig:
         text = json.dumps(values, sort_keys=True, default=str)
         method = type(self).__module__.rsplit(".", 1)[-1]
         return hashlib.sha256(f"recallscope.methods.{method}:{text}".encode()).hexdigest()[:12]
+
+
+@dataclasses.dataclass(kw_only=True)
+class MethodResult:
+    """What every method's result carries besides its numbers (subclasses add those, and
+    ``to_frame``, ``tables`` and ``arrays``).
+    """
+
+    provenance: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The model's provenance, the config and the conventions the numbers depend on
+    (:func:`result_provenance`)."""
+    skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    """``(fact_id, reason)`` of every fact left out."""
 
 
 def check_method(module: Any) -> None:

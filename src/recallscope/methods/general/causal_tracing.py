@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -50,7 +50,7 @@ from recallscope.core.tokens import PromptBatch
 from recallscope.core.vocab import decode_tokens
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
-from recallscope.methods.base import Cost, MethodConfig, as_batch, result_provenance, window
+from recallscope.methods.base import Cost, MethodConfig, MethodResult, as_batch, result_provenance, window
 from recallscope.methods.general.summaries import BUCKETS, average_by_bucket, bucket_names
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
@@ -196,15 +196,13 @@ def _bucket(t: int, b: int, e: int, n: int) -> str:
 
 
 @dataclass
-class CausalTracingResult:
+class CausalTracingResult(MethodResult):
     """Per-fact traces plus everything needed to interpret them."""
 
     config: Config
     traces: list[FactTrace]
     noise: dict[str, float]
     """ν per corrupted span name."""
-    provenance: dict
-    skipped: list[tuple[str, str]] = field(default_factory=list)
     method: str = NAME
 
     def to_frame(self) -> pd.DataFrame:
@@ -367,9 +365,8 @@ def run(model: Model, batch: PromptBatch | FactSet, config: Config | None = None
             "still gets the span tokens' own per-layer embeddings, and the noised embedding only "
             "through the model's projection of it"
         )
-    return CausalTracingResult(
-        config, traces, noises, result_provenance(model, config, **conventions), skipped
-    )
+    provenance = result_provenance(model, config, **conventions)
+    return CausalTracingResult(config, traces, noises, provenance=provenance, skipped=skipped)
 
 
 def _row_spans(batch: PromptBatch, config: Config) -> list[tuple[int, str]]:

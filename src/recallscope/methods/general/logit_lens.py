@@ -21,7 +21,7 @@ for the tracked tokens (Y1).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -32,7 +32,7 @@ from recallscope.core.tokens import PromptBatch
 from recallscope.core.vocab import ProjectionMode, decode_tokens, project_to_vocab
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
-from recallscope.methods.base import Cost, MethodConfig, as_batch, result_provenance
+from recallscope.methods.base import Cost, MethodConfig, MethodResult, as_batch, result_provenance
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
 from recallscope.stats import mean_ci
@@ -83,7 +83,7 @@ class Config(MethodConfig):
 
 
 @dataclass
-class LogitLensResult:
+class LogitLensResult(MethodResult):
     """Tracked-token statistics ``[fact, site, layer, position, target]`` and top-k tokens."""
 
     config: Config
@@ -100,8 +100,6 @@ class LogitLensResult:
     topk_ids: np.ndarray
     """``[fact, site, layer, position, k]``."""
     topk_tokens: list
-    provenance: dict = field(default_factory=dict)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
     method: str = NAME
 
     def to_frame(self) -> pd.DataFrame:

@@ -18,7 +18,7 @@ of facts runs in ``ceil(rows / max_batch_rows)`` forwards; the clean run is one 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -34,6 +34,7 @@ from recallscope.errors import RecallscopeError
 from recallscope.methods.base import (
     Cost,
     MethodConfig,
+    MethodResult,
     as_batch,
     choose_targets,
     result_provenance,
@@ -77,7 +78,7 @@ class Config(MethodConfig):
 
 
 @dataclass
-class AttentionKnockoutResult:
+class AttentionKnockoutResult(MethodResult):
     """``prob [fact, source, layer]`` after knockout, the clean ``p``, and the optional token maps."""
 
     config: Config
@@ -92,8 +93,6 @@ class AttentionKnockoutResult:
     tokens: list[list[str]]
     token_maps: list[np.ndarray | None]
     """Per fact ``[positions, layers]`` probability with one source position blocked."""
-    provenance: dict = field(default_factory=dict)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
     method: str = NAME
 
     def to_frame(self) -> pd.DataFrame:

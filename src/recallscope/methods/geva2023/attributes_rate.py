@@ -22,7 +22,7 @@ chunks. The naive per-fact, per-layer oracle is in ``tests/oracles``.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -34,7 +34,7 @@ from recallscope.core.tokens import PromptBatch
 from recallscope.core.vocab import decode_tokens
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
-from recallscope.methods.base import Cost, MethodConfig, as_batch, result_provenance
+from recallscope.methods.base import Cost, MethodConfig, MethodResult, as_batch, result_provenance
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
 
@@ -87,7 +87,7 @@ class Config(MethodConfig):
 
 
 @dataclass
-class AttributesRateResult:
+class AttributesRateResult(MethodResult):
     """``rate [fact, position, layer]`` (layer ``L`` = final residual) and the embedding baseline."""
 
     config: Config
@@ -108,8 +108,6 @@ class AttributesRateResult:
     """``[fact, position]`` index of the position within the prompt."""
     top_tokens: list
     """``[fact][position][layer]`` the first :data:`SHOWN_TOKENS` clean tokens."""
-    provenance: dict = field(default_factory=dict)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
     method: str = NAME
 
     def to_frame(self) -> pd.DataFrame:

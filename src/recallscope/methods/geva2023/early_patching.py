@@ -36,7 +36,7 @@ starts from the clean state. A chunk of facts costs one clean forward plus
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -50,7 +50,15 @@ from recallscope.core.tokens import PromptBatch
 from recallscope.core.vocab import decode_tokens
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
-from recallscope.methods.base import Cost, MethodConfig, as_batch, choose_targets, result_provenance, wide
+from recallscope.methods.base import (
+    Cost,
+    MethodConfig,
+    MethodResult,
+    as_batch,
+    choose_targets,
+    result_provenance,
+    wide,
+)
 from recallscope.methods.geva2023.summaries import early_patching_summary as summary
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
@@ -140,7 +148,7 @@ def resolve_source_layers(model: Model, config: Config) -> tuple[int, ...]:
 
 
 @dataclass
-class EarlyPatchingResult:
+class EarlyPatchingResult(MethodResult):
     """Rank and score of the target in each patched MHSA output, ``[fact, source, positions, layer]``."""
 
     config: Config
@@ -160,8 +168,6 @@ class EarlyPatchingResult:
     clean_extracts: np.ndarray
     """``[fact, layer]``"""
     target_tokens: list[str]
-    provenance: dict = field(default_factory=dict)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
     method: str = NAME
 
     @property

@@ -55,6 +55,7 @@ from recallscope.errors import RecallscopeError
 from recallscope.methods.base import (
     Cost,
     MethodConfig,
+    MethodResult,
     as_batch,
     choose_targets,
     result_provenance,
@@ -155,7 +156,7 @@ class Config(MethodConfig):
 
 
 @dataclass
-class ExtractionRateResult:
+class ExtractionRateResult(MethodResult):
     """Ranks ``[fact, layer]`` of the attribute in each update, top tokens, and the counterfactuals."""
 
     config: Config
@@ -189,8 +190,6 @@ class ExtractionRateResult:
     """``[fact, variant, layer]`` top token id of the counterfactual update (−1 if tied: a zero update)."""
     top_strings: dict[int, str] = field(default_factory=dict)
     """Decoded strings of the token ids that appear as a top-1."""
-    provenance: dict = field(default_factory=dict)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
     method: str = NAME
 
     def _decode(self, ids: np.ndarray) -> np.ndarray:

@@ -44,7 +44,15 @@ from recallscope.core.tokens import PromptBatch
 from recallscope.core.vocab import decode_tokens
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
-from recallscope.methods.base import Cost, MethodConfig, as_batch, choose_targets, result_provenance, wide
+from recallscope.methods.base import (
+    Cost,
+    MethodConfig,
+    MethodResult,
+    as_batch,
+    choose_targets,
+    result_provenance,
+    wide,
+)
 from recallscope.methods.geva2023.summaries import rank_heads
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
@@ -95,7 +103,7 @@ class Config(MethodConfig):
 
 
 @dataclass
-class HeadMappingsResult:
+class HeadMappingsResult(MethodResult):
     """Mapping ranks and top tokens ``[fact, layer, head]`` and the heads' real last-position outputs."""
 
     config: Config
@@ -118,8 +126,6 @@ class HeadMappingsResult:
     top_tokens: pd.DataFrame = field(default_factory=pd.DataFrame)
     """One row per (fact, layer, head) in the top-k: ``fact_id, layer, head, mapping_rank, target,
     top_tokens`` (the decoded top-k, a list)."""
-    provenance: dict = field(default_factory=dict)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
     method: str = NAME
 
     @property

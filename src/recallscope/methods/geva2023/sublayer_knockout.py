@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -56,7 +56,7 @@ from recallscope.core.tokens import PromptBatch
 from recallscope.core.vocab import decode_tokens
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
-from recallscope.methods.base import Cost, MethodConfig, as_batch, result_provenance
+from recallscope.methods.base import Cost, MethodConfig, MethodResult, as_batch, result_provenance
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
 
@@ -170,7 +170,7 @@ class Config(MethodConfig):
 
 
 @dataclass
-class SublayerKnockoutResult:
+class SublayerKnockoutResult(MethodResult):
     """Attributes rates ``[fact, sublayer, start]`` with knockouts, and each fact's unablated rate."""
 
     config: Config
@@ -190,8 +190,6 @@ class SublayerKnockoutResult:
     top_tokens: list[list[str]]
     """Per fact, the first clean top tokens of the unablated target state."""
     top_in_references: list[list[bool]]
-    provenance: dict = field(default_factory=dict)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
     method: str = NAME
 
     @property

@@ -52,7 +52,7 @@ import dataclasses
 import hashlib
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -69,7 +69,15 @@ from recallscope.core.tokens import PromptBatch, encode_prompt
 from recallscope.data.builtin import generic_text
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
-from recallscope.methods.base import Cost, MethodConfig, as_batch, choose_targets, result_provenance, wide
+from recallscope.methods.base import (
+    Cost,
+    MethodConfig,
+    MethodResult,
+    as_batch,
+    choose_targets,
+    result_provenance,
+    wide,
+)
 from recallscope.methods.lv2024.summaries import anti_overconfidence_summary as summary
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
@@ -220,7 +228,7 @@ class Component:
 
 
 @dataclass
-class AntiOverconfidenceResult:
+class AntiOverconfidenceResult(MethodResult):
     """Direct attributions of the final-layer components, the fitted mitigation and its evaluation."""
 
     config: Config
@@ -236,8 +244,6 @@ class AntiOverconfidenceResult:
     fit: pd.DataFrame
     mitigation: pd.DataFrame
     perplexity: pd.DataFrame
-    provenance: dict = field(default_factory=dict)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
     method: str = NAME
 
     def to_frame(self) -> pd.DataFrame:

@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -71,7 +71,14 @@ from recallscope.core.tokens import PromptBatch
 from recallscope.data.facts import FactSet
 from recallscope.data.variants import add_relation_context, counterfactual_facts
 from recallscope.errors import RecallscopeError
-from recallscope.methods.base import Cost, MethodConfig, choose_targets, logit_minus_mean, result_provenance
+from recallscope.methods.base import (
+    Cost,
+    MethodConfig,
+    MethodResult,
+    choose_targets,
+    logit_minus_mean,
+    result_provenance,
+)
 from recallscope.methods.lv2024.summaries import argument_passers, scores
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
@@ -162,7 +169,7 @@ def needs_all_facts(config: Config) -> bool:
 
 
 @dataclass
-class ArgumentHeadsResult:
+class ArgumentHeadsResult(MethodResult):
     """Attention, subject logits and path-patching effects of every head for every fact."""
 
     config: Config
@@ -181,8 +188,6 @@ class ArgumentHeadsResult:
     """``[F, layer]`` ``iw`` with the MLP patched (NaN without path patching or MLP senders)."""
     target: np.ndarray
     """``[F]`` the metric's token id (-1 without path patching)."""
-    provenance: dict = field(default_factory=dict)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
     method: str = NAME
 
     def to_frame(self) -> pd.DataFrame:

@@ -36,7 +36,7 @@ rows are read through two token covectors.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -51,7 +51,7 @@ from recallscope.core.tokens import PromptBatch, answer_ids
 from recallscope.data.facts import FactSet
 from recallscope.data.variants import add_relation_context, counterfactual_facts
 from recallscope.errors import RecallscopeError
-from recallscope.methods.base import Cost, MethodConfig, result_provenance
+from recallscope.methods.base import Cost, MethodConfig, MethodResult, result_provenance
 from recallscope.methods.lv2024.summaries import COLUMNS
 from recallscope.methods.lv2024.summaries import function_application_summary as summary
 from recallscope.models.model import Model
@@ -151,7 +151,7 @@ class Config(MethodConfig):
 
 
 @dataclass
-class FunctionApplicationResult:
+class FunctionApplicationResult(MethodResult):
     """Decoded MLP components of every fact and layer (and their counterfactual readings)."""
 
     config: Config
@@ -168,8 +168,6 @@ class FunctionApplicationResult:
     """Per fact: ``[layer, component, n]`` logits of the candidates."""
     facts: pd.DataFrame
     """One row per fact: targets, counterfactual partner, ``final_scale``."""
-    provenance: dict = field(default_factory=dict)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
     method: str = NAME
 
     def to_frame(self) -> pd.DataFrame:

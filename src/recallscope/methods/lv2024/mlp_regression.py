@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -77,7 +77,7 @@ from recallscope.core.tokens import PromptBatch
 from recallscope.core.vocab import project_to_vocab
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
-from recallscope.methods.base import Cost, MethodConfig, as_batch, result_provenance
+from recallscope.methods.base import Cost, MethodConfig, MethodResult, as_batch, result_provenance
 from recallscope.methods.lv2024.summaries import coefficients
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
@@ -192,7 +192,7 @@ def remainders(
 
 
 @dataclass
-class MlpRegressionResult:
+class MlpRegressionResult(MethodResult):
     """Per-head coefficients, fit quality, the linearized alternative and rank checks per fact and MLP."""
 
     config: Config
@@ -214,8 +214,6 @@ class MlpRegressionResult:
     """Per-fact, per-layer ``[F, layer]`` arrays of the ``fit`` table."""
     remainder: np.ndarray
     """``[F, layer, d_model]`` the remainders ``f``."""
-    provenance: dict = field(default_factory=dict)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
     method: str = NAME
 
     def to_frame(self) -> pd.DataFrame:

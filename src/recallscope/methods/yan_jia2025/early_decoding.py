@@ -30,7 +30,7 @@ final residual at ``N``; the tracked tokens are decoded through per-row covector
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -42,7 +42,7 @@ from recallscope.core.subvalues import FrozenHead
 from recallscope.core.tokens import PromptBatch
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
-from recallscope.methods.base import Cost, MethodConfig, as_batch, result_provenance
+from recallscope.methods.base import Cost, MethodConfig, MethodResult, as_batch, result_provenance
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
 from recallscope.stats import mean_ci
@@ -97,7 +97,7 @@ class Config(MethodConfig):
 
 
 @dataclass
-class EarlyDecodingResult:
+class EarlyDecodingResult(MethodResult):
     """Frozen-scale logits of the tracked tokens for every fact, site and layer."""
 
     config: Config
@@ -108,8 +108,6 @@ class EarlyDecodingResult:
     """``[F, site, layer, tracked]`` logits of the tracked tokens."""
     final_scale: np.ndarray
     """``[F]`` ``ρ_N`` of the final norm on the final residual at the last position."""
-    provenance: dict = field(default_factory=dict)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
     method: str = NAME
 
     def to_frame(self) -> pd.DataFrame:

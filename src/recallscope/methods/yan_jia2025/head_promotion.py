@@ -30,7 +30,7 @@ attention update.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -44,7 +44,7 @@ from recallscope.core.subvalues import FrozenHead
 from recallscope.core.tokens import PromptBatch
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
-from recallscope.methods.base import Cost, MethodConfig, as_batch, result_provenance
+from recallscope.methods.base import Cost, MethodConfig, MethodResult, as_batch, result_provenance
 from recallscope.methods.yan_jia2025.summaries import rates, thresholds
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
@@ -106,7 +106,7 @@ class Config(MethodConfig):
 
 
 @dataclass
-class HeadPromotionResult:
+class HeadPromotionResult(MethodResult):
     """Frozen-scale logits of the tracked tokens for every fact, layer and head."""
 
     config: Config
@@ -116,8 +116,6 @@ class HeadPromotionResult:
     """``[F, layer, head, tracked]`` logits of the tracked tokens."""
     final_scale: np.ndarray
     """``[F]`` ``ρ_N`` of the final norm on the final residual at the last position."""
-    provenance: dict = field(default_factory=dict)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
     method: str = NAME
 
     def to_frame(self) -> pd.DataFrame:

@@ -33,7 +33,7 @@ every previous answer / last token, subject tracked.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -47,7 +47,7 @@ from recallscope.core.subvalues import FrozenHead
 from recallscope.core.tokens import PromptBatch
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
-from recallscope.methods.base import Cost, MethodConfig, as_batch, result_provenance, wide
+from recallscope.methods.base import Cost, MethodConfig, MethodResult, as_batch, result_provenance, wide
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
 from recallscope.stats import mean_ci
@@ -107,7 +107,7 @@ class Config(MethodConfig):
 
 
 @dataclass
-class SpanKnockoutMlpResult:
+class SpanKnockoutMlpResult(MethodResult):
     """Decoded MLP outputs of the clean and knockout runs (``F`` facts, ``R`` knockout rows = the
     (fact, span) pairs run, ``L`` layers, ``n`` tracked tokens).
     """
@@ -134,8 +134,6 @@ class SpanKnockoutMlpResult:
     """``[F]`` final probability of the current answer's first token, clean (NaN if none)."""
     p_knockout: np.ndarray
     """``[R]`` the same in the knockout run."""
-    provenance: dict = field(default_factory=dict)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
     method: str = NAME
 
     @property

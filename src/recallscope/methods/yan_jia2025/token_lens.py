@@ -33,7 +33,7 @@ row of the attention probabilities and the values; masks are contracted first
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -48,7 +48,7 @@ from recallscope.core.tokens import PromptBatch
 from recallscope.core.updates import update_map
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
-from recallscope.methods.base import Cost, MethodConfig, as_batch, result_provenance, wide
+from recallscope.methods.base import Cost, MethodConfig, MethodResult, as_batch, result_provenance, wide
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
 from recallscope.stats import mean_ci
@@ -93,7 +93,7 @@ class Config(MethodConfig):
 
 
 @dataclass
-class TokenLensResult:
+class TokenLensResult(MethodResult):
     """Frozen-scale logits of every part of every layer's attention update (``F`` facts, ``L``
     layers, ``parts`` = the spans, ``other`` and (if the model has ``b_O``) ``bias``; ``n`` tracked
     tokens).
@@ -114,8 +114,6 @@ class TokenLensResult:
     """``[F, parts]`` whether the fact has the part (a span it lacks has no rows and NaN logits)."""
     logit: np.ndarray
     """``[F, L, parts, n]`` frozen-scale logits; NaN where the fact lacks the span."""
-    provenance: dict = field(default_factory=dict)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
     method: str = NAME
 
     def to_frame(self) -> pd.DataFrame:

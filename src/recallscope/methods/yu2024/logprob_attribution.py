@@ -47,7 +47,7 @@ never listed, and their entries in the ``[.., T]`` arrays are 0.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -75,7 +75,15 @@ from recallscope.core.updates import update_gain
 from recallscope.core.vocab import decode_tokens
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
-from recallscope.methods.base import Cost, MethodConfig, as_batch, choose_targets, result_provenance, wide
+from recallscope.methods.base import (
+    Cost,
+    MethodConfig,
+    MethodResult,
+    as_batch,
+    choose_targets,
+    result_provenance,
+    wide,
+)
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
 
@@ -146,7 +154,7 @@ class Config(MethodConfig):
 
 
 @dataclass
-class LogprobAttributionResult:
+class LogprobAttributionResult(MethodResult):
     """Log-probability increases at every level (``F`` facts, ``L`` layers, ``H`` heads, ``Dh`` head
     width, ``T`` padded length; arrays of a level not computed are None).
     """
@@ -199,8 +207,6 @@ class LogprobAttributionResult:
     neuron_table: pd.DataFrame | None = None
     """The exact top and bottom ``n_top`` neurons per fact (see :meth:`tables`)."""
     unit_table: pd.DataFrame | None = None
-    provenance: dict = field(default_factory=dict)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
     method: str = NAME
 
     def to_frame(self) -> pd.DataFrame:

@@ -57,7 +57,15 @@ from recallscope.core.tokens import PromptBatch
 from recallscope.core.vocab import decode_tokens
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
-from recallscope.methods.base import Cost, MethodConfig, as_batch, choose_targets, result_provenance, wide
+from recallscope.methods.base import (
+    Cost,
+    MethodConfig,
+    MethodResult,
+    as_batch,
+    choose_targets,
+    result_provenance,
+    wide,
+)
 from recallscope.methods.yu2024 import logprob_attribution as la
 from recallscope.methods.yu2024.summaries import SUMMARY_COLUMNS
 from recallscope.methods.yu2024.summaries import neuron_ablation_summary as summary
@@ -204,7 +212,7 @@ class Selection:
 
 
 @dataclass
-class NeuronAblationResult:
+class NeuronAblationResult(MethodResult):
     """Target metrics ``[fact, variant]`` after zeroing each variant's selection, and the clean ones."""
 
     config: Config
@@ -229,8 +237,6 @@ class NeuronAblationResult:
     rankings: list[dict[str, tuple[np.ndarray, np.ndarray]]]
     """Per fact, method name (``random<seed>`` for random) → ranked ``ffn [K, 2]`` and ``attn [K, 4]``
     (as :class:`Selection`); a budget zeroes a prefix of each."""
-    provenance: dict = field(default_factory=dict)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
     method: str = NAME
 
     def to_frame(self) -> pd.DataFrame:

@@ -51,7 +51,7 @@ numbers.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -67,7 +67,7 @@ from recallscope.core.tokens import PromptBatch
 from recallscope.core.vocab import decode_tokens
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
-from recallscope.methods.base import Cost, MethodConfig, as_batch, result_provenance
+from recallscope.methods.base import Cost, MethodConfig, MethodResult, as_batch, result_provenance
 from recallscope.methods.yu2024 import logprob_attribution
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
@@ -145,7 +145,7 @@ class Config(MethodConfig):
 
 
 @dataclass
-class QueryAttributionResult:
+class QueryAttributionResult(MethodResult):
     """Per-component query scores ``[fact, component]`` and the ranked query FFN neurons per fact."""
 
     config: Config
@@ -175,8 +175,6 @@ class QueryAttributionResult:
     target_ids: np.ndarray | None = None
     """``[fact]`` the token the value rows were scored on (when known)."""
     target_tokens: list[str] | None = None
-    provenance: dict = field(default_factory=dict)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
     method: str = NAME
 
     def to_frame(self) -> pd.DataFrame:
