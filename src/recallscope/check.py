@@ -12,6 +12,9 @@ relative to the size of the reference (``max|a - b| / max(1, max|b|)``). "exact"
 numbers computed in the same forward (tolerance: rounding of the dtype); "kernel" checks compare
 different kernels or our re-implementation of a norm with HF's (looser; note that HF computes
 RMSNorm in float32 even for float64 models).
+
+The checks' shared context and results are in ``check_context``; the checks that run the model
+again (kernels, knockouts, patching, batching, resuming) in ``check_interventions``.
 """
 
 from __future__ import annotations
@@ -21,8 +24,19 @@ from dataclasses import dataclass, field
 
 import torch
 
-from recallscope.core.attention import Knockout, block_attention, eager_attention, output_gate_hook
-from recallscope.core.cache import forward, run_with_cache
+from recallscope.check_context import CheckResult, _combine, _Context
+from recallscope.check_interventions import (
+    _check_batched,
+    _check_eager_kernel,
+    _check_knockout,
+    _check_null_interventions,
+    _check_pattern_edit,
+    _check_per_row_knockout,
+    _check_resume,
+    _check_stop_early,
+)
+from recallscope.core.attention import output_gate_hook
+from recallscope.core.cache import run_with_cache
 from recallscope.core.decompose import (
     head_outputs,
     head_source_outputs,
@@ -30,10 +44,6 @@ from recallscope.core.decompose import (
     resid_decomposition,
     resid_sites,
 )
-from recallscope.core.hooks import site_hook
-from recallscope.core.patching import add_noise, patch
-from recallscope.core.resume import record_run, resume
-from recallscope.core.tokens import PromptBatch, tokenize
 from recallscope.core.vocab import apply_final_norm, project_to_vocab
 from recallscope.errors import UnsupportedModelError
 from recallscope.models.model import Model
@@ -42,26 +52,6 @@ from recallscope.models.sites import Site
 __all__ = ["CheckReport", "CheckResult", "check_model", "validate", "CHECKS"]
 
 PROMPTS = ("The capital of France is", "The Eiffel Tower is located in the city of")
-_TOLERANCES = {  # (exact, kernel) relative tolerances per dtype
-    torch.float64: (1e-9, 1e-5),
-    torch.float32: (1e-4, 3e-3),
-    torch.bfloat16: (3e-2, 1e-1),
-    torch.float16: (1e-2, 5e-2),
-}
-
-
-@dataclass(frozen=True)
-class CheckResult:
-    name: str
-    passed: bool
-    error: float | None = None
-    tolerance: float | None = None
-    detail: str = ""
-
-    def __str__(self) -> str:
-        mark = "PASS" if self.passed else "FAIL"
-        err = "" if self.error is None else f"  max rel. error {self.error:.2e} (tol {self.tolerance:.0e})"
-        return f"[{mark}] {self.name:<28}{err}{'  ' + self.detail if self.detail else ''}"
 
 
 @dataclass
@@ -89,76 +79,6 @@ class CheckReport:
     def raise_for_failures(self) -> None:
         if not self.passed:
             raise AssertionError("\n".join(str(r) for r in self.failures))
-
-
-class _Context:
-    """Shared inputs and one clean cached run of every residual/attention/MLP site."""
-
-    def __init__(self, model: Model, prompts: tuple[str, ...]) -> None:
-        self.model = model
-        self.exact, self.kernel = _TOLERANCES.get(model.dtype, (1e-2, 5e-2))
-        # HF computes Gemma-2's sandwich post-norms in float32: sums through them are kernel-exact
-        post_norms = any(v.attn_post_norm or v.mlp_post_norm for v in model.spec.block_specs())
-        self.post_norm = "kernel" if post_norms else "exact"
-        self.batch = _make_batch(model, prompts)
-        self.last = self.model.n_layers - 1
-        sites = resid_sites(model)
-        for layer in range(model.n_layers):
-            sites += [Site(layer, n) for n in ("resid_pre", "resid_post", "z", "mlp_post")]
-        self.cache = run_with_cache(model, self.batch, sites, logits="all")
-        with torch.no_grad():
-            out = model.hf_model(**self.batch.model_inputs(model.device), output_hidden_states=True)
-        self.hf_logits, self.hidden_states = out.logits, out.hidden_states
-
-    def result(
-        self, name: str, a, b, *, kind: str = "exact", detail: str = "", terms: int = 1
-    ) -> CheckResult:
-        """Compare ``a`` with the reference ``b``; ``terms``: how many rounded terms ``a`` sums (the
-        rounding of a sum grows like the square root of its length, which matters in half precision
-        over many layers).
-        """
-        a, b = torch.as_tensor(a), torch.as_tensor(b)
-        dtype = torch.promote_types(a.dtype, b.dtype)
-        mask = self.real_positions(a.shape)
-        diff = (a.to(dtype) - b.to(dtype).to(a.device)).abs()
-        ref = b.to(dtype).abs()
-        if mask is not None:
-            diff, ref = diff[mask], ref[mask]
-        tol = (self.exact if kind == "exact" else self.kernel) * max(1.0, (terms / 4) ** 0.5)
-        if diff.isnan().any():
-            where = "the reference" if ref.isnan().any() else "recallscope's result"
-            return CheckResult(name, False, float("nan"), tol, f"NaN in {where} ({detail})")
-        error = float(diff.max() / ref.max().clamp(min=1)) if diff.numel() else 0.0
-        return CheckResult(name, error <= tol, error, tol, detail)
-
-    def real_positions(self, shape) -> torch.Tensor | None:
-        """Mask of non-padding positions for ``[B, T, ...]`` tensors (None otherwise)."""
-        mask = self.batch.attention_mask.bool()
-        if len(shape) >= 2 and tuple(shape[:2]) == tuple(mask.shape):
-            return mask.to(self.model.device)
-        return None
-
-
-def _make_batch(model: Model, prompts: tuple[str, ...]) -> PromptBatch:
-    if model.tokenizer is not None:
-        return tokenize(model, prompts)
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, min(model.d_vocab, 1000), (2, 9), generator=generator)
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0  # second row left-padded
-    return PromptBatch(input_ids=ids, attention_mask=mask, prompts=("<ids>", "<ids>"))
-
-
-def _combine(name: str, results: list[CheckResult], detail: str) -> CheckResult:
-    """One result for several comparisons: passed if all passed; the worst error relative to its tolerance."""
-    failed = [r for r in results if not r.passed]
-
-    def badness(r: CheckResult) -> float:
-        return float("inf") if r.error != r.error else (r.error or 0.0) / (r.tolerance or 1.0)  # NaN first
-
-    worst = max(failed or results, key=badness)
-    extra = worst.detail if failed and worst.detail and worst.detail != detail else ""
-    return CheckResult(name, not failed, worst.error, worst.tolerance, f"{detail} {extra}".strip())
 
 
 # -- the checks ----------------------------------------------------------------------------------
@@ -306,143 +226,6 @@ def _check_frozen_scale(ctx: _Context) -> CheckResult:
         additive.tolerance,
         f"Σ project(c) == project(Σ c); + bias == logits (err {exact.error:.1e})",
     )
-
-
-def _check_eager_kernel(ctx: _Context) -> CheckResult:
-    """Recallscope's eager kernel (used for patterns) gives the model's logits."""
-    with eager_attention(ctx.model):
-        logits = forward(ctx.model, ctx.batch, logits="all")
-    return ctx.result(
-        "eager_kernel",
-        logits,
-        ctx.hf_logits,
-        kind="kernel",
-        detail=f"eager vs {ctx.model.attn_implementation}",
-    )
-
-
-def _check_pattern_edit(ctx: _Context) -> CheckResult:
-    """Editing the pattern changes ``z`` (the probabilities we see are the ones the model uses)."""
-
-    def attend_to_self(probs):
-        return torch.eye(probs.shape[-2], probs.shape[-1], dtype=probs.dtype, device=probs.device).expand_as(
-            probs
-        )
-
-    layer = ctx.last // 2
-    site = Site(layer, "z")
-    with site_hook(ctx.model, Site(layer, "pattern"), attend_to_self):
-        edited = run_with_cache(ctx.model, ctx.batch, [site])[site]
-    clean = ctx.cache[site]
-    real = ctx.real_positions(clean.shape)
-    change = float((edited - clean).abs()[real].max() / clean.abs()[real].max())
-    detail = f"attending to self changes z by {change:.2g} (relative)"
-    return CheckResult("pattern_edit", change > 1e-3, None, None, detail)
-
-
-def _check_null_interventions(ctx: _Context) -> CheckResult:
-    m, mid = ctx.model, ctx.last // 2
-    clean = forward(m, ctx.batch, logits="all")
-    site = Site(mid, "resid_post")
-    nulls = {
-        "empty knockout": block_attention(m, []),
-        "knockout with no edges": block_attention(m, [Knockout(layers=[mid], src=[], dst=[-1])]),
-        "patch clean into clean": patch(m, site, ctx.cache[site]),
-        "zero noise": add_noise(m, torch.zeros(1, 1, m.d_model), torch.tensor([0]), torch.tensor([[-1]])),
-    }
-    results = []
-    for name, context in nulls.items():
-        with context:
-            logits = forward(m, ctx.batch, logits="all")
-        res = ctx.result("null_interventions", logits, clean)
-        exact = bool(torch.equal(logits, clean))
-        results.append(
-            CheckResult(res.name, exact, res.error, 0.0, "" if exact else f"{name} changed logits")
-        )
-    detail = "empty knockout, patch clean→clean, zero noise: bit-identical"
-    return _combine("null_interventions", results, detail)
-
-
-def _check_knockout(ctx: _Context) -> CheckResult:
-    """Blocked edges get probability exactly 0 (both modes) and change ``z``; other rows are unchanged."""
-    m, mid = ctx.model, ctx.last // 2
-    src = [-3, -2]
-    ko = [Knockout(layers=[mid], src=src, dst=[-1], rows=[0])]
-    sites = [Site(mid, "pattern"), Site(mid, "z")]
-    with eager_attention(m):
-        clean = run_with_cache(m, ctx.batch, sites[1:], positions=[-1], logits="all")
-    problems, errors = [], []
-    for mode in ("pre_softmax", "post_softmax_zero"):
-        with block_attention(m, ko, mode=mode):
-            cache = run_with_cache(m, ctx.batch, sites, positions=[-1], logits="all")
-        if not bool((cache[sites[0]][0, :, -1, src] == 0).all()):
-            problems.append(f"{mode}: blocked probability not 0")
-        res = ctx.result("knockout", cache.logits[1:], clean.logits[1:], kind="kernel")
-        errors.append(res.error)
-        if not res.passed:
-            problems.append(f"{mode}: unblocked row changed")
-        if torch.equal(cache[sites[1]][0], clean[sites[1]][0]):
-            problems.append(f"{mode}: knockout did not change z of the knocked-out row")
-    detail = "; ".join(problems) or "blocked p == 0 in both modes; other rows unchanged"
-    return CheckResult("knockout", not problems, max(errors), ctx.kernel, detail)
-
-
-def _check_per_row_knockout(ctx: _Context) -> CheckResult:
-    """Different knockouts per row in one batch == separate runs; SDPA mask == eager scores."""
-    m, mid = ctx.model, ctx.last // 2
-    rows = [Knockout(layers=[mid], src=[-2], rows=[0]), Knockout(layers=[0, mid], src=[-3, -4], rows=[1])]
-    with block_attention(m, rows):
-        together = forward(m, ctx.batch, logits="all")
-    alone = []
-    for row, ko in enumerate(rows):
-        single = ctx.batch.select([row])
-        with block_attention(m, [Knockout(layers=ko.layers, src=ko.src)]):
-            alone.append(forward(m, single, logits="all")[0])
-    batched = ctx.result("per_row_knockout", together, torch.stack(alone), kind="kernel")
-    with eager_attention(m), block_attention(m, rows):
-        eager = forward(m, ctx.batch, logits="all")
-    kernels = ctx.result("per_row_knockout", eager, together, kind="kernel")
-    detail = "per-row knockouts in one batch == one run per row; mask == eager"
-    return _combine("per_row_knockout", [batched, kernels], detail)
-
-
-def _check_batched(ctx: _Context) -> CheckResult:
-    """Batched, left-padded rows equal the unpadded prompts run alone, at real positions."""
-    m, results = ctx.model, []
-    site = Site(ctx.last // 2, "resid_post")
-    batched = run_with_cache(m, ctx.batch, [site], logits="all")
-    for row in range(len(ctx.batch)):
-        n = int(ctx.batch.attention_mask[row].sum())
-        single = ctx.batch.select([row])
-        ids, mask = single.input_ids[:, -n:], single.attention_mask[:, -n:]
-        alone = run_with_cache(m, PromptBatch(ids, mask, single.prompts), [site], logits="all")
-        for a, b in ((batched.logits[row, -n:], alone.logits[0]), (batched[site][row, -n:], alone[site][0])):
-            results.append(ctx.result("batched_equals_single", a, b, kind="kernel"))
-    return _combine(
-        "batched_equals_single", results, "left-padded batch == each prompt alone (logits, resid)"
-    )
-
-
-def _check_stop_early(ctx: _Context) -> CheckResult:
-    site = Site(ctx.last // 2, "resid_post")
-    early = run_with_cache(ctx.model, ctx.batch, [site], positions=[-1])
-    detail = "stopping after the last needed block changes nothing"
-    return ctx.result("stop_early", early[site], ctx.cache[site][:, -1:], detail=detail)
-
-
-def _check_resume(ctx: _Context) -> CheckResult:
-    """A recorded run resumed from a middle block and position (reusing the keys and values of the
-    positions before it) gives the recorded logits.
-    """
-    m = ctx.model
-    n = int(ctx.batch.attention_mask[0].sum())
-    ids = ctx.batch.input_ids[:1, -n:]
-    state = record_run(m, ids, logits_to_keep=n)
-    layer, pos = m.n_layers // 2, max(n - 2, 0)
-    hidden = state.stream[:, layer, pos:]
-    logits = resume(m, state, torch.tensor([0]), start_layer=layer, start_pos=pos, hidden=hidden)
-    detail = f"record, then resume at block {layer} and position {pos} == the recorded logits"
-    return ctx.result("resume", logits[0, -1], state.logits[0, -1], kind="kernel", detail=detail)
 
 
 CHECKS: tuple[tuple[str, Callable[[_Context], CheckResult]], ...] = (

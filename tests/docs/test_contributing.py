@@ -69,6 +69,14 @@ def test_check_method_names_what_is_missing():
         methods.check_method(module)
     with pytest.raises(rs.RecallscopeError, match="NAME: a non-empty string.*run\\(model, facts, config\\)"):
         methods.check_method(type(sys)("not_a_method"))
+    needy = type(sys)("needy")  # requires another method's result but cannot take it
+    builtin = methods.REGISTRY["logit_lens"]
+    vars(needy).update(
+        {k: getattr(builtin, k) for k in ("NAME", "DESCRIPTION", "CHUNK_SIZE", "Config", "run", "cost")}
+    )
+    needy.requires = lambda config: {"logprob_attribution": {}}
+    with pytest.raises(rs.RecallscopeError, match="a method with requires takes given"):
+        methods.check_method(needy)
     impostor = type(sys)("impostor")  # a valid method that takes a built-in method's name
     builtin = methods.REGISTRY["logit_lens"]
     vars(impostor).update(

@@ -9,8 +9,10 @@ import torch
 
 import recallscope as rs
 from oracles.query_attribution import frozen_norm, mlp_coeff, naive_query
+from recallscope.core.query_keys import centred, component_cache, ffn_keys
 from recallscope.methods import logprob_attribution as la
 from recallscope.methods import query_attribution as qa
+from recallscope.methods.base import Given
 from recallscope.models.sites import Site
 from tiny import DISCOVERED, FAMILY_NAMES, FLOAT32_INSIDE
 
@@ -139,8 +141,8 @@ def test_linearized_key_is_the_frozen_norm_gradient(tiny_models, family):
         columns=list(qa.NEURON_COLUMNS),
     )
     config = qa.Config(ffn_key="linearized", centre=True)
-    acts = qa._cache(model, batch, neurons, neurons.iloc[:0].assign(head=0, dim=0, src=0))
-    keys = qa._centred(model, qa._ffn_keys(model, acts, neurons, config), config)
+    acts = component_cache(model, batch, neurons, neurons.iloc[:0].assign(head=0, dim=0, src=0))
+    keys = centred(model, ffn_keys(model, acts, neurons, config.ffn_key), config.centre)
     for m, (layer, k) in enumerate(zip(neurons.layer, neurons.neuron, strict=True)):
         cache = rs.run_with_cache(
             model, batch, [Site(layer, "resid_pre"), Site(layer, "attn_out")], positions=[-1]
@@ -193,12 +195,15 @@ def test_run_end_to_end(tiny_models, family):
     batch = rs.tokenize(model, PROMPTS, fact_ids=["f0", "f1"])
     config = qa.Config(n_value_neurons=8, n_value_units=6, n_query_neurons=25, n_show=3)
     result = qa.run(model, batch, config)
-    values = la.run(model, batch, qa._value_config(config))
+    need = la.Config.from_dict(qa.requires(config)["logprob_attribution"])
+    values = Given.of("logprob_attribution", need, la.run(model, batch, need))
     neurons, units, known = qa.value_rows(values, batch, config)
     assert neurons.groupby("fact_row").size().tolist() == [8, 8] and len(units) == 12
     assert (units.src >= batch.pad_lengths.numpy()[units.fact_row]).all()
     _assert_matches_naive(model, batch, result, neurons, units, config)
-    assert result.fact_ids == ["f0", "f1"] and list(result.target_ids) == list(values.target_ids)
+    assert result.fact_ids == ["f0", "f1"] and list(result.target_ids) == [
+        values.array(fact, "target_id")[0] for fact in values.fact_ids
+    ]
 
     frame = result.to_frame()
     assert len(frame) == 2 * 2 * (2 * model.n_layers + 1)

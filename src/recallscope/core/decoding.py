@@ -19,10 +19,11 @@ import pandas as pd
 import torch
 
 from recallscope.core.cache import run_with_cache
-from recallscope.core.dtypes import compute_dtype
+from recallscope.core.dtypes import compute_dtype, upcast
 from recallscope.core.steps import Tracked
 from recallscope.core.subvalues import FrozenHead
 from recallscope.core.tokens import PromptBatch
+from recallscope.errors import RecallscopeError
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
 
@@ -33,6 +34,8 @@ __all__ = [
     "last_position_cache",
     "decode_tracked",
     "tracked_frame",
+    "choose_targets",
+    "logit_minus_mean",
 ]
 
 
@@ -138,3 +141,38 @@ def _object_grid(rows: Sequence[Sequence[str]]) -> np.ndarray:
     for i, row in enumerate(rows):
         grid[i, :] = list(row)
     return grid
+
+
+def choose_targets(batch, logits: torch.Tensor, target: str) -> torch.Tensor:
+    """The token each row is scored on: the model's clean ``top1`` or the ``gold`` answer's first.
+
+    Args:
+        batch: the :class:`~recallscope.core.tokens.PromptBatch` (``target_ids`` for ``gold``).
+        logits: clean last-position logits ``[B, d_vocab]``.
+        target: ``"top1"`` or ``"gold"``.
+
+    Returns:
+        ``[B]`` token ids on the CPU.
+    """
+    if target == "top1":
+        return logits.argmax(-1).cpu()
+    if target != "gold":
+        raise RecallscopeError(f"target must be 'top1' or 'gold', got {target!r}")
+    if batch.target_ids is None:
+        raise RecallscopeError("target='gold' needs a batch with targets (facts have answers)")
+    return batch.target_ids.long().cpu()
+
+
+def logit_minus_mean(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Lv et al.'s ``iw`` metric (``methods.md`` L2): ``ℓ[target] − mean_v ℓ[v]``.
+
+    Args:
+        logits: ``[B, d_vocab]``.
+        targets: ``[B]`` token ids.
+
+    Returns:
+        ``[B]`` in at least float32.
+    """
+    logits = upcast(logits)
+    picked = logits.gather(-1, targets.to(logits.device).long()[:, None])[:, 0]
+    return picked - logits.mean(-1)

@@ -44,6 +44,7 @@ __all__ = [
     "neuron_outputs",
     "resid_decomposition",
     "resid_sites",
+    "post_norm_note",
 ]
 
 
@@ -251,3 +252,10 @@ def resid_decomposition(model: Model, cache, *, upto: int | None = None) -> Deco
 def _check_shape(x: torch.Tensor, tail: tuple[int, ...], name: str) -> None:
     if tuple(x.shape[-len(tail) :]) != tail:
         raise ShapeError(f"{name} must end in {tail}, got shape {tuple(x.shape)}")
+
+
+def post_norm_note(model, how: str = "attention post-norm folded in at its actual scale") -> str:
+    """``"; Gemma-2 <how>"`` for a model whose updates pass a post-norm (a note for a result's
+    provenance), else ``""``.
+    """
+    return f"; Gemma-2 {how}" if model.spec.attn_post_norm else ""

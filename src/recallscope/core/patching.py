@@ -26,7 +26,7 @@ from recallscope.errors import ShapeError, SiteError
 from recallscope.models.model import Model
 from recallscope.models.sites import Site, parse_site
 
-__all__ = ["patch", "patch_cells", "add_noise", "ablate_neurons"]
+__all__ = ["patch", "patch_cells", "add_noise", "ablate_neurons", "window"]
 
 Mode = Literal["set", "add"]
 _HEAD_SITES = {"z": 2, "q": 2, "k": 2, "v": 2, "pattern": 1}
@@ -164,3 +164,10 @@ def ablate_neurons(
         return new
 
     return site_hook(model, site, edit)
+
+
+def window(layer: int, size: int, n_layers: int) -> range:
+    """The window of ``size`` layers centred on ``layer`` used by ROME and Geva et al.'s code:
+    ``[ℓ - size//2, ℓ - (-size//2))``, clipped to ``[0, n_layers)``.
+    """
+    return range(max(0, layer - size // 2), min(n_layers, layer - (-size // 2)))

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from recallscope.core.dtypes import upcast
-from recallscope.core.updates import update_map
+from recallscope.core.updates import update_gain, update_map
 from recallscope.core.vocab import final_norm_scale
 from recallscope.errors import ShapeError
 from recallscope.models.model import Model
@@ -50,6 +50,7 @@ __all__ = [
     "Subvalues",
     "ffn_subvalues",
     "attn_subvalues",
+    "value_vectors",
     "vector_increase",
     "rank1_increase",
     "increase_bounds",
@@ -233,6 +234,20 @@ def attn_subvalues(
     b_O = model.b_O(layer)
     pre = coeffs.sum(-1) @ W_O + (0 if b_O is None else b_O.to(v.device, v.dtype))
     return _finish(coeffs, W_O, b_O, _update(model, "attn", layer, pre))
+
+
+def value_vectors(
+    model: Model, sublayer: str, layer: int, *, dtype: torch.dtype | None = None, device=None
+) -> torch.Tensor:
+    """The static value vectors of ``layer`` as :func:`ffn_subvalues` (``sublayer="mlp"``, ``[d_mlp, d]``)
+    and :func:`attn_subvalues` (``"attn"``, ``[H·d_head, d]``) use them: Gemma-2's post-norm gain folded in.
+
+    In ``dtype`` on ``device`` when given, else in the weights' dtype (at least float32) on their device.
+    """
+    values = model.W_out(layer) if sublayer == "mlp" else model.W_O(layer).flatten(0, 1)
+    values = upcast(values) if dtype is None else values.to(device, dtype)
+    gain = update_gain(model, sublayer, layer, values.dtype, values.device)
+    return values if gain is None else values * gain
 
 
 def _log_softmax_at(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ import torch
 from recallscope.errors import RecallscopeError, SpanError
 from recallscope.models.model import Model
 
-__all__ = ["PromptBatch", "tokenize", "find_token_span", "encode_prompt", "answer_ids"]
+__all__ = ["PromptBatch", "as_batch", "tokenize", "find_token_span", "encode_prompt", "answer_ids"]
 
 SpanSpec = str | tuple[int, int] | None
 
@@ -277,3 +277,8 @@ def _pad_id(model: Model) -> int:
         if candidate is not None:
             return int(candidate)
     return 0
+
+
+def as_batch(model, facts_or_batch) -> PromptBatch:
+    """A :class:`PromptBatch` from a batch or from anything with ``to_batch(model)`` (a ``FactSet``)."""
+    return facts_or_batch if isinstance(facts_or_batch, PromptBatch) else facts_or_batch.to_batch(model)

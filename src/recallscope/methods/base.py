@@ -17,7 +17,16 @@ module defines:
 - optionally ``needs_all_facts(config) -> bool``: true when a result depends on the whole fact
   list (a fit on a training split evaluated on held-out facts, a pooled regression, a mean over
   the dataset). The runner then calls ``run`` once with every fact (the method batches its own
-  forwards) under a store key that hashes the fact list.
+  forwards) under a store key that hashes the fact list;
+- optionally ``requires(config) -> {method name: {field: value}}``: the results of other methods
+  this one reuses, with the config values it needs them under (declared, never imported). ``run``
+  then takes ``given`` (method name → :class:`Given`) and gets each with :meth:`Given.obtain`: the
+  runner computes a required method once per run (the run's own result when its config
+  :meth:`~MethodConfig.serves` the need), stores it and hands the stored rows over; called alone,
+  ``run`` computes it. ``cost`` then takes ``given`` too, and counts the required methods not
+  given (:meth:`Given.cost`). The result class of a method others reuse may add
+  :meth:`MethodResult.handover`: arrays they read that ``arrays()`` does not keep. No method
+  imports another.
 
 Methods do no file I/O, plotting or progress bars. :func:`check_method` checks this shape;
 ``recallscope.methods.register`` (or the ``recallscope.methods`` entry point of another package)
@@ -29,19 +38,26 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import inspect
 import json
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-import torch
+import numpy as np
+import pandas as pd
 
-from recallscope.core.dtypes import upcast
+from recallscope.core.decoding import choose_targets, logit_minus_mean
+from recallscope.core.dtypes import upcast as wide
+from recallscope.core.patching import window
+from recallscope.core.tokens import as_batch
 from recallscope.errors import RecallscopeError
 
 __all__ = [
     "check_method",
     "MethodConfig",
     "MethodResult",
+    "Given",
+    "required_config",
     "Cost",
     "result_provenance",
     "as_batch",
@@ -84,6 +100,14 @@ class MethodConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def serves(self, need: MethodConfig) -> bool:
+        """Whether a result computed under this config holds everything, with the same numbers, that
+        one under ``need`` would (then the runner hands it to a method that requires ``need``).
+        By default: the same fields, but for the preset's name.
+        """
+        mine, theirs = self.to_dict(), need.to_dict()
+        return type(self) is type(need) and all(mine[k] == theirs[k] for k in mine if k != "preset_name")
+
     def stable_hash(self) -> str:
         """A short hash of the method's name and every field but ``preset_name`` (part of the
         result-store key). The name is the module's own, spelled as when every method was a module
@@ -106,6 +130,118 @@ class MethodResult:
     (:func:`result_provenance`)."""
     skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     """``(fact_id, reason)`` of every fact left out."""
+
+    def per_fact(self, **named: Any) -> dict[str, np.ndarray]:
+        """``"<fact_id>/<name>"`` → row ``i`` of each ``[fact, …]`` array in ``named``, for fact ``i``
+        of ``self.fact_ids`` (what most ``arrays()`` return).
+        """
+        ids = self.fact_ids  # type: ignore[attr-defined]  (every result has them)
+        return {f"{fact}/{name}": a[i] for i, fact in enumerate(ids) for name, a in named.items()}
+
+    def handover(self) -> dict[str, np.ndarray]:
+        """Arrays keyed ``"<fact_id>/<name>"`` that methods reusing this result read besides
+        ``arrays()``; the runner stores them with the chunk, never in ``results/``. None by default.
+        """
+        return {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Given:
+    """A required method's stored result on some facts: what one method hands to another.
+
+    ``frame``, ``tables`` (by name) and ``arrays`` (``"<fact_id>/<name>"``, with those of
+    :meth:`MethodResult.handover`) hold only the rows of ``fact_ids``; ``skipped`` lists the facts
+    the method left out, with its reasons.
+    """
+
+    method: str
+    config: MethodConfig
+    fact_ids: tuple[str, ...]
+    frame: pd.DataFrame
+    tables: Mapping[str, pd.DataFrame]
+    arrays: Mapping[str, np.ndarray]
+    skipped: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def of(cls, method: str, config: MethodConfig, result: MethodResult) -> Given:
+        """What the runner would store of ``result``."""
+        return cls(
+            method,
+            config,
+            tuple(result.fact_ids),
+            result.to_frame(),
+            result.tables(),
+            {**result.arrays(), **result.handover()},
+            tuple(map(tuple, result.skipped)),
+        )
+
+    def covers(self, fact_ids) -> bool:
+        """Whether every one of ``fact_ids`` has rows here or is skipped here."""
+        return set(fact_ids) <= {*self.fact_ids, *(fact for fact, _ in self.skipped)}
+
+    def select(self, fact_ids) -> Given:
+        """The rows of ``fact_ids``, in that order (those not here are left out)."""
+        keep = set(fact_ids)
+        rows = lambda frame: frame[frame["fact_id"].isin(keep)].reset_index(drop=True)  # noqa: E731
+        return dataclasses.replace(
+            self,
+            fact_ids=tuple(dict.fromkeys(f for f in fact_ids if f in set(self.fact_ids))),
+            frame=rows(self.frame),
+            tables={name: rows(table) for name, table in self.tables.items()},
+            arrays={k: v for k, v in self.arrays.items() if k.rsplit("/", 1)[0] in keep},
+            skipped=tuple(s for s in self.skipped if s[0] in keep),
+        )
+
+    def merge(self, other: Given) -> Given:
+        """These rows and ``other``'s (of other facts), in that order."""
+        join = lambda a, b: pd.concat([f for f in (a, b) if not f.empty] or [a], ignore_index=True)  # noqa: E731
+        return dataclasses.replace(
+            self,
+            fact_ids=self.fact_ids + other.fact_ids,
+            frame=join(self.frame, other.frame),
+            tables={
+                name: join(self.tables.get(name, pd.DataFrame()), other.tables.get(name, pd.DataFrame()))
+                for name in dict.fromkeys([*self.tables, *other.tables])
+            },
+            arrays={**self.arrays, **other.arrays},
+            skipped=self.skipped + other.skipped,
+        )
+
+    @classmethod
+    def obtain(cls, method: str, need: Mapping[str, Any], model, batch, given: Mapping[str, Given] | None):
+        """The result of ``method`` with the config values ``need`` on the facts of ``batch``: the one
+        ``given`` by the runner when it covers them, else computed here (through the registry: no
+        method imports another).
+        """
+        fact_ids = list(batch.fact_ids or map(str, range(len(batch))))
+        handed = (given or {}).get(method)
+        if handed is not None and handed.covers(fact_ids):
+            return handed.select(fact_ids)
+        from recallscope.methods import REGISTRY
+
+        config = required_config(method, need)
+        return cls.of(method, config, REGISTRY[method].run(model, batch, config))
+
+    @staticmethod
+    def cost(requires: Mapping[str, Mapping[str, Any]], model, batch, given) -> Cost:
+        """What computing the required methods not in ``given`` costs (a method's ``cost`` adds it)."""
+        from recallscope.methods import REGISTRY
+
+        total = Cost(0, 0.0, 0)
+        for method, need in requires.items():
+            if method not in (given or {}):
+                total = total + REGISTRY[method].cost(model, batch, required_config(method, need))
+        return total
+
+    def array(self, fact_id: str, name: str) -> np.ndarray:
+        return self.arrays[f"{fact_id}/{name}"]
+
+
+def required_config(method: str, values: Mapping[str, Any]) -> MethodConfig:
+    """The config of required ``method`` with ``values`` (as a method's ``requires`` lists them)."""
+    from recallscope.methods import REGISTRY
+
+    return REGISTRY[method].Config.from_dict(values)
 
 
 def check_method(module: Any) -> None:
@@ -131,9 +267,16 @@ def check_method(module: Any) -> None:
     for name in ("run", "cost"):
         if not callable(getattr(module, name, None)):
             problems.append(f"{name}(model, facts, config): a function")
-    for name in ("prepare", "needs_all_facts"):
+    for name in ("prepare", "needs_all_facts", "requires"):
         if hasattr(module, name) and not callable(getattr(module, name)):
             problems.append(f"{name}: a function when present")
+    if callable(getattr(module, "requires", None)):
+        for name in ("run", "cost"):
+            function = getattr(module, name, None)
+            if callable(function) and "given" not in inspect.signature(function).parameters:
+                problems.append(
+                    f"{name}(model, facts, config, given=None): a method with requires takes given"
+                )
     if problems:
         label = getattr(module, "__name__", repr(module))
         raise RecallscopeError(
@@ -168,60 +311,6 @@ class Cost:
         )
 
 
-def window(layer: int, size: int, n_layers: int) -> range:
-    """The window of ``size`` layers centred on ``layer`` used by ROME and Geva et al.'s code:
-    ``[ℓ - size//2, ℓ - (-size//2))``, clipped to ``[0, n_layers)``.
-    """
-    return range(max(0, layer - size // 2), min(n_layers, layer - (-size // 2)))
-
-
 def result_provenance(model, config: MethodConfig, **conventions: Any) -> dict[str, Any]:
     """Model provenance plus the conventions a result was computed with."""
     return {"model": model.provenance(), "config": config.to_dict(), "conventions": conventions}
-
-
-def as_batch(model, facts_or_batch):
-    """A :class:`~recallscope.core.tokens.PromptBatch` from a batch or a :class:`FactSet`."""
-    from recallscope.core.tokens import PromptBatch
-
-    return facts_or_batch if isinstance(facts_or_batch, PromptBatch) else facts_or_batch.to_batch(model)
-
-
-def wide(logits: torch.Tensor) -> torch.Tensor:
-    """Logits in at least float32 (bf16/fp16 models); float64 is kept."""
-    return upcast(logits)
-
-
-def choose_targets(batch, logits: torch.Tensor, target: str) -> torch.Tensor:
-    """The token each row is scored on: the model's clean ``top1`` or the ``gold`` answer's first.
-
-    Args:
-        batch: the :class:`~recallscope.core.tokens.PromptBatch` (``target_ids`` for ``gold``).
-        logits: clean last-position logits ``[B, d_vocab]``.
-        target: ``"top1"`` or ``"gold"``.
-
-    Returns:
-        ``[B]`` token ids on the CPU.
-    """
-    if target == "top1":
-        return logits.argmax(-1).cpu()
-    if target != "gold":
-        raise RecallscopeError(f"target must be 'top1' or 'gold', got {target!r}")
-    if batch.target_ids is None:
-        raise RecallscopeError("target='gold' needs a batch with targets (facts have answers)")
-    return batch.target_ids.long().cpu()
-
-
-def logit_minus_mean(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Lv et al.'s ``iw`` metric (``methods.md`` L2): ``ℓ[target] − mean_v ℓ[v]``.
-
-    Args:
-        logits: ``[B, d_vocab]``.
-        targets: ``[B]`` token ids.
-
-    Returns:
-        ``[B]`` in at least float32.
-    """
-    logits = wide(logits)
-    picked = logits.gather(-1, targets.to(logits.device).long()[:, None])[:, 0]
-    return picked - logits.mean(-1)

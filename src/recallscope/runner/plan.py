@@ -24,6 +24,7 @@ from recallscope.core.cache import forward
 from recallscope.methods import REGISTRY
 from recallscope.methods.base import Cost
 from recallscope.runner.job import Job, model_key
+from recallscope.runner.requirements import plan_requirements
 from recallscope.runner.run import prepare_job, work_items
 from recallscope.runner.store import Store
 
@@ -111,15 +112,22 @@ def plan_job(job: Job, *, model=None, log=print) -> Plan:
     per_block, per_forward = _throughput(model, facts)
     workers = (job.workers or DEFAULT_WORKERS) if job.executor == "ray" else 1
     mkey = model_key(model)
+    requirements = plan_requirements(configs)
+    alone = {(s.method, s.config.stable_hash()): s for r in requirements.values() for s in r.values()}
+    todo = [(s.method, s.config, {}, " (required)") for s in alone.values() if not s.in_run]
+    todo += [(n, c, {m: None for m in requirements.get(n, {})}, "") for n, c in configs.items()]
     plans = []
-    for name, config in configs.items():
+    for name, config, given, label in todo:
         module = REGISTRY[name]
         items, *_ = work_items(module, facts, config, f"{config.stable_hash()}-{mkey}", job, store)
-        costs = [module.cost(model, facts.to_batch(model, list(item.indices)), config) for item in items]
+        batches = [facts.to_batch(model, list(item.indices)) for item in items]
+        costs = [
+            module.cost(model, batch, config, **({"given": given} if given else {})) for batch in batches
+        ]
         times = [c.token_blocks * per_block + c.forwards * per_forward for c in costs]
         cost = sum(costs, Cost(0, 0.0, 0))
         n_done = len(facts) - sum(len(item.indices) for item in items)
-        plans.append(MethodPlan(name, len(facts), n_done, cost, _busiest(times, workers), len(items)))
+        plans.append(MethodPlan(name + label, len(facts), n_done, cost, _busiest(times, workers), len(items)))
     return Plan(
         model.info.name,
         len(facts),

@@ -135,8 +135,12 @@ class RayExecutor:
         self.shared: list = []  # object refs of the model (when given) and the facts
         self.started_ray = False
 
-    def map(self, items: list[WorkItem]) -> Iterator[tuple[WorkItem, ChunkOutput, float]]:
-        """``(item, output, seconds)`` for each item, in the order they finish."""
+    def map(
+        self, items: list[WorkItem], attach: Callable[[WorkItem], WorkItem] | None = None
+    ) -> Iterator[tuple[WorkItem, ChunkOutput, float]]:
+        """``(item, output, seconds)`` for each item, in the order they finish; ``attach`` adds what
+        an item needs from the store (read here, shipped with the item) just before it is sent.
+        """
         if not items:
             return
         if not self.workers:
@@ -149,6 +153,7 @@ class RayExecutor:
             while todo and min(load) < AHEAD:
                 w = load.index(min(load))
                 item = todo.pop()
+                item = attach(item) if attach else item
                 running[self.workers[w].run.remote(item, self.shared)] = (item, w)
                 load[w] += 1
 

@@ -6,7 +6,8 @@ method, config and model, and runs the facts not yet done in fixed chunks (``CHU
 ``--batch-size``). The chunk partition depends only on the fact list, so a resumed run computes
 exactly the chunks an uninterrupted run would. A chunk that fails with a recallscope error is
 retried fact by fact; a fact that still fails is recorded as skipped with its reason, and the run
-goes on.
+goes on. A method that requires another's result runs after it and gets its stored rows
+(:mod:`~recallscope.runner.requirements`): each required result is computed once per run.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import datetime as dt
 import hashlib
 import json
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from types import ModuleType
 from typing import Any
 
@@ -27,6 +28,7 @@ from recallscope.data import FactSet
 from recallscope.errors import RecallscopeError
 from recallscope.methods import REGISTRY
 from recallscope.runner.job import Job, facts_frame, method_configs, model_key, select_facts
+from recallscope.runner.requirements import Source, load_given, plan_requirements, run_order
 from recallscope.runner.store import Store
 
 __all__ = ["run_job", "prepare_job", "chunks", "WorkItem", "run_item", "LocalExecutor"]
@@ -91,15 +93,28 @@ def run_job(job: Job, *, model=None, progress: bool = True, report: bool = True)
     manifest["status"] = "running"
     store.write_manifest(manifest)
     mkey = model_key(model)
+    plan = plan_requirements(configs)
     executor = make_executor(job, model, facts, given=given, log=log)
+    keys: dict[tuple[str, str], str] = {}  # (method, config hash) → the store key of its result
+
+    def run(name: str, config, sources=None, combine: bool = True) -> dict[str, Any]:
+        key = f"{config.stable_hash()}-{mkey}"
+        return _run_method(
+            REGISTRY[name], model, facts, config, store, key, job, progress, executor,
+            sources=sources, keys=keys, combine=combine,
+        )  # fmt: skip
+
     try:
-        for name, config in configs.items():
-            key = f"{config.stable_hash()}-{mkey}"
-            entry = _run_method(REGISTRY[name], model, facts, config, store, key, job, progress, executor)
-            manifest["methods"][name] = entry
+        for name in run_order(configs, plan):
+            for source in plan.get(name, {}).values():
+                if not source.in_run and (source.method, source.config.stable_hash()) not in keys:
+                    entry = run(source.method, source.config, combine=False)
+                    manifest.setdefault("requirements", {})[f"{source.method}-{entry['store_key']}"] = entry
+            manifest["methods"][name] = run(name, configs[name], plan.get(name))
             store.write_manifest(manifest)
     finally:
         executor.close()
+    manifest["methods"] = {name: manifest["methods"][name] for name in configs}  # the job's order
     manifest.update(status="complete", finished=_now())
     store.write_manifest(manifest)
     if report:
@@ -119,12 +134,14 @@ class ChunkOutput:
     arrays: dict[str, Any] = field(default_factory=dict)
     conventions: dict[str, Any] = field(default_factory=dict)
     skipped: list[list[str]] = field(default_factory=list)
+    handover: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def of(cls, result) -> ChunkOutput:
         conventions = result.provenance.get("conventions", {})
         skipped = [list(s) for s in result.skipped]
-        return cls(result.to_frame(), result.tables(), result.arrays(), conventions, skipped)
+        handover = getattr(result, "handover", dict)()  # (a result that is no MethodResult has none)
+        return cls(result.to_frame(), result.tables(), result.arrays(), conventions, skipped, handover)
 
     @classmethod
     def merge(cls, outputs: list[ChunkOutput], skipped: list[list[str]]) -> ChunkOutput:
@@ -137,6 +154,7 @@ class ChunkOutput:
             {k: v for o in outputs for k, v in o.arrays.items()},
             outputs[0].conventions,
             [s for o in outputs for s in o.skipped] + skipped,
+            {k: v for o in outputs for k, v in o.handover.items()},
         )
 
     @property
@@ -166,8 +184,10 @@ def chunking(module: ModuleType, config, job, facts: FactSet, key: str) -> tuple
 class WorkItem:
     """One unit of work: a method's config on some facts, stored as chunk ``chunk`` under ``key``.
 
-    ``indices`` point into the job's fact list; ``whole`` marks a whole-dataset call. A work item
-    is all an executor needs (with the model and the facts) to produce a :class:`ChunkOutput`.
+    ``indices`` point into the job's fact list; ``whole`` marks a whole-dataset call; ``given``
+    holds the stored results the method requires, for these facts (attached just before the item
+    runs). A work item is all an executor needs (with the model and the facts) to produce a
+    :class:`ChunkOutput`.
     """
 
     method: str
@@ -176,14 +196,16 @@ class WorkItem:
     chunk: str
     indices: tuple[int, ...]
     whole: bool = False
+    given: tuple[tuple[str, Any], ...] = ()
 
 
 def run_item(model, facts: FactSet, item: WorkItem) -> ChunkOutput:
     """What ``item`` produces on ``model``: the same wherever it runs (any executor calls this)."""
     module = REGISTRY[item.method]
+    given = {"given": dict(item.given)} if item.given else {}
     if item.whole:
-        return _run_whole(module, model, facts, item.config)
-    return _run_chunk(module, model, facts, list(item.indices), item.config)
+        return _run_whole(module, model, facts, item.config, given)
+    return _run_chunk(module, model, facts, list(item.indices), item.config, given)
 
 
 def work_items(module: ModuleType, facts: FactSet, config, key: str, job, store: Store | None):
@@ -201,18 +223,43 @@ def work_items(module: ModuleType, facts: FactSet, config, key: str, job, store:
     return items, key, size, current
 
 
-def _run_method(module: ModuleType, model, facts, config, store: Store, key, job, progress, executor):
+def _run_method(
+    module: ModuleType,
+    model,
+    facts,
+    config,
+    store: Store,
+    key,
+    job,
+    progress,
+    executor,
+    *,
+    sources: Mapping[str, Source] | None = None,
+    keys: dict[tuple[str, str], str],
+    combine: bool = True,
+):
     """Run the facts not done yet, chunk by chunk; combine; return the method's manifest entry.
 
     The executor runs the work items (here, or on workers) and hands back each finished chunk as
     soon as it is done; the chunk is written to the store at once, so a stopped run keeps it.
+    ``sources``: the results the method requires (each stored under ``keys``), whose rows each
+    item gets; ``combine``: write ``results/`` (not for a result computed only as a requirement).
     """
     name = module.NAME
     items, key, size, current = work_items(module, facts, config, key, job, store)
+    keys[(name, config.stable_hash())] = key
+    sources = dict(sources or {})
+    given = {m: keys[(s.method, s.config.stable_hash())] for m, s in sources.items()}
+
+    def attach(item: WorkItem) -> WorkItem:
+        wanted = [facts[i].fact_id for i in item.indices]
+        loaded = tuple((m, load_given(store, s, given[m], current, wanted)) for m, s in sources.items())
+        return replace(item, given=loaded)
+
     n_todo = sum(len(item.indices) for item in items)
     bar = tqdm(total=len(facts), initial=len(facts) - n_todo, desc=name, unit="fact", disable=not progress)
     with bar:
-        for item, output, seconds in executor.map(items):
+        for item, output, seconds in executor.map(items, attach if sources else None):
             record = {
                 "fact_ids": output.fact_ids,
                 "digests": {facts[i].fact_id: current[facts[i].fact_id] for i in item.indices},
@@ -221,9 +268,11 @@ def _run_method(module: ModuleType, model, facts, config, store: Store, key, job
                 "conventions": output.conventions,
                 "finished": _now(),
             }
-            store.write_chunk(name, key, item.chunk, output.frame, output.tables, output.arrays, record)
+            store.write_chunk(
+                name, key, item.chunk, output.frame, output.tables, output.arrays, record, output.handover
+            )
             bar.update(len(item.indices))
-    sizes = store.combine(name, key, current)
+    sizes = store.combine(name, key, current) if combine else {}
     records = store.valid_records(name, key, current)
     n_done = sum(len(r["valid"].intersection(r["fact_ids"])) for r in records)
     seconds = sum(r["seconds"] for r in records)
@@ -233,6 +282,7 @@ def _run_method(module: ModuleType, model, facts, config, store: Store, key, job
         "config_hash": config.stable_hash(),
         "store_key": key,
         "conventions": next((r["conventions"] for r in records if r["conventions"]), {}),
+        **({"given": given} if given else {}),
         "n_facts": n_done,
         "rows": sizes,
         "skipped": [s for r in records for s in r["skipped"] if s[0] in r["valid"]],
@@ -251,9 +301,14 @@ class LocalExecutor:
     def __init__(self, model, facts: FactSet) -> None:
         self.model, self.facts = model, facts
 
-    def map(self, items: list[WorkItem]) -> Iterator[tuple[WorkItem, ChunkOutput, float]]:
-        """``(item, output, seconds)`` for each item, as each finishes."""
+    def map(
+        self, items: list[WorkItem], attach: Callable[[WorkItem], WorkItem] | None = None
+    ) -> Iterator[tuple[WorkItem, ChunkOutput, float]]:
+        """``(item, output, seconds)`` for each item, as each finishes; ``attach`` adds what an item
+        needs from the store (its required results) just before it runs.
+        """
         for item in items:
+            item = attach(item) if attach else item
             start = time.perf_counter()
             output = run_item(self.model, self.facts, item)
             yield item, output, time.perf_counter() - start
@@ -277,33 +332,33 @@ def make_executor(
     return LocalExecutor(model, facts)
 
 
-def _run_chunk(module, model, facts: FactSet, indices: list[int], config) -> ChunkOutput:
+def _run_chunk(module, model, facts: FactSet, indices: list[int], config, given) -> ChunkOutput:
     """The output for the facts at ``indices``; a failing chunk is retried fact by fact, and a fact
     that fails alone is reported skipped with its error.
     """
     if len(indices) > 1:
         try:
-            return _run_facts(module, model, facts, indices, config)
+            return _run_facts(module, model, facts, indices, config, given)
         except RecallscopeError:
             pass  # find the failing facts below
     outputs, skipped = [], []
     for i in indices:
         try:
-            outputs.append(_run_facts(module, model, facts, [i], config))
+            outputs.append(_run_facts(module, model, facts, [i], config, given))
         except RecallscopeError as err:
             skipped.append([facts[i].fact_id, str(err)])
     return ChunkOutput.merge(outputs, skipped)
 
 
-def _run_facts(module, model, facts: FactSet, indices: list[int], config) -> ChunkOutput:
+def _run_facts(module, model, facts: FactSet, indices: list[int], config, given) -> ChunkOutput:
     subset = facts.with_facts([facts[i] for i in indices], {"step": "chunk"})
-    return ChunkOutput.of(module.run(model, subset, config))
+    return ChunkOutput.of(module.run(model, subset, config, **given))
 
 
-def _run_whole(module, model, facts: FactSet, config) -> ChunkOutput:
+def _run_whole(module, model, facts: FactSet, config, given) -> ChunkOutput:
     """A whole-dataset method's output; if it fails, every fact is reported skipped with the error."""
     try:
-        return ChunkOutput.of(module.run(model, facts, config))
+        return ChunkOutput.of(module.run(model, facts, config, **given))
     except RecallscopeError as err:
         return ChunkOutput.merge([], [[f.fact_id, str(err)] for f in facts])
 

@@ -126,13 +126,20 @@ class Store:
         tables: Mapping[str, pd.DataFrame],
         arrays: Mapping[str, np.ndarray],
         record: Mapping[str, Any],
+        handover: Mapping[str, np.ndarray] | None = None,
     ) -> None:
-        """Write chunk ``name``; its ``record`` (fact ids, skipped facts, time …) goes last."""
+        """Write chunk ``name``; its ``record`` (fact ids, skipped facts, time …) goes last.
+
+        ``handover``: arrays that methods reusing this result read (``<name>.handover.safetensors``,
+        never combined into ``results/``).
+        """
         folder = self.chunk_dir(method, key)
         _write_parquet(folder / f"{name}.parquet", frame)
         for table_name, table in tables.items():
             _write_parquet(folder / f"{name}.{table_name}.parquet", table)
         _write_arrays(folder / f"{name}.safetensors", arrays)
+        if handover:
+            _write_arrays(folder / f"{name}.handover.safetensors", handover)
         _write_json(folder / f"{name}.json", {**record, "name": name, "tables": sorted(tables)})
 
     def chunk_records(self, method: str, key: str) -> list[dict[str, Any]]:
@@ -186,6 +193,36 @@ class Store:
         ordered = sorted(arrays, key=lambda k: (rank[k.rsplit("/", 1)[0]], k))
         _write_arrays(self.results_path(method, suffix="safetensors"), {k: arrays[k] for k in ordered})
         return sizes
+
+    def read_rows(
+        self, method: str, key: str, facts: Mapping[str, str], wanted: Iterable[str]
+    ) -> dict[str, Any]:
+        """The stored rows of the facts ``wanted`` (still valid under the digests ``facts``) in the
+        chunks of ``method`` under ``key``: ``fact_ids``, ``frame``, ``tables`` (by name),
+        ``arrays`` (with the chunks' handover arrays) and ``skipped``.
+        """
+        wanted = set(wanted)
+        folder = self.chunk_dir(method, key)
+        frames: list[pd.DataFrame] = []
+        tables: dict[str, list[pd.DataFrame]] = {}
+        found: dict[str, Any] = {"fact_ids": [], "arrays": {}, "skipped": []}
+        for r in self.valid_records(method, key, facts):
+            ids = r["valid"] & wanted
+            if not ids:
+                continue
+            frames.append(_only(pd.read_parquet(folder / f"{r['name']}.parquet"), ids))
+            for table in r["tables"]:
+                tables.setdefault(table, []).append(
+                    _only(pd.read_parquet(folder / f"{r['name']}.{table}.parquet"), ids)
+                )
+            for suffix in ("safetensors", "handover.safetensors"):
+                path = folder / f"{r['name']}.{suffix}"
+                named = load_file(str(path)) if path.exists() else {}
+                found["arrays"].update({k: v for k, v in named.items() if k.rsplit("/", 1)[0] in ids})
+            found["fact_ids"] += [f for f in r["fact_ids"] if f in ids]
+            found["skipped"] += [s for s in r["skipped"] if s[0] in ids]
+        join = lambda parts: pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()  # noqa: E731
+        return {**found, "frame": join(frames), "tables": {t: join(parts) for t, parts in tables.items()}}
 
     # -- reading results -----------------------------------------------------------------------------
     def methods(self) -> list[str]:

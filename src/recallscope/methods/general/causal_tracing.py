@@ -32,8 +32,6 @@ loop of the paper (one forward per cell) is in ``tests/oracles`` and gives the s
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -42,15 +40,21 @@ import pandas as pd
 import torch
 
 from recallscope.core.cache import run_with_cache
-from recallscope.core.dtypes import upcast
-from recallscope.core.patching import add_noise, patch_cells
-from recallscope.core.resume import RunState, record_run, resume
+from recallscope.core.patching import add_noise, window
+from recallscope.core.restoration import (
+    RESTORED_SITES,
+    RestorationCell,
+    plan_resumed_forwards,
+    run_restoration_cells,
+    target_score,
+)
+from recallscope.core.resume import RunState, record_run
 from recallscope.core.steps import answer_span_names, answer_steps, span_masks
-from recallscope.core.tokens import PromptBatch
+from recallscope.core.tokens import PromptBatch, as_batch
 from recallscope.core.vocab import decode_tokens
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
-from recallscope.methods.base import Cost, MethodConfig, MethodResult, as_batch, result_provenance, window
+from recallscope.methods.base import Cost, MethodConfig, MethodResult, result_provenance
 from recallscope.methods.general.summaries import BUCKETS, average_by_bucket, bucket_names
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
@@ -81,7 +85,6 @@ CHUNK_SIZE = 1
 """Facts per runner chunk: each fact is traced on its own, so a chunk per fact checkpoints each one."""
 
 Kind = Literal["hidden", "mlp", "attn"]
-_SITE = {"hidden": "resid_post", "mlp": "mlp_out", "attn": "attn_out"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -141,8 +144,10 @@ class Config(MethodConfig):
     }
 
     def __post_init__(self) -> None:
-        if not self.kinds or any(k not in _SITE for k in self.kinds):
-            raise RecallscopeError(f"kinds must be a non-empty subset of {tuple(_SITE)}, got {self.kinds!r}")
+        if not self.kinds or any(k not in RESTORED_SITES for k in self.kinds):
+            raise RecallscopeError(
+                f"kinds must be a non-empty subset of {tuple(RESTORED_SITES)}, got {self.kinds!r}"
+            )
         if self.window < 1 or self.samples < 1 or self.max_batch_rows < 1:
             raise RecallscopeError("window, samples and max_batch_rows must be positive")
         if self.metric == "answer_logprob" and self.target != "gold":
@@ -302,7 +307,9 @@ def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = Non
     for row, span in _row_spans(batch, config):
         start = int(batch.spans[span][row, 0]) - int(batch.pad_lengths[row])
         n_tokens = batch.seq_len - int(batch.pad_lengths[row])
-        groups = _plan(_cells(config, n_layers, range(start, n_tokens)), config, n_layers, n_tokens)
+        groups = plan_resumed_forwards(
+            _cells(config, n_layers, range(start, n_tokens)), config, n_layers, n_tokens
+        )
         forwards = 2 + sum(-(-len(g) // per_chunk) for g in groups.values())
         work = (1 + config.samples) * n_tokens * n_layers + sum(
             (n_layers - s) * len(g) * config.samples * (n_tokens - t) for (s, t), g in groups.items()
@@ -399,7 +406,7 @@ def _trace(model, ids, span, gold, noise, config, fact_id) -> FactTrace:
     clean = run_with_cache(
         model,
         full[None],
-        [Site(layer, _SITE[k]) for k in config.kinds for layer in range(model.n_layers)],
+        [Site(layer, RESTORED_SITES[k]) for k in config.kinds for layer in range(model.n_layers)],
         logits="all",
     )
     clean_logits = clean.logits[:, -n_keep:]
@@ -410,7 +417,7 @@ def _trace(model, ids, span, gold, noise, config, fact_id) -> FactTrace:
     positions = torch.arange(span[0], span[1]).expand(config.samples, -1)
     with add_noise(model, noise_t, rows, positions):
         state = record_run(model, full.expand(config.samples, -1), logits_to_keep=n_keep)
-    low = _score(state.logits, target, config.metric).mean()
+    low = target_score(state.logits, target, config.metric).mean()
     scores = _grid(model, state, clean, config, span, n_prompt, target, n_keep, float(low))
     return FactTrace(
         fact_id=fact_id,
@@ -419,37 +426,21 @@ def _trace(model, ids, span, gold, noise, config, fact_id) -> FactTrace:
         target_ids=list(target),
         target="".join(decode_tokens(model, torch.tensor(target))),
         low=float(low),
-        high=float(_score(clean_logits, target, config.metric)[0]),
+        high=float(target_score(clean_logits, target, config.metric)[0]),
         scores=scores,
     )
 
 
-def _score(logits: torch.Tensor, target: Sequence[int], metric: str) -> torch.Tensor:
-    """``[R]`` scores from ``logits [R, n, V]``: P(target) (``prob``) or Σ log P of the answer."""
-    logits = upcast(logits)
-    picked = logits[:, torch.arange(len(target)), torch.tensor(target)] - logits.logsumexp(-1)  # [R, n]
-    return (picked[:, 0].exp() if metric == "prob" else picked.sum(-1)).double()
-
-
-@dataclass(frozen=True)
-class _Cell:
-    kind: str
-    position: int
-    layer: int
-    start: int  # first block that runs
-    restore: tuple[int, ...]  # layers whose update is restored (mlp/attn)
-
-
-def _cells(config: Config, n_layers: int, positions: range) -> list[_Cell]:
+def _cells(config: Config, n_layers: int, positions: range) -> list[RestorationCell]:
     cells = []
     for kind in config.kinds:
         for t in positions:
             for layer in range(n_layers):
                 if kind == "hidden":
-                    cells.append(_Cell(kind, t, layer, layer + 1, ()))
+                    cells.append(RestorationCell(kind, t, layer, layer + 1, ()))
                 else:
                     layers = tuple(window(layer, config.window, n_layers))
-                    cells.append(_Cell(kind, t, layer, layers[0], layers))
+                    cells.append(RestorationCell(kind, t, layer, layers[0], layers))
     return cells
 
 
@@ -460,81 +451,14 @@ def _grid(
     scores = {kind: np.full((n_prompt, model.n_layers), low) for kind in config.kinds}
     cells = _cells(config, model.n_layers, range(span[0], n_prompt))
     per_chunk = max(1, config.max_batch_rows // config.samples)
-    for (start_layer, start_pos), group in _plan(cells, config, model.n_layers, n_prompt).items():
+    for (start_layer, start_pos), group in plan_resumed_forwards(
+        cells, config, model.n_layers, n_prompt
+    ).items():
         for i in range(0, len(group), per_chunk):
             chunk = group[i : i + per_chunk]
-            values = _run_cells(model, state, clean, config, chunk, start_layer, start_pos, target, n_keep)
+            values = run_restoration_cells(
+                model, state, clean, config, chunk, start_layer, start_pos, target, n_keep
+            )
             for cell, value in zip(chunk, values, strict=True):
                 scores[cell.kind][cell.position, cell.layer] = value
     return scores
-
-
-def _plan(
-    cells: list[_Cell], config: Config, n_layers: int, n_tokens: int
-) -> dict[tuple[int, int], list[_Cell]]:
-    """Group cells into resumed forwards ``(start layer, start position) → cells``.
-
-    Starting each cell exactly at its own layer and position does the fewest operations but makes
-    many small forwards, and every forward reads all weights of its layers. We pick the grouping
-    (layers rounded down to multiples of ``w``, positions in ``n`` ranges) that minimizes
-    ``Σ_groups layers × (forward_cost + rows × tokens)``; ``forward_cost`` is the fixed cost of a
-    forward in token-rows (weights streaming through the caches).
-    """
-    if not config.reuse:
-        return {(0, 0): cells}
-    first = min(c.position for c in cells)
-    best, best_cost = {}, float("inf")
-    for width in (1, 2, 3, 4, 6, 8):
-        for n_ranges in (1, 2, 3, 4, 6):
-            size = -(-(n_tokens - first) // n_ranges)
-            groups: dict[tuple[int, int], list[_Cell]] = {}
-            for cell in cells:
-                key = ((cell.start // width) * width, first + ((cell.position - first) // size) * size)
-                groups.setdefault(key, []).append(cell)
-            cost = sum(
-                (n_layers - s) * (config.forward_cost + len(g) * config.samples * (n_tokens - t))
-                for (s, t), g in groups.items()
-            )
-            if cost < best_cost:
-                best, best_cost = groups, cost
-    return best
-
-
-def _run_cells(model, state, clean, config, cells, start_layer, start_pos, target, n_keep) -> list[float]:
-    """Mean score over the noise samples of each cell, all cells in one resumed forward."""
-    n_samples = config.samples
-    rows = torch.arange(n_samples).repeat(len(cells))  # recorded noisy row each batch row continues
-    hidden = state.stream[rows, start_layer, start_pos:].clone()
-    with contextlib.ExitStack() as stack:
-        restores: dict[tuple[str, int], list[tuple[int, int]]] = {}
-        for c, cell in enumerate(cells):
-            block_rows = range(c * n_samples, (c + 1) * n_samples)
-            if cell.kind == "hidden" and cell.layer >= start_layer:  # only without reuse
-                restores.setdefault(("resid_post", cell.layer), []).extend(
-                    (r, cell.position) for r in block_rows
-                )
-            elif cell.kind == "hidden":  # resume at layer + 1 from the clean state at `position`
-                hidden[list(block_rows), cell.position - start_pos] = clean[Site(cell.layer, "resid_post")][
-                    0, cell.position
-                ]
-            for layer in cell.restore:
-                restores.setdefault((_SITE[cell.kind], layer), []).extend(
-                    (r, cell.position) for r in block_rows
-                )
-        for (name, layer), pairs in restores.items():
-            batch_rows = torch.tensor([r for r, _ in pairs])
-            positions = torch.tensor([p for _, p in pairs])
-            values = clean[Site(layer, name)][0, positions]
-            stack.enter_context(
-                patch_cells(model, Site(layer, name), batch_rows, positions - start_pos, values)
-            )
-        logits = resume(
-            model,
-            state,
-            rows,
-            start_layer=start_layer,
-            start_pos=start_pos,
-            hidden=hidden,
-            logits_to_keep=n_keep,
-        )
-    return _score(logits, target, config.metric).reshape(len(cells), n_samples).mean(-1).tolist()

@@ -28,11 +28,11 @@ import pandas as pd
 import torch
 
 from recallscope.core.cache import run_with_cache
-from recallscope.core.tokens import PromptBatch
+from recallscope.core.tokens import PromptBatch, as_batch
 from recallscope.core.vocab import ProjectionMode, decode_tokens, project_to_vocab
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
-from recallscope.methods.base import Cost, MethodConfig, MethodResult, as_batch, result_provenance
+from recallscope.methods.base import Cost, MethodConfig, MethodResult, result_provenance
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
 from recallscope.stats import mean_ci
@@ -150,8 +150,7 @@ class LogitLensResult(MethodResult):
     def arrays(self) -> dict[str, np.ndarray]:
         """Per fact ``[site, layer, position, target]`` statistics (``topk_ids``: ``[…, k]``)."""
         named = {"prob": self.prob, "logprob": self.logprob, "logit": self.logit, "rank": self.rank}
-        named["topk_ids"] = self.topk_ids
-        return {f"{fact}/{name}": a[f] for f, fact in enumerate(self.fact_ids) for name, a in named.items()}
+        return self.per_fact(**named, topk_ids=self.topk_ids)
 
     def average(self) -> pd.DataFrame:
         """Mean over facts of each statistic, with 95% normal-approximation bands (``*_ci``) and ``n``."""

@@ -27,20 +27,14 @@ import torch
 
 from recallscope.core.attention import KnockoutMode, block_attention
 from recallscope.core.cache import forward
-from recallscope.core.tokens import PromptBatch
+from recallscope.core.decoding import choose_targets
+from recallscope.core.dtypes import upcast
+from recallscope.core.patching import window
+from recallscope.core.tokens import PromptBatch, as_batch
 from recallscope.core.vocab import decode_tokens
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
-from recallscope.methods.base import (
-    Cost,
-    MethodConfig,
-    MethodResult,
-    as_batch,
-    choose_targets,
-    result_provenance,
-    wide,
-    window,
-)
+from recallscope.methods.base import Cost, MethodConfig, MethodResult, result_provenance
 from recallscope.models.model import Model
 
 __all__ = ["NAME", "DESCRIPTION", "Config", "AttentionKnockoutResult", "run", "cost", "window", "SOURCES"]
@@ -154,7 +148,7 @@ def run(model: Model, batch: PromptBatch | FactSet, config: Config | None = None
     """Knock out every (source set, window) for every fact of ``batch``, in few batched forwards."""
     config = config or Config()
     batch = as_batch(model, batch)
-    logits = wide(forward(model, batch))  # [B, V]
+    logits = upcast(forward(model, batch))  # [B, V]
     targets = choose_targets(batch, logits, config.target)
     clean = logits.softmax(-1).gather(1, targets[:, None])[:, 0].double()
     rows, sources, layers = _rows(model, batch, config)  # fact row [R], sources [R, T], centre [R]
@@ -236,7 +230,7 @@ def _knocked(model, batch, rows, sources, layers, targets, config) -> torch.Tens
                 blocked[:, 0, -1, :] = sources[part] & active[:, None]
                 masks[layer] = blocked
         with block_attention(model, masks, config.mode):
-            logits = wide(forward(model, sub))
+            logits = upcast(forward(model, sub))
         out.append(
             logits.softmax(-1).gather(1, targets[fact][:, None].to(logits.device))[:, 0].double().cpu()
         )

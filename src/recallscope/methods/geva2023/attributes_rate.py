@@ -30,11 +30,11 @@ import torch
 
 from recallscope.core import attributes as attr
 from recallscope.core.cache import run_with_cache
-from recallscope.core.tokens import PromptBatch
+from recallscope.core.tokens import PromptBatch, as_batch
 from recallscope.core.vocab import decode_tokens
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
-from recallscope.methods.base import Cost, MethodConfig, MethodResult, as_batch, result_provenance
+from recallscope.methods.base import Cost, MethodConfig, MethodResult, result_provenance
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
 
@@ -146,11 +146,7 @@ class AttributesRateResult(MethodResult):
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Per fact ``rate [position, layer]`` and ``top_ids [position, layer, keep]``."""
-        named = {}
-        for i, fact in enumerate(self.fact_ids):
-            named[f"{fact}/rate"] = self.rate[i]
-            named[f"{fact}/top_ids"] = self.top_ids[i]
-        return named
+        return self.per_fact(rate=self.rate, top_ids=self.top_ids)
 
 
 def prepare(model: Model, facts: FactSet | PromptBatch, config: Config) -> Config:

@@ -45,20 +45,14 @@ import torch
 
 from recallscope.core import attributes as attr
 from recallscope.core.cache import Cache, run_with_cache
+from recallscope.core.decoding import choose_targets
+from recallscope.core.dtypes import upcast
 from recallscope.core.hooks import site_hook
-from recallscope.core.tokens import PromptBatch
+from recallscope.core.tokens import PromptBatch, as_batch
 from recallscope.core.vocab import decode_tokens
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
-from recallscope.methods.base import (
-    Cost,
-    MethodConfig,
-    MethodResult,
-    as_batch,
-    choose_targets,
-    result_provenance,
-    wide,
-)
+from recallscope.methods.base import Cost, MethodConfig, MethodResult, result_provenance
 from recallscope.methods.geva2023.summaries import early_patching_summary as summary
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
@@ -206,13 +200,9 @@ class EarlyPatchingResult(MethodResult):
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Per fact ``rank``, ``score``, ``extracts`` ``[source, positions, layer]`` and ``clean_rank``."""
-        named = {}
-        for i, fact in enumerate(self.fact_ids):
-            named[f"{fact}/rank"] = self.rank[i]
-            named[f"{fact}/score"] = self.score[i]
-            named[f"{fact}/extracts"] = self.extracts[i]
-            named[f"{fact}/clean_rank"] = self.clean_rank[i]
-        return named
+        return self.per_fact(
+            rank=self.rank, score=self.score, extracts=self.extracts, clean_rank=self.clean_rank
+        )
 
 
 def run(model: Model, batch: PromptBatch | FactSet, config: Config | None = None) -> EarlyPatchingResult:
@@ -222,7 +212,7 @@ def run(model: Model, batch: PromptBatch | FactSet, config: Config | None = None
     sources = resolve_source_layers(model, config)
     sets = _position_sets(batch, config.positions)  # [B, P, T]
     clean = _clean_run(model, batch, sources)
-    targets = choose_targets(batch, wide(clean.logits), config.target)
+    targets = choose_targets(batch, upcast(clean.logits), config.target)
     attn = clean.stack([Site(layer, "attn_out") for layer in range(model.n_layers)])[:, :, -1]  # [B, L, d]
     clean_rank, clean_score, clean_extracts = _measure(model, attn, targets, config.readout)
     rank, score, extracts = _patched(model, batch, clean, sources, sets, targets, config)

@@ -37,22 +37,15 @@ import torch
 
 from recallscope.core.attributes import READOUTS, Readout, readout
 from recallscope.core.cache import forward
-from recallscope.core.decompose import head_outputs, ov_outputs
+from recallscope.core.decoding import choose_targets
+from recallscope.core.decompose import head_outputs, ov_outputs, post_norm_note
 from recallscope.core.dtypes import upcast
 from recallscope.core.hooks import site_hook
-from recallscope.core.tokens import PromptBatch
+from recallscope.core.tokens import PromptBatch, as_batch
 from recallscope.core.vocab import decode_tokens
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
-from recallscope.methods.base import (
-    Cost,
-    MethodConfig,
-    MethodResult,
-    as_batch,
-    choose_targets,
-    result_provenance,
-    wide,
-)
+from recallscope.methods.base import Cost, MethodConfig, MethodResult, result_provenance
 from recallscope.methods.geva2023.summaries import rank_heads
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
@@ -156,12 +149,9 @@ class HeadMappingsResult(MethodResult):
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Per fact ``mapping_rank``, ``output_rank`` ``[layer, head]``, ``top_ids`` ``[layer, head, k]``."""
-        named = {}
-        for i, fact in enumerate(self.fact_ids):
-            named[f"{fact}/mapping_rank"] = self.mapping_rank[i]
-            named[f"{fact}/top_ids"] = self.top_ids[i]
-            named[f"{fact}/output_rank"] = self.output_rank[i]
-        return named
+        return self.per_fact(
+            mapping_rank=self.mapping_rank, top_ids=self.top_ids, output_rank=self.output_rank
+        )
 
 
 def run(model: Model, batch: PromptBatch | FactSet, config: Config | None = None) -> HeadMappingsResult:
@@ -225,7 +215,7 @@ def _clean_run(model: Model, batch: PromptBatch) -> tuple[torch.Tensor, torch.Te
         stack.enter_context(site_hook(model, Site(None, "embed"), keep("embed", False)))
         for layer in range(model.n_layers):
             stack.enter_context(site_hook(model, Site(layer, "z"), keep(layer, True)))
-        logits = wide(forward(model, batch))
+        logits = upcast(forward(model, batch))
     z = torch.stack([saved[layer] for layer in range(model.n_layers)], 1)
     return logits, saved["embed"], z
 
@@ -298,7 +288,7 @@ def _top_tokens(model: Model, result: HeadMappingsResult) -> pd.DataFrame:
 
 
 def _provenance(model: Model, config: Config) -> dict:
-    post = "; Gemma-2 post-attention norm applied to out_h alone" if model.spec.attn_post_norm else ""
+    post = post_norm_note(model, "post-attention norm applied to out_h alone")
     return result_provenance(
         model,
         config,

@@ -31,13 +31,11 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import pandas as pd
 import torch
 
-from recallscope.core.attention import edit_pattern
 from recallscope.core.attributes import (
     READOUTS,
     Readout,
@@ -51,12 +49,12 @@ from recallscope.core.attributes import (
     with_subject_objects,
 )
 from recallscope.core.cache import run_with_cache
-from recallscope.core.hooks import site_hook
-from recallscope.core.tokens import PromptBatch
+from recallscope.core.sublayer_removal import MODES, SUBLAYERS, SublayerMode, knock_out, knockout_window
+from recallscope.core.tokens import PromptBatch, as_batch
 from recallscope.core.vocab import decode_tokens
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
-from recallscope.methods.base import Cost, MethodConfig, MethodResult, as_batch, result_provenance
+from recallscope.methods.base import Cost, MethodConfig, MethodResult, result_provenance
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
 
@@ -79,9 +77,6 @@ DESCRIPTION = (
     "Attributes rate of the last subject token with MLP / attention updates removed in windows (Geva 2023)."
 )
 CHUNK_SIZE = 8
-SUBLAYERS = ("mlp", "attn")
-SublayerMode = Literal["zero", "as_coded"]
-MODES = ("zero", "as_coded")
 TOP_TOKENS_SHOWN = 10
 """Clean top tokens of the unablated target state listed in the ``top_tokens`` table."""
 
@@ -246,7 +241,7 @@ class SublayerKnockoutResult(MethodResult):
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Per fact ``rate [sublayer, start]`` (sublayers in ``self.sublayers`` order)."""
-        return {f"{fact}/rate": self.rate[i] for i, fact in enumerate(self.fact_ids)}
+        return self.per_fact(rate=self.rate)
 
 
 # -- conventions -----------------------------------------------------------------------------------
@@ -264,68 +259,6 @@ def resolve_target_layer(model: Model, config: Config) -> int:
             f"(0..{n_layers - 1}); pass one of those, or None for round(40·L/48) = {default}"
         )
     return config.target_layer
-
-
-def knockout_window(start: int, size: int, target_layer: int) -> range:
-    """Blocks knocked out from ``start``: ``[start, min(start + size, target_layer + 1))``."""
-    return range(start, min(start + size, target_layer + 1))
-
-
-# -- knockout hooks --------------------------------------------------------------------------------
-
-_SITES = {("mlp", "zero"): "mlp_out", ("mlp", "as_coded"): "mlp_post", ("attn", "zero"): "attn_out"}
-
-
-def knock_out(
-    model: Model,
-    layer: int,
-    sublayer: str,
-    mode: str,
-    *,
-    rows: torch.Tensor | None = None,
-    attention_mask: torch.Tensor | None = None,
-) -> contextlib.AbstractContextManager:
-    """Remove ``sublayer``'s update in block ``layer`` at every position (module docstring modes).
-
-    Args:
-        model: the model.
-        layer: 0-based block.
-        sublayer: ``"mlp"`` or ``"attn"``.
-        mode: ``"zero"`` or ``"as_coded"``.
-        rows: ``[B]`` bool, the batch rows knocked out (None = all).
-        attention_mask: ``[B, T]`` padding mask of the batch (``as_coded`` attention: pads get no
-            weight); None = no padding.
-    """
-    if (sublayer, mode) == ("attn", "as_coded"):
-        return edit_pattern(model, layer, _uniform_attention(rows, attention_mask))
-    if (sublayer, mode) not in _SITES:
-        raise RecallscopeError(f"unknown sublayer/mode {sublayer!r}/{mode!r}; use {SUBLAYERS} and {MODES}")
-    return site_hook(model, Site(layer, _SITES[sublayer, mode]), _zero_rows(rows))
-
-
-def _zero_rows(rows: torch.Tensor | None):
-    def zero(act: torch.Tensor) -> torch.Tensor:  # [B, T, …]
-        if rows is None:
-            return torch.zeros_like(act)
-        return act.masked_fill(rows.to(act.device).view(-1, *[1] * (act.dim() - 1)), 0.0)
-
-    return zero
-
-
-def _uniform_attention(rows: torch.Tensor | None, attention_mask: torch.Tensor | None):
-    def uniform(probs: torch.Tensor) -> torch.Tensor:  # [B, H, Q, K]
-        n_query, n_key = probs.shape[-2:]
-        allowed = torch.ones(n_query, n_key, dtype=torch.bool, device=probs.device).tril(n_key - n_query)
-        allowed = allowed[None, None]  # [1, 1, Q, K]
-        if attention_mask is not None:
-            allowed = allowed & attention_mask.to(probs.device).bool()[:, None, None, -n_key:]
-        count = allowed.sum(-1, keepdim=True)  # [B|1, 1, Q, 1]
-        use = count > 0  # padding queries that see nothing keep their probabilities
-        if rows is not None:
-            use = use & rows.to(probs.device).view(-1, 1, 1, 1)
-        return torch.where(use, allowed.to(probs.dtype) / count.clamp(min=1), probs)
-
-    return uniform
 
 
 # -- run -------------------------------------------------------------------------------------------

@@ -48,10 +48,7 @@ the scale grid and the fitting metric are reconstructions [inf] (``methods.md`` 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import hashlib
 import math
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -60,28 +57,38 @@ import pandas as pd
 import torch
 
 from recallscope.core.cache import forward
-from recallscope.core.decoding import work_dtype
-from recallscope.core.decompose import head_outputs, neuron_outputs
+from recallscope.core.component_attribution import (
+    Component,
+    component_columns,
+    direct_attribution,
+    negative_components,
+)
+from recallscope.core.component_scaling import (
+    RecordedChunk,
+    check_scales,
+    fit_scale_grid,
+    is_finite_number,
+    prediction_scores,
+    resumed_logits,
+    scale_components,
+    scaled_scores,
+    slim_run_state,
+)
+from recallscope.core.decoding import choose_targets, work_dtype
+from recallscope.core.decompose import post_norm_note
+from recallscope.core.dtypes import upcast
 from recallscope.core.hooks import site_hook
-from recallscope.core.resume import RunState, equal_length_rows, record_run, resume
-from recallscope.core.subvalues import FrozenHead
-from recallscope.core.tokens import PromptBatch, encode_prompt
+from recallscope.core.resume import equal_length_rows, record_run
+from recallscope.core.splits import calibration_metrics, split_facts
+from recallscope.core.tokens import PromptBatch, as_batch, encode_prompt
 from recallscope.data.builtin import generic_text
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
-from recallscope.methods.base import (
-    Cost,
-    MethodConfig,
-    MethodResult,
-    as_batch,
-    choose_targets,
-    result_provenance,
-    wide,
-)
+from recallscope.methods.base import Cost, MethodConfig, MethodResult, result_provenance
 from recallscope.methods.lv2024.summaries import anti_overconfidence_summary as summary
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
-from recallscope.stats import bootstrap_ci, expected_calibration_error, paired_bootstrap_ci
+from recallscope.stats import bootstrap_ci, paired_bootstrap_ci
 
 __all__ = [
     "NAME",
@@ -104,6 +111,9 @@ DESCRIPTION = (
 )
 CHUNK_SIZE = 256
 """Unused by the runner (the method needs every fact at once, :func:`needs_all_facts`)."""
+
+# moved to recallscope.core.component_scaling; the old private names stay for the tests
+_scaled, _resumed_logits, _scores = scale_components, resumed_logits, prediction_scores
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -174,57 +184,21 @@ class Config(MethodConfig):
         if not isinstance(self.perplexity, bool):
             raise RecallscopeError(f"perplexity must be True or False, got {self.perplexity!r}")
         fraction = self.train_fraction
-        if not _is_number(fraction) or not 0 < fraction < 1:
+        if not is_finite_number(fraction) or not 0 < fraction < 1:
             raise RecallscopeError(
                 f"train_fraction must be strictly between 0 and 1, got {fraction!r}; e.g. 0.5"
             )
         object.__setattr__(self, "train_fraction", float(fraction))
-        object.__setattr__(self, "scales", _check_scales(self.scales))  # one store hash for 0 and 0.0
+        object.__setattr__(self, "scales", check_scales(self.scales))  # one store hash for 0 and 0.0
 
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _check_scales(scales) -> tuple[float, ...]:
-    if isinstance(scales, str | float | int) or not scales:
-        raise RecallscopeError(
-            f"scales must be a non-empty tuple of numbers, got {scales!r}; e.g. (0.0, 0.5)"
-        )
-    if not all(_is_number(s) and s >= 0 for s in scales):
-        raise RecallscopeError(f"scales must be finite numbers ≥ 0, got {scales!r}")
-    out = tuple(float(s) for s in scales)
-    if 1.0 in out:
-        raise RecallscopeError(
-            f"scales must not contain 1 (the clean model, always the baseline), got {scales!r}"
-        )
-    if len(set(out)) != len(out):
-        raise RecallscopeError(f"scales repeat a value: {scales!r}")
-    return out
-
-
 def needs_all_facts(config: Config | None = None) -> bool:
     """Always true: the mitigation is fitted on a train split and evaluated on the held-out facts."""
     return True
-
-
-@dataclass(frozen=True)
-class Component:
-    """A final-layer component: ``kind`` ∈ head, attn_bias, mlp, neuron; ``index`` the head or neuron
-    (-1 for attn_bias and mlp).
-    """
-
-    kind: str
-    layer: int
-    index: int = -1
-
-    @property
-    def label(self) -> str:
-        return f"{self.kind} {self.index}" if self.kind in ("head", "neuron") else self.kind
 
 
 @dataclass
@@ -279,10 +253,7 @@ class AntiOverconfidenceResult(MethodResult):
 
     def arrays(self) -> dict[str, np.ndarray]:
         """``"<fact_id>/logit"`` and ``"<fact_id>/iw"`` → ``[component]`` in frame order."""
-        out = {}
-        for f, fact in enumerate(self.fact_ids):
-            out[f"{fact}/logit"], out[f"{fact}/iw"] = self.logit[f], self.iw[f]
-        return out
+        return self.per_fact(logit=self.logit, iw=self.iw)
 
     def summary(self) -> pd.DataFrame:
         """:func:`summary` of this result."""
@@ -290,17 +261,6 @@ class AntiOverconfidenceResult(MethodResult):
 
 
 # -- run --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Chunk:
-    """Facts of one token length, recorded once (rows index the dataset batch)."""
-
-    rows: np.ndarray
-    state: RunState
-    hidden: torch.Tensor
-    """``[R, T - start_pos, d]`` input of the first candidate layer at the resumed positions."""
-    targets: torch.Tensor
 
 
 def run(model: Model, facts: FactSet | PromptBatch, config: Config | None = None) -> AntiOverconfidenceResult:
@@ -321,10 +281,10 @@ def run(model: Model, facts: FactSet | PromptBatch, config: Config | None = None
     order = np.argsort(np.concatenate([c.rows for c in chunks]), kind="stable")
     attribution = {k: np.concatenate([p[k] for p in parts])[order] for k in parts[0]}
     before = {k: np.concatenate([s[k] for s in before])[order] for k in before[0]}
-    candidates = _candidates(model, attribution, train, start_layer, config)
-    components, logit, iw = _component_table(model, attribution, start_layer, candidates, config)
-    fit, choice = _fit(model, chunks, train, before, candidates, start_layer, config)
-    after = _evaluate(model, chunks, choice, start_layer, config) if choice else dict(before)
+    candidates = negative_components(model, attribution, train, start_layer, config)
+    components, logit, iw = component_columns(model, attribution, start_layer, candidates, config)
+    fit, choice = fit_scale_grid(model, chunks, train, before, candidates, start_layer, config)
+    after = scaled_scores(model, chunks, choice, start_layer, config) if choice else dict(before)
     last = [i for i, c in enumerate(components) if c.layer == model.n_layers - 1 and c.kind != "neuron"]
     final_logit = logit[:, last].sum(1)
     perplexity = _perplexity(model, choice, config) if config.perplexity else _empty_perplexity()
@@ -366,36 +326,6 @@ def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = Non
     return Cost(forwards, work, int(peak * max(model.dtype.itemsize, 4) / 4))
 
 
-def split_facts(keys: Sequence[str], train_fraction: float = 0.5, seed: int = 0) -> np.ndarray:
-    """``[F]`` booleans: True for the train split.
-
-    The distinct ``keys`` (``base_id`` or ``fact_id``) are ordered by ``sha256(f"{seed}:{key}")``; the
-    first ``round(train_fraction × n_keys)`` (half up, at least 1, at most ``n_keys − 1``) go to train.
-    Facts sharing a key stay on one side; the split of a key depends only on the seed and the key
-    set, not on the order of the facts.
-
-    Raises:
-        RecallscopeError: fewer than 2 distinct keys, or fewer than 2 facts on a side.
-    """
-    unique = sorted(set(keys))
-    if len(unique) < 2:
-        raise RecallscopeError(
-            f"anti_overconfidence needs facts to split into train and held-out, got {len(keys)} fact(s) "
-            f"with {len(unique)} distinct split key(s); pass at least 4 facts of 4 different base facts"
-        )
-    ranked = sorted(unique, key=lambda k: hashlib.sha256(f"{seed}:{k}".encode()).hexdigest())
-    n_train = min(max(int(train_fraction * len(unique) + 0.5), 1), len(unique) - 1)
-    train_keys = set(ranked[:n_train])
-    train = np.array([k in train_keys for k in keys], dtype=bool)
-    n_fit, n_held = int(train.sum()), int((~train).sum())
-    if n_fit < 2 or n_held < 2:
-        raise RecallscopeError(
-            f"anti_overconfidence split {len(keys)} facts into {n_fit} train and {n_held} held-out; each "
-            "split needs at least 2 facts: pass more facts, or move train_fraction toward 0.5"
-        )
-    return train
-
-
 def _split_keys(facts, fact_ids: list[str], split_by: str) -> list[str]:
     if split_by == "base_id" and isinstance(facts, FactSet):
         return [str(f.attributes.get("base_id", f.fact_id)) for f in facts]
@@ -423,223 +353,17 @@ def _record(model: Model, batch: PromptBatch, rows: np.ndarray, start_layer: int
             for name in ("z", "mlp_out", "mlp_post"):
                 stack.enter_context(site_hook(model, Site(layer, name), keep((name, layer))))
         state = record_run(model, ids)
-    logits = wide(state.logits[:, -1])  # [R, V]
+    logits = upcast(state.logits[:, -1])  # [R, V]
     targets = choose_targets(batch.select(rows), logits, config.target)
     final = state.stream[:, -1, -1].to(work_dtype(model))  # [R, d]
-    attribution = _attribute(model, saved, layers, final, targets)
+    attribution = direct_attribution(model, saved, layers, final, targets)
     # Only the last position's prediction is scored. A component scaled at earlier positions of the
     # final block reaches only those positions' outputs, so with one candidate layer "all" resumes
     # like "last" (exactly the same computation at N); with more layers it must rerun every position.
     start_pos = 0 if config.positions == "all" and start_layer < model.n_layers - 1 else length - 1
-    slim = _slim(state, start_layer, start_pos)
+    slim = slim_run_state(state, start_layer, start_pos)
     hidden = state.stream[:, start_layer, start_pos:].clone()
-    return _Chunk(rows, slim, hidden, targets), attribution, _scores(logits, targets)
-
-
-def _slim(state: RunState, start_layer: int, start_pos: int) -> RunState:
-    """What :func:`resume` reads of ``state``: the key/value prefix of the resumed layers (zeros that
-    take no memory stand in for the skipped layers, which never read their cache).
-    """
-
-    def prefix(x: torch.Tensor, layer: int) -> torch.Tensor:
-        if layer >= start_layer:
-            return x[:, :, :start_pos].clone()
-        return x.new_zeros(()).expand(x.shape[0], x.shape[1], start_pos, x.shape[3])
-
-    keys = [prefix(k, i) for i, k in enumerate(state.keys)]
-    values = [prefix(v, i) for i, v in enumerate(state.values)]
-    stream = state.stream.new_zeros(()).expand(state.stream.shape[0], 1, state.seq_len, 1)  # seq_len only
-    return dataclasses.replace(state, stream=stream, keys=keys, values=values, logits=state.logits[:, :0])
-
-
-def _attribute(model: Model, saved: dict, layers: range, final: torch.Tensor, targets: torch.Tensor) -> dict:
-    """Per layer: head, attn_bias, MLP and neuron contributions to the target (``logit``) and to
-    target − vocabulary mean (``iw``), as numpy ``[R, k, …]``.
-    """
-    head = FrozenHead.from_final(model, final, bias=False)
-    u = head.token_covectors(targets[:, None])[:, 0]  # [R, d]
-    mean_row = torch.full((model.d_vocab,), 1.0 / model.d_vocab, dtype=head.dtype, device=u.device)
-    w = u - head.covectors(mean_row)[None] / head.scale[:, None]  # iw covectors [R, d]
-    R, ar = len(final), torch.arange(len(final))
-    out: dict[str, list] = {k: [] for k in ("head", "attn_bias", "mlp", "neuron")}
-    for layer in layers:
-        heads = head_outputs(model, layer, saved[("z", layer)][:, None])
-        parts = heads.parts[:, 0]  # [R, H, d]
-        out["head"].append(torch.stack([parts @ u[..., None], parts @ w[..., None]], -1)[:, :, 0])
-        rest = torch.zeros_like(u)  # [R, d]: b_O, post-normed for Gemma-2
-        if model.b_O(layer) is not None:
-            rest = rest + torch.as_tensor(heads.rest, dtype=u.dtype, device=u.device).reshape(-1, u.shape[-1])
-        out["attn_bias"].append(torch.stack([(rest * u).sum(-1), (rest * w).sum(-1)], -1))
-        mlp = saved[("mlp_out", layer)].to(u.dtype)
-        out["mlp"].append(torch.stack([(mlp * u).sum(-1), (mlp * w).sum(-1)], -1))
-        coeffs = saved[("mlp_post", layer)][:, None]  # [R, 1, d_mlp]
-        projected = neuron_outputs(model, layer, coeffs, onto=torch.cat([u, w])).parts[:, 0]  # [R, d_mlp, 2R]
-        out["neuron"].append(torch.stack([projected[ar, :, ar], projected[ar, :, R + ar]], -1))
-    # [R, k, (H | d_mlp)?, 2]: last axis = (logit, iw)
-    return {k: torch.stack(v, 1).cpu().double().numpy() for k, v in out.items()}
-
-
-def _component_table(model: Model, attribution: dict, start_layer: int, candidates, config: Config):
-    """The frame's components (heads, attn_bias, mlp, top neurons per layer, then candidate neurons not
-    among them) and their ``[F, C]`` values.
-    """
-    components, columns = [], []
-    neuron = attribution["neuron"]  # [F, k, d_mlp, 2]
-    for i, layer in enumerate(range(start_layer, model.n_layers)):
-        for h in range(model.n_heads):
-            components.append(Component("head", layer, h))
-            columns.append(attribution["head"][:, i, h])
-        if model.b_O(layer) is not None:
-            components.append(Component("attn_bias", layer))
-            columns.append(attribution["attn_bias"][:, i])
-        components.append(Component("mlp", layer))
-        columns.append(attribution["mlp"][:, i])
-        strength = np.abs(neuron[:, i, :, 0].mean(0))
-        top = [int(k) for k in np.argsort(-strength, kind="stable")[: config.top_neurons]]
-        top += [
-            c.index for c, _ in candidates if c.kind == "neuron" and c.layer == layer and c.index not in top
-        ]
-        for k in top:
-            components.append(Component("neuron", layer, k))
-            columns.append(neuron[:, i, k])
-    values = np.stack(columns, 1)  # [F, C, 2]
-    return components, values[..., 0], values[..., 1]
-
-
-def _candidates(
-    model: Model, attribution: dict, train: np.ndarray, start_layer: int, config: Config
-) -> list[tuple[Component, float]]:
-    """``(component, train mean logit)`` of the negative components, most negative first, capped."""
-    pool = []
-    for i, layer in enumerate(range(start_layer, model.n_layers)):
-        heads = attribution["head"][train, i, :, 0].mean(0)
-        pool += [(Component("head", layer, h), float(m)) for h, m in enumerate(heads) if m < 0]
-        mlp = float(attribution["mlp"][train, i, 0].mean())
-        pool += [(Component("mlp", layer), mlp)] if mlp < 0 else []
-        neurons = attribution["neuron"][train, i, :, 0].mean(0)
-        for k in np.argsort(neurons, kind="stable")[: config.top_neurons]:
-            if neurons[k] < 0:
-                pool.append((Component("neuron", layer, int(k)), float(neurons[k])))
-    order = sorted(range(len(pool)), key=lambda j: (pool[j][1], j))
-    return [pool[j] for j in order[: config.max_candidates]]
-
-
-def _scores(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, np.ndarray]:
-    """``prob``, ``log_prob`` of the target, ``correct`` (top-1 is the target), ``confidence``."""
-    logp = wide(logits).log_softmax(-1)
-    picked = logp.gather(-1, targets.to(logp.device).long()[:, None])[:, 0]
-    top, argmax = logp.max(-1)
-    return {
-        "prob": picked.exp().cpu().double().numpy(),
-        "log_prob": picked.cpu().double().numpy(),
-        "correct": (argmax.cpu() == targets.cpu()).double().numpy(),
-        "confidence": top.exp().cpu().double().numpy(),
-    }
-
-
-# -- interventions --------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _scaled(model: Model, cells: Sequence[tuple[Component, float] | None]) -> Iterator[None]:
-    """Multiply each row's component by its scale (rows without a cell unchanged), at every position
-    of the forward (the resumed positions, or the whole text).
-    """
-    n = len(cells)
-    mults: dict[tuple[str, int], torch.Tensor] = {}
-    widths = {"z": model.n_heads, "mlp_out": 1, "mlp_post": model.d_mlp}
-    sites = {"head": "z", "mlp": "mlp_out", "neuron": "mlp_post"}
-    for row, cell in enumerate(cells):
-        if cell is None:
-            continue
-        component, scale = cell
-        site = sites[component.kind]
-        key = (site, component.layer)
-        if key not in mults:
-            mults[key] = torch.ones(n, widths[site], dtype=torch.float64)
-        mults[key][row, max(component.index, 0)] = scale
-
-    def hook(site: str, mult: torch.Tensor):
-        def scale(act: torch.Tensor) -> torch.Tensor:
-            m = mult.to(device=act.device, dtype=act.dtype)
-            view = m[:, None, :, None] if site == "z" else m[:, None, :]  # z: [R, P, H, d_h]
-            return act * view
-
-        return scale
-
-    with contextlib.ExitStack() as stack:
-        for (site, layer), mult in mults.items():
-            stack.enter_context(site_hook(model, Site(layer, site), hook(site, mult)))
-        yield
-
-
-def _resumed_logits(
-    model: Model, chunk: _Chunk, rows: np.ndarray, cells: Sequence, start_layer: int
-) -> torch.Tensor:
-    """Last-position logits ``[R', V]`` of ``chunk`` rows resumed at ``start_layer`` with ``cells``."""
-    index = torch.as_tensor(rows, dtype=torch.long)
-    start_pos = chunk.state.seq_len - chunk.hidden.shape[1]
-    with _scaled(model, cells):
-        out = resume(
-            model,
-            chunk.state,
-            index,
-            start_layer=start_layer,
-            start_pos=start_pos,
-            hidden=chunk.hidden[index],
-        )
-    return wide(out[:, -1])
-
-
-def _fit(model, chunks, train, before, candidates, start_layer, config):
-    """The train grid (one row per candidate × scale) and the chosen ``(component, scale)`` or None."""
-    cells = [(component, scale) for component, _ in candidates for scale in config.scales]
-    # cell 0 = no intervention, resumed like the others (equal to the recorded run up to rounding)
-    grid = [None, *cells] if cells else []
-    totals = np.zeros(len(grid))
-    limit = config.batch_size * len(config.scales)
-    for chunk in chunks:
-        local = np.flatnonzero(train[chunk.rows])
-        pairs = [(c, r) for c in range(len(grid)) for r in local]  # cell-major rows
-        for start in range(0, len(pairs), limit):
-            piece = pairs[start : start + limit]
-            rows = np.array([r for _, r in piece])
-            logits = _resumed_logits(model, chunk, rows, [grid[c] for c, _ in piece], start_layer)
-            log_prob = _scores(logits, chunk.targets[torch.as_tensor(rows)])["log_prob"]
-            np.add.at(totals, [c for c, _ in piece], log_prob)
-    n_train = int(train.sum())
-    baseline = totals[0] / n_train if cells else float(before["log_prob"][train].mean())
-    means = totals[1:] / n_train
-    best = int(np.argmax(means)) if cells else -1
-    chosen = cells[best] if cells and means[best] > baseline else None
-    fit = pd.DataFrame(
-        {
-            "component": [c.label for c, _ in cells],
-            "kind": [c.kind for c, _ in cells],
-            "layer": np.array([c.layer for c, _ in cells], dtype=np.int64),
-            "index": np.array([c.index for c, _ in cells], dtype=np.int64),
-            "train_mean_logit": [dict((c, m) for c, m in candidates)[c] for c, _ in cells],
-            "scale": np.array([s for _, s in cells], dtype=np.float64),
-            "train_log_prob": means,
-            "train_gain": means - baseline,
-            "n_train": n_train,
-            "chosen": [chosen is not None and i == best for i in range(len(cells))],
-        }
-    )
-    return fit, chosen
-
-
-def _evaluate(model, chunks, choice, start_layer, config) -> dict[str, np.ndarray]:
-    """Scores of every fact with the mitigation applied (resumed at the candidate layers)."""
-    parts, rows_all = [], []
-    for chunk in chunks:
-        for start in range(0, len(chunk.rows), config.batch_size):
-            rows = np.arange(start, min(start + config.batch_size, len(chunk.rows)))
-            logits = _resumed_logits(model, chunk, rows, [choice] * len(rows), start_layer)
-            parts.append(_scores(logits, chunk.targets[torch.as_tensor(rows)]))
-            rows_all.append(chunk.rows[rows])
-    order = np.argsort(np.concatenate(rows_all), kind="stable")
-    return {k: np.concatenate([p[k] for p in parts])[order] for k in parts[0]}
+    return RecordedChunk(rows, slim, hidden, targets), attribution, prediction_scores(logits, targets)
 
 
 def _perplexity(model: Model, choice, config: Config) -> pd.DataFrame:
@@ -657,8 +381,8 @@ def _perplexity(model: Model, choice, config: Config) -> pd.DataFrame:
             continue
         nll = []
         for cells in ([None], [choice]) if choice else ([None],):
-            with _scaled(model, cells):
-                logp = wide(forward(model, window[None], logits="all")[0, :-1]).log_softmax(-1)
+            with scale_components(model, cells):
+                logp = upcast(forward(model, window[None], logits="all")[0, :-1]).log_softmax(-1)
             nll.append(float(-logp.gather(-1, window[1:, None].to(logp.device)).sum()))
         nll = nll * (3 - len(nll))  # no mitigation: after = before
         rows.append(dict(window=w, n_tokens=len(window) - 1, nll_before=nll[0], nll_after=nll[1]))
@@ -696,17 +420,6 @@ def _facts_table(fact_ids, train, final_logit, last_logit, last_iw, before, afte
     return table
 
 
-def _split_metrics(part: pd.DataFrame, when: str, bins: int) -> dict[str, float]:
-    conf, correct, prob = part[f"confidence_{when}"], part[f"correct_{when}"], part[f"prob_{when}"]
-    return {
-        f"accuracy_{when}": float(correct.mean()),
-        f"mean_prob_{when}": float(prob.mean()),
-        f"mean_log_prob_{when}": float(part[f"log_prob_{when}"].mean()),
-        f"ece_{when}": expected_calibration_error(conf, correct, bins),
-        f"brier_{when}": float(((1.0 - prob) ** 2).mean()),
-    }
-
-
 def _mitigation_table(facts, fit, choice, candidates, perplexity, config) -> pd.DataFrame:
     held, train = facts[facts.split == "heldout"], facts[facts.split == "train"]
     component, scale = choice if choice else (None, 1.0)
@@ -725,7 +438,7 @@ def _mitigation_table(facts, fit, choice, candidates, perplexity, config) -> pd.
         "train_gain": float(train.log_prob_after.mean() - train.log_prob_before.mean()),
     }
     for when in ("before", "after"):
-        row.update(_split_metrics(held, when, config.bins))
+        row.update(calibration_metrics(held, when, config.bins))
     boot = dict(n_boot=config.bootstrap, seed=config.seed)
     for name, column in (("accuracy", "correct"), ("mean_prob", "prob"), ("log_prob", "log_prob")):
         gain, low, high = paired_bootstrap_ci(held[f"{column}_before"], held[f"{column}_after"], **boot)
@@ -741,7 +454,7 @@ def _mitigation_table(facts, fit, choice, candidates, perplexity, config) -> pd.
 
 
 def _provenance(model: Model, config: Config, candidates, choice, n_facts: int, n_train: int) -> dict:
-    post = "; Gemma-2 attention post-norm folded in at its actual scale" if model.spec.attn_post_norm else ""
+    post = post_norm_note(model)
     return result_provenance(
         model,
         config,

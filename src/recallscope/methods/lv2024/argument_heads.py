@@ -53,7 +53,6 @@ both move the subject and matter.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -61,24 +60,23 @@ import numpy as np
 import pandas as pd
 import torch
 
-from recallscope.core.cache import run_with_cache
-from recallscope.core.decoding import work_dtype
-from recallscope.core.decompose import head_vectors
+from recallscope.core.decoding import choose_targets, logit_minus_mean
+from recallscope.core.decompose import post_norm_note
+from recallscope.core.head_readouts import subject_readouts
 from recallscope.core.hooks import site_hook
+from recallscope.core.path_patching import (
+    SenderValues,
+    last_position_keeper,
+    row_chunks,
+    sender_edits,
+    sender_values,
+)
 from recallscope.core.resume import equal_length_rows, record_run, resume
-from recallscope.core.subvalues import FrozenHead
 from recallscope.core.tokens import PromptBatch
 from recallscope.data.facts import FactSet
 from recallscope.data.variants import add_relation_context, counterfactual_facts
 from recallscope.errors import RecallscopeError
-from recallscope.methods.base import (
-    Cost,
-    MethodConfig,
-    MethodResult,
-    choose_targets,
-    logit_minus_mean,
-    result_provenance,
-)
+from recallscope.methods.base import Cost, MethodConfig, MethodResult, result_provenance
 from recallscope.methods.lv2024.summaries import argument_passers, scores
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
@@ -231,7 +229,7 @@ class ArgumentHeadsResult(MethodResult):
             named["delta"] = self.patched - self.clean[:, None, None]
             if self.config.mlps:
                 named["mlp_delta"] = self.mlp_patched - self.clean[:, None]
-        return {f"{fact}/{name}": a[i] for i, fact in enumerate(self.fact_ids) for name, a in named.items()}
+        return self.per_fact(**named)
 
     def scores(self) -> pd.DataFrame:
         """:func:`scores` of this result's facts only."""
@@ -286,7 +284,7 @@ def run(model: Model, facts: FactSet | PromptBatch, config: Config | None = None
     patched = np.full((n_facts, n_layers, n_heads), np.nan)
     mlp_patched = np.full((n_facts, n_layers), np.nan)
     if config.path_patching:
-        values = _counterfactual_values(model, counterfactual_facts(facts), config)
+        values = sender_values(model, counterfactual_facts(facts), config)
         clean, target, patched, mlp_patched = _path_patching(model, batch, values, config)
     return ArgumentHeadsResult(
         config=config,
@@ -335,10 +333,6 @@ def _usable(facts: FactSet | PromptBatch, config: Config) -> tuple[FactSet | Pro
     return facts.with_facts(kept, {"step": "counterfactual partner"}) if skipped else facts, skipped
 
 
-def _chunks(n: int, size: int) -> Iterator[range]:
-    return (range(i, min(i + size, n)) for i in range(0, n, size))
-
-
 def _readouts(model: Model, batch: PromptBatch, config: Config) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """L4 per chunk of ``batch_size`` facts: ``attention``, ``subject_logit`` ``[F, L, H]`` and the
     subject's first token ``[F]`` (one eager forward per chunk).
@@ -346,87 +340,18 @@ def _readouts(model: Model, batch: PromptBatch, config: Config) -> tuple[np.ndar
     attention, logits = [], []
     starts = batch.spans["subject"][:, 0].long()
     tokens = batch.input_ids[torch.arange(len(batch)), starts]
-    for rows in _chunks(len(batch), config.batch_size):
+    for rows in row_chunks(len(batch), config.batch_size):
         part = batch.select(rows)
-        a, s = _chunk_readouts(model, part, tokens[rows.start : rows.stop], config)
+        a, s = subject_readouts(model, part, tokens[rows.start : rows.stop], config)
         attention.append(a)
         logits.append(s)
     return np.concatenate(attention), np.concatenate(logits), tokens.numpy()
 
 
-def _chunk_readouts(model: Model, batch: PromptBatch, tokens: torch.Tensor, config: Config):
-    layers = range(model.n_layers)
-    final = Site(model.n_layers - 1, "resid_post")
-    sites = [*(Site(layer, "z") for layer in layers), *(Site(layer, "pattern") for layer in layers), final]
-    cache = run_with_cache(model, batch, sites, positions=[-1], dtype=work_dtype(model))
-    if config.attend_to == "span":
-        keys = batch.span_mask("subject")
-    else:
-        keys = torch.arange(batch.seq_len) == batch.spans["subject"][:, :1]  # [B, T] the first token
-    keys = keys.to(model.device, cache[final].dtype)
-    attention = torch.stack(
-        [torch.einsum("bht,bt->bh", cache[Site(layer, "pattern")][:, :, 0], keys) for layer in layers], 1
-    )  # [B, L, H]
-    if config.projection == "frozen_scale":
-        u = FrozenHead.from_final(model, cache[final][:, 0], bias=False).token_covectors(tokens[:, None])[
-            :, 0
-        ]
-    else:
-        u = model.W_U[tokens.to(model.W_U.device)].to(model.device, cache[final].dtype)  # [B, d]
-    logit = torch.stack(
-        [
-            torch.einsum(
-                "bhd,bd->bh", head_vectors(model, layer, cache[Site(layer, "z")][:, 0]), u.to(model.device)
-            )
-            for layer in layers
-        ],
-        1,
-    )  # [B, L, H]
-    return attention.cpu().double().numpy(), logit.cpu().double().numpy()
-
-
 # -- L3: path patching ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Values:
-    """Counterfactual sender values at the last position, per fact or one mean broadcast to all.
-
-    Attributes:
-        z: ``[F | 1, L, H, d_head]``.
-        mlp: ``[F | 1, L, d_model]``.
-    """
-
-    z: torch.Tensor
-    mlp: torch.Tensor
-
-    def rows(self, index: Sequence[int]) -> _Values:
-        if self.z.shape[0] == 1:
-            return self
-        index = torch.as_tensor(list(index), dtype=torch.long)
-        return _Values(self.z[index], self.mlp[index])
-
-
-def _counterfactual_values(model: Model, cf: FactSet, config: Config) -> _Values:
-    """``z`` and ``mlp_out`` at the last position of every counterfactual prompt (their mean in
-    ``mean`` mode), ``batch_size`` prompts per forward.
-    """
-    layers = range(model.n_layers)
-    z_sites = [Site(layer, "z") for layer in layers]
-    mlp_sites = [Site(layer, "mlp_out") for layer in layers] if config.mlps else []
-    zs, mlps = [], []
-    for rows in _chunks(len(cf), config.batch_size):
-        cache = run_with_cache(model, cf.to_batch(model, list(rows)), [*z_sites, *mlp_sites], positions=[-1])
-        zs.append(cache.stack(z_sites)[:, :, 0])  # [B, L, H, d_head]
-        mlps.append(cache.stack(mlp_sites)[:, :, 0] if mlp_sites else torch.zeros(len(rows), 0))
-    z, mlp = torch.cat(zs), torch.cat(mlps)
-    if config.patching == "mean":  # averaged in float64 at least, then back to the model's dtype
-        mean = lambda x: x.to(torch.promote_types(x.dtype, torch.float64)).mean(0, keepdim=True).to(x.dtype)  # noqa: E731
-        z, mlp = mean(z), mean(mlp)
-    return _Values(z, mlp)
-
-
-def _path_patching(model: Model, batch: PromptBatch, values: _Values, config: Config):
+def _path_patching(model: Model, batch: PromptBatch, values: SenderValues, config: Config):
     """``clean [F]``, ``target [F]``, ``patched [F, L, H]``, ``mlp_patched [F, L]`` of every fact.
 
     Facts are grouped by prompt length (a recorded run is unpadded), ``batch_size`` per recorded run.
@@ -444,14 +369,18 @@ def _path_patching(model: Model, batch: PromptBatch, values: _Values, config: Co
     return clean, target, patched, mlp_patched
 
 
-def _patch_group(model: Model, ids: torch.Tensor, gold: torch.Tensor | None, values: _Values, config: Config):
+def _patch_group(
+    model: Model, ids: torch.Tensor, gold: torch.Tensor | None, values: SenderValues, config: Config
+):
     """Path patching of the ``G`` unpadded prompts ``ids [G, T]``: one recorded run, one resume per layer."""
     n_groups, n_layers, n_heads = len(ids), model.n_layers, model.n_heads
     held: dict[Site, torch.Tensor] = {}  # clean attn_out / mlp_out at N, [G, d]
     with contextlib.ExitStack() as stack:
         for layer in range(n_layers):
             for name in ("attn_out", "mlp_out"):
-                stack.enter_context(site_hook(model, Site(layer, name), _keeper(held, Site(layer, name))))
+                stack.enter_context(
+                    site_hook(model, Site(layer, name), last_position_keeper(held, Site(layer, name)))
+                )
         state = record_run(model, ids)
     logits = state.logits[:, -1]
     targets = choose_targets(_TargetRows(gold), logits, config.target)
@@ -461,7 +390,7 @@ def _patch_group(model: Model, ids: torch.Tensor, gold: torch.Tensor | None, val
     patched = torch.empty(n_groups, n_layers, n_send, dtype=torch.float64)
     for layer in range(n_layers):
         with contextlib.ExitStack() as stack:
-            for site, fn in _layer_edits(model, layer, held, values, n_groups, config):
+            for site, fn in sender_edits(model, layer, held, values, n_groups, config):
                 stack.enter_context(site_hook(model, site, fn))
             out = resume(
                 model,
@@ -483,65 +412,6 @@ class _TargetRows:
     """The only field of a batch :func:`choose_targets` reads."""
 
     target_ids: torch.Tensor | None
-
-
-def _keeper(held: dict, site: Site):
-    def keep(act: torch.Tensor) -> None:
-        held[site] = act[:, -1].detach().clone()
-
-    return keep
-
-
-def _layer_edits(model: Model, layer: int, held: dict, values: _Values, n_groups: int, config: Config):
-    """``(site, fn)`` edits of the resumed forward at ``layer``: rows are ``G × senders`` (heads of
-    ``layer``, then its MLP), all at the one resumed position.
-    """
-    n_heads, device = model.n_heads, model.device
-    n_send = n_heads + int(config.mlps)
-    group = torch.arange(n_groups, device=device)
-    head_rows = (group[:, None] * n_send + torch.arange(n_heads, device=device)).reshape(-1)
-    heads = torch.arange(n_heads, device=device).repeat(n_groups)
-    z = values.z[:, layer].to(device).expand(n_groups, -1, -1).reshape(-1, model.d_head)  # [G·H, d_head]
-    edits = [(Site(layer, "z"), _set_rows(head_rows, z, heads))]
-    every = torch.arange(n_groups * n_send, device=device)
-    for later in range(layer + 1, model.n_layers):  # frozen q/k/v = clean attention output at N
-        edits.append(
-            (Site(later, "attn_out"), _set_rows(every, _per_row(held, Site(later, "attn_out"), n_send)))
-        )
-        if config.freeze_mlps:
-            edits.append(
-                (Site(later, "mlp_out"), _set_rows(every, _per_row(held, Site(later, "mlp_out"), n_send)))
-            )
-    mlp_rows, mlp_values = [], []
-    if config.mlps:
-        rows = group * n_send + n_heads
-        edits.append((Site(layer, "attn_out"), _set_rows(rows, held[Site(layer, "attn_out")])))
-        mlp_rows.append(rows)
-        mlp_values.append(values.mlp[:, layer].to(device).expand(n_groups, -1))
-    if config.freeze_mlps:  # a head sender's own MLP (reads it in a sequential block)
-        mlp_rows.append(head_rows)
-        mlp_values.append(held[Site(layer, "mlp_out")].repeat_interleave(n_heads, 0))
-    if mlp_rows:
-        edits.append((Site(layer, "mlp_out"), _set_rows(torch.cat(mlp_rows), torch.cat(mlp_values))))
-    return edits
-
-
-def _per_row(held: dict, site: Site, n_send: int) -> torch.Tensor:
-    return held[site].repeat_interleave(n_send, 0)  # [G · senders, d]
-
-
-def _set_rows(rows: torch.Tensor, values: torch.Tensor, heads: torch.Tensor | None = None):
-    """A site edit writing ``values`` at the last position of ``rows`` (and query ``heads`` for ``z``)."""
-
-    def edit(act: torch.Tensor) -> torch.Tensor:
-        new = act.clone()
-        if heads is None:
-            new[rows, -1] = values.to(act.dtype)
-        else:
-            new[rows, -1, heads] = values.to(act.dtype)
-        return new
-
-    return edit
 
 
 # -- cost -----------------------------------------------------------------------------------------
@@ -592,7 +462,7 @@ def _provenance(model: Model, config: Config) -> dict:
         "per_example": "each fact's own counterfactual prompt (another subject of the relation)",
         "mean": "mean over all counterfactual prompts given to run (reference code)",
     }[config.patching]
-    post = "; Gemma-2 attention post-norm folded in at its actual scale" if model.spec.attn_post_norm else ""
+    post = post_norm_note(model)
     return result_provenance(
         model,
         config,

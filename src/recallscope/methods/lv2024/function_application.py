@@ -201,11 +201,7 @@ class FunctionApplicationResult(MethodResult):
         """``"<fact_id>/candidate_ids"`` ``[n]`` and ``"<fact_id>/candidate_logits"``
         ``[layer, component, n]`` (the target is candidate 0).
         """
-        out = {}
-        for f, fact in enumerate(self.fact_ids):
-            out[f"{fact}/candidate_ids"] = self.candidate_ids[f]
-            out[f"{fact}/candidate_logits"] = self.candidate_logits[f]
-        return out
+        return self.per_fact(candidate_ids=self.candidate_ids, candidate_logits=self.candidate_logits)
 
     def summary(self) -> pd.DataFrame:
         """:func:`summary` of this result's facts only."""

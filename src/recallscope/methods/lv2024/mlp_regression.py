@@ -62,7 +62,9 @@ import pandas as pd
 import torch
 
 from recallscope.core import regression
-from recallscope.core.mlp import mlp_input_site, mlp_jvp
+from recallscope.core.decompose import post_norm_note
+from recallscope.core.mlp import mlp_input_site
+from recallscope.core.mlp_effects import linearized_effects, logit_lens_ranks
 from recallscope.core.regression import (
     REGRESSORS,
     SPACES,
@@ -73,11 +75,10 @@ from recallscope.core.regression import (
     regressor_matrix,
     remainder_fit,
 )
-from recallscope.core.tokens import PromptBatch
-from recallscope.core.vocab import project_to_vocab
+from recallscope.core.tokens import PromptBatch, as_batch
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
-from recallscope.methods.base import Cost, MethodConfig, MethodResult, as_batch, result_provenance
+from recallscope.methods.base import Cost, MethodConfig, MethodResult, result_provenance
 from recallscope.methods.lv2024.summaries import coefficients
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
@@ -267,12 +268,7 @@ class MlpRegressionResult(MethodResult):
         """``"<fact_id>/coef"``, ``"<fact_id>/linear_coef"`` ``[layer, n_max]`` (NaN pads) and
         ``"<fact_id>/remainder"`` ``[layer, d_model]``.
         """
-        out = {}
-        for f, fact in enumerate(self.fact_ids):
-            out[f"{fact}/coef"] = self.coef[f]
-            out[f"{fact}/linear_coef"] = self.linear_coef[f]
-            out[f"{fact}/remainder"] = self.remainder[f]
-        return out
+        return self.per_fact(coef=self.coef, linear_coef=self.linear_coef, remainder=self.remainder)
 
     def coefficients(self) -> pd.DataFrame:
         """:func:`coefficients` of this result's facts."""
@@ -316,8 +312,8 @@ def run(model: Model, facts: PromptBatch | FactSet, config: Config | None = None
                 _intercepts(fit, i, result.intercept, config.pooled, d)
         out["head_norm"][:, i, :n] = raw.norm(dim=-1).numpy()
         if config.linearized and n:
-            _linearized(model, layer, resid, raw, y, config.batch_size, out, fit, i)
-    fit.update(_ranks(model, acts, layers, tokens))
+            linearized_effects(model, layer, resid, raw, y, config.batch_size, out, fit, i)
+    fit.update(logit_lens_ranks(model, acts, layers, tokens))
     source = np.full((len(layers), n_max), -1, dtype=np.int64)
     head = np.full((len(layers), n_max), -1, dtype=np.int64)
     for i, layer in enumerate(layers):
@@ -420,47 +416,6 @@ def _intercepts(fit: dict, i: int, intercept: torch.Tensor, pooled: bool, d: int
         fit["intercept_norm"][:, i] = intercept.abs().numpy() * math.sqrt(d)
 
 
-def _linearized(model, layer, resid, raw, y, batch_size, out, fit, i) -> None:
-    """``J o_h`` in chunks of facts: per-head ``linear_coef`` / ``linear_norm``, per-layer total."""
-    n = raw.shape[1]
-    Jo = torch.cat(
-        [
-            mlp_jvp(model, layer, resid[s : s + batch_size], raw[s : s + batch_size]).double()
-            for s in range(0, len(raw), batch_size)
-        ]
-    )  # [F, n, d]
-    sq = raw.pow(2).sum(-1)  # [F, n]
-    coef = (Jo * raw).sum(-1) / sq
-    out["linear_coef"][:, i, :n] = torch.where(sq > 0, coef, torch.nan).numpy()
-    out["linear_norm"][:, i, :n] = Jo.norm(dim=-1).numpy()
-    total = Jo.sum(1)  # [F, d]
-    fit["linear_total_norm"][:, i] = total.norm(dim=-1).numpy()
-    fit["linear_total_cos"][:, i] = torch.nn.functional.cosine_similarity(total, y, dim=-1).numpy()
-
-
-def _ranks(model: Model, acts, layers: list[int], tokens: torch.Tensor) -> dict[str, np.ndarray]:
-    """1-based logit-lens ranks of the subject / target token before and after each MLP."""
-    after = torch.stack([_after_mlp(model, acts, layer) for layer in layers], 1)  # [F, layer, d]
-    mlp = torch.stack([acts[Site(layer, "mlp_out")] for layer in layers], 1)
-    x = torch.stack([after - mlp, after], 2)  # [F, layer, 2 (before/after), d]
-    proj = project_to_vocab(model, x.to(model.dtype), "logit_lens", targets=tokens.clamp(min=0))
-    ranks = (proj.target_ranks + 1).double()  # [F, layer, 2, 2 (subject/target)]
-    ranks[(tokens < 0)[:, None, None, :].expand_as(ranks)] = torch.nan
-    out = {}
-    for t, token in enumerate(("subject", "target")):
-        for w, when in enumerate(("before", "after")):
-            out[f"{token}_rank_{when}"] = ranks[:, :, w, t].numpy()
-    return out
-
-
-def _after_mlp(model: Model, acts, layer: int) -> torch.Tensor:
-    """The residual just after MLP ``layer``'s update: ``resid_post``, less the third update a block
-    adds after it (``ple_out``, Gemma 4's per-layer input).
-    """
-    after = acts[Site(layer, "resid_post")]
-    return after - acts[Site(layer, "ple_out")] if model.spec.ple_update else after
-
-
 def _provenance(model: Model, config: Config, without: list[int]) -> dict:
     fit = "pooled: one β per head over all facts" if config.pooled else "per example: one β per head per fact"
     intercept = (
@@ -477,7 +432,7 @@ def _provenance(model: Model, config: Config, without: list[int]) -> dict:
         "normalized": "γ ⊙ centre(o_h) / ρ(MLP input) of the MLP's norm (frozen scale, no bias; a gated "
         "norm's gate frozen too); effective_weight undefined (NaN)",
     }[config.space]
-    post = "; Gemma-2 attention post-norm folded in at its actual scale" if model.spec.attn_post_norm else ""
+    post = post_norm_note(model)
     return result_provenance(
         model,
         config,

@@ -39,10 +39,10 @@ import torch
 from recallscope.core.decoding import TrackedInfo, decode_tracked, last_position_cache, tracked_frame
 from recallscope.core.steps import tracked_tokens
 from recallscope.core.subvalues import FrozenHead
-from recallscope.core.tokens import PromptBatch
+from recallscope.core.tokens import PromptBatch, as_batch
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
-from recallscope.methods.base import Cost, MethodConfig, MethodResult, as_batch, result_provenance
+from recallscope.methods.base import Cost, MethodConfig, MethodResult, result_provenance
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
 from recallscope.stats import mean_ci
@@ -124,7 +124,7 @@ class EarlyDecodingResult(MethodResult):
 
     def arrays(self) -> dict[str, np.ndarray]:
         """``"<fact_id>/logit"`` → ``[site, layer, tracked]``."""
-        return {f"{fact}/logit": self.logit[f] for f, fact in enumerate(self.fact_ids)}
+        return self.per_fact(logit=self.logit)
 
     def average(self) -> pd.DataFrame:
         """Mean logit over facts by step, site, layer, tracked token and role.

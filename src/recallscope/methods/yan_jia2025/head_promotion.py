@@ -38,13 +38,13 @@ import pandas as pd
 import torch
 
 from recallscope.core.decoding import TrackedInfo, decode_tracked, last_position_cache, tracked_frame
-from recallscope.core.decompose import SLICINGS, head_vectors
+from recallscope.core.decompose import SLICINGS, head_vectors, post_norm_note
 from recallscope.core.steps import tracked_tokens
 from recallscope.core.subvalues import FrozenHead
-from recallscope.core.tokens import PromptBatch
+from recallscope.core.tokens import PromptBatch, as_batch
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
-from recallscope.methods.base import Cost, MethodConfig, MethodResult, as_batch, result_provenance
+from recallscope.methods.base import Cost, MethodConfig, MethodResult, result_provenance
 from recallscope.methods.yan_jia2025.summaries import rates, thresholds
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
@@ -134,7 +134,7 @@ class HeadPromotionResult(MethodResult):
 
     def arrays(self) -> dict[str, np.ndarray]:
         """``"<fact_id>/logit"`` → ``[layer, head, tracked]``."""
-        return {f"{fact}/logit": self.logit[f] for f, fact in enumerate(self.fact_ids)}
+        return self.per_fact(logit=self.logit)
 
     def rates(self, k: float | None = None) -> pd.DataFrame:
         """:func:`rates` of this result's facts only (default ``k``: the config's)."""
@@ -182,7 +182,7 @@ def _provenance(model: Model, config: Config) -> dict:
         "input_columns": "o_h = z_h W_O[h·d_h:(h+1)·d_h] (input-column block of o_proj.weight)",
         "reference_code": "o_h = z_h · o_proj.weight.view(H, d_h, d)[h] (released code; slices output rows)",
     }[config.wo_slicing]
-    post = "; Gemma-2 attention post-norm folded in at its actual scale" if model.spec.attn_post_norm else ""
+    post = post_norm_note(model)
     return result_provenance(
         model,
         config,

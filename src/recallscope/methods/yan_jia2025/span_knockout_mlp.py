@@ -42,12 +42,13 @@ import torch
 
 from recallscope.core.attention import KnockoutMode, block_attention
 from recallscope.core.cache import run_with_cache
+from recallscope.core.dtypes import upcast
 from recallscope.core.steps import Tracked, span_masks, tracked_tokens
 from recallscope.core.subvalues import FrozenHead
-from recallscope.core.tokens import PromptBatch
+from recallscope.core.tokens import PromptBatch, as_batch
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
-from recallscope.methods.base import Cost, MethodConfig, MethodResult, as_batch, result_provenance, wide
+from recallscope.methods.base import Cost, MethodConfig, MethodResult, result_provenance
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
 from recallscope.stats import mean_ci
@@ -290,7 +291,7 @@ def _forward_rows(
     covectors = head.token_covectors(ids)  # [R, n, d]
     mlp = cache.stack(mlp_sites, dim=1)[:, :, 0].to(covectors.dtype)  # [R, L, d]
     logits = torch.einsum("rld,rnd->rln", mlp, covectors)
-    probs = wide(cache.logits).softmax(-1)
+    probs = upcast(cache.logits).softmax(-1)
     index = current.clamp(min=0).to(probs.device)[:, None]
     p = probs.gather(1, index)[:, 0].cpu().masked_fill(current < 0, float("nan"))
     return logits.cpu(), p

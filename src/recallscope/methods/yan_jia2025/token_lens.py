@@ -41,14 +41,16 @@ import torch
 
 from recallscope.core.attention import output_gate_hook
 from recallscope.core.cache import forward
+from recallscope.core.decompose import post_norm_note
+from recallscope.core.dtypes import upcast
 from recallscope.core.hooks import site_hook
 from recallscope.core.steps import Tracked, answer_span_names, span_masks, tracked_tokens
 from recallscope.core.subvalues import FrozenHead
-from recallscope.core.tokens import PromptBatch
+from recallscope.core.tokens import PromptBatch, as_batch
 from recallscope.core.updates import update_map
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
-from recallscope.methods.base import Cost, MethodConfig, MethodResult, as_batch, result_provenance, wide
+from recallscope.methods.base import Cost, MethodConfig, MethodResult, result_provenance
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
 from recallscope.stats import mean_ci
@@ -140,7 +142,7 @@ class TokenLensResult(MethodResult):
 
     def arrays(self) -> dict[str, np.ndarray]:
         """``"<fact_id>/logit"`` → ``[L, parts, n]`` (parts in ``provenance["conventions"]["parts"]``)."""
-        return {f"{fact}/logit": self.logit[i] for i, fact in enumerate(self.fact_ids)}
+        return self.per_fact(logit=self.logit)
 
     def average(self) -> pd.DataFrame:
         """Mean logit over facts with a 95% band (``logit_ci``) and ``n``, by step, span, layer,
@@ -241,7 +243,7 @@ def _capture(model: Model, batch: PromptBatch, partition: torch.Tensor) -> tuple
 
     def keep(kind: str, layer: int):
         def save(act: torch.Tensor) -> None:
-            pending[(kind, layer)] = wide(act.detach()[:, :, -1] if kind == "pattern" else act.detach())
+            pending[(kind, layer)] = upcast(act.detach()[:, :, -1] if kind == "pattern" else act.detach())
             if ("pattern", layer) in pending and ("v", layer) in pending:
                 pattern, v = pending.pop(("pattern", layer)), pending.pop(("v", layer))
                 z[layer] = _mix(model, layer, partition, pattern, v)
@@ -256,7 +258,7 @@ def _capture(model: Model, batch: PromptBatch, partition: torch.Tensor) -> tuple
             stack.enter_context(site_hook(model, Site(layer, "pattern"), keep("pattern", layer)))
             stack.enter_context(site_hook(model, Site(layer, "v"), keep("v", layer)))
             stack.enter_context(output_gate_hook(model, layer, keep("gate", layer)))
-        stack.enter_context(site_hook(model, final, lambda act: saved.update(final=wide(act[:, -1]))))
+        stack.enter_context(site_hook(model, final, lambda act: saved.update(final=upcast(act[:, -1]))))
         forward(model, batch)
     if any(item is None for item in z):
         raise RecallscopeError(
@@ -289,7 +291,7 @@ def _layer_parts(model: Model, layer: int, z: torch.Tensor) -> torch.Tensor:
 
 
 def _provenance(model: Model, config: Config, parts: list[str], tracked: Tracked) -> dict:
-    post = "; Gemma-2 attention post-norm folded in at its actual scale" if model.spec.attn_post_norm else ""
+    post = post_norm_note(model)
     return result_provenance(
         model,
         config,

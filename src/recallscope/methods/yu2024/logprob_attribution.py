@@ -37,8 +37,8 @@ rank-1 updates of the baseline logits: every one gets two cheap exact bounds
 (:func:`~recallscope.core.subvalues.increase_bounds`); with ``exact="top"`` only the subvalues that
 can be in the fact's exact top or bottom ``n_top`` (by log-prob increase or by probability
 increase, over all layers) are scored exactly, the rest are NaN; ``exact="all"`` scores all of
-them. The naive loops (one vector at a time, full softmax) are in ``tests/oracles`` and give the
-same numbers.
+them. The kernels are in :mod:`recallscope.core.attribution`; the naive loops (one vector at a time,
+full softmax) are in ``tests/oracles`` and give the same numbers.
 
 Positions in tables are relative to the start of the real prompt (after left padding); pads are
 never listed, and their entries in the ``[.., T]`` arrays are 0.
@@ -46,7 +46,6 @@ never listed, and their entries in the ``[.., T]`` arrays are 0.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Literal
 
@@ -54,38 +53,23 @@ import numpy as np
 import pandas as pd
 import torch
 
-from recallscope.core.attention import output_gate_hook
-from recallscope.core.cache import forward
-from recallscope.core.dtypes import upcast
-from recallscope.core.hooks import site_hook
-from recallscope.core.subvalues import (
-    FrozenHead,
-    Subvalues,
-    attn_subvalues,
-    direction_ranges,
-    ffn_subvalues,
-    increase_bounds,
-    rank1_increase,
-    select_candidates,
-    value_directions,
-    vector_increase,
+from recallscope.core.attribution import (
+    WORK_ELEMS,
+    capture_last,
+    head_level,
+    layer_level,
+    subvalue_level,
+    value_tokens,
 )
-from recallscope.core.tokens import PromptBatch
-from recallscope.core.updates import update_gain
+from recallscope.core.decoding import choose_targets
+from recallscope.core.decompose import post_norm_note
+from recallscope.core.subvalues import FrozenHead
+from recallscope.core.tokens import PromptBatch, as_batch
 from recallscope.core.vocab import decode_tokens
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
-from recallscope.methods.base import (
-    Cost,
-    MethodConfig,
-    MethodResult,
-    as_batch,
-    choose_targets,
-    result_provenance,
-    wide,
-)
+from recallscope.methods.base import Cost, MethodConfig, MethodResult, result_provenance
 from recallscope.models.model import Model
-from recallscope.models.sites import Site
 
 __all__ = ["NAME", "DESCRIPTION", "LEVELS", "Config", "LogprobAttributionResult", "run", "cost"]
 
@@ -93,8 +77,6 @@ NAME = "logprob_attribution"
 DESCRIPTION = "Log-prob increase of layers, heads, positions, FFN neurons, attention units (Yu & Ananiadou)."
 CHUNK_SIZE = 8
 LEVELS = ("layer", "head", "position", "neuron", "attn_unit")
-_WORK = 1 << 24
-"""Elements of a ``[·, d_vocab]`` work buffer (directions, logits of added vectors)."""
 _CANDIDATE_FACTOR = 4
 """cost(): assumed exact-scored subvalues per fact and kind in ``top`` mode, times ``n_top``."""
 
@@ -125,6 +107,21 @@ class Config(MethodConfig):
     """Facts per forward (memory bound)."""
 
     PRESETS = {"yu": dict(bias=False, target="top1", exact="top", n_top=300)}
+
+    def serves(self, need: MethodConfig) -> bool:
+        """A result serves ``need`` when it has its levels (and ranks at least its ``n_top`` exactly)
+        with the same head, scoring and tables, whatever the batching. On the ``top1`` token it also
+        serves a ``gold`` need on the facts whose top-1 is the gold token: who requires ``gold``
+        checks each fact's ``target_id`` and has the others computed.
+        """
+        same = ("bias", "exact", "n_tokens") + (("position_heads",) if "position" in need.levels else ())
+        return (
+            type(need) is type(self)
+            and all(getattr(self, name) == getattr(need, name) for name in same)
+            and set(need.levels) <= set(self.levels)
+            and self.n_top >= need.n_top
+            and need.target in (self.target, "gold")
+        )
 
     def __post_init__(self) -> None:
         if self.target not in ("top1", "gold"):
@@ -282,6 +279,22 @@ class LogprobAttributionResult(MethodResult):
             )
         return pd.concat(frames, ignore_index=True)
 
+    def handover(self) -> dict[str, np.ndarray]:
+        """Per fact what the methods reusing this result read besides :meth:`arrays`: ``target_id
+        [1]``, ``neuron_prob``, ``neuron_logit [L, d_mlp]``, ``unit_coeff``, ``unit_prob``,
+        ``unit_logit [L, H, Dh, T_fact]`` (the levels computed).
+        """
+        named = {}
+        for i, fact in enumerate(self.fact_ids):
+            named[f"{fact}/target_id"] = np.asarray(self.target_ids[i : i + 1], dtype=np.int64)
+            for name in ("neuron_prob", "neuron_logit", "unit_coeff", "unit_prob", "unit_logit"):
+                values = getattr(self, name)
+                if values is not None:
+                    named[f"{fact}/{name}"] = (
+                        values[i, ..., int(self.pad[i]) :] if name[0] == "u" else values[i]
+                    )
+        return named
+
     def arrays(self) -> dict[str, np.ndarray]:
         """Per fact ``head_score [L,H]``, ``position_score [L,H,T_fact]``, ``neuron_score``,
         ``neuron_coeff [L,d_mlp]``, ``unit_score [L,H,Dh,T_fact]`` (the levels computed).
@@ -337,253 +350,22 @@ def run(model: Model, batch: PromptBatch | FactSet, config: Config | None = None
 
 def _chunk(model: Model, batch: PromptBatch, config: Config) -> dict[str, torch.Tensor]:
     """Every array of the result for one chunk of ``B`` facts (CPU tensors, batch first)."""
-    logits, cap = _capture(model, batch, config)
+    logits, cap = capture_last(model, batch, config.levels)
     targets = choose_targets(batch, logits, config.target).to(logits.device)
     head = FrozenHead.from_final(model, cap["final"], bias=config.bias)
     out = {"target_ids": targets, "final_scale": head.scale}
-    out.update(_layer_level(head, cap, targets))
+    out.update(layer_level(head, cap, targets))
     real = batch.attention_mask.bool().to(logits.device)  # [B, T]
     if {"head", "position"} & set(config.levels):
-        out.update(_head_level(model, head, cap, targets, real, config))
+        out.update(head_level(model, head, cap, targets, real, config.levels, config.position_heads))
     if "neuron" in config.levels:
-        out.update(_subvalue_level(model, head, cap, targets, real, "neuron", config))
+        out.update(subvalue_level(model, head, cap, targets, real, "neuron", config.exact, config.n_top))
     if "attn_unit" in config.levels:
-        out.update(_subvalue_level(model, head, cap, targets, real, "attn_unit", config))
+        out.update(subvalue_level(model, head, cap, targets, real, "attn_unit", config.exact, config.n_top))
     return {name: value.cpu() for name, value in out.items()}
 
 
-def _capture(model: Model, batch: PromptBatch, config: Config) -> tuple[torch.Tensor, dict]:
-    """Clean logits ``[B, V]`` and the cached sites (at least float32).
-
-    ``resid_pre``, ``attn_out``, ``mlp_out``, ``mlp_post`` at ``N`` stacked ``[B, L, ·]``; ``final``
-    ``[B, d]`` (``resid_post`` of the last block); per layer ``pattern`` (the last query row
-    ``[B, H, T]``) and ``v [B, T, H_kv, Dh]``.
-    """
-    levels = set(config.levels)
-    names = ["resid_pre", "attn_out", "mlp_out"] + (["mlp_post"] if "neuron" in levels else [])
-    attention = bool({"head", "position", "attn_unit"} & levels)
-    saved: dict = {}
-
-    def keep(key, pick):
-        def save(act: torch.Tensor) -> None:
-            act = pick(act.detach())
-            saved[key] = upcast(act)
-
-        return save
-
-    last = lambda act: act[:, -1]  # noqa: E731
-    with contextlib.ExitStack() as stack:
-        for layer in range(model.n_layers):
-            for name in names:
-                stack.enter_context(site_hook(model, Site(layer, name), keep((name, layer), last)))
-            if attention:
-                row = lambda act: act[:, :, -1]  # noqa: E731
-                stack.enter_context(site_hook(model, Site(layer, "pattern"), keep(("pattern", layer), row)))
-                stack.enter_context(site_hook(model, Site(layer, "v"), keep(("v", layer), lambda act: act)))
-                stack.enter_context(output_gate_hook(model, layer, keep(("gate", layer), last)))
-        final = Site(model.n_layers - 1, "resid_post")
-        stack.enter_context(site_hook(model, final, keep("final", last)))
-        logits = wide(forward(model, batch))
-    cap = {name: torch.stack([saved[(name, layer)] for layer in range(model.n_layers)], 1) for name in names}
-    cap["final"] = saved["final"]
-    if attention:
-        cap["pattern"] = [saved[("pattern", layer)] for layer in range(model.n_layers)]
-        cap["v"] = [saved[("v", layer)] for layer in range(model.n_layers)]
-        cap["gate"] = [saved.get(("gate", layer)) for layer in range(model.n_layers)]  # None: ungated
-    cap["resid_mid"] = cap["resid_pre"] + cap["attn_out"]
-    return logits, cap
-
-
-def _logprob(head: FrozenHead, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """``log p(t | x)`` for residuals ``x [B, n, d]`` → ``[B, n]`` (one ``[B, V]`` at a time)."""
-    out = []
-    for i in range(x.shape[1]):
-        logits = head.logits(x[:, i])  # [B, V]
-        out.append(logits.gather(-1, targets[:, None])[:, 0] - logits.logsumexp(-1))
-    return torch.stack(out, 1)
-
-
-def _layer_level(head: FrozenHead, cap: dict, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Y&A-1: log-probs of ``x^ℓ``, ``r^ℓ`` and the attention / FFN increases."""
-    pre = _logprob(head, torch.cat([cap["resid_pre"], cap["final"][:, None]], 1), targets)  # [B, L+1]
-    mid = _logprob(head, cap["resid_mid"], targets)  # [B, L]
-    after_ffn = _logprob(head, cap["resid_mid"] + cap["mlp_out"], targets)
-    return {
-        "logprob_resid_pre": pre,
-        "logprob_resid_mid": mid,
-        "attn_score": mid - pre[:, :-1],
-        "ffn_score": after_ffn - mid,
-    }
-
-
-def _attn(model: Model, cap: dict, layer: int) -> Subvalues:
-    return attn_subvalues(model, layer, cap["pattern"][layer], cap["v"][layer], cap["gate"][layer])
-
-
-def _head_level(model, head, cap, targets, real, config) -> dict[str, torch.Tensor]:
-    """Y&A-2 / Y&A-3: head outputs ``[B, L, H]`` and per-position outputs ``[B, L, H, T]`` on ``x^ℓ``."""
-    chunk = max(1, _WORK // (len(targets) * model.d_vocab))
-    layers = range(model.n_layers)
-    per_layer = [_head_parts(model, cap, layer) for layer in layers]  # ([B,H,d], [B,H,T,d])
-    heads = []
-    for layer, (outputs, _) in zip(layers, per_layer, strict=True):
-        before, after = vector_increase(head, cap["resid_pre"][:, layer], outputs, targets, chunk=chunk)
-        heads.append(after - before[:, None])
-    out = {"head_score": torch.stack(heads, 1)} if "head" in config.levels else {}
-    if "position" in config.levels:
-        chosen = _top_heads(torch.stack(heads, 1), config.position_heads)  # [B, L, H]
-        positions = [
-            _position_scores(
-                head, cap["resid_pre"][:, layer], per_layer[layer][1], chosen[:, layer], targets, chunk
-            )
-            for layer in layers
-        ]
-        out["position_score"] = torch.where(real[:, None, None], torch.stack(positions, 1), 0.0)
-        out["attention"] = torch.stack(cap["pattern"], 1) * real[:, None, None]
-    return out
-
-
-def _head_parts(model: Model, cap: dict, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Head outputs ``[B, H, d]`` and their per-source parts ``[B, H, T, d]`` at ``N``."""
-    sub = _attn(model, cap, layer)
-    coeffs = sub.coeffs.unflatten(1, (model.n_heads, model.d_head))  # [B, H, Dh, T]
-    values = sub.values.unflatten(0, (model.n_heads, model.d_head))  # [H, Dh, d]
-    parts = torch.einsum("bhnt,hnd->bhtd", coeffs, values)
-    return parts.sum(2), parts
-
-
-def _top_heads(scores: torch.Tensor, n: int | None) -> torch.Tensor:
-    """``[B, L, H]`` bool: each row's ``n`` heads of largest ``|score|`` (all when ``n`` is None)."""
-    flat = scores.flatten(1)
-    if n is None or n >= flat.shape[1]:
-        return torch.ones_like(scores, dtype=torch.bool)
-    chosen = torch.zeros_like(flat, dtype=torch.bool)
-    chosen.scatter_(1, flat.abs().topk(n, dim=1).indices, True)
-    return chosen.view_as(scores)
-
-
-def _position_scores(head, base, parts, chosen, targets, chunk) -> torch.Tensor:
-    """``[B, H, T]``: increases of the chosen heads' parts ``parts [B, H, T, d]``; NaN elsewhere."""
-    B, H, T, _ = parts.shape
-    out = torch.full((B, H, T), float("nan"), dtype=parts.dtype, device=parts.device)
-    n = int(chosen.sum(1).max())
-    if n == 0:
-        return out
-    order = torch.argsort((~chosen).to(torch.int8), dim=1, stable=True)[:, :n]  # chosen heads first
-    picked = parts[torch.arange(B, device=parts.device)[:, None], order]  # [B, n, T, d]
-    before, after = vector_increase(head, base, picked.flatten(1, 2), targets, chunk=chunk)
-    score = (after - before[:, None]).unflatten(1, (n, T))
-    keep = chosen.gather(1, order)[..., None].expand(-1, -1, T)
-    out.scatter_(1, order[..., None].expand(-1, -1, T), torch.where(keep, score, float("nan")))
-    return out
-
-
-def _subvalues(model: Model, cap: dict, kind: str, layer: int) -> Subvalues:
-    if kind == "neuron":
-        return ffn_subvalues(model, layer, cap["mlp_post"][:, layer])
-    return _attn(model, cap, layer)
-
-
-def _subvalue_level(model, head, cap, targets, real, kind, config) -> dict[str, torch.Tensor]:
-    """Y&A-4 / Y&A-5: coefficients, bounds and exact scores of every neuron or attention unit.
-
-    Arrays ``[B, L, K, R]`` (``R = 1`` for neurons, ``T`` source positions for units), reshaped at
-    the end to ``[B, L, d_mlp]`` / ``[B, L, H, Dh, T]``.
-    """
-    base = cap["resid_mid"] if kind == "neuron" else cap["resid_pre"]  # [B, L, d]
-    ranges_kind = "ffn" if kind == "neuron" else "attn"
-    parts: dict[str, list] = {"coeff": [], "logit": [], "upper": [], "lower": []}
-    for layer in range(model.n_layers):
-        sub = _subvalues(model, cap, kind, layer)
-        ranges = direction_ranges(model, ranges_kind, layer, sub.values)
-        bounds = increase_bounds(head, head.logits(base[:, layer]), sub.coeffs, sub.values, targets, ranges)
-        parts["coeff"].append(sub.coeffs)
-        for name in ("logit", "upper", "lower"):
-            parts[name].append(bounds[name])
-    out = {name: torch.stack(values, 1) for name, values in parts.items()}  # [B, L, K, R]
-    before = _logprob(head, base, targets)  # [B, L]
-    valid = torch.ones_like(out["coeff"], dtype=torch.bool)
-    if kind == "attn_unit":
-        valid = valid & real[:, None, None, :]
-    if config.exact == "all":
-        chosen = valid
-    else:
-        chosen = _candidates(out["upper"], out["lower"], before, valid, config.n_top)
-    score = _exact_scores(model, head, cap, base, targets, kind, out["coeff"], chosen)
-    out["score"] = torch.where(valid, score, torch.zeros_like(score))
-    out["prob"] = before.exp()[..., None, None] * torch.expm1(out["score"])
-    prefix = "neuron" if kind == "neuron" else "unit"
-    shape = (model.d_mlp,) if kind == "neuron" else (model.n_heads, model.d_head, -1)
-    return {f"{prefix}_{name}": value.flatten(2).unflatten(2, shape) for name, value in out.items()}
-
-
-def _candidates(upper, lower, before, valid, n: int) -> torch.Tensor:
-    """``[B, L, K, R]`` bool: the valid subvalues that can be in the row's exact top / bottom ``n``.
-
-    By log-prob increase (``upper``, ``lower`` ``[B, L, K, R]``) or by probability increase, whose
-    bounds are ``p_ℓ·expm1(bound)`` (monotone per layer; ``p_ℓ = exp(before [B, L])``), taken in
-    units of the row's largest ``p_ℓ`` so that the selection's slack means the same for both.
-    """
-    p = (before - before.amax(-1, keepdim=True)).double().exp()[..., None, None]  # [B, L, 1, 1], ≤ 1
-    prob_upper = p * torch.expm1(upper.double())
-    prob_lower = p * torch.expm1(lower.double())
-    chosen = torch.zeros_like(valid)
-    for b in range(valid.shape[0]):
-        keep = valid[b]
-        pick = select_candidates(upper[b][keep][None], lower[b][keep][None], n)[0]
-        pick |= select_candidates(prob_upper[b][keep][None], prob_lower[b][keep][None], n)[0]
-        chosen[b][keep] = pick
-    return chosen
-
-
-def _exact_scores(model, head, cap, base, targets, kind, coeffs, chosen) -> torch.Tensor:
-    """``[B, L, K, R]`` exact log-prob increases where ``chosen``, NaN elsewhere.
-
-    Directions are built once per chunk of value vectors with a chosen subvalue in any row; every
-    row then scores only its own chosen subvalues (all of them at once where all are chosen).
-    """
-    score = torch.full_like(coeffs, float("nan"))
-    per = max(1, _WORK // model.d_vocab)  # value vectors whose directions are built at once
-    for layer in range(model.n_layers):
-        mask = chosen[:, layer]  # [B, K, R]
-        index = mask.any(-1).any(0).nonzero()[:, 0]  # value vectors with a candidate
-        if not len(index):
-            continue
-        values = _subvalues(model, cap, kind, layer).values
-        base_logits = head.logits(base[:, layer])  # [B, V]
-        u = coeffs[:, layer] / head.scale[:, None, None]  # [B, K, R]
-        for i in range(0, len(index), per):
-            ks = index[i : i + per]
-            D = head.directions(values[ks])  # [k', V]
-            if mask[:, ks].all():
-                exact = rank1_increase(base_logits, u[:, ks], D, targets, chunk_elems=_WORK)
-                score[:, layer, ks] = exact
-                continue
-            for b in range(len(targets)):
-                k, r = mask[b, ks].nonzero(as_tuple=True)  # the row's chosen subvalues
-                for j in range(0, len(k), per):
-                    kj, rj = k[j : j + per], r[j : j + per]
-                    row = slice(b, b + 1)
-                    exact = rank1_increase(
-                        base_logits[row],
-                        u[b, ks[kj], rj][None, :, None],
-                        D[kj],
-                        targets[row],
-                        chunk_elems=_WORK,
-                    )
-                    score[b, layer, ks[kj], rj] = exact[0, :, 0]
-    return score
-
-
 # -- tables of the top and bottom subvalues -----------------------------------------------------------
-
-
-def _value_vectors(model: Model, kind: str, layer: int) -> torch.Tensor:
-    """``[K, d]`` the value vectors of ``layer`` as the subvalues use them (Gemma-2: post-norm gain)."""
-    values = model.W_out(layer) if kind == "neuron" else model.W_O(layer).flatten(0, 1)
-    values = upcast(values)
-    gain = update_gain(model, "mlp" if kind == "neuron" else "attn", layer, values.dtype, values.device)
-    return values if gain is None else values * gain
 
 
 def _listed(result: LogprobAttributionResult, kind: str) -> list[tuple[int, str, int, np.ndarray]]:
@@ -636,7 +418,7 @@ def _subvalue_table(model: Model, result: LogprobAttributionResult, kind: str) -
         prob_increase=arrays["prob"][pick],
         logit_increase=arrays["logit"][pick],
     )
-    top, bottom = _value_tokens(model, kind, where[0], unit, result.config.n_tokens)
+    top, bottom = value_tokens(model, kind, where[0], unit, result.config.n_tokens)
     positive = coeff >= 0
     columns.update(
         top_tokens=top,
@@ -647,25 +429,8 @@ def _subvalue_table(model: Model, result: LogprobAttributionResult, kind: str) -
     return pd.DataFrame(columns)
 
 
-@torch.no_grad()
-def _value_tokens(model, kind, layers, units, n: int) -> tuple[list[list[str]], list[list[str]]]:
-    """Top and bottom ``n`` tokens of ``D_w = W_U (γ ⊙ centre(w))`` for value vectors ``(layer, unit)``."""
-    top = np.zeros((len(layers), n), dtype=np.int64)
-    bottom = np.zeros((len(layers), n), dtype=np.int64)
-    if n and len(layers):
-        for layer in np.unique(layers):
-            rows = np.nonzero(layers == layer)[0]
-            wanted, inverse = np.unique(units[rows], return_inverse=True)
-            values = _value_vectors(model, kind, int(layer))[torch.as_tensor(wanted)]
-            D = value_directions(model, values)  # [k', V]
-            top[rows] = D.topk(n, -1).indices.cpu().numpy()[inverse]
-            bottom[rows] = (-D).topk(n, -1).indices.cpu().numpy()[inverse]
-    decode = lambda ids: decode_tokens(model, torch.as_tensor(ids)) if len(ids) else []  # noqa: E731
-    return decode(top), decode(bottom)
-
-
 def _provenance(model: Model, config: Config) -> dict:
-    post = "; Gemma-2 post-norms linearized at their actual scale" if model.spec.attn_post_norm else ""
+    post = post_norm_note(model, "post-norms linearized at their actual scale")
     return result_provenance(
         model,
         config,
@@ -718,5 +483,5 @@ def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = Non
     forward_floats = width * n_tokens * (4 * d + 2 * d_mlp + H * n_tokens)
     cached = width * L * (4 * d + d_mlp + H * n_tokens + n_tokens * model.n_kv_heads * Dh)
     results = width * L * (11 * d_mlp + 11 * H * Dh * n_tokens + 2 * H * n_tokens)  # + selection buffers
-    buffers = 3 * _WORK + width * L * V
+    buffers = 3 * WORK_ELEMS + width * L * V
     return Cost(forwards, float(token_blocks), (forward_floats + cached + results + buffers) * itemsize)

@@ -6,7 +6,7 @@ Each attribution *method* ranks every subvalue of a fact at the last position ``
 ``K`` of each kind, as a *budget* such as ``"ffn:100"`` or ``"attn:200+ffn:100"`` says, are zeroed
 together in one forward and the target's reciprocal rank ``mrr = 1/(rank + 1)`` (rank 0 = top of
 the final logits), probability and log-probability are compared with the clean run. Methods (the
-scores come from :mod:`recallscope.methods.yu2024.logprob_attribution`, same target and head ``bias``):
+scores are those of the required ``logprob_attribution``, same target and head ``bias``):
 
 - ``logprob_increase``: ``log p(t | x + s) − log p(t | x)`` (the paper's score, Y&A-4/5);
 - ``prob_increase``: ``p(t | x + s) − p(t | x)``;
@@ -37,40 +37,28 @@ mean drops across facts with 95% CIs. The naive one-prompt, hand-computed versio
 
 from __future__ import annotations
 
-import contextlib
 import math
 import zlib
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import pandas as pd
 import torch
 
-from recallscope.core.attention import output_gate_hook, pattern_hook
+from recallscope.core.ablation import METRICS, Selection, ablate, target_metrics, top_ranked
+from recallscope.core.attribution import value_stats
 from recallscope.core.cache import forward
-from recallscope.core.dtypes import compute_dtype
-from recallscope.core.hooks import site_hook
-from recallscope.core.subvalues import attn_subvalues, ffn_subvalues, value_directions
-from recallscope.core.tokens import PromptBatch
+from recallscope.core.decoding import choose_targets
+from recallscope.core.dtypes import upcast
+from recallscope.core.tokens import PromptBatch, as_batch
 from recallscope.core.vocab import decode_tokens
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
-from recallscope.methods.base import (
-    Cost,
-    MethodConfig,
-    MethodResult,
-    as_batch,
-    choose_targets,
-    result_provenance,
-    wide,
-)
-from recallscope.methods.yu2024 import logprob_attribution as la
+from recallscope.methods.base import Cost, Given, MethodConfig, MethodResult, result_provenance
 from recallscope.methods.yu2024.summaries import SUMMARY_COLUMNS
 from recallscope.methods.yu2024.summaries import neuron_ablation_summary as summary
 from recallscope.models.model import Model
-from recallscope.models.sites import Site
 
 __all__ = [
     "NAME",
@@ -82,6 +70,7 @@ __all__ = [
     "NeuronAblationResult",
     "run",
     "cost",
+    "requires",
     "ablate",
     "summary",
     "SUMMARY_COLUMNS",
@@ -95,9 +84,7 @@ CHUNK_SIZE = 32
 METHODS = ("logprob_increase", "prob_increase", "logit_increase", "coef_norm", "coef_inv_rank", "coef")
 KINDS = ("ffn", "attn")
 BUDGETS = ("ffn:10", "ffn:100", "ffn:200", "attn:200", "attn:200+ffn:100")
-METRICS = ("mrr", "prob", "logprob")
-_RANK_CHUNK = 1 << 24
-"""Elements of the ``[vectors, d_vocab]`` direction buffer of ``coef_inv_rank``."""
+LOGPROB = "logprob_attribution"
 
 
 @dataclass(frozen=True)
@@ -189,28 +176,6 @@ class Config(MethodConfig):
         return max(getattr(b, f"n_{kind}") for b in self.parsed_budgets)
 
 
-@dataclass(frozen=True)
-class Selection:
-    """Subvalues zeroed at the last position of one row.
-
-    Attributes:
-        ffn: ``[n, 2]`` int ``(layer, neuron)``.
-        attn: ``[m, 4]`` int ``(layer, head, dim, src)``, ``src`` counted from the start of the
-            real prompt (no padding).
-    """
-
-    ffn: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), dtype=np.int64))
-    attn: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), dtype=np.int64))
-
-    def __post_init__(self) -> None:
-        for name, width in (("ffn", 2), ("attn", 4)):
-            value = np.asarray(getattr(self, name), dtype=np.int64).reshape(-1, width)
-            object.__setattr__(self, name, np.unique(value, axis=0))
-
-    def __len__(self) -> int:
-        return len(self.ffn) + len(self.attn)
-
-
 @dataclass
 class NeuronAblationResult(MethodResult):
     """Target metrics ``[fact, variant]`` after zeroing each variant's selection, and the clean ones."""
@@ -277,229 +242,27 @@ class NeuronAblationResult(MethodResult):
         return named
 
 
-# -- the core: zero selections in batched forwards --------------------------------------------------
-
-
-def target_metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, np.ndarray]:
-    """Metrics of ``targets [R]`` in ``logits [R, d_vocab]``: float64 ``mrr``, ``prob``, ``logprob`` and
-    int64 ``rank`` (0 = top; tokens with a strictly larger logit), each ``[R]``.
-    """
-    logits = wide(logits)
-    targets = torch.as_tensor(targets, device=logits.device).long()
-    at = logits.gather(1, targets[:, None])
-    rank = (logits > at).sum(-1)
-    logprob = (at[:, 0] - logits.logsumexp(-1)).double()
-    return {
-        "mrr": (1.0 / (rank + 1).double()).cpu().numpy(),
-        "prob": logprob.exp().cpu().numpy(),
-        "logprob": logprob.cpu().numpy(),
-        "rank": rank.cpu().numpy(),
-    }
-
-
-@torch.no_grad()
-def ablate(
-    model: Model,
-    batch: PromptBatch,
-    selections: Sequence[Selection],
-    targets: torch.Tensor | Sequence[int],
-    *,
-    rows: Sequence[int] | None = None,
-    max_batch_rows: int = 64,
-) -> dict[str, np.ndarray]:
-    """Zero each selection at the last position and read its row's target.
-
-    Args:
-        model: the model.
-        batch: the prompts (left-padded).
-        selections: ``R`` selections, zeroed together per ablated row.
-        targets: ``[B]`` token id of each prompt of ``batch``.
-        rows: ``[R]`` the prompt each selection is applied to (default: selection ``i`` → prompt ``i``).
-        max_batch_rows: ablated rows per forward.
-
-    Returns:
-        :func:`target_metrics` of the ``R`` ablated rows.
-    """
-    rows = np.arange(len(batch)) if rows is None else np.asarray(rows, dtype=np.int64).reshape(-1)
-    if len(rows) != len(selections):
-        raise RecallscopeError(f"got {len(selections)} selections for {len(rows)} rows; give one per row")
-    targets = torch.as_tensor(targets).long().cpu()
-    lengths = batch.attention_mask.sum(-1).tolist()
-    for row, selection in zip(rows.tolist(), selections, strict=True):
-        _check_selection(model, selection, lengths[row])
-    parts = []
-    for begin in range(0, len(rows), max_batch_rows):
-        part = rows[begin : begin + max_batch_rows]
-        sub = batch.select(part)
-        ffn, attn = _layer_indices(model, sub, selections[begin : begin + max_batch_rows])
-        with _zeroing(model, ffn, attn):
-            logits = forward(model, sub)
-        parts.append(target_metrics(logits, targets[part]))
-    if not parts:
-        return {name: np.zeros(0) for name in (*METRICS, "rank")}
-    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
-
-
-def _check_selection(model: Model, selection: Selection, length: int) -> None:
-    """Raise if a selected subvalue does not exist in a prompt of ``length`` real tokens."""
-    for name, bounds in (
-        ("ffn", (model.n_layers, model.d_mlp)),
-        ("attn", (model.n_layers, model.n_heads, model.d_head, length)),
-    ):
-        index = getattr(selection, name)
-        if len(index) and ((index < 0).any() or (index >= np.array(bounds)).any()):
-            fields = "(layer, neuron)" if name == "ffn" else "(layer, head, dim, src)"
-            raise RecallscopeError(
-                f"{name} selection out of range: each {fields} must satisfy 0 ≤ value < {bounds} "
-                f"(src counts real prompt tokens from the start, without padding)"
-            )
-
-
-def _layer_indices(model: Model, batch: PromptBatch, selections: Sequence[Selection]) -> tuple[dict, dict]:
-    """Per layer, ``(row, neuron)`` and ``(row, head, dim, padded src)`` index tensors of the chunk."""
-    pads = batch.pad_lengths.numpy()
-    ffn_rows, attn_rows = [], []
-    for r, selection in enumerate(selections):
-        ffn_rows.append(np.column_stack([np.full(len(selection.ffn), r), selection.ffn]))
-        attn = selection.attn + np.array([0, 0, 0, pads[r]])
-        attn_rows.append(np.column_stack([np.full(len(attn), r), attn]))
-    ffn = np.concatenate(ffn_rows).reshape(-1, 3)
-    attn = np.concatenate(attn_rows).reshape(-1, 5)
-    return _by_layer(ffn), _by_layer(attn)
-
-
-def _by_layer(index: np.ndarray) -> dict[int, torch.Tensor]:
-    """``[n, 1 + 1 + m]`` rows ``(row, layer, ...)`` → layer → ``[1 + m, n_layer]`` index tensor."""
-    layers = index[:, 1]
-    return {
-        int(layer): torch.as_tensor(np.delete(index[layers == layer], 1, axis=1).T)
-        for layer in np.unique(layers)
-    }
-
-
-@contextlib.contextmanager
-def _zeroing(model: Model, ffn: dict, attn: dict) -> Iterator[None]:
-    """Hooks zeroing ``ffn[layer] = (row, neuron)`` and ``attn[layer] = (row, head, dim, src)`` at ``N``."""
-    with contextlib.ExitStack() as stack:
-        for layer, (row, neuron) in ffn.items():
-            stack.enter_context(site_hook(model, Site(layer, "mlp_post"), _zero_neurons(row, neuron)))
-        for layer, index in attn.items():
-            _remove_units(model, layer, index, stack)
-        yield
-
-
-def _zero_neurons(row: torch.Tensor, neuron: torch.Tensor):
-    def edit(act: torch.Tensor) -> torch.Tensor:  # [r, T, d_mlp]
-        act = act.clone()
-        act[row.to(act.device), -1, neuron.to(act.device)] = 0
-        return act
-
-    return edit
-
-
-def _remove_units(model: Model, layer: int, index: torch.Tensor, stack: contextlib.ExitStack) -> None:
-    """Subtract ``α_{N,j} v_{j,kv(h),n}`` (times the output gate ``g_{N,h,n}``, if the attention
-    has one) of each unit from ``z[layer]`` at ``N``, read live.
-    """
-    live: dict[str, torch.Tensor] = {}
-
-    def keep_v(v: torch.Tensor) -> None:  # [r, T, H_kv, d_head]
-        live["v"] = v
-
-    def keep_pattern(pattern: torch.Tensor) -> None:  # [r, H, T, T]
-        live["alpha"] = pattern[:, :, -1]
-
-    def edit_z(z: torch.Tensor) -> torch.Tensor:  # [r, T, H, d_head]
-        row, head, dim, src = index.to(z.device)
-        alpha = wide(live["alpha"][row, head, src])
-        value = wide(live["v"][row, src, head // model.n_groups_at(layer), dim])
-        contribution = alpha * value  # (a float32 pattern of a float64 model: BLOOM's softmax)
-        if "gate" in live:
-            contribution = contribution * wide(live["gate"][row, -1, head, dim])
-        removed = torch.zeros(z.shape[0], z.shape[2], z.shape[3], dtype=contribution.dtype, device=z.device)
-        removed.index_put_((row, head, dim), contribution, accumulate=True)
-        z = z.clone()
-        z[:, -1] = (wide(z[:, -1]) - removed).to(z.dtype)
-        live.clear()
-        return z
-
-    stack.enter_context(site_hook(model, Site(layer, "v"), keep_v))
-    stack.enter_context(pattern_hook(model, layer, keep_pattern))
-    stack.enter_context(output_gate_hook(model, layer, lambda g: live.update(gate=g)))  # reads z first
-    stack.enter_context(site_hook(model, Site(layer, "z"), edit_z))
-
-
 # -- rankings -------------------------------------------------------------------------------------
 
 
-def top_ranked(score: np.ndarray, k: int) -> np.ndarray:
-    """Flat indices of the ``k`` largest non-NaN entries of ``score``, best first (ties: lower index)."""
-    flat = score.reshape(-1)
-    index = np.flatnonzero(~np.isnan(flat))
-    values = flat[index]
-    if k < len(index):
-        kth = np.partition(values, len(values) - k)[len(values) - k]  # the k-th largest value
-        keep = values >= kth
-        index, values = index[keep], values[keep]
-    order = np.lexsort((index, -values))
-    return index[order][:k]
-
-
-def _attribution_config(config: Config) -> la.Config:
-    n_top = max(config.max_k("ffn"), config.max_k("attn"))
-    return la.Config(levels=("neuron", "attn_unit"), n_top=n_top, target=config.target, bias=config.bias)
-
-
-def _value_vectors(model: Model, layer: int, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
-    """``ffn [d_mlp, d]`` and ``attn [H·d_head, d]`` value vectors of ``layer`` (as in :class:`Subvalues`)."""
-    coeffs = torch.zeros(1, model.d_mlp, dtype=dtype, device=device)
-    pattern = torch.zeros(1, model.n_heads, 1, dtype=dtype, device=device)
-    v = torch.zeros(1, 1, model.n_kv_heads_at(layer), model.d_head, dtype=dtype, device=device)
-    ffn, attn = ffn_subvalues(model, layer, coeffs), attn_subvalues(model, layer, pattern, v)
-    return {"ffn": ffn.values, "attn": attn.values}
-
-
-@torch.no_grad()
-def _value_stats(model: Model, targets: np.ndarray, ranks: bool) -> dict[str, np.ndarray]:
-    """Value-vector norms ``ffn_norm [L, d_mlp]`` and ``attn_norm [L, H, d_head]``.
-
-    With ``ranks`` also the targets' ranks in ``±D_w``: ``ffn_rank_pos`` / ``ffn_rank_neg``
-    ``[F, L, d_mlp]`` and ``attn_rank_pos`` / ``attn_rank_neg`` ``[F, L, H, d_head]``.
+def requires(config: Config) -> dict[str, dict]:
+    """``logprob_attribution`` (neurons and attention units, the largest budget ranked exactly, the
+    same target and head) when a method ranks by its scores.
     """
-    dtype, device = compute_dtype(model.dtype), model.W_U.device
-    targets = torch.as_tensor(targets, device=device).long()
-    out: dict[str, list] = {}
-    for layer in range(model.n_layers):
-        for kind, vectors in _value_vectors(model, layer, dtype, device).items():
-            out.setdefault(f"{kind}_norm", []).append(vectors.norm(dim=-1).double().cpu().numpy())
-            if ranks:
-                pos, neg = _target_ranks(model, vectors, targets)
-                out.setdefault(f"{kind}_rank_pos", []).append(pos)
-                out.setdefault(f"{kind}_rank_neg", []).append(neg)
-    shapes = {"ffn": (model.d_mlp,), "attn": (model.n_heads, model.d_head)}
-    stacked = {name: np.stack(parts, -2) for name, parts in out.items()}  # [..., L, K]
-    return {name: x.reshape(*x.shape[:-1], *shapes[name.split("_")[0]]) for name, x in stacked.items()}
+    if not config.methods:
+        return {}
+    n_top = max(config.max_k("ffn"), config.max_k("attn"))
+    levels = ("neuron", "attn_unit")
+    return {LOGPROB: dict(levels=levels, n_top=n_top, target=config.target, bias=config.bias)}
 
 
-def _target_ranks(model: Model, vectors: torch.Tensor, targets: torch.Tensor) -> tuple[np.ndarray, ...]:
-    """``[F, K]`` rank of each target in ``D_w`` and in ``−D_w`` for ``vectors [K, d]``."""
-    step = max(1, _RANK_CHUNK // model.d_vocab)
-    pos, neg = [], []
-    for i in range(0, len(vectors), step):
-        D = value_directions(model, vectors[i : i + step])  # [k, V]
-        at = D[:, targets].T  # [F, k]
-        pos.append(torch.stack([(D > at[f, :, None]).sum(-1) for f in range(len(targets))]))
-        neg.append(torch.stack([(D < at[f, :, None]).sum(-1) for f in range(len(targets))]))
-    return torch.cat(pos, 1).cpu().numpy(), torch.cat(neg, 1).cpu().numpy()
-
-
-def _scores(method: str, attribution, a: int, f: int, stats: dict) -> tuple[np.ndarray, np.ndarray]:
-    """``ffn [L, d_mlp]`` and ``attn [L, H, d_head, T]`` scores of attribution fact ``a`` (ours ``f``)."""
+def _scores(method: str, attribution: Given, fact: str, f: int, stats: dict) -> tuple[np.ndarray, np.ndarray]:
+    """``ffn [L, d_mlp]`` and ``attn [L, H, d_head, T_fact]`` scores of ``fact`` (our fact ``f``)."""
     if method in ("logprob_increase", "prob_increase", "logit_increase"):
         name = {"logprob_increase": "score", "prob_increase": "prob", "logit_increase": "logit"}[method]
-        ffn, attn = getattr(attribution, f"neuron_{name}")[a], getattr(attribution, f"unit_{name}")[a]
+        ffn, attn = attribution.array(fact, f"neuron_{name}"), attribution.array(fact, f"unit_{name}")
     else:
-        ffn_c, attn_c = attribution.neuron_coeff[a], attribution.unit_coeff[a]
+        ffn_c, attn_c = attribution.array(fact, "neuron_coeff"), attribution.array(fact, "unit_coeff")
         ffn, attn = np.abs(ffn_c), np.abs(attn_c)
         if method == "coef_norm":
             ffn, attn = ffn * stats["ffn_norm"], attn * stats["attn_norm"][..., None]
@@ -509,17 +272,14 @@ def _scores(method: str, attribution, a: int, f: int, stats: dict) -> tuple[np.n
                 attn_c < 0, stats["attn_rank_neg"][f][..., None], stats["attn_rank_pos"][f][..., None]
             )
             ffn, attn = ffn / (ffn_rank + 1), attn / (attn_rank + 1)
-    attn = np.array(attn, dtype=np.float64)
-    attn[..., : int(attribution.pad[a])] = np.nan  # never select pad positions
-    return np.asarray(ffn, dtype=np.float64), attn
+    return np.asarray(ffn, dtype=np.float64), np.asarray(attn, dtype=np.float64)
 
 
-def _ranked(method: str, attribution, a: int, f: int, stats: dict, config: Config):
+def _ranked(method: str, attribution: Given, fact: str, f: int, stats: dict, config: Config):
     """Ranked ``ffn [K, 2]`` and ``attn [K, 4]`` (src relative to the prompt start) of one method."""
-    ffn, attn = _scores(method, attribution, a, f, stats)
+    ffn, attn = _scores(method, attribution, fact, f, stats)
     ffn_index = np.stack(np.unravel_index(top_ranked(ffn, config.max_k("ffn")), ffn.shape), 1)
     attn_index = np.stack(np.unravel_index(top_ranked(attn, config.max_k("attn")), attn.shape), 1)
-    attn_index[:, 3] -= int(attribution.pad[a])
     return ffn_index, attn_index
 
 
@@ -542,14 +302,23 @@ def _random(model: Model, fact_id: str, seed: int, length: int, config: Config):
 # -- run ------------------------------------------------------------------------------------------
 
 
-def run(model: Model, batch: PromptBatch | FactSet, config: Config | None = None) -> NeuronAblationResult:
-    """Rank every fact's subvalues by each method, zero each budget's top-K (and random ones), measure."""
+def run(
+    model: Model,
+    batch: PromptBatch | FactSet,
+    config: Config | None = None,
+    given: dict[str, Given] | None = None,
+) -> NeuronAblationResult:
+    """Rank every fact's subvalues by each method, zero each budget's top-K (and random ones), measure.
+
+    ``given``: the required ``logprob_attribution`` (:func:`requires`) as the runner hands it over;
+    computed here when absent.
+    """
     config = config or Config()
     batch = as_batch(model, batch)
     fact_ids = list(batch.fact_ids or map(str, range(len(batch))))
     clean_logits = _clean_logits(model, batch, config.max_batch_rows)
     targets = choose_targets(batch, clean_logits, config.target)
-    attribution, keep, skipped = _attribute(model, batch, fact_ids, targets, config)
+    attribution, keep, skipped = _attribute(model, batch, fact_ids, targets, config, given)
     rankings = _rankings(model, batch, config, fact_ids, targets, attribution, keep)
     selections, rows = [], []
     for f, row in enumerate(keep):
@@ -579,24 +348,34 @@ def run(model: Model, batch: PromptBatch | FactSet, config: Config | None = None
 def _clean_logits(model: Model, batch: PromptBatch, step: int) -> torch.Tensor:
     """``[B, d_vocab]`` clean last-position logits (at least float32), ``step`` prompts per forward."""
     parts = [
-        wide(forward(model, batch.select(range(i, min(i + step, len(batch))))))
+        upcast(forward(model, batch.select(range(i, min(i + step, len(batch))))))
         for i in range(0, len(batch), step)
     ]
     return torch.cat(parts).cpu() if parts else torch.zeros(0, model.d_vocab)
 
 
-def _attribute(model: Model, batch: PromptBatch, fact_ids: list[str], targets: torch.Tensor, config: Config):
-    """``(logprob_attribution result or None, rows of the facts kept, skipped)``."""
+def _attribute(model: Model, batch: PromptBatch, fact_ids: list[str], targets: torch.Tensor, config, given):
+    """``(logprob_attribution of the facts or None, rows of the facts kept, skipped)``.
+
+    A handed-over result that scored another token for a fact (its top-1 where ours is the gold
+    answer) is recomputed for those facts.
+    """
     if not config.methods:
         return None, list(range(len(batch))), []
-    attribution = la.run(model, batch, _attribution_config(config))
-    index = {fact: a for a, fact in enumerate(attribution.fact_ids)}
-    keep = [row for row, fact in enumerate(fact_ids) if fact in index]
+    need = requires(config)[LOGPROB]
+    attribution = Given.obtain(LOGPROB, need, model, batch, given)
+    scored = lambda row: int(attribution.array(fact_ids[row], "target_id")[0])  # noqa: E731
+    here = set(attribution.fact_ids)
+    other = [row for row, fact in enumerate(fact_ids) if fact in here and scored(row) != int(targets[row])]
+    if other:
+        redo = Given.obtain(LOGPROB, need, model, batch.select(other), None)
+        attribution = attribution.select(here - set(redo.fact_ids) - {s for s, _ in redo.skipped}).merge(redo)
+        here = set(attribution.fact_ids)
+    keep = [row for row, fact in enumerate(fact_ids) if fact in here]
     for row in keep:
-        scored = int(attribution.target_ids[index[fact_ids[row]]])
-        if scored != int(targets[row]):
+        if scored(row) != int(targets[row]):
             raise RecallscopeError(
-                f"fact {fact_ids[row]!r}: logprob_attribution scored token {scored} but the ablation "
+                f"fact {fact_ids[row]!r}: logprob_attribution scored token {scored(row)} but the ablation "
                 f"measures {int(targets[row])}; both must use target={config.target!r}"
             )
     return attribution, keep, list(attribution.skipped)
@@ -608,17 +387,16 @@ def _rankings(
     config: Config,
     fact_ids: list[str],
     targets: torch.Tensor,
-    attribution: la.LogprobAttributionResult | None,
+    attribution: Given | None,
     keep: list[int],
 ) -> list[dict]:
     """Per kept fact: method name (``random<seed>``) → ranked ``(ffn [K, 2], attn [K, 4])``."""
     ranks = "coef_inv_rank" in config.methods
-    stats = _value_stats(model, targets[keep].numpy(), ranks) if config.methods else {}
-    index = {} if attribution is None else {fact: a for a, fact in enumerate(attribution.fact_ids)}
+    stats = value_stats(model, targets[keep].numpy(), ranks) if config.methods else {}
     lengths = batch.attention_mask.sum(-1).tolist()
     rankings = []
     for f, row in enumerate(keep):
-        ranking = {m: _ranked(m, attribution, index[fact_ids[row]], f, stats, config) for m in config.methods}
+        ranking = {m: _ranked(m, attribution, fact_ids[row], f, stats, config) for m in config.methods}
         for seed in range(config.seed, config.seed + config.random_seeds):
             ranking[f"random{seed}"] = _random(model, fact_ids[row], seed, lengths[row], config)
         rankings.append(ranking)
@@ -653,8 +431,9 @@ def _provenance(model: Model, config: Config) -> dict:
     )
 
 
-def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = None) -> Cost:
-    """Clean forwards, one ablated row per fact × variant, plus ``logprob_attribution``'s cost.
+def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = None, given=None) -> Cost:
+    """Clean forwards, one ablated row per fact × variant, plus the required ``logprob_attribution``
+    unless ``given`` (the runner computes it once for every method that requires it).
 
     ``coef_inv_rank`` also projects every value vector to the vocabulary once per call
     (``L·(d_mlp + H·d_head)`` directions), which is not counted in forwards.
@@ -667,9 +446,7 @@ def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = Non
     width = min(max(rows, 1), step)
     floats = width * batch.seq_len * (4 * model.d_model + 2 * model.d_mlp + model.n_heads * batch.seq_len)
     floats += width * model.d_vocab
-    total = Cost(
-        forwards, float((rows + len(batch)) * batch.seq_len * model.n_layers), floats * model.dtype.itemsize
+    blocks = float((rows + len(batch)) * batch.seq_len * model.n_layers)
+    return Cost(forwards, blocks, floats * model.dtype.itemsize) + Given.cost(
+        requires(config), model, batch, given
     )
-    if config.methods:
-        total = total + la.cost(model, batch, _attribution_config(config))
-    return total

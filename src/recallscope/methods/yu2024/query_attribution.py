@@ -43,9 +43,9 @@ Shares can explode when the denominator nearly cancels: a neuron or unit with
 The core, :func:`query_scores`, takes the value rows as tables, so any ranking can be analysed;
 :func:`run` gets them from :mod:`~recallscope.methods.yu2024.logprob_attribution`. Fast by construction:
 one forward per ``max_batch_rows`` facts caches every component at every position, then each
-analysis is a few gathers and matmuls over all facts' rows at once. The naive loops over neurons,
-units and components (one unpadded prompt at a time) are in ``tests/oracles`` and give the same
-numbers.
+analysis is a few gathers and matmuls over all facts' rows at once (the kernels are in
+:mod:`recallscope.core.query_keys`). The naive loops over neurons, units and components (one
+unpadded prompt at a time) are in ``tests/oracles`` and give the same numbers.
 """
 
 from __future__ import annotations
@@ -58,19 +58,26 @@ import numpy as np
 import pandas as pd
 import torch
 
-from recallscope.core.cache import run_with_cache
-from recallscope.core.decompose import ov_outputs
 from recallscope.core.dtypes import compute_dtype
-from recallscope.core.moe import moe_coefficients
-from recallscope.core.subvalues import ffn_subvalues, value_directions
-from recallscope.core.tokens import PromptBatch
+from recallscope.core.query_keys import (
+    NEURON_COLUMNS,
+    UNIT_COLUMNS,
+    attn_unit_scores,
+    check_rows,
+    chunk_rows,
+    component_cache,
+    ffn_value_scores,
+    ov_tokens,
+    query_neuron_scores,
+    ranked_scores,
+    with_fact_ids,
+)
+from recallscope.core.tokens import PromptBatch, as_batch
 from recallscope.core.vocab import decode_tokens
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
-from recallscope.methods.base import Cost, MethodConfig, MethodResult, as_batch, result_provenance
-from recallscope.methods.yu2024 import logprob_attribution
+from recallscope.methods.base import Cost, Given, MethodConfig, MethodResult, result_provenance
 from recallscope.models.model import Model
-from recallscope.models.sites import Site
 
 __all__ = [
     "NAME",
@@ -79,6 +86,7 @@ __all__ = [
     "QueryAttributionResult",
     "run",
     "cost",
+    "requires",
     "query_scores",
     "component_labels",
     "FFN_KEYS",
@@ -86,13 +94,11 @@ __all__ = [
 ]
 
 NAME = "query_attribution"
+LOGPROB = "logprob_attribution"
 DESCRIPTION = "Layers and FFN neurons that activate the top value neurons and units (Yu & Ananiadou)."
 CHUNK_SIZE = 16
 FFN_KEYS = ("linearized", "input_row", "gate_row", "value", "as_coded")
 ANALYSES = ("ffn_value", "attn_unit")
-
-NEURON_COLUMNS = ("fact_row", "layer", "neuron", "imp")
-UNIT_COLUMNS = ("fact_row", "layer", "head", "dim", "src", "imp")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -240,37 +246,55 @@ def _component_parts(n_components: int) -> tuple[np.ndarray, np.ndarray]:
 # -- run: value rows from logprob_attribution ---------------------------------------------------------
 
 
-def run(model: Model, batch: PromptBatch | FactSet, config: Config | None = None) -> QueryAttributionResult:
-    """Score the value rows with ``logprob_attribution``, then find their query layers and neurons."""
+def run(
+    model: Model,
+    batch: PromptBatch | FactSet,
+    config: Config | None = None,
+    given: dict[str, Given] | None = None,
+) -> QueryAttributionResult:
+    """Score the value rows with ``logprob_attribution``, then find their query layers and neurons.
+
+    ``given``: the required ``logprob_attribution`` (:func:`requires`) as the runner hands it over;
+    computed here when absent.
+    """
     config = config or Config()
     _check_two_updates(model)
     batch = as_batch(model, batch)
-    values = logprob_attribution.run(model, batch, _value_config(config))
+    values = Given.obtain(LOGPROB, requires(config)[LOGPROB], model, batch, given)
     row_of = {fact: i for i, fact in enumerate(batch.fact_ids or map(str, range(len(batch))))}
     rows = [row_of[fact] for fact in values.fact_ids]
     kept = batch.select(rows)
     neurons, units, known = value_rows(values, kept, config)
     result = query_scores(model, kept, neurons, units, config, known_value=known)
+    target_ids = np.concatenate([values.array(fact, "target_id") for fact in values.fact_ids])
     return replace(
         result,
         fact_ids=list(values.fact_ids),
-        target_ids=np.asarray(values.target_ids),
-        target_tokens=list(values.target_tokens),
-        skipped=list(values.skipped),
+        target_ids=target_ids,
+        target_tokens=decode_tokens(model, torch.as_tensor(target_ids)),
+        skipped=[tuple(s) for s in values.skipped],
     )
 
 
-def _value_config(config: Config) -> logprob_attribution.Config:
-    return logprob_attribution.Config(
-        levels=("neuron", "attn_unit"),
-        n_top=max(config.n_value_neurons, config.n_value_units, config.n_query_neurons, 1),
-        target=config.target,
-        bias=config.bias,
-        max_batch_rows=config.max_batch_rows,
-    )
+def requires(config: Config) -> dict[str, dict]:
+    """``logprob_attribution``: neurons and attention units on the same target and head, ranked
+    exactly as deep as the value rows and query neurons go.
+    """
+    n_top = max(config.n_value_neurons, config.n_value_units, config.n_query_neurons, 1)
+    return {
+        LOGPROB: dict(
+            levels=("neuron", "attn_unit"),
+            n_top=n_top,
+            target=config.target,
+            bias=config.bias,
+            max_batch_rows=config.max_batch_rows,
+        )
+    }
 
 
-def value_rows(values, batch: PromptBatch, config: Config) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+def value_rows(
+    values: Given, batch: PromptBatch, config: Config
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """The value rows of a ``logprob_attribution`` result whose facts are the rows of ``batch``.
 
     Returns:
@@ -279,7 +303,7 @@ def value_rows(values, batch: PromptBatch, config: Config) -> tuple[pd.DataFrame
         padded batch) and ``known`` (the top ``n_query_neurons`` value neurons, compared with the
         query neurons).
     """
-    tables = values.tables()
+    tables = values.tables
     row_of = {fact: i for i, fact in enumerate(values.fact_ids)}
     top = tables["neurons"][tables["neurons"]["end"] == "top"].sort_values(["fact_id", "rank"], kind="stable")
     top = top.assign(fact_row=top["fact_id"].map(row_of), imp=top["logprob_increase"])
@@ -324,12 +348,12 @@ def query_scores(
     config = config or Config()
     _check_two_updates(model)
     known_value = value_neurons if known_value is None else known_value
-    _check_rows(model, batch, value_neurons, NEURON_COLUMNS, "value_neurons")
-    _check_rows(model, batch, value_units, UNIT_COLUMNS, "value_units")
+    check_rows(model, batch, value_neurons, NEURON_COLUMNS, "value_neurons")
+    check_rows(model, batch, value_units, UNIT_COLUMNS, "value_units")
     parts = []
     for start in range(0, len(batch), config.max_batch_rows):
         rows = range(start, min(len(batch), start + config.max_batch_rows))
-        neurons, units = _shift(value_neurons, rows), _shift(value_units, rows)
+        neurons, units = chunk_rows(value_neurons, rows), chunk_rows(value_units, rows)
         parts.append(_chunk(model, batch.select(list(rows)), neurons, units, config))
     merged = {k: torch.cat([p[k] for p in parts]).cpu() for k in parts[0] if k != "shown"}
     shown = [s for p in parts for s in p["shown"]]
@@ -346,8 +370,8 @@ def query_scores(
         n_value_units=np.bincount(value_units["fact_row"].to_numpy(int), minlength=len(batch)),
         n_unstable=merged["unstable"].numpy(),
         query_neurons=_query_table(model, fact_ids, merged, shown, known_value, config),
-        value_neurons=_with_fact_ids(value_neurons, fact_ids),
-        value_units=_with_fact_ids(value_units, fact_ids, pads),
+        value_neurons=with_fact_ids(value_neurons, fact_ids),
+        value_units=with_fact_ids(value_units, fact_ids, pads),
         provenance=_provenance(model, config),
     )
 
@@ -362,310 +386,27 @@ def _check_two_updates(model: Model) -> None:
         )
 
 
-def _check_rows(model, batch, frame: pd.DataFrame, columns, name: str) -> None:
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise RecallscopeError(f"{name} lacks columns {missing}; expected {list(columns)}")
-    if len(frame) == 0:
-        return
-    if frame["fact_row"].min() < 0 or frame["fact_row"].max() >= len(batch):
-        raise RecallscopeError(f"{name}.fact_row must index the batch (0 ≤ row < {len(batch)})")
-    if frame["layer"].min() < 0 or frame["layer"].max() >= model.n_layers:
-        raise RecallscopeError(f"{name}.layer must be a block index (0 ≤ layer < {model.n_layers})")
-
-
-def _shift(frame: pd.DataFrame, rows: range) -> pd.DataFrame:
-    """The rows of facts ``rows``, with ``fact_row`` counted from the chunk's start."""
-    kept = frame[(frame["fact_row"] >= rows.start) & (frame["fact_row"] < rows.stop)]
-    return kept.assign(fact_row=kept["fact_row"] - rows.start)
-
-
-def _with_fact_ids(frame: pd.DataFrame, fact_ids: list[str], pads: np.ndarray | None = None) -> pd.DataFrame:
-    rows = frame["fact_row"].to_numpy(int)
-    out = frame.drop(columns="fact_row").assign(fact_id=np.array(fact_ids, dtype=object)[rows])
-    if pads is not None:
-        out = out.drop(columns="src").assign(src_pos=frame["src"].to_numpy(int) - pads[rows])
-    return out[["fact_id", *[c for c in out.columns if c != "fact_id"]]].reset_index(drop=True)
-
-
-def _long(frame: pd.DataFrame, column: str, device) -> torch.Tensor:
-    return torch.tensor(frame[column].to_numpy(np.int64), device=device)
-
-
-def _imp(frame: pd.DataFrame, like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(frame["imp"].to_numpy(np.float64), dtype=like.dtype, device=like.device)
-
-
 def _chunk(model: Model, batch: PromptBatch, neurons: pd.DataFrame, units: pd.DataFrame, config: Config):
     """Everything for one chunk of facts: one cached forward, then (a), (b), (c) for all rows at once."""
-    acts = _cache(model, batch, neurons, units)
+    acts = component_cache(model, batch, neurons, units)
     out = {"unstable": torch.zeros(len(batch), 3, dtype=torch.long)}
-    out["ffn_value"], out["unstable"][:, 0] = _ffn_value(model, acts, neurons, config)
-    out["attn_unit"], out["unstable"][:, 1], unit_keys = _attn_unit(model, acts, units, config)
-    query, best, out["unstable"][:, 2] = _query_neurons(model, acts, units, unit_keys, config)
+    out["ffn_value"], out["unstable"][:, 0] = ffn_value_scores(
+        model, acts, neurons, config.ffn_key, config.centre, config.guard
+    )
+    out["attn_unit"], out["unstable"][:, 1], keys = attn_unit_scores(
+        model, acts, units, config.centre, config.guard
+    )
+    query, best, out["unstable"][:, 2] = query_neuron_scores(model, acts, units, keys, config.guard)
     out["query"], out["best"] = query, best
-    out["shown"] = _show(model, acts, units, query, best, config)
+    out["shown"] = ov_tokens(model, acts, units, query, best, config.n_show, config.n_tokens)
     return out
-
-
-def _cache(model: Model, batch: PromptBatch, neurons: pd.DataFrame, units: pd.DataFrame) -> dict:
-    """One forward's activations at every position, as float32 at least.
-
-    Returns ``comps [B, T, 2L+1, d]`` (components; zero past the deepest row's layer), ``resid
-    [B, T, L', d]`` (``x^ℓ``, up to that layer) and ``posts``: ``mlp_post [B, T, d_mlp]`` of each
-    layer below the deepest unit.
-    """
-    n_post = int(units["layer"].max()) if len(units) else 0  # query neurons lie below the deepest unit
-    deepest = max(n_post, int(neurons["layer"].max()) if len(neurons) else 0)
-    sites = [Site(i, n) for i in range(deepest + 1) for n in ("resid_pre", "attn_out", "mlp_out")]
-    sites += [Site(i, "mlp_post") for i in range(n_post)]
-    dtype = compute_dtype(model.dtype)
-    cache = run_with_cache(model, batch, sites, dtype=dtype)
-    resid = cache.stack([Site(i, "resid_pre") for i in range(deepest + 1)], 2)  # [B, T, L', d]
-    parts = [resid[:, :, 0]]
-    for i in range(deepest + 1):
-        parts += [cache[Site(i, "attn_out")], cache[Site(i, "mlp_out")]]
-    comps = torch.stack(parts, 2)  # [B, T, 2L'+1, d]
-    comps = torch.nn.functional.pad(comps, (0, 0, 0, 2 * model.n_layers + 1 - comps.shape[2]))
-    posts = [cache[Site(i, "mlp_post")] for i in range(n_post)]
-    return {"comps": comps, "resid": resid, "posts": posts}
-
-
-def _centred(model: Model, key: torch.Tensor, config: Config) -> torch.Tensor:
-    """``key [..., d]`` minus its mean when the norms are LayerNorms and ``centre``."""
-    return key - key.mean(-1, keepdim=True) if config.centre and model.spec.norm == "layer" else key
-
-
-def _shares(comps: torch.Tensor, keys: torch.Tensor, n_used: torch.Tensor, guard: float):
-    """Per-row component dots ``[R, C]`` (zero past ``n_used [R]``), their sum and the unstable mask."""
-    used = torch.arange(comps.shape[1], device=comps.device)[None] < n_used[:, None]
-    dots = torch.einsum("rcd,rd->rc", comps, keys) * used
-    total = dots.sum(-1)
-    unstable = (total.abs() < guard * dots.abs().sum(-1)) | (total == 0)
-    return dots, total, unstable
-
-
-def _accumulate(B: int, fact: torch.Tensor, dots, total, unstable, imp) -> tuple[torch.Tensor, torch.Tensor]:
-    """``Σ_rows share · Imp`` per fact ``[B, C]`` and the unstable count per fact ``[B]``."""
-    weight = torch.where(unstable, 0.0, imp / torch.where(unstable, 1.0, total))
-    scores = torch.zeros(B, dots.shape[1], dtype=dots.dtype, device=dots.device)
-    scores.index_add_(0, fact, dots * weight[:, None])
-    count = torch.zeros(B, dtype=torch.long, device=dots.device).index_add_(0, fact, unstable.long())
-    return scores.cpu(), count.cpu()
-
-
-def _ffn_value(model: Model, acts: dict, neurons: pd.DataFrame, config: Config):
-    """(a): scores ``[B, 2L+1]`` and unstable counts ``[B]``."""
-    comps = acts["comps"]
-    B, device = comps.shape[0], comps.device
-    fact, layer = _long(neurons, "fact_row", device), _long(neurons, "layer", device)
-    imp = _imp(neurons, comps)
-    keys = _centred(model, _ffn_keys(model, acts, neurons, config), config)  # [M, d]
-    n_used = 2 * layer + (1 if model.spec.parallel else 2)
-    dots, total, unstable = _shares(comps[fact, -1], keys, n_used, config.guard)
-    return _accumulate(B, fact, dots, total, unstable, imp)
-
-
-def _ffn_keys(model: Model, acts: dict, neurons: pd.DataFrame, config: Config) -> torch.Tensor:
-    """Key ``[M, d]`` of each value neuron (before centring)."""
-    comps = acts["comps"]
-    keys = torch.zeros(len(neurons), model.d_model, dtype=comps.dtype, device=comps.device)
-    how = config.ffn_key
-    if how == "as_coded":
-        how = "value" if model.spec.gated_mlp else "input_row"
-    if how == "gate_row" and not model.spec.gated_mlp:
-        raise RecallscopeError(f"ffn_key='gate_row' needs a gated MLP; {model.spec.family} has none")
-    for layer in sorted(set(neurons["layer"].tolist())):
-        at = np.flatnonzero(neurons["layer"].to_numpy() == layer)
-        rows = neurons.iloc[at]
-        k, fact = _long(rows, "neuron", comps.device), _long(rows, "fact_row", comps.device)
-        keys[torch.as_tensor(at, device=comps.device)] = _layer_keys(model, acts, layer, fact, k, how)
-    return keys
-
-
-def _weight(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return tensor.to(like.device, like.dtype)
-
-
-def _layer_keys(model: Model, acts: dict, layer: int, fact, k, how: str) -> torch.Tensor:
-    """Keys ``[m, d]`` of neurons ``k [m]`` of ``layer`` (rows ``fact [m]``)."""
-    like = acts["comps"]
-    path = model.spec.at(layer).mlp_norm
-    params = model.norm_params(path, layer)
-    gain = params.gain(like.dtype, like.device)
-    gain = torch.ones(model.d_model, dtype=like.dtype, device=like.device) if gain is None else gain
-    x = acts["resid"][fact, -1, layer]  # x^ℓ_N; sequential blocks: r^ℓ = x^ℓ + a^ℓ
-    x = x if model.spec.parallel else x + acts["comps"][fact, -1, 2 * layer + 1]
-    gate = model.norm_gate(path, layer, x)  # [m, d] a gated norm's gate at N, frozen (else None)
-    scale = gain if gate is None else gain * gate.to(like.dtype)
-    if how == "value":
-        return _weight(model.W_out(layer), like)[k] * scale
-    if how in ("input_row", "gate_row"):
-        W = model.W_in(layer) if how == "input_row" else model.W_gate(layer)
-        return _weight(W, like)[:, k].T * scale
-    normed, inv_rho = _frozen_norm(params, x, gain, gate)  # [m, d], [m]
-    return _mlp_gradient(model, layer, normed, k) * scale * inv_rho[:, None]
-
-
-def _frozen_norm(params, x: torch.Tensor, gain: torch.Tensor, gate) -> tuple[torch.Tensor, torch.Tensor]:
-    """The norm's output ``x̃ [m, d]`` (times a gated norm's ``gate [m, d]``) and its scale
-    ``1/ρ [m]`` for inputs ``x [m, d]``.
-    """
-    inv_rho = 1.0 / params.rho(x)[:, 0]
-    normed = params.centre(x) * inv_rho[:, None] * gain
-    normed = normed if params.bias is None else normed + _weight(params.bias, x)
-    return (normed if gate is None else normed * gate.to(normed.dtype)), inv_rho
-
-
-def _mlp_gradient(model: Model, layer: int, normed: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """``∇_x̃ c_k [m, d]`` at ``x̃ = normed [m, d]`` for neurons ``k [m]``."""
-    if model.spec.at(layer).experts is not None:  # router weights and experts: by autograd
-        x = normed.detach().requires_grad_(True)
-        with torch.enable_grad():
-            coeffs = moe_coefficients(model, layer, x)  # [m, d_mlp], each row its own token
-            (grad,) = torch.autograd.grad(coeffs[torch.arange(len(k)), k].sum(), x)
-        return grad.to(normed.dtype)
-    W_in = _weight(model.W_in(layer), normed)[:, k].T  # [m, d]
-    pre_in = (normed * W_in).sum(-1) + _bias(model.b_in(layer), k, normed)
-    act = model.mlp_act(layer)
-    if not model.is_gated(layer):
-        return _act_grad(act, pre_in)[1][:, None] * W_in
-    W_gate = _weight(model.W_gate(layer), normed)[:, k].T
-    pre_gate = (normed * W_gate).sum(-1) + _bias(model.b_gate(layer), k, normed)
-    value, slope = _act_grad(act, pre_gate)
-    return (slope * pre_in)[:, None] * W_gate + value[:, None] * W_in
-
-
-def _bias(bias: torch.Tensor | None, k: torch.Tensor, like: torch.Tensor) -> torch.Tensor | float:
-    return 0.0 if bias is None else _weight(bias, like)[k]
-
-
-def _act_grad(act, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``act(z)`` and ``act'(z)`` elementwise, by autograd on the activation alone."""
-    with torch.enable_grad():
-        z = z.detach().requires_grad_(True)
-        y = act(z)
-        (slope,) = torch.autograd.grad(y.sum(), z)
-    return y.detach(), slope
-
-
-def _unit_keys(model: Model, acts: dict, units: pd.DataFrame, config: Config) -> torch.Tensor:
-    """``W_V^ℓ[kv(h)][:, n] ⊙ γ_1`` (times a gated norm's gate at the unit's source) (centred) per
-    unit: ``[U, d]``.
-    """
-    like = acts["comps"]
-    keys = torch.zeros(len(units), model.d_model, dtype=like.dtype, device=like.device)
-    for layer in sorted(set(units["layer"].tolist())):
-        at = np.flatnonzero(units["layer"].to_numpy() == layer)
-        rows = units.iloc[at]
-        kv = _long(rows, "head", like.device) // model.n_groups_at(layer)
-        n = _long(rows, "dim", like.device)
-        W_V = _weight(model.W_V(layer), like)  # [n_kv, d, d_head]
-        path = model.spec.at(layer).ln_1
-        gain = model.norm_params(path, layer).gain(like.dtype, like.device)
-        key = W_V[kv, :, n]  # [m, d]
-        key = key if gain is None else key * gain
-        x = acts["resid"][_long(rows, "fact_row", like.device), _long(rows, "src", like.device), layer]
-        gate = model.norm_gate(path, layer, x)  # [m, d] at each unit's source, frozen (else None)
-        keys[torch.as_tensor(at, device=like.device)] = key if gate is None else key * gate.to(key.dtype)
-    return _centred(model, keys, config)
-
-
-def _attn_unit(model: Model, acts: dict, units: pd.DataFrame, config: Config):
-    """(b): scores ``[B, 2L+1]``, unstable counts ``[B]`` and the unit keys ``[U, d]``."""
-    comps = acts["comps"]
-    B, device = comps.shape[0], comps.device
-    fact, layer = _long(units, "fact_row", device), _long(units, "layer", device)
-    src = _long(units, "src", device)
-    imp = _imp(units, comps)
-    keys = _unit_keys(model, acts, units, config)
-    dots, total, unstable = _shares(comps[fact, src], keys, 2 * layer + 1, config.guard)
-    scores, count = _accumulate(B, fact, dots, total, unstable, imp)
-    return scores, count, keys
-
-
-def _query_neurons(model: Model, acts: dict, units: pd.DataFrame, keys: torch.Tensor, config: Config):
-    """(c): query scores ``[B, L, d_mlp]``, each one's best unit ``[B, L, d_mlp]`` (``-1``: none),
-    unstable counts ``[B]``.
-    """
-    comps, resid = acts["comps"], acts["resid"]
-    B, device, dtype = comps.shape[0], comps.device, comps.dtype
-    fact, layer = _long(units, "fact_row", device), _long(units, "layer", device)
-    src = _long(units, "src", device)
-    imp = _imp(units, comps)
-    used = torch.arange(comps.shape[2], device=device)[None] < (2 * layer + 1)[:, None]
-    spread = (torch.einsum("ucd,ud->uc", comps[fact, src], keys).abs() * used).sum(-1)
-    denom = (resid[fact, src, layer] * keys).sum(-1)  # x^ℓ_j · key
-    unstable = (denom.abs() < config.guard * spread) | (denom == 0)
-    weight = torch.where(unstable, 0.0, imp / torch.where(unstable, 1.0, denom))  # [U]
-    score = torch.zeros(B, model.n_layers, model.d_mlp, dtype=dtype, device=device)
-    best = torch.full((B, model.n_layers, model.d_mlp), -1, dtype=torch.long, device=device)
-    for i, post in enumerate(acts["posts"]):
-        sub = ffn_subvalues(model, i, post[fact, src])  # coeffs [U, d_mlp, 1], values [d_mlp, d]
-        live = (layer > i) & ~unstable  # [U]
-        contrib = sub.coeffs[..., 0] * (keys @ sub.values.T) * weight[:, None]  # [U, d_mlp]
-        score[:, i].index_add_(0, fact, contrib * live[:, None])
-        best[:, i] = _best_unit(B, fact, torch.where(live[:, None], contrib, -torch.inf))
-    count = torch.zeros(B, dtype=torch.long, device=device).index_add_(0, fact, unstable.long())
-    return score.cpu(), best.cpu(), count.cpu()
-
-
-def _best_unit(B: int, fact: torch.Tensor, contrib: torch.Tensor) -> torch.Tensor:
-    """``[B, d_mlp]`` index (into the units) of each fact's largest finite contribution, ``-1`` if none."""
-    U, K = contrib.shape
-    index = fact[:, None].expand(U, K)
-    top = torch.full((B, K), -torch.inf, dtype=contrib.dtype, device=contrib.device)
-    top = top.scatter_reduce(0, index, contrib, "amax")
-    unit = torch.arange(U, device=contrib.device)[:, None].expand(U, K)
-    hit = (contrib == top[fact]) & torch.isfinite(contrib)
-    first = torch.full((B, K), U, dtype=torch.long, device=contrib.device)
-    first = first.scatter_reduce(0, index, torch.where(hit, unit, U), "amin")
-    return torch.where(first == U, -1, first)
-
-
-def _ranked(query: torch.Tensor, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per fact: flat indices ``[r]`` and scores of the top ``n`` non-zero query scores, best first."""
-    out = []
-    for row in query.flatten(1):
-        nonzero = torch.nonzero(row != 0)[:, 0]
-        order = torch.argsort(row[nonzero], descending=True, stable=True)[:n]
-        out.append((nonzero[order], row[nonzero[order]]))
-    return out
-
-
-def _show(model: Model, acts: dict, units: pd.DataFrame, query, best, config: Config) -> list[dict]:
-    """(d): per fact, the top ``n_show`` query neurons with their OV-mapped and own top tokens."""
-    shown = []
-    for b, (flat, _) in enumerate(_ranked(query, config.n_show)):
-        rows = {}
-        for index in flat.tolist():
-            i, k = divmod(index, model.d_mlp)
-            unit = int(best[b, i, k])
-            if unit < 0:
-                continue
-            l_unit, h = int(units["layer"].iloc[unit]), int(units["head"].iloc[unit])
-            w = ffn_subvalues(model, i, acts["posts"][i][:1, -1]).values[k]  # [d] (post-norm gain folded)
-            mapped = ov_outputs(model, l_unit, w[None].to(model.dtype))[0, h]
-            rows[(i, k)] = dict(
-                head_layer=l_unit,
-                head=h,
-                ov_top_tokens=_top_tokens(model, mapped, config.n_tokens, acts["comps"].dtype),
-                value_top_tokens=_top_tokens(model, w, config.n_tokens, acts["comps"].dtype),
-            )
-        shown.append(rows)
-    return shown
-
-
-def _top_tokens(model: Model, vector: torch.Tensor, n: int, dtype: torch.dtype) -> list[str]:
-    ids = value_directions(model, vector, dtype=dtype).topk(min(n, model.d_vocab)).indices
-    return decode_tokens(model, ids.cpu())
 
 
 def _query_table(model, fact_ids, merged, shown, known: pd.DataFrame, config: Config) -> pd.DataFrame:
     """The ranked query neurons of every fact (decoded for the top ``n_show``)."""
     frames = []
     known_set = set(known[["fact_row", "layer", "neuron"]].itertuples(index=False, name=None))
-    for b, (flat, scores) in enumerate(_ranked(merged["query"], config.n_query_neurons)):
+    for b, (flat, scores) in enumerate(ranked_scores(merged["query"], config.n_query_neurons)):
         layer, neuron = (flat // model.d_mlp).numpy(), (flat % model.d_mlp).numpy()
         pairs = [(int(i), int(k)) for i, k in zip(layer, neuron, strict=True)]
         extra = [shown[b].get(pair, {}) for pair in pairs]
@@ -721,8 +462,9 @@ def _provenance(model: Model, config: Config) -> dict:
     )
 
 
-def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = None) -> Cost:
-    """``logprob_attribution``'s cost plus one cached forward per ``max_batch_rows`` facts.
+def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = None, given=None) -> Cost:
+    """One cached forward per ``max_batch_rows`` facts, plus the required ``logprob_attribution``
+    unless ``given`` (the runner computes it once for every method that requires it).
 
     Memory: the cache keeps ``resid_pre``, ``attn_out``, ``mlp_out`` and ``mlp_post`` of every layer
     at every position, plus the stacked residuals and components, for ``max_batch_rows`` facts.
@@ -734,4 +476,4 @@ def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = Non
     floats = rows * T * (L * (4 * d + model.d_mlp) + (2 * L + 1) * d) + 2 * rows * L * model.d_mlp
     width = compute_dtype(model.dtype).itemsize
     own = Cost(math.ceil(n / config.max_batch_rows), float(n * T * L), floats * width)
-    return logprob_attribution.cost(model, batch, _value_config(config)) + own
+    return own + Given.cost(requires(config), model, batch, given)
