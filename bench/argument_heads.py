@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     speedup = rates[0] / rates[1]
     print(f"| recallscope (resumed per layer) | {rates[0]:.3f} | {speedup:.1f}× | {fast_mb:.0f} |")
     print(f"\nmax |patched iw difference|: {diff:.2e}; peak RSS {peak_rss_mb():.0f} MB\n")
-    scores = ah.scores(result.to_frame()).nsmallest(6, "delta")
+    scores = ah.summary(result.to_frame()).nsmallest(6, "delta")
     columns = ["layer", "head", "attention", "subject_logit", "r", "delta", "delta_pct", "n"]
     print("| " + " | ".join(columns) + " |\n" + "|---" * len(columns) + "|")
     for row in scores[columns].itertuples(index=False):

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{hp.cost(model, batch, config)}")
     label = "naive loop (forward per prompt, per head full-vocab)"
     print_speed(len(batch), fast_s, fast_mb, n_naive, naive_s, diff, label)
-    rates = hp.rates(pd.concat([p.to_frame() for p in parts], ignore_index=True), k=config.k)
+    rates = hp.summary(pd.concat([p.to_frame() for p in parts], ignore_index=True), k=config.k)
     later = rates[rates.step > 1].sort_values("suppresses_previous", ascending=False).head(8)
     columns = ["step", "layer", "head", "promotion_rate", "suppression_rate", "suppresses_previous"]
     print("heads that most often suppress a previous answer (steps 2–3):")

@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     for key in ("r2", "subject_rank_after", "target_rank_after"):
         got, want = result.fit[key][:n_naive], expected[key]
         print(f"| {key} | {np.nanmax(np.abs(got - want)):.2e} | {np.nanmax(np.abs(want)):.2e} |")
-    summary = mr.coefficients(result.to_frame(), result.tables()["fit"])
+    summary = mr.summary(result.to_frame(), result.tables()["fit"])
     columns = ["layer", "head", "coef", "coef_ci", "frac_positive", "linear_coef", "r2", "r2_adjusted"]
     for title, rows in (
         ("most amplified heads (mean β)", summary.sort_values("coef", ascending=False).head(5)),

@@ -159,7 +159,7 @@ def test_scores_equal_a_hand_computation(tiny_models):
     model = tiny_models("llama_gqa")
     result = ah.run(model, capital_facts())
     frame = result.to_frame()
-    got = ah.scores(frame)
+    got = ah.summary(frame)
     assert len(got) == model.n_layers * model.n_heads
     for row in got.itertuples():
         cell = frame[(frame["layer"] == row.layer) & (frame["head"] == row.head)]
@@ -188,7 +188,7 @@ def test_scores_equal_a_hand_computation(tiny_models):
     halves = pd.concat(
         [ah.run(model, capital_facts()[i : i + 3]).to_frame() for i in (0, 3)], ignore_index=True
     )
-    np.testing.assert_allclose(ah.scores(halves)["delta"], got["delta"], **TOL)
+    np.testing.assert_allclose(ah.summary(halves)["delta"], got["delta"], **TOL)
 
 
 def test_clear_errors(tiny_models):
@@ -214,7 +214,7 @@ def test_clear_errors(tiny_models):
     with pytest.raises(RecallscopeError, match="batch_size"):
         ah.Config(batch_size=0)
     with pytest.raises(RecallscopeError, match="missing"):
-        ah.scores(pd.DataFrame({"layer": [0]}))
+        ah.summary(pd.DataFrame({"layer": [0]}))
     assert ah.needs_all_facts(ah.Config.preset("lv_code")) and not ah.needs_all_facts(ah.Config.preset("lv"))
     assert not ah.needs_all_facts(ah.Config(patching="mean", path_patching=False))
     cost = ah.cost(model, facts, ah.Config())

@@ -71,7 +71,7 @@ def test_no_source_blocked_equals_clean(tiny_models):
 
 
 def test_errors(tiny_models):
-    with pytest.raises(rs.RecallscopeError, match="sources must be a non-empty subset"):
+    with pytest.raises(rs.RecallscopeError, match="sources must be a non-empty tuple"):
         ak.Config(sources=("relation",))
     model = tiny_models("gpt2")
     batch = rs.tokenize(model, ["France is"])

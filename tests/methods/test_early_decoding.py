@@ -86,7 +86,7 @@ def test_roles_steps_and_frame(tiny_models):
     assert row.token.item() == result.tracked.tokens[1][3] and row.step.item() == 2
     arrays = result.arrays()
     assert set(arrays) == {f"f{i}/logit" for i in range(4)} and arrays["f2/logit"].shape == (2, L, n)
-    average = result.average()
+    average = result.summary()
     assert {"step", "site", "layer", "tracked", "role", "logit", "logit_ci", "n"} <= set(average.columns)
     step1 = average[(average.step == 1) & (average.site == "attn") & (average.layer == 0)]
     assert (step1[step1.tracked == "answer_1"].n == 2).all()

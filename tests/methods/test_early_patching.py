@@ -156,9 +156,9 @@ def test_gold_target_and_last_only(tiny_models):
 
 
 def test_errors(tiny_models):
-    with pytest.raises(rs.RecallscopeError, match="positions must be distinct names"):
+    with pytest.raises(rs.RecallscopeError, match="positions must be a non-empty tuple of distinct items"):
         ep.Config(positions=("relation",))
-    with pytest.raises(rs.RecallscopeError, match="source_layers must be a non-empty tuple"):
+    with pytest.raises(rs.RecallscopeError, match="source_layers must be None or a non-empty tuple"):
         ep.Config(source_layers=(-1,))
     with pytest.raises(rs.RecallscopeError, match="readout must be one of"):
         ep.Config(readout="lens")

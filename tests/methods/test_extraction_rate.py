@@ -251,13 +251,13 @@ def test_summary_on_hand_made_frame():
 
 
 def test_errors(tiny_models):
-    with pytest.raises(rs.RecallscopeError, match="counterfactuals must be distinct names"):
+    with pytest.raises(rs.RecallscopeError, match="counterfactuals must be a tuple of distinct items"):
         er.Config(counterfactuals=("relation",))
     with pytest.raises(rs.RecallscopeError, match="counterfactual_mode must be"):
         er.Config(counterfactual_mode="mask")
     with pytest.raises(rs.RecallscopeError, match="readout must be one of"):
         er.Config(readout="tuned")
-    with pytest.raises(rs.RecallscopeError, match="must be positive"):
+    with pytest.raises(rs.RecallscopeError, match="top_k_tokens must be an integer ≥ 1"):
         er.Config(top_k_tokens=0)
     model = tiny_models("gpt2")
     with pytest.raises(rs.RecallscopeError, match="needs a subject span in every prompt"):

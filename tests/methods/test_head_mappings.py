@@ -188,7 +188,7 @@ def test_errors(tiny_models):
         hm.Config(subject_tokens="all")
     with pytest.raises(rs.RecallscopeError, match="readout must be one of"):
         hm.Config(readout="lens")
-    with pytest.raises(rs.RecallscopeError, match="top_k and max_batch_rows must be positive"):
+    with pytest.raises(rs.RecallscopeError, match="top_k must be an integer ≥ 1"):
         hm.Config(top_k=0)
     model = tiny_models("gpt2")
     with pytest.raises(rs.RecallscopeError, match="need a subject span"):

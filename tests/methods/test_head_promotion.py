@@ -152,7 +152,7 @@ def _synthetic_frame(seed: int = 0) -> pd.DataFrame:
 @pytest.mark.parametrize("k", [1.0, 0.5])
 def test_rates_equal_a_hand_loop(k):
     frame = _synthetic_frame()
-    got = hp.rates(frame, k=k)
+    got = hp.summary(frame, k=k)
     expected = _hand_rates(frame, k)
     assert len(got) == len(expected) == 2 * 2 * 3
     for record in got.to_dict("records"):
@@ -179,10 +179,10 @@ def test_result_frame_rates_and_provenance(tiny_models):
     ]
     assert pick.logit.item() == result.logit[2, 1, 3, 2] and pick.role.item() == "previous"
     assert result.arrays()["f0/logit"].shape == (L, H, 4) and result.tables() == {}
-    rates = result.rates()
+    rates = result.summary()
     assert len(rates) == 3 * L * H  # steps 1, 2, 3
     assert rates.set_index(["step", "layer", "head"]).n_examples.loc[(1, 0, 0)] == 2
-    pd.testing.assert_frame_equal(rates, hp.rates(frame, k=1.0))
+    pd.testing.assert_frame_equal(rates, hp.summary(frame, k=1.0))
     conventions = result.provenance["conventions"]
     assert "input-column" in conventions["heads"] and conventions["projection"].startswith("frozen_scale")
     assert (
@@ -197,9 +197,9 @@ def test_result_frame_rates_and_provenance(tiny_models):
 def test_config_errors():
     with pytest.raises(rs.RecallscopeError, match="wo_slicing must be one of"):
         hp.Config(wo_slicing="output_rows")
-    with pytest.raises(rs.RecallscopeError, match="k must be a non-negative"):
+    with pytest.raises(rs.RecallscopeError, match="k must be a number ≥ 0"):
         hp.Config(k=-1)
     with pytest.raises(rs.RecallscopeError, match="missing \\['head'\\]"):
-        hp.rates(pd.DataFrame(columns=["fact_id", "step", "layer", "role", "logit"]))
+        hp.summary(pd.DataFrame(columns=["fact_id", "step", "layer", "role", "logit"]))
     assert hp.Config.preset("yan_jia_code").wo_slicing == "reference_code"
     assert hp.Config(k=1).stable_hash() == hp.Config(k=1.0).stable_hash()

@@ -87,7 +87,7 @@ def test_positions_and_targets(tiny_models):
     frame = result.to_frame()
     assert len(frame) == 2 * model.n_layers * 4 * 3 and set(frame["target"]) == {"gold", "top1", "subject"}
     assert len(result.topk_frame()) == 2 * model.n_layers * 4 and len(result.topk_frame()["topk"][0]) == 3
-    average = result.average()
+    average = result.summary()
     assert set(average.columns) >= {"prob", "prob_ci", "n"} and (average["n"] == 2).all()
     assert (batch.pad_lengths > 0).any()  # index 0 is each prompt's own first token, not padding
     starts = ll._positions(batch, [0, 1, -1])
@@ -104,7 +104,7 @@ def test_errors(tiny_models):
         ll.run(model, batch, ll.Config(positions=("object_last",)))
     with pytest.raises(rs.RecallscopeError, match="unknown target 'answer_9'"):
         ll.run(model, batch, ll.Config(targets=("answer_9",)))
-    with pytest.raises(rs.RecallscopeError, match="sites must be among"):
+    with pytest.raises(rs.RecallscopeError, match="sites must be a non-empty tuple"):
         ll.Config(sites=("resid",))
     with pytest.raises(rs.RecallscopeError, match="parallel blocks"):
         ll.run(tiny_models("gptj"), _batch(tiny_models("gptj")), ll.Config(sites=("resid_mid",)))

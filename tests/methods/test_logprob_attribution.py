@@ -232,11 +232,11 @@ def test_errors():
         la.Config(levels=("neurons",))
     with pytest.raises(rs.RecallscopeError, match="levels must be"):
         la.Config(levels="neuron")
-    with pytest.raises(rs.RecallscopeError, match="exact must be 'top'"):
+    with pytest.raises(rs.RecallscopeError, match="exact must be one of"):
         la.Config(exact="some")
     with pytest.raises(rs.RecallscopeError, match="target must be"):
         la.Config(target="answer")
-    with pytest.raises(rs.RecallscopeError, match="n_top and max_batch_rows must be positive"):
+    with pytest.raises(rs.RecallscopeError, match="n_top must be an integer ≥ 1"):
         la.Config(n_top=0)
     with pytest.raises(rs.RecallscopeError, match="did you mean 'n_top'"):
         la.Config.from_dict({"ntop": 3})

@@ -264,7 +264,7 @@ def test_coefficients_summary_equals_a_hand_loop(tiny_models):
     parts = [mr.run(model, facts[:3]), mr.run(model, facts[3:])]  # two runner chunks
     frame = pd.concat([p.to_frame() for p in parts], ignore_index=True)
     fit = pd.concat([p.tables()["fit"] for p in parts], ignore_index=True)
-    summary = mr.coefficients(frame, fit)
+    summary = mr.summary(frame, fit)
     assert len(summary) == model.n_layers * model.n_heads
     for row in summary.to_dict("records"):
         rows = frame[(frame.layer == row["layer"]) & (frame["head"] == row["head"])]
@@ -282,7 +282,7 @@ def test_coefficients_summary_equals_a_hand_loop(tiny_models):
         one = fit[fit.layer == row["layer"]].iloc[0]
         assert one.r2_adjusted == pytest.approx(1 - (1 - one.r2) * d / (d - n), rel=1e-12)
         assert row["n"] == len(coef) == len(facts)
-    assert "r2" not in mr.coefficients(frame)
+    assert "r2" not in mr.summary(frame)
 
 
 def test_config_errors(tiny_models):
@@ -299,7 +299,7 @@ def test_config_errors(tiny_models):
     with pytest.raises(rs.RecallscopeError, match="does not exist"):
         mr.run(tiny_models("gpt2"), capital_facts(), mr.Config(layers=(7,)))
     with pytest.raises(rs.RecallscopeError, match="missing"):
-        mr.coefficients(pd.DataFrame(columns=["fact_id", "layer"]))
+        mr.summary(pd.DataFrame(columns=["fact_id", "layer"]))
     model = tiny_models("gpt2")
     heads = {0: [(0, h) for h in range(model.d_model)]}
     with pytest.raises(rs.RecallscopeError, match="not determined"):

@@ -133,7 +133,7 @@ def test_budgets_parse_and_validate():
         na.Config(budgets=("ffn:10", "neurons:5"))
     with pytest.raises(rs.RecallscopeError, match="repeat"):
         na.Config(budgets=("ffn:10", " ffn:10"))
-    with pytest.raises(rs.RecallscopeError, match="methods must be distinct names"):
+    with pytest.raises(rs.RecallscopeError, match="methods must be a tuple of distinct items"):
         na.Config(methods=("logprob_increase", "gradient"))
     with pytest.raises(rs.RecallscopeError, match="nothing to ablate"):
         na.Config(methods=(), random_seeds=0)

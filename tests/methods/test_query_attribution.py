@@ -241,7 +241,7 @@ def test_errors():
         qa.Config(ffn_key="key")
     with pytest.raises(rs.RecallscopeError, match="guard must be in"):
         qa.Config(guard=1.5)
-    with pytest.raises(rs.RecallscopeError, match="counts must be"):
+    with pytest.raises(rs.RecallscopeError, match="n_show must be an integer ≥ 0"):
         qa.Config(n_show=-1)
 
 

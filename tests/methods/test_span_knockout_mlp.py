@@ -171,7 +171,7 @@ def test_frame_tables_arrays_and_conventions(tiny_models):
     arrays = result.arrays()
     assert set(arrays) == {"f0/delta", "f1/delta", "f2/delta", "f3/delta"}
     assert arrays["f2/delta"].shape == (4, L, 4) and arrays["f0/delta"].shape == (2, L, 4)
-    average = result.average()
+    average = result.summary()
     assert {"delta", "delta_ci", "n"} <= set(average.columns) and average["n"].sum() == len(frame)
     conventions = result.provenance["conventions"]
     assert conventions["knockout_mode"] == "post_softmax_zero" and conventions["renormalized"] is False
@@ -204,7 +204,7 @@ def test_errors(tiny_models):
         sk.Config(spans=())
     with pytest.raises(rs.RecallscopeError, match="layers must be None"):
         sk.Config(layers=())
-    with pytest.raises(rs.RecallscopeError, match="max_batch_rows must be at least 1"):
+    with pytest.raises(rs.RecallscopeError, match="max_batch_rows must be an integer ≥ 1"):
         sk.Config(max_batch_rows=0)
     with pytest.raises(rs.RecallscopeError, match="no field 'modes'; did you mean 'mode'"):
         sk.Config.from_dict({"modes": "pre_softmax"})

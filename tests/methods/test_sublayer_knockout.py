@@ -228,7 +228,7 @@ def test_presets_and_target_layer_rule():
 
 def test_errors(tiny_models):
     model = tiny_models("gpt2")
-    with pytest.raises(rs.RecallscopeError, match="sublayers must be distinct names"):
+    with pytest.raises(rs.RecallscopeError, match="sublayers must be a non-empty tuple of distinct items"):
         sk.Config(sublayers=("mlp", "mlp"))
     with pytest.raises(rs.RecallscopeError, match="mlp_mode must be one of"):
         sk.Config(mlp_mode="mean")

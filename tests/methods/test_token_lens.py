@@ -155,7 +155,7 @@ def test_frame_arrays_average_provenance_and_cost(tiny_models):
     conventions = result.provenance["conventions"]
     assert conventions["parts"] == result.parts and conventions["projection"] == "frozen_scale"
     assert conventions["partition"].startswith("first listed span wins") and "bos" in conventions
-    average = result.average()
+    average = result.summary()
     assert {"step", "span", "layer", "tracked", "role", "logit", "logit_ci", "n"} <= set(average.columns)
     assert average.loc[(average.step == 1) & (average.span == "subject"), "n"].eq(2).all()
     assert result.tables() == {}

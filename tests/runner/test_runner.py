@@ -230,9 +230,11 @@ def test_every_method_follows_the_protocol(tiny_models):
         if hasattr(module, "prepare"):
             config = module.prepare(model, given, config)
         result = module.run(model, given, config)
-        assert isinstance(result, MethodResult)
+        assert isinstance(result, MethodResult) and type(result).__dataclass_params__.frozen
         frame = result.to_frame()
         ids = {f.fact_id for f in given}
+        assert set(result.fact_ids) == ids
+        assert isinstance(result.summary(), pd.DataFrame) and len(result.summary())  # one name for all
         assert set(frame["fact_id"]) == ids
         assert all(key.split("/")[0] in ids for key in result.arrays())
         assert isinstance(result.tables(), dict) and result.skipped == []

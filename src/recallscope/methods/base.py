@@ -40,6 +40,7 @@ import difflib
 import hashlib
 import inspect
 import json
+import sys
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -51,6 +52,7 @@ from recallscope.core.dtypes import upcast as wide
 from recallscope.core.patching import window
 from recallscope.core.tokens import as_batch
 from recallscope.errors import RecallscopeError
+from recallscope.methods.hints import check_fields
 
 __all__ = [
     "check_method",
@@ -75,6 +77,23 @@ class MethodConfig:
     PRESETS: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
     preset_name: str | None = None
     """The preset this config started from, if any (recorded in results)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Every config checks its values against the fields' type hints first
+        (:func:`~recallscope.methods.hints.check_fields`), then runs its own ``__post_init__``.
+        """
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("__post_init__")
+        if getattr(own, "_checks_hints", False):
+            return
+
+        def __post_init__(self) -> None:
+            check_fields(self)
+            if own is not None:
+                own(self)
+
+        __post_init__._checks_hints = True  # type: ignore[attr-defined]
+        cls.__post_init__ = __post_init__  # type: ignore[method-assign]
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> MethodConfig:
@@ -119,17 +138,32 @@ class MethodConfig:
         return hashlib.sha256(f"recallscope.methods.{method}:{text}".encode()).hexdigest()[:12]
 
 
-@dataclasses.dataclass(kw_only=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class MethodResult:
     """What every method's result carries besides its numbers (subclasses add those, and
     ``to_frame``, ``tables`` and ``arrays``).
     """
 
+    config: MethodConfig
+    """The config the result was computed with."""
+    fact_ids: list[str]
+    """The facts with results, in order (rows of the ``[fact, …]`` arrays)."""
     provenance: dict[str, Any] = dataclasses.field(default_factory=dict)
     """The model's provenance, the config and the conventions the numbers depend on
     (:func:`result_provenance`)."""
     skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     """``(fact_id, reason)`` of every fact left out."""
+
+    @property
+    def method(self) -> str:
+        """The method's name (the ``NAME`` of the module that defines the result)."""
+        return getattr(sys.modules[type(self).__module__], "NAME", type(self).__name__)
+
+    def summary(self) -> pd.DataFrame:
+        """This result's summary across its facts (one name for every method; over a whole run,
+        the method module's ``summary`` of the stored table gives the same).
+        """
+        raise NotImplementedError(f"{type(self).__name__} defines no summary")
 
     def per_fact(self, **named: Any) -> dict[str, np.ndarray]:
         """``"<fact_id>/<name>"`` → row ``i`` of each ``[fact, …]`` array in ``named``, for fact ``i``

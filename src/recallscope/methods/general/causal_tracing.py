@@ -33,7 +33,7 @@ loop of the paper (one forward per cell) is in ``tests/oracles`` and gives the s
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import pandas as pd
@@ -56,6 +56,8 @@ from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
 from recallscope.methods.base import Cost, MethodConfig, MethodResult, result_provenance
 from recallscope.methods.general.summaries import BUCKETS, average_by_bucket, bucket_names
+from recallscope.methods.general.summaries import average_by_bucket as summary
+from recallscope.methods.hints import NON_EMPTY, Positive
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
 
@@ -71,7 +73,7 @@ __all__ = [
     "prepare",
     "cost",
     "BUCKETS",
-    "average_by_bucket",
+    "summary",
     "bucket_names",
     "trace_spans",
 ]
@@ -91,11 +93,11 @@ Kind = Literal["hidden", "mlp", "attn"]
 class Config(MethodConfig):
     """Causal-tracing settings; defaults follow ROME (preset ``rome``)."""
 
-    kinds: tuple[Kind, ...] = ("hidden", "mlp", "attn")
+    kinds: Annotated[tuple[Kind, ...], NON_EMPTY] = ("hidden", "mlp", "attn")
     """What to restore: block outputs, MLP updates (windowed), attention updates (windowed)."""
-    window: int = 10
+    window: Positive = 10
     """Layers restored around ``ℓ`` for mlp/attn: ``[ℓ - w//2, ℓ - (-w//2))``, clipped."""
-    samples: int = 10
+    samples: Positive = 10
     """Noise samples ``S`` (noisy copies) per fact."""
     noise: float | None = None
     """Noise scale ``ν`` for every span; None: calibrated (``noise_factor × std`` of the span
@@ -114,7 +116,7 @@ class Config(MethodConfig):
     target: Literal["top1", "gold"] = "top1"
     metric: Literal["prob", "answer_logprob"] = "prob"
     """``prob``: P(target); ``answer_logprob``: Σ log P of the gold answer's tokens."""
-    max_batch_rows: int = 256
+    max_batch_rows: Positive = 256
     """Rows per forward pass (memory bound)."""
     reuse: bool = True
     """Resume the corrupted run at the restored layer and position (False: rerun everything)."""
@@ -144,12 +146,6 @@ class Config(MethodConfig):
     }
 
     def __post_init__(self) -> None:
-        if not self.kinds or any(k not in RESTORED_SITES for k in self.kinds):
-            raise RecallscopeError(
-                f"kinds must be a non-empty subset of {tuple(RESTORED_SITES)}, got {self.kinds!r}"
-            )
-        if self.window < 1 or self.samples < 1 or self.max_batch_rows < 1:
-            raise RecallscopeError("window, samples and max_batch_rows must be positive")
         if self.metric == "answer_logprob" and self.target != "gold":
             raise RecallscopeError("metric='answer_logprob' scores the gold answer: set target='gold'")
 
@@ -200,15 +196,13 @@ def _bucket(t: int, b: int, e: int, n: int) -> str:
     return "first subsequent" if t == e else "further tokens"
 
 
-@dataclass
+@dataclass(frozen=True)
 class CausalTracingResult(MethodResult):
     """Per-fact traces plus everything needed to interpret them."""
 
-    config: Config
     traces: list[FactTrace]
     noise: dict[str, float]
     """ν per corrupted span name."""
-    method: str = NAME
 
     def to_frame(self) -> pd.DataFrame:
         """One row per fact × corrupted span × kind × position × layer."""
@@ -248,7 +242,7 @@ class CausalTracingResult(MethodResult):
         """
         return {f"{tr.key}/{kind}": s for tr in self.traces for kind, s in tr.scores.items()}
 
-    def average_by_bucket(self) -> pd.DataFrame:
+    def summary(self) -> pd.DataFrame:
         """Mean indirect effect per kind × position class × layer (ROME's average plot)."""
         return average_by_bucket(self.to_frame())
 
@@ -373,7 +367,10 @@ def run(model: Model, batch: PromptBatch | FactSet, config: Config | None = None
             "through the model's projection of it"
         )
     provenance = result_provenance(model, config, **conventions)
-    return CausalTracingResult(config, traces, noises, provenance=provenance, skipped=skipped)
+    fact_ids = list(dict.fromkeys(tr.fact_id for tr in traces))
+    return CausalTracingResult(
+        traces, noises, config=config, fact_ids=fact_ids, provenance=provenance, skipped=skipped
+    )
 
 
 def _row_spans(batch: PromptBatch, config: Config) -> list[tuple[int, str]]:

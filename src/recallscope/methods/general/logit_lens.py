@@ -22,6 +22,7 @@ for the tracked tokens (Y1).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import numpy as np
 import pandas as pd
@@ -33,6 +34,7 @@ from recallscope.core.vocab import ProjectionMode, decode_tokens, project_to_voc
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
 from recallscope.methods.base import Cost, MethodConfig, MethodResult, result_provenance
+from recallscope.methods.hints import NON_EMPTY
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
 from recallscope.stats import mean_ci
@@ -50,13 +52,13 @@ CHUNK_SIZE = 16
 class Config(MethodConfig):
     """Logit-lens settings (defaults: classic logit lens of the residual stream at the last token)."""
 
-    sites: tuple[str, ...] = ("resid_post", "attn_out", "mlp_out")
+    sites: Annotated[tuple[Literal[_SITES], ...], NON_EMPTY] = ("resid_post", "attn_out", "mlp_out")
     """Sites to decode at every layer: residual stream and/or sublayer updates."""
     mode: ProjectionMode = "logit_lens"
-    positions: tuple[str | int, ...] = ("last",)
+    positions: Annotated[tuple[str | int, ...], NON_EMPTY] = ("last",)
     """``"last"``, ``"<span>_first"`` / ``"<span>_last"`` (e.g. ``"subject_last"``), or token indices
     within each prompt (``0`` = its first token, ``-1`` = its last; padding never counts)."""
-    targets: tuple[str, ...] = ("gold", "top1")
+    targets: Annotated[tuple[str, ...], NON_EMPTY] = ("gold", "top1")
     """Tokens to follow: ``gold``, ``top1``, ``subject``, names in ``batch.tracked``, or ``tracked``."""
     k: int = 10
     """Top tokens kept per (fact, site, layer, position)."""
@@ -74,20 +76,11 @@ class Config(MethodConfig):
         ),
     }
 
-    def __post_init__(self) -> None:
-        unknown = [s for s in self.sites if s not in _SITES]
-        if unknown or not self.sites:
-            raise RecallscopeError(f"logit lens sites must be among {_SITES}, got {self.sites!r}")
-        if not self.positions or not self.targets:
-            raise RecallscopeError("logit lens needs at least one position and one target")
 
-
-@dataclass
+@dataclass(frozen=True)
 class LogitLensResult(MethodResult):
     """Tracked-token statistics ``[fact, site, layer, position, target]`` and top-k tokens."""
 
-    config: Config
-    fact_ids: list[str]
     sites: list[str]
     positions: list[str]
     targets: list[str]
@@ -100,7 +93,6 @@ class LogitLensResult(MethodResult):
     topk_ids: np.ndarray
     """``[fact, site, layer, position, k]``."""
     topk_tokens: list
-    method: str = NAME
 
     def to_frame(self) -> pd.DataFrame:
         """One row per fact × site × layer × position × tracked token."""
@@ -152,7 +144,7 @@ class LogitLensResult(MethodResult):
         named = {"prob": self.prob, "logprob": self.logprob, "logit": self.logit, "rank": self.rank}
         return self.per_fact(**named, topk_ids=self.topk_ids)
 
-    def average(self) -> pd.DataFrame:
+    def summary(self) -> pd.DataFrame:
         """Mean over facts of each statistic, with 95% normal-approximation bands (``*_ci``) and ``n``."""
         by = ["site", "layer", "position", "target"]
         return mean_ci(self.to_frame(), by, ["prob", "logprob", "logit", "rank"])

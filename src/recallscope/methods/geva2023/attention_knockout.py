@@ -19,7 +19,7 @@ of facts runs in ``ceil(rows / max_batch_rows)`` forwards; the clean run is one 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import pandas as pd
@@ -35,7 +35,9 @@ from recallscope.core.vocab import decode_tokens
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
 from recallscope.methods.base import Cost, MethodConfig, MethodResult, result_provenance
+from recallscope.methods.hints import NON_EMPTY, Positive
 from recallscope.models.model import Model
+from recallscope.stats import mean_ci
 
 __all__ = ["NAME", "DESCRIPTION", "Config", "AttentionKnockoutResult", "run", "cost", "window", "SOURCES"]
 
@@ -49,34 +51,25 @@ SOURCES = ("subject", "non_subject", "last")
 class Config(MethodConfig):
     """Attention-knockout settings; defaults follow Geva et al.'s code for GPT-2 XL (``geva``)."""
 
-    window: int = 9
+    window: Positive = 9
     """Layers blocked around each centre layer (GPT-2 XL: 9)."""
     mode: KnockoutMode = "pre_softmax"
-    sources: tuple[str, ...] = SOURCES
+    sources: Annotated[tuple[Literal[SOURCES], ...], NON_EMPTY] = SOURCES
     """Source sets whose edges to the last position are blocked: subject, non_subject, last."""
     target: Literal["top1", "gold"] = "top1"
     """Token whose probability is measured: the model's clean top-1 (Geva) or the gold answer's first."""
     token_map: bool = True
     """Also block each prompt position on its own: a ``[positions × layers]`` map per fact."""
-    max_batch_rows: int = 128
+    max_batch_rows: Positive = 128
     """Knocked-out rows per forward (memory bound)."""
 
     PRESETS = {"geva": dict(window=9, mode="pre_softmax", sources=SOURCES, target="top1")}
 
-    def __post_init__(self) -> None:
-        if self.window < 1 or self.max_batch_rows < 1:
-            raise RecallscopeError("window and max_batch_rows must be positive")
-        unknown = set(self.sources) - set(SOURCES)
-        if unknown or not self.sources:
-            raise RecallscopeError(f"sources must be a non-empty subset of {SOURCES}, got {self.sources!r}")
 
-
-@dataclass
+@dataclass(frozen=True)
 class AttentionKnockoutResult(MethodResult):
     """``prob [fact, source, layer]`` after knockout, the clean ``p``, and the optional token maps."""
 
-    config: Config
-    fact_ids: list[str]
     sources: list[str]
     clean_prob: np.ndarray
     """``[fact]``"""
@@ -87,7 +80,6 @@ class AttentionKnockoutResult(MethodResult):
     tokens: list[list[str]]
     token_maps: list[np.ndarray | None]
     """Per fact ``[positions, layers]`` probability with one source position blocked."""
-    method: str = NAME
 
     def to_frame(self) -> pd.DataFrame:
         """One row per fact × source set × centre layer."""
@@ -134,6 +126,16 @@ class AttentionKnockoutResult(MethodResult):
                 )
             )
         return {"tokens": pd.concat(frames, ignore_index=True)} if frames else {}
+
+    def summary(self) -> pd.DataFrame:
+        """Per source × window, the knocked-out probability and its change: means over facts with
+        95% normal-approximation bands (``*_ci``) and ``n``.
+        """
+        return mean_ci(
+            self.to_frame(),
+            ["source", "layer", "window_start", "window_stop"],
+            ["prob", "clean_prob", "change_pct", "change_abs"],
+        )
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Per fact ``prob`` ``[source, layer]`` and ``token_map`` ``[positions, layers]``."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import numpy as np
 import pandas as pd
@@ -35,8 +36,10 @@ from recallscope.core.vocab import decode_tokens
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
 from recallscope.methods.base import Cost, MethodConfig, MethodResult, result_provenance
+from recallscope.methods.hints import NON_EMPTY, NonNegative, Positive
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
+from recallscope.stats import mean_ci
 
 __all__ = ["NAME", "DESCRIPTION", "Config", "AttributesRateResult", "run", "prepare", "cost", "POSITIONS"]
 
@@ -52,13 +55,13 @@ SHOWN_TOKENS = 10
 class Config(MethodConfig):
     """Attributes-rate settings; ``geva`` reproduces the reference code's choices."""
 
-    positions: tuple[str, ...] = POSITIONS
+    positions: Annotated[tuple[Literal[POSITIONS], ...], NON_EMPTY] = POSITIONS
     readout: attr.Readout = "logit_lens"
-    top_k: int = 500
+    top_k: Positive = 500
     """Top tokens of each projection considered before cleaning."""
-    keep: int = 50
+    keep: Positive = 50
     """Clean tokens kept (the first survivors of the top ``top_k``)."""
-    min_length: int = 3
+    min_length: NonNegative = 3
     """Tokens shorter than this once stripped are dropped (Geva: length ≤ 2)."""
     lowercase_references: bool = True
     """Lowercase reference tokens for the stopword test too (Geva's code does not)."""
@@ -71,13 +74,6 @@ class Config(MethodConfig):
     }
 
     def __post_init__(self) -> None:
-        unknown = set(self.positions) - set(POSITIONS)
-        if unknown or not self.positions:
-            raise RecallscopeError(
-                f"positions must be a non-empty subset of {POSITIONS}, got {self.positions!r}"
-            )
-        if self.readout not in attr.READOUTS:
-            raise RecallscopeError(f"readout must be one of {attr.READOUTS}, got {self.readout!r}")
         if not 1 <= self.keep <= self.top_k:
             raise RecallscopeError(f"need 1 ≤ keep ≤ top_k, got keep={self.keep}, top_k={self.top_k}")
 
@@ -86,12 +82,10 @@ class Config(MethodConfig):
         return attr.TokenFilter(self.top_k, self.keep, self.min_length, self.lowercase_references)
 
 
-@dataclass
+@dataclass(frozen=True)
 class AttributesRateResult(MethodResult):
     """``rate [fact, position, layer]`` (layer ``L`` = final residual) and the embedding baseline."""
 
-    config: Config
-    fact_ids: list[str]
     positions: list[str]
     rate: np.ndarray
     """``[fact, position, layer]`` percent, NaN without references."""
@@ -108,7 +102,6 @@ class AttributesRateResult(MethodResult):
     """``[fact, position]`` index of the position within the prompt."""
     top_tokens: list
     """``[fact][position][layer]`` the first :data:`SHOWN_TOKENS` clean tokens."""
-    method: str = NAME
 
     def to_frame(self) -> pd.DataFrame:
         """One row per fact × position × layer."""
@@ -143,6 +136,12 @@ class AttributesRateResult(MethodResult):
                 }
             )
         }
+
+    def summary(self) -> pd.DataFrame:
+        """Per position × layer, the attributes rate and its baseline: means over facts with
+        95% normal-approximation bands (``*_ci``) and ``n``.
+        """
+        return mean_ci(self.to_frame(), ["position", "layer"], ["attributes_rate", "baseline_rate"])
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Per fact ``rate [position, layer]`` and ``top_ids [position, layer, keep]``."""

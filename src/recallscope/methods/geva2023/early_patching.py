@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import pandas as pd
@@ -54,6 +54,7 @@ from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
 from recallscope.methods.base import Cost, MethodConfig, MethodResult, result_provenance
 from recallscope.methods.geva2023.summaries import early_patching_summary as summary
+from recallscope.methods.hints import DISTINCT, NON_EMPTY, NonNegative, Positive
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
 
@@ -87,40 +88,19 @@ GEVA_DEPTH = 48
 class Config(MethodConfig):
     """Early-patching settings; ``geva`` is the reference code's readout and target."""
 
-    source_layers: tuple[int, ...] | None = None
+    source_layers: Annotated[tuple[NonNegative, ...], NON_EMPTY] | None = None
     """Layers ``ℓ0`` whose input states (``resid_pre[ℓ0]``; 0 = embeddings) are patched in. None:
     Geva's ``(0, 1, 5, 10, 20)`` scaled to the model's depth (:func:`default_source_layers`)."""
-    positions: tuple[str, ...] = POSITION_SETS
+    positions: Annotated[tuple[Literal[POSITION_SETS], ...], NON_EMPTY, DISTINCT] = POSITION_SETS
     """Position sets patched: subject, non_subject, last."""
     readout: attr.Readout = "logit_lens"
     """How the MHSA output is projected: ``logit_lens``, ``raw`` (``W_U·v``) or ``raw_embed`` (``E·v``)."""
     target: Literal["top1", "gold"] = "top1"
     """Token ``a`` to extract: the model's clean top-1 (Geva) or the gold answer's first token."""
-    max_batch_rows: int = 128
+    max_batch_rows: Positive = 128
     """Patched rows per forward (memory bound)."""
 
     PRESETS = {"geva": dict(readout="raw_embed", target="top1", source_layers=None, positions=POSITION_SETS)}
-
-    def __post_init__(self) -> None:
-        layers = self.source_layers
-        if layers is not None and (
-            not layers or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in layers)
-        ):
-            raise RecallscopeError(
-                f"source_layers must be a non-empty tuple of block indices ≥ 0 (or None for Geva's "
-                f"layers scaled to the model), got {layers!r}"
-            )
-        unknown = set(self.positions) - set(POSITION_SETS)
-        if unknown or not self.positions or len(set(self.positions)) != len(self.positions):
-            raise RecallscopeError(
-                f"positions must be distinct names from {POSITION_SETS}, got {self.positions!r}"
-            )
-        if self.readout not in attr.READOUTS:
-            raise RecallscopeError(f"readout must be one of {attr.READOUTS}, got {self.readout!r}")
-        if self.target not in ("top1", "gold"):
-            raise RecallscopeError(f"target must be 'top1' or 'gold', got {self.target!r}")
-        if self.max_batch_rows < 1:
-            raise RecallscopeError(f"max_batch_rows must be ≥ 1, got {self.max_batch_rows}")
 
 
 def default_source_layers(n_layers: int) -> tuple[int, ...]:
@@ -141,12 +121,10 @@ def resolve_source_layers(model: Model, config: Config) -> tuple[int, ...]:
     return layers
 
 
-@dataclass
+@dataclass(frozen=True)
 class EarlyPatchingResult(MethodResult):
     """Rank and score of the target in each patched MHSA output, ``[fact, source, positions, layer]``."""
 
-    config: Config
-    fact_ids: list[str]
     source_layers: list[int]
     positions: list[str]
     rank: np.ndarray
@@ -162,7 +140,6 @@ class EarlyPatchingResult(MethodResult):
     clean_extracts: np.ndarray
     """``[fact, layer]``"""
     target_tokens: list[str]
-    method: str = NAME
 
     @property
     def valid(self) -> np.ndarray:

@@ -35,7 +35,7 @@ unpadded forward per fact, per-head loops) is in ``tests/oracles`` and gives the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import pandas as pd
@@ -51,7 +51,7 @@ from recallscope.core.attention_counterfactuals import (
     counterfactual_outputs,
     counterfactual_weights,
 )
-from recallscope.core.attributes import READOUTS, Readout, extraction_events, readout
+from recallscope.core.attributes import Readout, extraction_events, readout
 from recallscope.core.decoding import choose_targets
 from recallscope.core.dtypes import upcast
 from recallscope.core.tokens import PromptBatch, as_batch
@@ -60,6 +60,7 @@ from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
 from recallscope.methods.base import Cost, MethodConfig, MethodResult, result_provenance
 from recallscope.methods.geva2023.summaries import extraction_summary as summary
+from recallscope.methods.hints import DISTINCT, Positive
 from recallscope.models.model import Model
 
 __all__ = [
@@ -92,13 +93,13 @@ class Config(MethodConfig):
     """Vocabulary readout of updates: ``logit_lens``, ``raw`` (``W_U·v``) or ``raw_embed`` (``E·v``)."""
     target: Literal["top1", "gold"] = "top1"
     """Attribute token: the model's clean top-1 (Geva) or the gold answer's first token."""
-    top_k_tokens: int = 10
+    top_k_tokens: Positive = 10
     """Top tokens kept per update (arrays ``attn_top`` / ``mlp_top``)."""
-    counterfactuals: tuple[str, ...] = COUNTERFACTUALS
+    counterfactuals: Annotated[tuple[Literal[COUNTERFACTUALS], ...], DISTINCT] = COUNTERFACTUALS
     """Attention counterfactuals to compute (may be empty); see :data:`COUNTERFACTUALS`."""
     counterfactual_mode: CounterfactualMode = "renormalize"
     """``renormalize`` (= pre-softmax masking) or ``resoftmax`` (the reference code's quirk)."""
-    max_batch_rows: int = 32
+    max_batch_rows: Positive = 32
     """Facts per forward (memory bound)."""
 
     PRESETS = {
@@ -111,35 +112,11 @@ class Config(MethodConfig):
         )
     }
 
-    def __post_init__(self) -> None:
-        if self.readout not in READOUTS:
-            raise RecallscopeError(f"readout must be one of {READOUTS}, got {self.readout!r}")
-        if self.target not in ("top1", "gold"):
-            raise RecallscopeError(f"target must be 'top1' or 'gold', got {self.target!r}")
-        if self.counterfactual_mode not in ("renormalize", "resoftmax"):
-            raise RecallscopeError(
-                f"counterfactual_mode must be 'renormalize' or 'resoftmax', got {self.counterfactual_mode!r}"
-            )
-        unknown = [c for c in self.counterfactuals if c not in COUNTERFACTUALS]
-        if unknown or len(set(self.counterfactuals)) != len(self.counterfactuals):
-            raise RecallscopeError(
-                f"counterfactuals must be distinct names among {COUNTERFACTUALS}, "
-                f"got {self.counterfactuals!r}; "
-                "pass e.g. counterfactuals=('none', 'subject')"
-            )
-        if self.top_k_tokens < 1 or self.max_batch_rows < 1:
-            raise RecallscopeError(
-                f"top_k_tokens and max_batch_rows must be positive, got {self.top_k_tokens} and "
-                f"{self.max_batch_rows}"
-            )
 
-
-@dataclass
+@dataclass(frozen=True)
 class ExtractionRateResult(MethodResult):
     """Ranks ``[fact, layer]`` of the attribute in each update, top tokens, and the counterfactuals."""
 
-    config: Config
-    fact_ids: list[str]
     target_ids: np.ndarray
     """``[fact]`` attribute token ids."""
     target_tokens: list[str]
@@ -169,7 +146,6 @@ class ExtractionRateResult(MethodResult):
     """``[fact, variant, layer]`` top token id of the counterfactual update (−1 if tied: a zero update)."""
     top_strings: dict[int, str] = field(default_factory=dict)
     """Decoded strings of the token ids that appear as a top-1."""
-    method: str = NAME
 
     def _decode(self, ids: np.ndarray) -> np.ndarray:
         return np.array([self.top_strings.get(int(i), "") for i in ids.reshape(-1)], dtype=object)
@@ -215,6 +191,10 @@ class ExtractionRateResult(MethodResult):
             }
         )
         return {"counterfactuals": frame.sort_values(["fact_id", "layer"], kind="stable", ignore_index=True)}
+
+    def summary(self) -> pd.DataFrame:
+        """:func:`summary` of this result's facts."""
+        return summary(self.to_frame())
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Per fact ``attn_top`` / ``mlp_top`` / ``subject_top`` ``[layer, k]``, ``counterfactual_rank``."""

@@ -28,14 +28,14 @@ and facts with a ``[V, V]`` matrix is in ``tests/oracles`` and gives the same ra
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
 import pandas as pd
 import torch
 
-from recallscope.core.attributes import READOUTS, Readout, readout
+from recallscope.core.attributes import Readout, readout
 from recallscope.core.cache import forward
 from recallscope.core.decoding import choose_targets
 from recallscope.core.decompose import head_outputs, ov_outputs, post_norm_note
@@ -47,6 +47,7 @@ from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
 from recallscope.methods.base import Cost, MethodConfig, MethodResult, result_provenance
 from recallscope.methods.geva2023.summaries import rank_heads
+from recallscope.methods.hints import Positive
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
 
@@ -70,37 +71,20 @@ class Config(MethodConfig):
     """Apply block ℓ's pre-attention norm to the input (what the head really reads)."""
     target: Literal["top1", "gold"] = "top1"
     """The attribute: the model's clean top-1 token (Geva) or the gold answer's first token."""
-    top_k: int = 10
+    top_k: Positive = 10
     """A head encodes the mapping when the attribute is among the top ``top_k`` tokens of its row."""
-    max_batch_rows: int = 64
+    max_batch_rows: Positive = 64
     """Facts per clean forward and per mapping pass (memory bound)."""
 
     PRESETS = {
         "geva": dict(readout="raw_embed", subject_tokens="mean", input_norm=False, target="top1", top_k=10)
     }
 
-    def __post_init__(self) -> None:
-        if self.readout not in READOUTS:
-            raise RecallscopeError(f"readout must be one of {READOUTS}, got {self.readout!r}")
-        if self.subject_tokens not in SUBJECT_TOKENS:
-            raise RecallscopeError(
-                f"subject_tokens must be one of {SUBJECT_TOKENS}, got {self.subject_tokens!r}"
-            )
-        if self.target not in ("top1", "gold"):
-            raise RecallscopeError(f"target must be 'top1' or 'gold', got {self.target!r}")
-        if self.top_k < 1 or self.max_batch_rows < 1:
-            raise RecallscopeError(
-                f"top_k and max_batch_rows must be positive, got top_k={self.top_k}, "
-                f"max_batch_rows={self.max_batch_rows}; e.g. top_k=10"
-            )
 
-
-@dataclass
+@dataclass(frozen=True)
 class HeadMappingsResult(MethodResult):
     """Mapping ranks and top tokens ``[fact, layer, head]`` and the heads' real last-position outputs."""
 
-    config: Config
-    fact_ids: list[str]
     n_groups: np.ndarray
     """``[layer]`` query heads per key/value head in each block (``kv_head = head // n_groups[layer]``)."""
     target_ids: np.ndarray
@@ -119,7 +103,6 @@ class HeadMappingsResult(MethodResult):
     top_tokens: pd.DataFrame = field(default_factory=pd.DataFrame)
     """One row per (fact, layer, head) in the top-k: ``fact_id, layer, head, mapping_rank, target,
     top_tokens`` (the decoded top-k, a list)."""
-    method: str = NAME
 
     @property
     def in_top_k(self) -> np.ndarray:
@@ -146,6 +129,10 @@ class HeadMappingsResult(MethodResult):
     def tables(self) -> dict[str, pd.DataFrame]:
         """``{"top_tokens": the decoded top-k of every (fact, layer, head) that encodes the mapping}``."""
         return {"top_tokens": self.top_tokens} if len(self.top_tokens) else {}
+
+    def summary(self) -> pd.DataFrame:
+        """:func:`rank_heads` of this result's facts."""
+        return rank_heads(self.to_frame())
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Per fact ``mapping_rank``, ``output_rank`` ``[layer, head]``, ``top_ids`` ``[layer, head, k]``."""
@@ -182,8 +169,7 @@ def run(model: Model, batch: PromptBatch | FactSet, config: Config | None = None
         provenance=_provenance(model, config),
         skipped=skipped,
     )
-    result.top_tokens = _top_tokens(model, result)
-    return result
+    return replace(result, top_tokens=_top_tokens(model, result))
 
 
 def _span(batch: PromptBatch, row: int) -> tuple[int, int]:

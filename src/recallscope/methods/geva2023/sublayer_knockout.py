@@ -31,13 +31,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import numpy as np
 import pandas as pd
 import torch
 
 from recallscope.core.attributes import (
-    READOUTS,
     Readout,
     TokenFilter,
     attributes_rate,
@@ -55,13 +55,16 @@ from recallscope.core.vocab import decode_tokens
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
 from recallscope.methods.base import Cost, MethodConfig, MethodResult, result_provenance
+from recallscope.methods.hints import DISTINCT, NON_EMPTY, NonNegative, Positive
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
+from recallscope.stats import mean_ci
 
 __all__ = [
     "NAME",
     "DESCRIPTION",
     "SUBLAYERS",
+    "MODES",
     "Config",
     "SublayerKnockoutResult",
     "run",
@@ -85,11 +88,11 @@ TOP_TOKENS_SHOWN = 10
 class Config(MethodConfig):
     """Sublayer-knockout settings; clean defaults, the reference code as preset ``geva``."""
 
-    target_layer: int | None = None
+    target_layer: NonNegative | None = None
     """Block whose output is read (0-based); None = ``round(40·L/48)`` clipped to ``[0, L-1]``."""
-    window: int = 10
+    window: Positive = 10
     """Blocks knocked out from each start layer (the paper's text: 10; its code: 11)."""
-    sublayers: tuple[str, ...] = SUBLAYERS
+    sublayers: Annotated[tuple[Literal[SUBLAYERS], ...], NON_EMPTY, DISTINCT] = SUBLAYERS
     """Sublayer types knocked out, each in its own rows: ``mlp`` and/or ``attn``."""
     mlp_mode: SublayerMode = "zero"
     """``zero``: MLP update = 0; ``as_coded``: neuron activations = 0 (update = output bias)."""
@@ -97,18 +100,18 @@ class Config(MethodConfig):
     """``zero``: attention update = 0; ``as_coded``: uniform attention over the causal prefix."""
     readout: Readout = "logit_lens"
     """Vocabulary projection of the target state (Geva: ``raw_embed``, ``E·h``)."""
-    top_k: int = 500
+    top_k: Positive = 500
     """Top tokens of the projection before cleaning (Geva: 500)."""
-    keep: int = 50
+    keep: Positive = 50
     """Clean top tokens kept (Geva: 50)."""
-    min_length: int = 3
+    min_length: NonNegative = 3
     """Tokens whose stripped text is shorter are dropped (Geva: ``len(strip()) <= 2``)."""
     lowercase_references: bool = True
     """Lowercase reference tokens before the stopword test (Geva's code: only predictions)."""
     subject_objects: Mapping[str, tuple[str, ...]] | None = None
     """Subject → answers over the whole dataset (filled by :func:`prepare`); references of facts
     without a description. None = gathered from the facts of each run only."""
-    max_batch_rows: int = 128
+    max_batch_rows: Positive = 128
     """Rows (fact × sublayer × start, plus the unablated row) per forward (memory bound)."""
 
     PRESETS = {
@@ -126,33 +129,9 @@ class Config(MethodConfig):
     }
 
     def __post_init__(self) -> None:
-        if self.window < 1 or self.max_batch_rows < 1:
+        if self.keep > self.top_k:
             raise RecallscopeError(
-                f"window and max_batch_rows must be positive, got window={self.window}, "
-                f"max_batch_rows={self.max_batch_rows}"
-            )
-        if not 1 <= self.keep <= self.top_k or self.min_length < 0:
-            raise RecallscopeError(
-                f"need 1 <= keep <= top_k and min_length >= 0, got keep={self.keep}, top_k={self.top_k}, "
-                f"min_length={self.min_length} (Geva: top_k=500, keep=50, min_length=3)"
-            )
-        if (
-            not self.sublayers
-            or set(self.sublayers) - set(SUBLAYERS)
-            or len(set(self.sublayers)) < len(self.sublayers)
-        ):
-            raise RecallscopeError(
-                f"sublayers must be distinct names from {SUBLAYERS}, got {self.sublayers!r}"
-            )
-        for name in ("mlp_mode", "attn_mode"):
-            if getattr(self, name) not in MODES:
-                raise RecallscopeError(f"{name} must be one of {MODES}, got {getattr(self, name)!r}")
-        if self.readout not in READOUTS:
-            raise RecallscopeError(f"readout must be one of {READOUTS}, got {self.readout!r}")
-        if self.target_layer is not None and self.target_layer < 0:
-            raise RecallscopeError(
-                f"target_layer must be a 0-based block index >= 0 (or None for the default), "
-                f"got {self.target_layer}"
+                f"need keep <= top_k, got keep={self.keep}, top_k={self.top_k} (Geva: top_k=500, keep=50)"
             )
 
     @property
@@ -164,12 +143,10 @@ class Config(MethodConfig):
         return self.mlp_mode if sublayer == "mlp" else self.attn_mode
 
 
-@dataclass
+@dataclass(frozen=True)
 class SublayerKnockoutResult(MethodResult):
     """Attributes rates ``[fact, sublayer, start]`` with knockouts, and each fact's unablated rate."""
 
-    config: Config
-    fact_ids: list[str]
     sublayers: list[str]
     target_layer: int
     rate: np.ndarray
@@ -185,7 +162,6 @@ class SublayerKnockoutResult(MethodResult):
     top_tokens: list[list[str]]
     """Per fact, the first clean top tokens of the unablated target state."""
     top_in_references: list[list[bool]]
-    method: str = NAME
 
     @property
     def starts(self) -> np.ndarray:
@@ -238,6 +214,16 @@ class SublayerKnockoutResult(MethodResult):
             for fact, tokens, hits in zip(self.fact_ids, self.top_tokens, self.top_in_references, strict=True)
         ]
         return {"top_tokens": pd.concat(frames, ignore_index=True)} if frames else {}
+
+    def summary(self) -> pd.DataFrame:
+        """Per sublayer × window, the attributes rate without the window and its change: means over
+        facts with 95% normal-approximation bands (``*_ci``) and ``n``.
+        """
+        return mean_ci(
+            self.to_frame(),
+            ["sublayer", "start_layer", "window_start", "window_stop"],
+            ["attributes_rate", "clean_rate", "change"],
+        )
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Per fact ``rate [sublayer, start]`` (sublayers in ``self.sublayers`` order)."""

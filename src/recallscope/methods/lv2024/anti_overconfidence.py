@@ -50,7 +50,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import pandas as pd
@@ -85,6 +85,7 @@ from recallscope.data.builtin import generic_text
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
 from recallscope.methods.base import Cost, MethodConfig, MethodResult, result_provenance
+from recallscope.methods.hints import AtLeast, NonNegative, Positive
 from recallscope.methods.lv2024.summaries import anti_overconfidence_summary as summary
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
@@ -127,9 +128,9 @@ class Config(MethodConfig):
 
     target: Literal["gold", "top1"] = "gold"
     """Token attributed and scored: the gold answer's first token or the clean top-1."""
-    layers_from_end: int = 1
+    layers_from_end: Positive = 1
     """Candidate layers: the last ``k`` blocks (1 = the final layer only)."""
-    top_neurons: int = 10
+    top_neurons: NonNegative = 10
     """Neurons per layer kept in the frame (largest ``|mean logit|`` over all facts), and the number
     of most negative train neurons per layer offered as candidates."""
     train_fraction: float = 0.5
@@ -139,21 +140,21 @@ class Config(MethodConfig):
     split_by: Literal["base_id", "fact_id"] = "base_id"
     """Split unit: ``base_id`` keeps few-shot variants of one fact together; ``fact_id`` splits facts.
     (A :class:`PromptBatch` carries no ``base_id``: its fact ids are used.)"""
-    max_candidates: int = 8
+    max_candidates: Positive = 8
     """At most this many candidates (most negative train mean first)."""
     scales: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75)
     """Multipliers tried for each candidate's output (0 removes it; 1 is the clean model)."""
     positions: Literal["all", "last"] = "all"
     """Where the mitigation scales the component: every position or the last (``end``) only."""
-    bins: int = 10
+    bins: Positive = 10
     """Equal-width confidence bins of the ECE."""
-    bootstrap: int = 2000
+    bootstrap: Positive = 2000
     """Paired bootstrap resamples of the held-out gains' 95% intervals."""
-    batch_size: int = 16
+    batch_size: Positive = 16
     """Facts per recorded forward; a resumed grid call holds at most ``batch_size × len(scales)`` rows."""
     perplexity: bool = True
     """Measure the perplexity of the built-in generic text before and after."""
-    ppl_window: int = 512
+    ppl_window: Annotated[int, AtLeast(2)] = 512
     """Tokens per perplexity window (at most the model's context)."""
 
     PRESETS = {
@@ -168,21 +169,6 @@ class Config(MethodConfig):
     }
 
     def __post_init__(self) -> None:
-        least = dict(layers_from_end=1, top_neurons=0, max_candidates=1, bins=1, bootstrap=1, batch_size=1)
-        for name, low in {**least, "ppl_window": 2}.items():
-            value = getattr(self, name)
-            if not _is_int(value) or value < low:
-                raise RecallscopeError(f"{name} must be an integer ≥ {low}, got {value!r}")
-        if not _is_int(self.seed):
-            raise RecallscopeError(f"seed must be an integer, got {self.seed!r}")
-        choices = dict(target=("gold", "top1"), positions=("all", "last"), split_by=("base_id", "fact_id"))
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise RecallscopeError(
-                    f"{name} must be {' or '.join(map(repr, allowed))}, got {getattr(self, name)!r}"
-                )
-        if not isinstance(self.perplexity, bool):
-            raise RecallscopeError(f"perplexity must be True or False, got {self.perplexity!r}")
         fraction = self.train_fraction
         if not is_finite_number(fraction) or not 0 < fraction < 1:
             raise RecallscopeError(
@@ -192,21 +178,15 @@ class Config(MethodConfig):
         object.__setattr__(self, "scales", check_scales(self.scales))  # one store hash for 0 and 0.0
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def needs_all_facts(config: Config | None = None) -> bool:
     """Always true: the mitigation is fitted on a train split and evaluated on the held-out facts."""
     return True
 
 
-@dataclass
+@dataclass(frozen=True)
 class AntiOverconfidenceResult(MethodResult):
     """Direct attributions of the final-layer components, the fitted mitigation and its evaluation."""
 
-    config: Config
-    fact_ids: list[str]
     split: list[str]
     """``[F]`` ``train`` or ``heldout``."""
     components: list[Component]
@@ -218,7 +198,6 @@ class AntiOverconfidenceResult(MethodResult):
     fit: pd.DataFrame
     mitigation: pd.DataFrame
     perplexity: pd.DataFrame
-    method: str = NAME
 
     def to_frame(self) -> pd.DataFrame:
         """One row per fact × component.

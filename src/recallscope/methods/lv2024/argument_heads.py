@@ -14,7 +14,7 @@ maps:
   no bias, no soft-cap) or the raw ``⟨o, W_U[tok]⟩`` (``"raw"``, the paper's scatter).
 
 An argument passer attends to the subject and writes its unembedding direction: over the facts,
-``attention`` and ``subject_logit`` correlate positively (:func:`scores` gives Pearson's ``r``).
+``attention`` and ``subject_logit`` correlate positively (:func:`summary` gives Pearson's ``r``).
 
 **L3, path patching to the logits.** Sender = each head (and each MLP), receiver = the final logits,
 metric ``iw`` = target logit − mean logit (:func:`~recallscope.methods.base.logit_minus_mean`). The
@@ -46,7 +46,7 @@ passes the whole dataset, which is batched here by ``batch_size``.
 Per fact and sender: ``clean`` and ``patched`` ``iw``, ``delta = patched − clean`` and
 ``delta_pct = 100·delta/clean`` (§1.6 pitfall 6: a % change is unstable when ``clean`` is small, so
 both are kept). Strongly negative = the sender carries task information to the logits.
-:func:`scores` summarizes per head over the dataset, :func:`argument_passers` flags the heads that
+:func:`summary` summarizes per head over the dataset, :func:`argument_passers` flags the heads that
 both move the subject and matter.
 """
 
@@ -77,7 +77,9 @@ from recallscope.data.facts import FactSet
 from recallscope.data.variants import add_relation_context, counterfactual_facts
 from recallscope.errors import RecallscopeError
 from recallscope.methods.base import Cost, MethodConfig, MethodResult, result_provenance
+from recallscope.methods.hints import Positive
 from recallscope.methods.lv2024.summaries import argument_passers, scores
+from recallscope.methods.lv2024.summaries import scores as summary
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
 
@@ -90,7 +92,7 @@ __all__ = [
     "run",
     "cost",
     "needs_all_facts",
-    "scores",
+    "summary",
     "argument_passers",
 ]
 
@@ -132,7 +134,7 @@ class Config(MethodConfig):
     """``subject_logit``: frozen-scale logit of the subject's first token, or raw ``⟨o, W_U[tok]⟩``."""
     target: Literal["gold", "top1"] = "gold"
     """Token of the ``iw`` metric: the gold answer's first token or the model's clean top-1."""
-    batch_size: int = 16
+    batch_size: Positive = 16
     """Facts per forward (and per recorded run)."""
 
     PRESETS = {
@@ -140,38 +142,16 @@ class Config(MethodConfig):
         "lv_code": dict(patching="mean", attend_to="first", projection="raw", freeze_mlps=False),
     }
 
-    def __post_init__(self) -> None:
-        choices = {
-            "patching": PATCHINGS,
-            "attend_to": ATTEND_TO,
-            "projection": PROJECTIONS,
-            "target": TARGETS,
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise RecallscopeError(
-                    f"argument_heads {name} must be one of {allowed}, got {getattr(self, name)!r}"
-                )
-        for name in ("path_patching", "mlps", "freeze_mlps"):
-            if not isinstance(getattr(self, name), bool):
-                raise RecallscopeError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise RecallscopeError(
-                f"batch_size must be a positive number of facts, got {self.batch_size!r}; e.g. batch_size=16"
-            )
-
 
 def needs_all_facts(config: Config) -> bool:
     """Mean patching averages over every counterfactual prompt: the runner passes the whole dataset."""
     return config.path_patching and config.patching == "mean"
 
 
-@dataclass
+@dataclass(frozen=True)
 class ArgumentHeadsResult(MethodResult):
     """Attention, subject logits and path-patching effects of every head for every fact."""
 
-    config: Config
-    fact_ids: list[str]
     attention: np.ndarray
     """``[F, layer, head]`` attention from the last position to the subject."""
     subject_logit: np.ndarray
@@ -186,7 +166,6 @@ class ArgumentHeadsResult(MethodResult):
     """``[F, layer]`` ``iw`` with the MLP patched (NaN without path patching or MLP senders)."""
     target: np.ndarray
     """``[F]`` the metric's token id (-1 without path patching)."""
-    method: str = NAME
 
     def to_frame(self) -> pd.DataFrame:
         """One row per fact × layer × head.
@@ -231,8 +210,8 @@ class ArgumentHeadsResult(MethodResult):
                 named["mlp_delta"] = self.mlp_patched - self.clean[:, None]
         return self.per_fact(**named)
 
-    def scores(self) -> pd.DataFrame:
-        """:func:`scores` of this result's facts only."""
+    def summary(self) -> pd.DataFrame:
+        """:func:`summary` of this result's facts only."""
         return scores(self.to_frame())
 
 

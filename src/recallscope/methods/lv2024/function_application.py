@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import pandas as pd
@@ -52,6 +52,7 @@ from recallscope.data.facts import FactSet
 from recallscope.data.variants import add_relation_context, counterfactual_facts
 from recallscope.errors import RecallscopeError
 from recallscope.methods.base import Cost, MethodConfig, MethodResult, result_provenance
+from recallscope.methods.hints import DISTINCT, NON_EMPTY
 from recallscope.methods.lv2024.summaries import COLUMNS
 from recallscope.methods.lv2024.summaries import function_application_summary as summary
 from recallscope.models.model import Model
@@ -88,9 +89,9 @@ _CF = ["cf_logit_new", "cf_logit_old", "follows", "shift"]
 class Config(MethodConfig):
     """Function-application settings; the defaults (and preset ``lv``) are our reading of L6."""
 
-    layers: tuple[int, ...] | None = None
+    layers: Annotated[tuple[int, ...], NON_EMPTY, DISTINCT] | None = None
     """MLP layers (block indices) to analyse; None: every layer."""
-    components: tuple[str, ...] = COMPONENTS
+    components: Annotated[tuple[Literal[COMPONENTS], ...], NON_EMPTY, DISTINCT] = COMPONENTS
     """``mlp_out`` (the whole MLP output) and/or ``remainder`` (what the fit on the heads leaves)."""
     regressors: Literal["feeding_layer", "earlier_layers"] = "feeding_layer"
     """Heads the remainder is fitted on (as in ``mlp_regression``): ``feeding_layer``, the heads of
@@ -120,42 +121,11 @@ class Config(MethodConfig):
         )
     }
 
-    def __post_init__(self) -> None:
-        if self.layers is not None:
-            if isinstance(self.layers, int | str) or not self.layers:
-                raise RecallscopeError(
-                    f"layers must be None (every MLP) or a non-empty tuple of block indices, got "
-                    f"{self.layers!r}; e.g. layers=(20, 21)"
-                )
-            if any(isinstance(x, bool) or not isinstance(x, int) for x in self.layers):
-                raise RecallscopeError(f"layers must be integers (block indices), got {self.layers!r}")
-            if len(set(self.layers)) != len(self.layers):
-                raise RecallscopeError(f"layers repeat an index: {self.layers!r}")
-        if isinstance(self.components, str) or not self.components or set(self.components) - set(COMPONENTS):
-            raise RecallscopeError(
-                f"components must be a non-empty tuple of {COMPONENTS}, got {self.components!r}; "
-                "e.g. components=('mlp_out', 'remainder')"
-            )
-        if len(set(self.components)) != len(self.components):
-            raise RecallscopeError(f"components repeat a name: {self.components!r}")
-        for name, value, allowed in (
-            ("regressors", self.regressors, REGRESSORS),
-            ("space", self.space, SPACES),
-            ("target", self.target, TARGETS),
-        ):
-            if value not in allowed:
-                raise RecallscopeError(f"{name} must be one of {allowed}, got {value!r}")
-        for name in ("intercept", "counterfactual"):
-            if not isinstance(getattr(self, name), bool):
-                raise RecallscopeError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
-
-@dataclass
+@dataclass(frozen=True)
 class FunctionApplicationResult(MethodResult):
     """Decoded MLP components of every fact and layer (and their counterfactual readings)."""
 
-    config: Config
-    fact_ids: list[str]
     layers: list[int]
     components: list[str]
     values: dict[str, np.ndarray]
@@ -168,7 +138,6 @@ class FunctionApplicationResult(MethodResult):
     """Per fact: ``[layer, component, n]`` logits of the candidates."""
     facts: pd.DataFrame
     """One row per fact: targets, counterfactual partner, ``final_scale``."""
-    method: str = NAME
 
     def to_frame(self) -> pd.DataFrame:
         """One row per fact × layer × component; columns :data:`COLUMNS`.

@@ -55,7 +55,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import pandas as pd
@@ -66,8 +66,6 @@ from recallscope.core.decompose import post_norm_note
 from recallscope.core.mlp import mlp_input_site
 from recallscope.core.mlp_effects import linearized_effects, logit_lens_ranks
 from recallscope.core.regression import (
-    REGRESSORS,
-    SPACES,
     last_position_acts,
     layer_inputs,
     needed_sites,
@@ -79,7 +77,9 @@ from recallscope.core.tokens import PromptBatch, as_batch
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
 from recallscope.methods.base import Cost, MethodConfig, MethodResult, result_provenance
+from recallscope.methods.hints import DISTINCT, NON_EMPTY, NonNegative, Positive
 from recallscope.methods.lv2024.summaries import coefficients
+from recallscope.methods.lv2024.summaries import coefficients as summary
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
 
@@ -96,7 +96,7 @@ __all__ = [
     "regressor_heads",
     "needed_sites",
     "last_position_acts",
-    "coefficients",
+    "summary",
 ]
 
 NAME = "mlp_regression"
@@ -111,7 +111,7 @@ CHUNK_SIZE = 32
 class Config(MethodConfig):
     """Regression settings; the defaults (and preset ``lv``) are our reading of Lv et al.'s L5."""
 
-    layers: tuple[int, ...] | None = None
+    layers: Annotated[tuple[NonNegative, ...], NON_EMPTY, DISTINCT] | None = None
     """MLP layers (block indices) to analyse; None = every MLP."""
     regressors: Literal["feeding_layer", "earlier_layers"] = "feeding_layer"
     """``feeding_layer``: the heads of the attention layer the MLP reads (the same block; the previous
@@ -125,7 +125,7 @@ class Config(MethodConfig):
     ``γ ⊙ centre(o) / ρ`` with ``ρ`` frozen on the actual MLP input (no bias)."""
     linearized: bool = True
     """Also compute the exact linearized alternative ``J·o_h`` (Jacobian of the MLP and its norm)."""
-    batch_size: int = 16
+    batch_size: Positive = 16
     """Facts per forward inside ``run``."""
 
     PRESETS = {
@@ -138,34 +138,6 @@ class Config(MethodConfig):
             linearized=True,
         )
     }
-
-    def __post_init__(self) -> None:
-        if self.layers is not None:
-            if (
-                isinstance(self.layers, str | int)
-                or not self.layers
-                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in self.layers)
-                or len(set(self.layers)) != len(self.layers)
-            ):
-                raise RecallscopeError(
-                    f"layers must be None (every MLP) or a non-empty tuple of distinct block indices ≥ 0, "
-                    f"got {self.layers!r}; e.g. layers=(8, 9, 10)"
-                )
-        if self.regressors not in REGRESSORS:
-            raise RecallscopeError(
-                f"regressors must be one of {REGRESSORS}, got {self.regressors!r}; 'feeding_layer' regresses "
-                "on the heads the MLP reads, 'earlier_layers' on every head up to that layer"
-            )
-        if self.space not in SPACES:
-            raise RecallscopeError(
-                f"space must be one of {SPACES}, got {self.space!r}; 'normalized' regresses on the heads "
-                "after the MLP's norm (linearized at the actual input)"
-            )
-        for name in ("pooled", "intercept", "linearized"):
-            if not isinstance(getattr(self, name), bool):
-                raise RecallscopeError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise RecallscopeError(f"batch_size must be a positive integer, got {self.batch_size!r}")
 
 
 def needs_all_facts(config: Config) -> bool:
@@ -192,12 +164,10 @@ def remainders(
 # -- the method ---------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class MlpRegressionResult(MethodResult):
     """Per-head coefficients, fit quality, the linearized alternative and rank checks per fact and MLP."""
 
-    config: Config
-    fact_ids: list[str]
     layers: list[int]
     source_layer: np.ndarray
     """``[layer, n_max]`` source layer of each regressor (-1 pads layers with fewer)."""
@@ -215,7 +185,6 @@ class MlpRegressionResult(MethodResult):
     """Per-fact, per-layer ``[F, layer]`` arrays of the ``fit`` table."""
     remainder: np.ndarray
     """``[F, layer, d_model]`` the remainders ``f``."""
-    method: str = NAME
 
     def to_frame(self) -> pd.DataFrame:
         """One row per fact × layer × regressor head.
@@ -270,8 +239,8 @@ class MlpRegressionResult(MethodResult):
         """
         return self.per_fact(coef=self.coef, linear_coef=self.linear_coef, remainder=self.remainder)
 
-    def coefficients(self) -> pd.DataFrame:
-        """:func:`coefficients` of this result's facts."""
+    def summary(self) -> pd.DataFrame:
+        """:func:`summary` of this result's facts."""
         return coefficients(self.to_frame(), self.tables()["fit"])
 
 

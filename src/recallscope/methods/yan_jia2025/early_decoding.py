@@ -31,6 +31,7 @@ final residual at ``N``; the tracked tokens are decoded through per-row covector
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import numpy as np
 import pandas as pd
@@ -43,6 +44,7 @@ from recallscope.core.tokens import PromptBatch, as_batch
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
 from recallscope.methods.base import Cost, MethodConfig, MethodResult, result_provenance
+from recallscope.methods.hints import DISTINCT, NON_EMPTY
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
 from recallscope.stats import mean_ci
@@ -72,7 +74,7 @@ SITES = {"attn": "attn_out", "mlp": "mlp_out"}
 class Config(MethodConfig):
     """Early-decoding settings; the defaults (and preset ``yan_jia``) are the paper's Y1."""
 
-    sites: tuple[str, ...] = ("attn", "mlp")
+    sites: Annotated[tuple[Literal["attn", "mlp"], ...], NON_EMPTY, DISTINCT] = ("attn", "mlp")
     """Sublayer updates decoded at every layer: ``attn`` (``attn_out``) and/or ``mlp`` (``mlp_out``)."""
     subject: bool = True
     """Also track the first token of the subject (the paper does)."""
@@ -82,33 +84,17 @@ class Config(MethodConfig):
 
     PRESETS = {"yan_jia": dict(sites=("attn", "mlp"), subject=True, bias=False)}
 
-    def __post_init__(self) -> None:
-        if isinstance(self.sites, str) or not self.sites or set(self.sites) - set(SITES):
-            raise RecallscopeError(
-                f"early_decoding sites must be a non-empty tuple of {tuple(SITES)}, got {self.sites!r}; "
-                "e.g. sites=('attn', 'mlp')"
-            )
-        if len(set(self.sites)) != len(self.sites):
-            raise RecallscopeError(f"early_decoding sites repeat a name: {self.sites!r}")
-        if not isinstance(self.subject, bool) or not isinstance(self.bias, bool):
-            raise RecallscopeError(
-                f"subject and bias must be True or False, got subject={self.subject!r}, bias={self.bias!r}"
-            )
 
-
-@dataclass
+@dataclass(frozen=True)
 class EarlyDecodingResult(MethodResult):
     """Frozen-scale logits of the tracked tokens for every fact, site and layer."""
 
-    config: Config
-    fact_ids: list[str]
     sites: list[str]
     tracked: TrackedInfo
     logit: np.ndarray
     """``[F, site, layer, tracked]`` logits of the tracked tokens."""
     final_scale: np.ndarray
     """``[F]`` ``ρ_N`` of the final norm on the final residual at the last position."""
-    method: str = NAME
 
     def to_frame(self) -> pd.DataFrame:
         """One row per fact × site × layer × tracked token.
@@ -126,7 +112,7 @@ class EarlyDecodingResult(MethodResult):
         """``"<fact_id>/logit"`` → ``[site, layer, tracked]``."""
         return self.per_fact(logit=self.logit)
 
-    def average(self) -> pd.DataFrame:
+    def summary(self) -> pd.DataFrame:
         """Mean logit over facts by step, site, layer, tracked token and role.
 
         With a 95% normal-approximation band ``logit_ci`` and the count ``n``.

@@ -12,14 +12,14 @@ tracked
 tokens: the subject's first token and the first token of every answer. Summed over heads, plus the
 logits of ``b_O``, this is the decoded attention update.
 
-Rates (:func:`rates`) are dataset-wide: per answer step and layer, ``μ`` and ``σ`` are the mean and
+Rates (:func:`summary`) are dataset-wide: per answer step and layer, ``μ`` and ``σ`` are the mean and
 the (population, ``np.std``) standard deviation of all tracked-token logits over all heads and
 examples (:func:`thresholds`). A head *promotes* in an example when any tracked logit exceeds
 ``μ + kσ`` and *suppresses* when any falls below ``μ − kσ`` (both can hold); its promotion and
 suppression rates are the fractions of examples. Per-role rates (``promotes_current``,
 ``suppresses_previous``, …) ask the suite's question: do heads suppress the answers already
-generated? Call :func:`rates` on the concatenated frame of all chunks (the stored table);
-:meth:`HeadPromotionResult.rates` uses only the facts of one result.
+generated? Call :func:`summary` on the concatenated frame of all chunks (the stored table);
+:meth:`HeadPromotionResult.summary` uses only the facts of one result.
 
 Compatibility option ``wo_slicing="reference_code"``: the released code multiplies ``z_h`` by
 ``o_proj.weight.view(H, d_h, d)``, a memory reinterpretation of the ``[d_out, H·d_h]`` weight that
@@ -31,7 +31,7 @@ attention update.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import pandas as pd
@@ -45,7 +45,9 @@ from recallscope.core.tokens import PromptBatch, as_batch
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
 from recallscope.methods.base import Cost, MethodConfig, MethodResult, result_provenance
+from recallscope.methods.hints import AtLeast
 from recallscope.methods.yan_jia2025.summaries import rates, thresholds
+from recallscope.methods.yan_jia2025.summaries import rates as summary
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
 
@@ -60,7 +62,7 @@ __all__ = [
     "cost",
     "head_vectors",
     "thresholds",
-    "rates",
+    "summary",
 ]
 
 NAME = "head_promotion"
@@ -79,7 +81,7 @@ class Config(MethodConfig):
     reproduces the released code's slicing.
     """
 
-    k: float = 1.0
+    k: Annotated[float, AtLeast(0)] = 1.0
     """Threshold width: promotion above ``μ + kσ``, suppression below ``μ − kσ`` (the paper: 1)."""
     wo_slicing: Literal["input_columns", "reference_code"] = "input_columns"
     """``input_columns``: head ``h`` owns ``W_O[h·d_h:(h+1)·d_h]`` (its true output);
@@ -93,30 +95,18 @@ class Config(MethodConfig):
     }
 
     def __post_init__(self) -> None:
-        if self.wo_slicing not in SLICINGS:
-            raise RecallscopeError(
-                f"wo_slicing must be one of {SLICINGS}, got {self.wo_slicing!r}; 'input_columns' is the "
-                "head's true output, 'reference_code' reproduces the released code"
-            )
-        if isinstance(self.k, bool) or not isinstance(self.k, int | float) or not self.k >= 0:
-            raise RecallscopeError(f"k must be a non-negative number of standard deviations, got {self.k!r}")
         object.__setattr__(self, "k", float(self.k))  # k=1 and k=1.0 are one config (one store hash)
-        if not isinstance(self.subject, bool):
-            raise RecallscopeError(f"subject must be True or False, got {self.subject!r}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class HeadPromotionResult(MethodResult):
     """Frozen-scale logits of the tracked tokens for every fact, layer and head."""
 
-    config: Config
-    fact_ids: list[str]
     tracked: TrackedInfo
     logit: np.ndarray
     """``[F, layer, head, tracked]`` logits of the tracked tokens."""
     final_scale: np.ndarray
     """``[F]`` ``ρ_N`` of the final norm on the final residual at the last position."""
-    method: str = NAME
 
     def to_frame(self) -> pd.DataFrame:
         """One row per fact × layer × head × tracked token.
@@ -129,15 +119,15 @@ class HeadPromotionResult(MethodResult):
         )
 
     def tables(self) -> dict[str, pd.DataFrame]:
-        """No extra tables (rates need every chunk: call :func:`rates` on the stored frame)."""
+        """No extra tables (rates need every chunk: call :func:`summary` on the stored frame)."""
         return {}
 
     def arrays(self) -> dict[str, np.ndarray]:
         """``"<fact_id>/logit"`` → ``[layer, head, tracked]``."""
         return self.per_fact(logit=self.logit)
 
-    def rates(self, k: float | None = None) -> pd.DataFrame:
-        """:func:`rates` of this result's facts only (default ``k``: the config's)."""
+    def summary(self, k: float | None = None) -> pd.DataFrame:
+        """:func:`summary` of this result's facts only (default ``k``: the config's)."""
         return rates(self.to_frame(), self.config.k if k is None else k)
 
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import pandas as pd
@@ -49,6 +49,7 @@ from recallscope.core.tokens import PromptBatch, as_batch
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
 from recallscope.methods.base import Cost, MethodConfig, MethodResult, result_provenance
+from recallscope.methods.hints import DISTINCT, NON_EMPTY, Positive
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
 from recallscope.stats import mean_ci
@@ -68,18 +69,18 @@ _MODES = ("post_softmax_zero", "pre_softmax")
 class Config(MethodConfig):
     """Span-knockout settings; the defaults (and preset ``yan_jia``) follow the paper's code."""
 
-    spans: tuple[str, ...] = ("subject", "answers", "last_token")
+    spans: Annotated[tuple[str, ...], NON_EMPTY, DISTINCT] = ("subject", "answers", "last_token")
     """Source spans knocked out one at a time: batch spans (``subject``, ``relation``, ``answer_2`` …),
     ``answers`` (each previous answer ``answer_1``, ``answer_2`` … separately), ``last_token``, ``bos``."""
     mode: Literal["post_softmax_zero", "pre_softmax"] = "post_softmax_zero"
     """``post_softmax_zero``: weights zeroed after the softmax, not renormalized (the paper);
     ``pre_softmax``: −∞ before the softmax, renormalized (Geva et al.)."""
-    layers: tuple[int, ...] | None = None
+    layers: Annotated[tuple[int, ...], NON_EMPTY, DISTINCT] | None = None
     """Layers whose attention is knocked out (all heads); None = every layer at once (the paper).
     The MLP output of every layer is decoded either way."""
     subject: bool = True
     """Also track the subject's first token (besides the first token of every answer)."""
-    max_batch_rows: int = 64
+    max_batch_rows: Positive = 64
     """Rows (clean runs and knockouts) per forward."""
 
     PRESETS = {
@@ -88,33 +89,13 @@ class Config(MethodConfig):
         )
     }
 
-    def __post_init__(self) -> None:
-        if self.mode not in _MODES:
-            raise RecallscopeError(f"mode must be one of {_MODES}, got {self.mode!r}")
-        if isinstance(self.spans, str) or not self.spans or len(set(self.spans)) != len(self.spans):
-            raise RecallscopeError(
-                f"spans must be a non-empty tuple of distinct span names, got {self.spans!r}; "
-                "e.g. spans=('subject', 'answers', 'last_token')"
-            )
-        if self.layers is not None and (not self.layers or len(set(self.layers)) != len(self.layers)):
-            raise RecallscopeError(
-                "layers must be None (every layer) or a non-empty tuple of distinct layers, "
-                f"got {self.layers!r}; e.g. layers=(10, 11, 12)"
-            )
-        if not isinstance(self.subject, bool):
-            raise RecallscopeError(f"subject must be True or False, got {self.subject!r}")
-        if self.max_batch_rows < 1:
-            raise RecallscopeError(f"max_batch_rows must be at least 1, got {self.max_batch_rows}")
 
-
-@dataclass
+@dataclass(frozen=True)
 class SpanKnockoutMlpResult(MethodResult):
     """Decoded MLP outputs of the clean and knockout runs (``F`` facts, ``R`` knockout rows = the
     (fact, span) pairs run, ``L`` layers, ``n`` tracked tokens).
     """
 
-    config: Config
-    fact_ids: list[str]
     steps: np.ndarray
     """``[F]`` answer step of each fact."""
     tracked: tuple[str, ...]
@@ -135,7 +116,6 @@ class SpanKnockoutMlpResult(MethodResult):
     """``[F]`` final probability of the current answer's first token, clean (NaN if none)."""
     p_knockout: np.ndarray
     """``[R]`` the same in the knockout run."""
-    method: str = NAME
 
     @property
     def delta(self) -> np.ndarray:
@@ -187,7 +167,7 @@ class SpanKnockoutMlpResult(MethodResult):
             if (self.row_fact == i).any()
         }
 
-    def average(self) -> pd.DataFrame:
+    def summary(self) -> pd.DataFrame:
         """Mean over facts with 95% bands (``*_ci``) and ``n``, by step, span, layer, tracked, role."""
         by = ["step", "span", "layer", "tracked", "role"]
         return mean_ci(self.to_frame(), by, ["delta", "logit_clean", "logit_knockout"])

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Annotated
 
 import numpy as np
 import pandas as pd
@@ -51,6 +52,7 @@ from recallscope.core.updates import update_map
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
 from recallscope.methods.base import Cost, MethodConfig, MethodResult, result_provenance
+from recallscope.methods.hints import DISTINCT, NON_EMPTY
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
 from recallscope.stats import mean_ci
@@ -69,7 +71,7 @@ PARTITION = "first listed span wins; other (positions in no span, padding includ
 class Config(MethodConfig):
     """Token Lens settings; defaults (and preset ``yan_jia``) are the paper's span types."""
 
-    spans: tuple[str, ...] = ("subject", "answers", "last_token")
+    spans: Annotated[tuple[str, ...], NON_EMPTY, DISTINCT] = ("subject", "answers", "last_token")
     """Source spans, in priority order (a position goes to the first listed span containing it):
     spans of the batch (``subject``, ``relation``, ``answer_2`` …), ``answers`` (every previous
     answer ``answer_1`` …), ``last_token`` or ``bos``."""
@@ -79,30 +81,20 @@ class Config(MethodConfig):
     PRESETS = {"yan_jia": dict(spans=("subject", "answers", "last_token"), subject=True)}
 
     def __post_init__(self) -> None:
-        if isinstance(self.spans, str) or not self.spans or not all(isinstance(s, str) for s in self.spans):
+        if reserved := [s for s in self.spans if s in _RESERVED]:
             raise RecallscopeError(
-                f"spans must be a non-empty tuple of span names, got {self.spans!r}; "
-                "e.g. spans=('subject', 'answers', 'last_token')"
+                f"spans may not be {_RESERVED} (those parts are always added), got {self.spans!r}: "
+                f"drop {reserved}"
             )
-        reserved = [s for s in self.spans if s in _RESERVED]
-        if reserved or len(set(self.spans)) < len(self.spans):
-            raise RecallscopeError(
-                f"spans must be distinct and may not be {_RESERVED} (those parts are always added), "
-                f"got {self.spans!r}"
-            )
-        if not isinstance(self.subject, bool):
-            raise RecallscopeError(f"subject must be True or False, got {self.subject!r}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TokenLensResult(MethodResult):
     """Frozen-scale logits of every part of every layer's attention update (``F`` facts, ``L``
     layers, ``parts`` = the spans, ``other`` and (if the model has ``b_O``) ``bias``; ``n`` tracked
     tokens).
     """
 
-    config: Config
-    fact_ids: list[str]
     parts: list[str]
     tracked: list[str]
     """Tracked token names (``subject``, ``answer_1`` …)."""
@@ -116,7 +108,6 @@ class TokenLensResult(MethodResult):
     """``[F, parts]`` whether the fact has the part (a span it lacks has no rows and NaN logits)."""
     logit: np.ndarray
     """``[F, L, parts, n]`` frozen-scale logits; NaN where the fact lacks the span."""
-    method: str = NAME
 
     def to_frame(self) -> pd.DataFrame:
         """One row per fact × layer × part × tracked token (parts a fact lacks have no rows)."""
@@ -144,7 +135,7 @@ class TokenLensResult(MethodResult):
         """``"<fact_id>/logit"`` → ``[L, parts, n]`` (parts in ``provenance["conventions"]["parts"]``)."""
         return self.per_fact(logit=self.logit)
 
-    def average(self) -> pd.DataFrame:
+    def summary(self) -> pd.DataFrame:
         """Mean logit over facts with a 95% band (``logit_ci``) and ``n``, by step, span, layer,
         tracked token and role.
         """

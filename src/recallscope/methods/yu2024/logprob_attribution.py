@@ -46,8 +46,8 @@ never listed, and their entries in the ``[.., T]`` arrays are 0.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, replace
+from typing import Annotated, Literal
 
 import numpy as np
 import pandas as pd
@@ -69,7 +69,9 @@ from recallscope.core.vocab import decode_tokens
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
 from recallscope.methods.base import Cost, MethodConfig, MethodResult, result_provenance
+from recallscope.methods.hints import NON_EMPTY, NonNegative, Positive
 from recallscope.models.model import Model
+from recallscope.stats import mean_ci
 
 __all__ = ["NAME", "DESCRIPTION", "LEVELS", "Config", "LogprobAttributionResult", "run", "cost"]
 
@@ -90,20 +92,20 @@ class Config(MethodConfig):
     bias: bool = True
     """The frozen head adds ``W_U β_final + b_U`` (then bs of the final residual is the model's
     logits); the paper's code drops the final norm's bias (``yu``: False)."""
-    levels: tuple[str, ...] = LEVELS
+    levels: Annotated[tuple[Literal[LEVELS], ...], NON_EMPTY] = LEVELS
     """Levels computed besides ``layer`` (always computed): head, position, neuron, attn_unit."""
     exact: Literal["top", "all"] = "top"
     """``top``: exact scores for every neuron / unit that can be among its fact's top or bottom
     ``n_top`` (by log-prob or by probability increase), NaN elsewhere; ``all``: every one exactly."""
-    n_top: int = 300
+    n_top: Positive = 300
     """Neurons and attention units ranked exactly and listed per fact and end (top / bottom)."""
-    position_heads: int | None = 10
+    position_heads: Positive | None = 10
     """The ``position`` level decomposes the fact's top ``position_heads`` heads by absolute increase
     over all layers (the paper looks at one chosen head; None = every head, ``L·H·T`` projections
     per fact). Other heads' position scores are NaN."""
-    n_tokens: int = 10
+    n_tokens: NonNegative = 10
     """Top and bottom tokens of each listed value vector's direction in the tables."""
-    max_batch_rows: int = 16
+    max_batch_rows: Positive = 16
     """Facts per forward (memory bound)."""
 
     PRESETS = {"yu": dict(bias=False, target="top1", exact="top", n_top=300)}
@@ -123,41 +125,13 @@ class Config(MethodConfig):
             and need.target in (self.target, "gold")
         )
 
-    def __post_init__(self) -> None:
-        if self.target not in ("top1", "gold"):
-            raise RecallscopeError(f"target must be 'top1' or 'gold', got {self.target!r}")
-        if self.exact not in ("top", "all"):
-            raise RecallscopeError(
-                f"exact must be 'top' (exact scores for possible top/bottom n_top only) or 'all', "
-                f"got {self.exact!r}"
-            )
-        if isinstance(self.levels, str) or not self.levels or set(self.levels) - set(LEVELS):
-            raise RecallscopeError(
-                f"levels must be a non-empty tuple of {LEVELS}, got {self.levels!r}; "
-                "e.g. levels=('layer', 'head') (the layer level is always computed)"
-            )
-        if not isinstance(self.bias, bool):
-            raise RecallscopeError(f"bias must be True or False, got {self.bias!r}")
-        if self.position_heads is not None and self.position_heads < 1:
-            raise RecallscopeError(
-                f"position_heads must be a positive number of heads or None (every head), "
-                f"got {self.position_heads!r}"
-            )
-        if self.n_top < 1 or self.n_tokens < 0 or self.max_batch_rows < 1:
-            raise RecallscopeError(
-                f"n_top and max_batch_rows must be positive and n_tokens non-negative, got "
-                f"n_top={self.n_top}, n_tokens={self.n_tokens}, max_batch_rows={self.max_batch_rows}"
-            )
 
-
-@dataclass
+@dataclass(frozen=True)
 class LogprobAttributionResult(MethodResult):
     """Log-probability increases at every level (``F`` facts, ``L`` layers, ``H`` heads, ``Dh`` head
     width, ``T`` padded length; arrays of a level not computed are None).
     """
 
-    config: Config
-    fact_ids: list[str]
     target_ids: np.ndarray
     """``[F]`` the scored token."""
     target_tokens: list[str]
@@ -204,7 +178,6 @@ class LogprobAttributionResult(MethodResult):
     neuron_table: pd.DataFrame | None = None
     """The exact top and bottom ``n_top`` neurons per fact (see :meth:`tables`)."""
     unit_table: pd.DataFrame | None = None
-    method: str = NAME
 
     def to_frame(self) -> pd.DataFrame:
         """One row per fact × layer × sublayer (``attn``, ``mlp``), in that order."""
@@ -295,6 +268,16 @@ class LogprobAttributionResult(MethodResult):
                     )
         return named
 
+    def summary(self) -> pd.DataFrame:
+        """Per layer × sublayer, the target's log-probability before and after and the increases:
+        means over facts with 95% normal-approximation bands (``*_ci``) and ``n``.
+        """
+        return mean_ci(
+            self.to_frame(),
+            ["layer", "sublayer"],
+            ["logprob_before", "logprob_after", "logprob_increase", "prob_increase"],
+        )
+
     def arrays(self) -> dict[str, np.ndarray]:
         """Per fact ``head_score [L,H]``, ``position_score [L,H,T_fact]``, ``neuron_score``,
         ``neuron_coeff [L,d_mlp]``, ``unit_score [L,H,Dh,T_fact]`` (the levels computed).
@@ -339,9 +322,9 @@ def run(model: Model, batch: PromptBatch | FactSet, config: Config | None = None
         **arrays,
     )
     if result.neuron_score is not None:
-        result.neuron_table = _subvalue_table(model, result, "neuron")
+        result = replace(result, neuron_table=_subvalue_table(model, result, "neuron"))
     if result.unit_score is not None:
-        result.unit_table = _subvalue_table(model, result, "attn_unit")
+        result = replace(result, unit_table=_subvalue_table(model, result, "attn_unit"))
     return result
 
 

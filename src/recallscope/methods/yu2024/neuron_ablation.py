@@ -40,7 +40,7 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import pandas as pd
@@ -56,6 +56,7 @@ from recallscope.core.vocab import decode_tokens
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
 from recallscope.methods.base import Cost, Given, MethodConfig, MethodResult, result_provenance
+from recallscope.methods.hints import DISTINCT, NON_EMPTY, NonNegative, Positive
 from recallscope.methods.yu2024.summaries import SUMMARY_COLUMNS
 from recallscope.methods.yu2024.summaries import neuron_ablation_summary as summary
 from recallscope.models.model import Model
@@ -117,48 +118,34 @@ def parse_budget(text: str) -> Budget:
 class Config(MethodConfig):
     """Neuron-ablation settings; ``yu`` follows the paper (gold target, head without the ln_f bias)."""
 
-    budgets: tuple[str, ...] = BUDGETS
+    budgets: Annotated[tuple[str, ...], NON_EMPTY] = BUDGETS
     """Subvalues zeroed together per variant: ``ffn:K``, ``attn:K`` or ``attn:K+ffn:K``."""
-    methods: tuple[str, ...] = tuple(m for m in METHODS if m != "coef_inv_rank")
+    methods: Annotated[tuple[Literal[METHODS], ...], DISTINCT] = tuple(
+        m for m in METHODS if m != "coef_inv_rank"
+    )
     """Attribution scores whose top-K are zeroed (module docstring); a subset of :data:`METHODS`.
     ``coef_inv_rank`` is left out by default: it projects every value vector onto the vocabulary and
     ranks each fact's target in all of them (``L·(d_mlp + H·d_head)·V`` per fact; minutes per chunk
     on a CPU for SmolLM2-135M). The ``yu`` preset includes it."""
-    random_seeds: int = 3
+    random_seeds: NonNegative = 3
     """Random selections per budget (seeds ``seed``, ``seed + 1``, …); 0 for none."""
-    seed: int = 0
+    seed: NonNegative = 0
     """First random seed."""
     target: Literal["top1", "gold"] = "gold"
     """Token measured and attributed: the gold answer's first token (paper) or the clean top-1."""
     bias: bool = True
     """Frozen head with ``W_U·β + b_U`` for the attribution scores (``logprob_attribution.Config.bias``)."""
-    max_batch_rows: int = 64
+    max_batch_rows: Positive = 64
     """Ablated rows (fact × variant) per forward (memory bound)."""
 
     PRESETS = {"yu": dict(bias=False, target="gold", budgets=BUDGETS, methods=METHODS, random_seeds=3)}
 
     def __post_init__(self) -> None:
-        if not self.budgets:
-            raise RecallscopeError("budgets must not be empty; e.g. budgets=('ffn:10', 'attn:200+ffn:100')")
         labels = [parse_budget(b).label for b in self.budgets]
         if len(set(labels)) != len(labels):
             raise RecallscopeError(f"budgets {self.budgets!r} repeat a budget; list each once")
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown or len(set(self.methods)) != len(self.methods):
-            raise RecallscopeError(
-                f"methods must be distinct names from {METHODS}, got {self.methods!r}"
-                + (f" (unknown: {unknown})" if unknown else "")
-            )
-        if self.random_seeds < 0 or self.seed < 0:
-            raise RecallscopeError(
-                f"random_seeds and seed must be ≥ 0, got random_seeds={self.random_seeds}, seed={self.seed}"
-            )
         if not self.methods and not self.random_seeds:
             raise RecallscopeError("nothing to ablate: give at least one method or random_seeds ≥ 1")
-        if self.target not in ("top1", "gold"):
-            raise RecallscopeError(f"target must be 'top1' or 'gold', got {self.target!r}")
-        if self.max_batch_rows < 1:
-            raise RecallscopeError(f"max_batch_rows must be positive, got {self.max_batch_rows}")
 
     @property
     def parsed_budgets(self) -> list[Budget]:
@@ -176,12 +163,10 @@ class Config(MethodConfig):
         return max(getattr(b, f"n_{kind}") for b in self.parsed_budgets)
 
 
-@dataclass
+@dataclass(frozen=True)
 class NeuronAblationResult(MethodResult):
     """Target metrics ``[fact, variant]`` after zeroing each variant's selection, and the clean ones."""
 
-    config: Config
-    fact_ids: list[str]
     variants: list[tuple[str, int, str]]
     """``(method, seed, budget)`` per variant; ``seed`` is -1 except for ``random``."""
     target_ids: np.ndarray
@@ -202,7 +187,6 @@ class NeuronAblationResult(MethodResult):
     rankings: list[dict[str, tuple[np.ndarray, np.ndarray]]]
     """Per fact, method name (``random<seed>`` for random) → ranked ``ffn [K, 2]`` and ``attn [K, 4]``
     (as :class:`Selection`); a budget zeroes a prefix of each."""
-    method: str = NAME
 
     def to_frame(self) -> pd.DataFrame:
         """One row per fact × variant, with the drops ``100·(clean − after)/clean`` and ``clean − after``."""
@@ -231,6 +215,10 @@ class NeuronAblationResult(MethodResult):
     def tables(self) -> dict[str, pd.DataFrame]:
         """No extra tables (the selections are in :meth:`arrays`; use :func:`summary` on the frame)."""
         return {}
+
+    def summary(self) -> pd.DataFrame:
+        """:func:`summary` of this result's facts: mean drops per method × budget with 95% CIs."""
+        return summary(self.to_frame())
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Per fact and method the ranked subvalues: ``<name>_ffn [K, 2]`` and ``<name>_attn [K, 4]``."""
@@ -369,7 +357,8 @@ def _attribute(model: Model, batch: PromptBatch, fact_ids: list[str], targets: t
     other = [row for row, fact in enumerate(fact_ids) if fact in here and scored(row) != int(targets[row])]
     if other:
         redo = Given.obtain(LOGPROB, need, model, batch.select(other), None)
-        attribution = attribution.select(here - set(redo.fact_ids) - {s for s, _ in redo.skipped}).merge(redo)
+        redone = {fact_ids[row] for row in other}
+        attribution = attribution.select([f for f in fact_ids if f in here - redone]).merge(redo)
         here = set(attribution.fact_ids)
     keep = [row for row, fact in enumerate(fact_ids) if fact in here]
     for row in keep:

@@ -77,7 +77,9 @@ from recallscope.core.vocab import decode_tokens
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
 from recallscope.methods.base import Cost, Given, MethodConfig, MethodResult, result_provenance
+from recallscope.methods.hints import NonNegative, Positive
 from recallscope.models.model import Model
+from recallscope.stats import mean_ci
 
 __all__ = [
     "NAME",
@@ -109,15 +111,15 @@ class Config(MethodConfig):
     """Token the value rows are scored on (passed to ``logprob_attribution``): the model's top-1 (paper)."""
     bias: bool = True
     """Frozen head with ``W_U β + b_U`` when scoring the value rows (``yu``: False, the paper drops it)."""
-    n_value_neurons: int = 30
+    n_value_neurons: NonNegative = 30
     """Top FFN value neurons per fact whose query layers are found (a)."""
-    n_value_units: int = 30
+    n_value_units: NonNegative = 30
     """Top attention value units per fact whose query layers and query neurons are found (b, c)."""
-    n_query_neurons: int = 300
+    n_query_neurons: NonNegative = 300
     """Query FFN neurons kept per fact (c); also how many top value neurons they are compared with."""
-    n_show: int = 10
+    n_show: NonNegative = 10
     """Top query neurons whose value vector is decoded through the head's OV map (d)."""
-    n_tokens: int = 10
+    n_tokens: Positive = 10
     """Tokens listed per decoded vector."""
     ffn_key: Literal["linearized", "input_row", "gate_row", "value", "as_coded"] = "linearized"
     """FFN neuron key: the frozen-norm gradient of ``c_k`` (default), a weight row, or ``as_coded``."""
@@ -125,37 +127,20 @@ class Config(MethodConfig):
     """LayerNorm models: inner products with the centred key (the norm subtracts the mean)."""
     guard: float = 1e-3
     """Skip a row when ``|Σ c·key| < guard · Σ |c·key|`` (its shares would explode)."""
-    max_batch_rows: int = 16
+    max_batch_rows: Positive = 16
     """Facts per cached forward (memory bound; passed to ``logprob_attribution`` too)."""
 
     PRESETS = {"yu": dict(ffn_key="as_coded", centre=False, bias=False, target="top1")}
 
     def __post_init__(self) -> None:
-        if self.target not in ("top1", "gold"):
-            raise RecallscopeError(f"target must be 'top1' or 'gold', got {self.target!r}")
-        if self.ffn_key not in FFN_KEYS:
-            raise RecallscopeError(f"ffn_key must be one of {FFN_KEYS}, got {self.ffn_key!r}")
-        counts = dict(
-            n_value_neurons=self.n_value_neurons,
-            n_value_units=self.n_value_units,
-            n_query_neurons=self.n_query_neurons,
-            n_show=self.n_show,
-        )
-        if any(v < 0 for v in counts.values()) or self.n_tokens < 1 or self.max_batch_rows < 1:
-            raise RecallscopeError(
-                f"counts must be ≥ 0 and n_tokens, max_batch_rows ≥ 1, got {counts}, "
-                f"n_tokens={self.n_tokens}, max_batch_rows={self.max_batch_rows}; e.g. n_value_neurons=30"
-            )
         if not 0 <= self.guard < 1:
             raise RecallscopeError(f"guard must be in [0, 1), got {self.guard}; e.g. guard=1e-3")
 
 
-@dataclass
+@dataclass(frozen=True)
 class QueryAttributionResult(MethodResult):
     """Per-component query scores ``[fact, component]`` and the ranked query FFN neurons per fact."""
 
-    config: Config
-    fact_ids: list[str]
     components: list[str]
     """``2L + 1`` labels: ``embed``, ``0.attn_out``, ``0.mlp_out``, …, ``{L-1}.mlp_out``."""
     ffn_value_scores: np.ndarray
@@ -181,7 +166,6 @@ class QueryAttributionResult(MethodResult):
     target_ids: np.ndarray | None = None
     """``[fact]`` the token the value rows were scored on (when known)."""
     target_tokens: list[str] | None = None
-    method: str = NAME
 
     def to_frame(self) -> pd.DataFrame:
         """One row per fact × analysis (``ffn_value``, ``attn_unit``) × component."""
@@ -219,6 +203,12 @@ class QueryAttributionResult(MethodResult):
             }
         )
         return {"query_neurons": self.query_neurons, "summary": summary}
+
+    def summary(self) -> pd.DataFrame:
+        """Per analysis × component, the query score: means over facts with
+        95% normal-approximation bands (``*_ci``) and ``n``.
+        """
+        return mean_ci(self.to_frame(), ["analysis", "component", "component_layer", "sublayer"], ["score"])
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Per fact ``ffn_value_scores``, ``attn_unit_scores`` ``[2L+1]``, ``query_score`` ``[L, d_mlp]``."""
