@@ -158,3 +158,18 @@ def test_a_default_run_computes_logprob_attribution_once(embedded_model, tmp_pat
     assert calls == [3]
     methods = store.read_manifest()["methods"]
     assert methods[QA]["given"] == methods[NA]["given"] == {LA: methods[LA]["store_key"]}
+
+
+def test_plan_counts_a_shared_requirement_once(tiny_models, tmp_path):
+    from recallscope.runner.plan import plan_job
+
+    model = tiny_models("gpt2")
+    job = Job(out=tmp_path / "run", dataset=_dataset(tmp_path), known_only=False, methods=(QA, NA))
+    plan = plan_job(job, model=model, log=lambda _: None)
+    assert [m.method for m in plan.methods] == [f"{LA} (required)", QA, NA]
+    alone = qa.cost(model, rs.load_facts(job.dataset).to_batch(model), qa.Config())
+    assert plan.methods[1].cost.forwards < alone.forwards  # the attribution is not counted again
+    assert f"{LA} (required)" in str(plan)
+    own = Job(out=tmp_path / "run", dataset=job.dataset, known_only=False, methods=(LA, QA, NA))
+    with_own = plan_job(own, model=model, log=lambda _: None)
+    assert [m.method for m in with_own.methods] == [LA, QA, NA]

@@ -86,15 +86,16 @@ class Plan:
                 f"executor ray: {self.workers} workers{assumed}, each loading the model "
                 f"(about {_duration(self.load_seconds)}) and holding its own copy"
             )
+        width = max([16, *(len(m.method) for m in self.methods)])
         lines += [
             "",
-            f"{'method':<16} {'facts to do':>11} {'forwards':>9} {'token·blocks':>13} "
+            f"{'method':<{width}} {'facts to do':>11} {'forwards':>9} {'token·blocks':>13} "
             f"{'peak extra':>11} {'time':>9}",
         ]
         for m in self.methods:
             todo = m.facts - m.facts_done
             lines.append(
-                f"{m.method:<16} {todo:>11} {m.cost.forwards:>9} {m.cost.token_blocks:>13.3g} "
+                f"{m.method:<{width}} {todo:>11} {m.cost.forwards:>9} {m.cost.token_blocks:>13.3g} "
                 f"{_size(m.cost.peak_bytes):>11} {_duration(m.seconds):>9}"
             )
         where = " per worker" if self.executor == "ray" else ""
