@@ -170,36 +170,26 @@ class Store:
         """Merge the chunks into ``results/<method>.*``: the rows of ``facts``, in their order.
 
         Rows of facts no longer in ``facts`` (an earlier run with other facts) or changed since are
-        left out.
+        left out; handover arrays stay in ``chunks/``.
         """
-        folder = self.chunk_dir(method, key)
-        records = self.valid_records(method, key, facts)
+        rows = self.read_rows(method, key, facts, facts, handover=False)
         rank = {fact_id: i for i, fact_id in enumerate(facts)}
         sizes = {}
-        for table in [None, *sorted({t for r in records for t in r["tables"]})]:
-            suffix = "parquet" if table is None else f"{table}.parquet"
-            frames = [
-                _only(pd.read_parquet(folder / f"{r['name']}.{suffix}"), r["valid"])
-                for r in records
-                if table is None or table in r["tables"]  # a chunk may have no rows for a table
-            ]
-            frame = _sorted_by_fact(pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(), rank)
+        for table, frame in [(None, rows["frame"]), *sorted(rows["tables"].items())]:
+            frame = _sorted_by_fact(frame, rank)
             _write_parquet(self.results_path(method, table), frame)
             sizes[table or "rows"] = len(frame)
-        arrays: dict[str, np.ndarray] = {}
-        for r in records:
-            named = load_file(str(folder / f"{r['name']}.safetensors"))
-            arrays.update({k: v for k, v in named.items() if k.rsplit("/", 1)[0] in r["valid"]})
+        arrays = rows["arrays"]
         ordered = sorted(arrays, key=lambda k: (rank[k.rsplit("/", 1)[0]], k))
         _write_arrays(self.results_path(method, suffix="safetensors"), {k: arrays[k] for k in ordered})
         return sizes
 
     def read_rows(
-        self, method: str, key: str, facts: Mapping[str, str], wanted: Iterable[str]
+        self, method: str, key: str, facts: Mapping[str, str], wanted: Iterable[str], *, handover: bool = True
     ) -> dict[str, Any]:
         """The stored rows of the facts ``wanted`` (still valid under the digests ``facts``) in the
         chunks of ``method`` under ``key``: ``fact_ids``, ``frame``, ``tables`` (by name),
-        ``arrays`` (with the chunks' handover arrays) and ``skipped``.
+        ``arrays`` (with the chunks' handover arrays unless ``handover`` is false) and ``skipped``.
         """
         wanted = set(wanted)
         folder = self.chunk_dir(method, key)
@@ -215,7 +205,7 @@ class Store:
                 tables.setdefault(table, []).append(
                     _only(pd.read_parquet(folder / f"{r['name']}.{table}.parquet"), ids)
                 )
-            for suffix in ("safetensors", "handover.safetensors"):
+            for suffix in ("safetensors", "handover.safetensors")[: 2 if handover else 1]:
                 path = folder / f"{r['name']}.{suffix}"
                 named = load_file(str(path)) if path.exists() else {}
                 found["arrays"].update({k: v for k, v in named.items() if k.rsplit("/", 1)[0] in ids})
