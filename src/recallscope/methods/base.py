@@ -141,7 +141,7 @@ class MethodConfig:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MethodResult:
     """What every method's result carries besides its numbers (subclasses add those, and
-    ``to_frame``, ``tables`` and ``arrays``).
+    ``to_frame``, ``tables``, ``arrays`` and ``summary``).
     """
 
     config: MethodConfig
@@ -169,8 +169,7 @@ class MethodResult:
         """``"<fact_id>/<name>"`` → row ``i`` of each ``[fact, …]`` array in ``named``, for fact ``i``
         of ``self.fact_ids`` (what most ``arrays()`` return).
         """
-        ids = self.fact_ids  # type: ignore[attr-defined]  (every result has them)
-        return {f"{fact}/{name}": a[i] for i, fact in enumerate(ids) for name, a in named.items()}
+        return {f"{fact}/{name}": a[i] for i, fact in enumerate(self.fact_ids) for name, a in named.items()}
 
     def handover(self) -> dict[str, np.ndarray]:
         """Arrays keyed ``"<fact_id>/<name>"`` that methods reusing this result read besides
