@@ -115,3 +115,33 @@ def test_direction_ranges_equal_brute_force(setup):
     torch.testing.assert_close(
         direction_ranges(model, "ffn_test", 0, values), expected, rtol=1e-10, atol=1e-12
     )
+
+
+def _rank1_oracle(base, u, D, targets):
+    """Float64 ``log p(t | base + u·D) − log p(t | base)`` by materialising every shifted logit row."""
+    base, u, D = base.double(), u.double(), D.double()
+    shifted = base[:, None, None, :] + u[..., None] * D[None, :, None, :]  # [B, K, R, V]
+    index = targets[:, None, None, None].expand(*shifted.shape[:3], 1)
+    after = shifted.gather(-1, index)[..., 0] - shifted.logsumexp(-1)
+    before = base.gather(-1, targets[:, None]) - base.logsumexp(-1, keepdim=True)
+    return after - before[:, :, None]
+
+
+def test_rank1_matches_float64_for_every_chunk_shape():
+    """Single-direction and single-row chunks included: the float32 kernel stays within 2e-5 and a
+    subvalue's score does not depend on which other subvalues share its chunk."""
+    gen = torch.Generator().manual_seed(0)
+    B, K, R, V = 3, 9, 2, 5000
+    base = torch.randn(B, V, generator=gen) * 4
+    D = torch.randn(K, V, generator=gen) * 2
+    u = torch.randn(B, K, R, generator=gen)
+    targets = torch.randint(0, V, (B,), generator=gen)
+    oracle = _rank1_oracle(base, u, D, targets)
+    full = rank1_increase(base, u, D, targets)
+    for chunk_elems in (1, V, B * R * V, B * R * V * 4, 1 << 30):  # 1 and 4 directions per chunk, one chunk
+        out = rank1_increase(base, u, D, targets, chunk_elems=chunk_elems)
+        assert (out.double() - oracle).abs().max() <= 2e-5
+        assert torch.equal(out, full)
+    for rows, keep in ((slice(0, 1), [4]), (slice(1, 3), [7, 2])):  # single row, single direction, subsets
+        out = rank1_increase(base[rows], u[rows][:, keep], D[keep], targets[rows])
+        assert torch.equal(out, full[rows][:, keep])

@@ -279,6 +279,12 @@ def _pad_id(model: Model) -> int:
     return 0
 
 
-def as_batch(model, facts_or_batch) -> PromptBatch:
-    """A :class:`PromptBatch` from a batch or from anything with ``to_batch(model)`` (a ``FactSet``)."""
-    return facts_or_batch if isinstance(facts_or_batch, PromptBatch) else facts_or_batch.to_batch(model)
+def as_batch(model, facts_or_batch, *, method: str | None = None) -> PromptBatch:
+    """A :class:`PromptBatch` from a batch or from anything with ``to_batch(model)`` (a ``FactSet``).
+
+    With ``method`` (the caller's name) an empty batch is refused with an error naming it.
+    """
+    batch = facts_or_batch if isinstance(facts_or_batch, PromptBatch) else facts_or_batch.to_batch(model)
+    if method is not None and not len(batch):
+        raise RecallscopeError(f"{method} got no facts: pass a batch or FactSet with at least one")
+    return batch

@@ -56,7 +56,6 @@ __all__ = ["NAME", "DESCRIPTION", "Config", "HeadMappingsResult", "run", "cost",
 NAME = "head_mappings"
 DESCRIPTION = "Heads whose OV circuit maps the subject's embedding to the attribute (Geva 2023 / Dar 2023)."
 CHUNK_SIZE = 32
-SUBJECT_TOKENS = ("mean", "last", "first")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -103,11 +103,6 @@ DESCRIPTION = (
 )
 CHUNK_SIZE = 16
 """Facts per runner chunk (per-example patching; mean patching takes the whole dataset)."""
-PATCHINGS = ("per_example", "mean")
-ATTEND_TO = ("span", "first")
-PROJECTIONS = ("frozen_scale", "raw")
-TARGETS = ("gold", "top1")
-_METRICS = ("clean", "patched", "delta", "delta_pct")
 
 
 @dataclass(frozen=True, kw_only=True)

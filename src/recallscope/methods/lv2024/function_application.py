@@ -78,9 +78,6 @@ DESCRIPTION = (
 CHUNK_SIZE = 16
 """Facts per runner chunk (one forward each, counterfactual prompts included)."""
 COMPONENTS = ("mlp_out", "remainder")
-REGRESSORS = ("feeding_layer", "earlier_layers")
-SPACES = ("raw", "normalized")
-TARGETS = ("gold", "top1")
 _METRICS = ["norm", "logit", "rank", "relation_rank", "n_candidates", "margin", "cosine", "cosine_others"]
 _CF = ["cf_logit_new", "cf_logit_old", "follows", "shift"]
 

@@ -42,7 +42,6 @@ from recallscope.core.steps import tracked_tokens
 from recallscope.core.subvalues import FrozenHead
 from recallscope.core.tokens import PromptBatch, as_batch
 from recallscope.data.facts import FactSet
-from recallscope.errors import RecallscopeError
 from recallscope.methods.base import Cost, MethodConfig, MethodResult, result_provenance
 from recallscope.methods.hints import DISTINCT, NON_EMPTY
 from recallscope.models.model import Model
@@ -123,9 +122,7 @@ class EarlyDecodingResult(MethodResult):
 def run(model: Model, batch: PromptBatch | FactSet, config: Config | None = None) -> EarlyDecodingResult:
     """Decode every layer's attention / MLP update at the last position for every fact of ``batch``."""
     config = config or Config()
-    batch = as_batch(model, batch)
-    if not len(batch):
-        raise RecallscopeError("early_decoding got no facts: pass a batch or FactSet with at least one")
+    batch = as_batch(model, batch, method=NAME)
     tracked = tracked_tokens(model, batch, subject=config.subject)
     sites = [Site(layer, SITES[name]) for name in config.sites for layer in range(model.n_layers)]
     cache, final = last_position_cache(model, batch, sites)

@@ -43,7 +43,6 @@ from recallscope.core.steps import tracked_tokens
 from recallscope.core.subvalues import FrozenHead
 from recallscope.core.tokens import PromptBatch, as_batch
 from recallscope.data.facts import FactSet
-from recallscope.errors import RecallscopeError
 from recallscope.methods.base import Cost, MethodConfig, MethodResult, result_provenance
 from recallscope.methods.hints import AtLeast
 from recallscope.methods.yan_jia2025.summaries import rates, thresholds
@@ -134,9 +133,7 @@ class HeadPromotionResult(MethodResult):
 def run(model: Model, batch: PromptBatch | FactSet, config: Config | None = None) -> HeadPromotionResult:
     """Decode every head's output at the last position for every fact of ``batch`` (one forward)."""
     config = config or Config()
-    batch = as_batch(model, batch)
-    if not len(batch):
-        raise RecallscopeError("head_promotion got no facts: pass a batch or FactSet with at least one")
+    batch = as_batch(model, batch, method=NAME)
     tracked = tracked_tokens(model, batch, subject=config.subject)
     sites = [Site(layer, "z") for layer in range(model.n_layers)]
     cache, final = last_position_cache(model, batch, sites)  # z: [B, H, d_head]

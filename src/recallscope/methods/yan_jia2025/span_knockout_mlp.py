@@ -47,7 +47,6 @@ from recallscope.core.steps import Tracked, span_masks, tracked_tokens
 from recallscope.core.subvalues import FrozenHead
 from recallscope.core.tokens import PromptBatch, as_batch
 from recallscope.data.facts import FactSet
-from recallscope.errors import RecallscopeError
 from recallscope.methods.base import Cost, MethodConfig, MethodResult, result_provenance
 from recallscope.methods.hints import DISTINCT, NON_EMPTY, Positive
 from recallscope.models.model import Model
@@ -62,7 +61,6 @@ DESCRIPTION = (
 )
 CHUNK_SIZE = 8
 """Facts per runner chunk (their clean and knockout rows share forwards)."""
-_MODES = ("post_softmax_zero", "pre_softmax")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -185,9 +183,7 @@ class _Rows:
 def run(model: Model, batch: PromptBatch | FactSet, config: Config | None = None) -> SpanKnockoutMlpResult:
     """Knock out each span's attention to the last token and decode every layer's MLP output change."""
     config = config or Config()
-    batch = as_batch(model, batch)
-    if not len(batch):
-        raise RecallscopeError("span_knockout_mlp got no facts: pass a batch or FactSet with at least one")
+    batch = as_batch(model, batch, method=NAME)
     ko_layers = _knockout_layers(model, config)
     tracked = tracked_tokens(model, batch, subject=config.subject)
     rows = _plan_rows(batch, config.spans)

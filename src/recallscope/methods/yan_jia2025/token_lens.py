@@ -145,9 +145,7 @@ class TokenLensResult(MethodResult):
 def run(model: Model, batch: PromptBatch | FactSet, config: Config | None = None) -> TokenLensResult:
     """Decode, for every fact, layer and part, the attention update at the last position."""
     config = config or Config()
-    batch = as_batch(model, batch)
-    if not len(batch):
-        raise RecallscopeError("token_lens got no facts: pass a batch or FactSet with at least one")
+    batch = as_batch(model, batch, method=NAME)
     tracked = tracked_tokens(model, batch, subject=config.subject)
     spans = _expand(batch, config.spans, tracked)
     masks = span_masks(batch, spans)  # {span: [B, T]}

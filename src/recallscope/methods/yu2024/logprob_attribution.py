@@ -67,7 +67,6 @@ from recallscope.core.subvalues import FrozenHead
 from recallscope.core.tokens import PromptBatch, as_batch
 from recallscope.core.vocab import decode_tokens
 from recallscope.data.facts import FactSet
-from recallscope.errors import RecallscopeError
 from recallscope.methods.base import Cost, MethodConfig, MethodResult, result_provenance
 from recallscope.methods.hints import NON_EMPTY, NonNegative, Positive
 from recallscope.models.model import Model
@@ -301,9 +300,7 @@ class LogprobAttributionResult(MethodResult):
 def run(model: Model, batch: PromptBatch | FactSet, config: Config | None = None) -> LogprobAttributionResult:
     """Attribute each fact's target log-probability to layers, heads, positions, neurons and units."""
     config = config or Config()
-    batch = as_batch(model, batch)
-    if not len(batch):
-        raise RecallscopeError("logprob_attribution got no facts: pass a batch or FactSet with at least one")
+    batch = as_batch(model, batch, method=NAME)
     step = config.max_batch_rows
     chunks = [
         _chunk(model, batch.select(range(i, min(i + step, len(batch)))), config)
