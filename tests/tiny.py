@@ -453,8 +453,31 @@ CAPITALS = [
     ("Japan", "Tokyo"),
     ("Spain", "Madrid"),
     ("Egypt", "Cairo"),
+    ("Germany", "Berlin"),
+    ("Chile", "Santiago"),
+    ("Peru", "Lima"),
+    ("Kenya", "Nairobi"),
+    ("Cuba", "Havana"),
 ]
-"""(nation, capital) pairs of the tiny Lv-style facts (:func:`capital_facts`)."""
+"""(nation, capital) pairs of the tiny facts (:func:`capital_facts`, :func:`swap_facts`)."""
+
+
+def swap_facts(model, seed: int = 0, *, partnered: bool = True):
+    """``"The capital of {subject} is"`` facts of every pair of :data:`CAPITALS` (ids: the nations)
+    with their subject-swap partners under ``model``'s tokenizer; only those that have one, unless
+    ``partnered`` is false."""
+    from recallscope.data.variants import add_swap_partners
+
+    facts = rs.FactSet(
+        [
+            rs.Fact.from_template("The capital of {subject} is", s, [a], relation="capital", fact_id=s)
+            for s, a in CAPITALS
+        ]
+    )
+    swapped = add_swap_partners(model, facts, seed=seed)
+    if not partnered:
+        return swapped
+    return swapped.with_facts([f for f in swapped if "subject_swap" in f.attributes], {"step": "partnered"})
 
 
 def capital_facts(shots: int = 0, n: int = 5):

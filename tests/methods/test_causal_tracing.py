@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
 import recallscope as rs
-from oracles.causal_tracing import SITE, naive_cell, naive_trace, window_layers
+from oracles.causal_tracing import SITE, naive_cell, naive_patch, naive_trace, window_layers
+from recallscope.data.facts import annotate
+from recallscope.data.variants import add_swap_partners
 from recallscope.methods import causal_tracing as ct
-from tiny import DISCOVERED
+from tiny import CAPITALS, DISCOVERED, swap_facts
 
 PROMPT = "The Eiffel Tower is in Paris"
 
@@ -127,7 +131,9 @@ def test_result_tables(tiny_models):
     }
     assert trace.buckets()[trace.span[0]] == "first subject" and trace.buckets()[-1] == "last token"
     assert set(result.arrays()) == {"f/hidden", "f/mlp", "f/attn"}
-    assert result.tables() == {}
+    runs = result.tables()["runs"]
+    assert len(runs) == 1 and runs["clean_prob"].iloc[0] == pytest.approx(trace.high)
+    assert runs["corrupted_prob"].iloc[0] == pytest.approx(trace.low) and runs["corrupted_kl"].iloc[0] > 0
     average = result.summary()
     assert set(average["bucket"]) <= set(ct.BUCKETS)
     conventions = result.provenance["conventions"]
@@ -235,3 +241,213 @@ def test_one_to_many_traces_each_previous_answer_separately(name, tiny_models):
     assert "f2/answer_2/mlp" in result.arrays() and "f2/mlp" in result.arrays()
     average = result.summary()
     assert {"last answer_2", "last token"} <= set(average.loc[average["span"] == "answer_2", "bucket"])
+
+
+# -- corruptions, directions and metrics (Zhang & Nanda 2024) ------------------------------------------
+
+
+def _corrupt_rows(model, fact, trace, config):
+    """The corrupted rows and noise, rebuilt from the spec (RandomState draws, partner prompt)."""
+    ids = rs.tokenize(model, [fact.prompt]).input_ids[0]
+    b, e = trace.span
+    if trace.corruption == "gaussian":
+        noise = torch.from_numpy(
+            config.noise * np.random.RandomState(config.seed).randn(config.samples, e - b, model.d_model)
+        )
+        return ids.expand(config.samples, -1), noise, None
+    if trace.corruption == "resample":
+        vocab = sorted(
+            {i for s, _ in CAPITALS for i in model.tokenizer(s, add_special_tokens=False)["input_ids"]}
+        )
+        drawn = np.random.RandomState(config.seed).randint(0, len(vocab), size=(config.samples, e - b))
+        rows = ids.expand(config.samples, -1).clone()
+        rows[:, b:e] = torch.tensor(np.asarray(vocab)[drawn])
+        return rows, None, None
+    swap = fact.attributes["subject_swap"]
+    partner = rs.tokenize(model, [swap["prompt"]], targets=[" " + swap["answers"][0]])
+    return partner.input_ids, None, int(partner.target_ids[0])
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])
+def test_every_corruption_and_direction_equals_the_naive_loop(name, tiny_models):
+    """Every cell of every (corruption, direction) grid, positions before the span included (a null
+    patch there gives the target run's metrics), equals one naive forward per cell, for every metric."""
+    model = tiny_models(name)
+    facts = swap_facts(model)
+    fact = facts[0]
+    config = ct.Config(
+        samples=2, window=2, noise=0.5, corruptions=("gaussian", "subject_swap", "resample"),
+        directions=("denoising", "noising"), max_batch_rows=24,
+    )  # fmt: skip
+    one = facts.with_facts([fact], {"step": "one"})
+    every = swap_facts(model, partnered=False)
+    result = ct.run(model, one, ct.prepare(model, one, config, dataset=every))  # every subject's tokens
+    assert {(t.corruption, t.direction) for t in result.traces} == {
+        (c, d) for c in config.corruptions for d in config.directions
+    }
+    clean_ids = rs.tokenize(model, [fact.prompt]).input_ids[0]
+    for trace in result.traces:
+        rows, noise, counter = _corrupt_rows(model, fact, trace, result.config)
+        assert (counter is not None) == (trace.corruption == "subject_swap")
+        common = dict(
+            direction=trace.direction,
+            target=trace.target_ids[0],
+            counter=counter,
+            noise=noise,
+            span=trace.span,
+        )
+        for kind in config.kinds:
+            for t in range(len(clean_ids)):
+                for layer in range(model.n_layers):
+                    layers = window_layers(kind, layer, 2, model.n_layers)
+                    expected = naive_patch(
+                        model, clean_ids, rows, restore=layers, site=SITE[kind], position=t, **common
+                    )
+                    for metric, value in expected.items():
+                        got = trace.metrics[kind][metric][t, layer]
+                        assert got == pytest.approx(value, abs=1e-10, nan_ok=True), (
+                            trace.corruption,
+                            trace.direction,
+                            kind,
+                            t,
+                            layer,
+                            metric,
+                        )
+        assert trace.partner == (fact.attributes["subject_swap"]["fact_id"] if counter is not None else None)
+
+
+def test_swapping_in_the_same_subject_equals_the_clean_run(tiny_models):
+    model = tiny_models("llama_gqa")
+    fact = swap_facts(model)[0]
+    own = dict(fact_id=fact.fact_id, subject=fact.subject, prompt=fact.prompt, answers=fact.answers)
+    own["subject_span"] = fact.subject_span
+    same = rs.FactSet([annotate(fact, subject_swap=own)])
+    config = ct.Config(
+        window=2,
+        corruptions=("subject_swap",),
+        directions=("denoising", "noising"),
+        metric="logit_diff",
+        target="gold",
+    )
+    for trace in ct.run(model, same, config).traces:
+        assert trace.low == pytest.approx(trace.high, abs=1e-12) and trace.high == pytest.approx(
+            0.0, abs=1e-12
+        )
+        assert trace.clean["kl"] == pytest.approx(0.0, abs=1e-12) and trace.corrupted["kl"] == pytest.approx(
+            0.0, abs=1e-12
+        )
+        for kind in config.kinds:
+            np.testing.assert_allclose(trace.metrics[kind]["prob"], trace.clean["prob"], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("direction", ["denoising", "noising"])
+def test_zero_noise_in_either_direction_equals_the_clean_run(direction, tiny_models):
+    model = tiny_models("gpt_neox")
+    trace = ct.run(
+        model, _batch(model), ct.Config(samples=2, window=2, noise=0.0, directions=(direction,))
+    ).traces[0]
+    assert trace.low == pytest.approx(trace.high, abs=1e-14)
+    for kind in trace.metrics:
+        np.testing.assert_allclose(trace.metrics[kind]["kl"], 0.0, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(trace.scores[kind], trace.high, rtol=0, atol=1e-13)
+
+
+def test_swap_partners_align_and_do_not_depend_on_the_sample(tiny_models):
+    model = tiny_models("gpt2")
+    swapped = swap_facts(model, seed=3, partnered=False)
+    facts = swapped.with_facts([replace(f, attributes={}) for f in swapped], {"step": "plain"})
+    partnered = [f for f in swapped if "subject_swap" in f.attributes]
+    assert partnered
+    for fact in partnered:
+        swap = fact.attributes["subject_swap"]
+        ids = model.tokenizer(fact.prompt)["input_ids"]
+        other = model.tokenizer(swap["prompt"])["input_ids"]
+        assert (
+            len(ids) == len(other)
+            and swap["subject"] != fact.subject
+            and swap["answers"][0] != fact.answers[0]
+        )
+        differ = [i for i, (a, b) in enumerate(zip(ids, other, strict=True)) if a != b]
+        batch = rs.tokenize(model, [fact.prompt], spans={"subject": [fact.subject_span]})
+        start, end = (int(v) for v in batch.spans["subject"][0])
+        assert all(start <= i < end for i in differ)
+        alone = add_swap_partners(model, facts.with_facts([fact], {"step": "one"}), pool=list(facts), seed=3)
+        assert alone[0].attributes["subject_swap"] == swap
+    lonely = rs.FactSet([facts[0]])
+    assert "subject_swap" not in add_swap_partners(model, lonely)[0].attributes
+
+
+def test_subject_swap_without_partners_skips_the_facts(tiny_models):
+    model = tiny_models("gpt2")
+    result = ct.run(
+        model, _batch(model), ct.Config(window=2, corruptions=("gaussian", "subject_swap"), noise=0.1)
+    )
+    assert (
+        result.traces == []
+        and result.skipped[0][0] == "f"
+        and "no subject_swap partner" in result.skipped[0][1]
+    )
+
+
+def test_metric_columns_and_normalized_score(tiny_models):
+    model = tiny_models("gpt2")
+    facts = swap_facts(model)
+    config = ct.Config(
+        window=2, samples=2, corruptions=("gaussian", "subject_swap"), directions=("denoising", "noising")
+    )
+    result = ct.run(model, facts.with_facts([facts[0]], {"step": "one"}), config)
+    frame = result.to_frame()
+    assert {"corruption", "direction", "normalized", "prob", "logprob", "logit_diff", "kl", "partner"} <= set(
+        frame
+    )
+    assert set(zip(frame["corruption"], frame["direction"], strict=True)) == {
+        (c, d) for c in config.corruptions for d in config.directions
+    }
+    rows = frame.iloc[::7]
+    np.testing.assert_allclose(
+        rows["normalized"], (rows["score"] - rows["low"]) / (rows["high"] - rows["low"])
+    )
+    noising = frame[frame["direction"] == "noising"]
+    np.testing.assert_allclose(noising["indirect_effect"], noising["high"] - noising["score"])
+    assert frame.loc[frame["corruption"] == "gaussian", "logit_diff"].isna().all()
+    assert frame.loc[frame["corruption"] == "subject_swap", "logit_diff"].notna().all()
+    keys = set(result.arrays())
+    assert f"{facts[0].fact_id}/mlp" in keys and f"{facts[0].fact_id}/subject_swap/noising/mlp" in keys
+    summary = result.summary()
+    assert {"corruption", "direction", "normalized"} <= set(summary)
+
+
+def test_logit_diff_needs_a_subject_swap():
+    with pytest.raises(rs.RecallscopeError, match="corruptions=\\('subject_swap',\\)"):
+        ct.Config(metric="logit_diff")
+    preset = ct.Config.preset("zhang_nanda")
+    assert preset.corruptions == ("subject_swap",) and preset.metric == "logit_diff"
+    with pytest.raises(rs.RecallscopeError, match="corruptions"):
+        ct.Config(corruptions=("gaussian", "gaussian"))
+
+
+def test_noise_level_is_the_recipe_on_the_whole_dataset(tiny_models, tmp_path):
+    """ν = 3 × std of the embedding entries of every subject of the loaded dataset, each tokenized
+    alone, whatever the sample (--limit, --seed)."""
+    from recallscope.runner import Job, prepare_job
+
+    model = tiny_models("gpt2")
+    levels = set()
+    for limit, seed in [(2, 0), (5, 7)]:
+        job = Job(
+            out=tmp_path / f"{limit}",
+            dataset="mixed",
+            limit=limit,
+            seed=seed,
+            known_only=False,
+            methods=("causal_tracing",),
+        )
+        _, facts, configs, _ = prepare_job(job, model, write=False, log=lambda _: None)
+        assert len(facts) == limit
+        levels.add(dict(configs["causal_tracing"].noise_levels)["subject"])
+    dataset = rs.load_facts("mixed").fit_context(model)
+    ids = [i for f in dataset for i in model.tokenizer(f.subject, add_special_tokens=False)["input_ids"]]
+    entries = model.W_E.double()[torch.tensor(ids)]
+    mean = entries.mean()
+    by_hand = 3 * float(((entries - mean) ** 2).sum() / (entries.numel() - 1)) ** 0.5
+    assert len(levels) == 1 and levels.pop() == pytest.approx(by_hand, rel=1e-12)

@@ -76,3 +76,63 @@ def naive_trace(model, ids, span, target, *, kinds, samples, noise, window, seed
                 )[0]
         scores[kind] = grid
     return scores, low, high
+
+
+def _copy_rows(pairs, position):
+    """Site edit: row ``dst`` gets row ``src``'s value at ``position`` for every ``(dst, src)``."""
+
+    def edit(act):
+        act = act.clone()
+        for dst, src in pairs:
+            act[dst, position] = act[src, position]
+        return act
+
+    return edit
+
+
+def naive_patch(model, clean_ids, corrupt_ids, *, direction, target, counter=None, noise=None, span=None,
+                restore=(), site=None, position=None):  # fmt: skip
+    """One forward of the naive loop in either direction; every metric averaged over the patched rows.
+
+    ``corrupt_ids [S, T]`` are the corrupted rows (``noise [S, P, d]`` added on ``span`` while they
+    run, when given). Denoising: rows 1..S corrupted, row 0 clean, rows 1..S get row 0's state at
+    ``position``. Noising: rows 0..S-1 clean, rows S..2S-1 corrupted, clean row i gets corrupted row
+    i's state. Metrics from the last position's logits, in float64, written out here.
+    """
+    n = corrupt_ids.shape[0]
+    clean = clean_ids[None]
+    if direction == "denoising":
+        batch, bad_rows, measured = torch.cat([clean, corrupt_ids]), torch.arange(1, n + 1), range(1, n + 1)
+        pairs = [(r, 0) for r in range(1, n + 1)]
+    else:
+        batch, bad_rows, measured = (
+            torch.cat([clean.expand(n, -1), corrupt_ids]),
+            torch.arange(n, 2 * n),
+            range(n),
+        )
+        pairs = [(i, n + i) for i in range(n)]
+    with contextlib.ExitStack() as stack:
+        if noise is not None:
+            positions = torch.arange(span[0], span[1]).expand(n, -1)
+            stack.enter_context(rs.add_noise(model, noise.to(model.dtype), bad_rows, positions))
+        for layer in restore:
+            stack.enter_context(rs.site_hook(model, Site(layer, site), _copy_rows(pairs, position)))
+        logits = rs.forward(model, batch, logits="all")[:, -1].double()
+    reference = rs.forward(model, clean, logits="all")[0, -1].double()
+    return _metrics(logits[list(measured)], reference, target, counter)
+
+
+def _metrics(logits, reference, target, counter):
+    """Mean over rows of P, log P, logit difference and KL(clean || row), from ``logits [R, V]``."""
+    logprobs = logits - torch.logsumexp(logits, -1, keepdim=True)
+    clean = reference - torch.logsumexp(reference, -1)
+    kl = (clean.exp()[None] * (clean[None] - logprobs)).sum(-1)
+    out = {
+        "prob": float(logprobs[:, target].exp().mean()),
+        "logprob": float(logprobs[:, target].mean()),
+        "kl": float(kl.mean()),
+        "logit_diff": float("nan")
+        if counter is None
+        else float((logits[:, target] - logits[:, counter]).mean()),
+    }
+    return out

@@ -23,7 +23,18 @@ FACTS = [
     {"subject": "Rome", "prompt": "Rome is the capital of", "target": "Italy"},
     {"subject": "Tokyo", "prompt": "The city of Tokyo is in", "target": "Japan"},
 ]
-FAST = {"causal_tracing": {"samples": 2, "kinds": ["hidden", "mlp"], "window": 3}}
+FAST = {
+    "causal_tracing": {"samples": 2, "kinds": ["hidden", "mlp"], "window": 3},
+    # facts of no shared relation have no subject-swap partner: Gaussian noise; every node of the
+    # rows verified, so that low-precision runs verify the same ones
+    "attribution_patching": {
+        "corruption": "gaussian",
+        "metric": "logprob",
+        "samples": 2,
+        "verify": None,
+        "nodes": ["resid", "mlp", "head"],
+    },
+}
 
 
 @pytest.fixture

@@ -11,10 +11,15 @@
   fact's own template (with the partner's mention, "the Netherlands"), keeping any demonstrations:
   the counterfactual prompt differs from the clean one in the subject only (L1 step 5).
 - :func:`counterfactual_facts` turns those attributes into facts ready to batch.
+- :func:`add_swap_partners` gives every fact a **subject-swap partner** for symmetric token
+  replacement (Zhang & Nanda 2024): like the counterfactual partner, but the swapped prompt must keep
+  every token outside the subject and the subject's token count, so clean and corrupted runs align
+  position by position.
 
 Attributes written (read by the Lv methods): ``shots``, ``shot_prefix``, ``demonstrations``,
 ``base_id``, ``mention``; ``counterfactual`` = ``{fact_id, subject, prompt, subject_span, answers}``
-and ``relation_answers`` (tuple of canonical answers).
+and ``relation_answers`` (tuple of canonical answers); ``subject_swap`` = the same keys as
+``counterfactual`` (read by causal tracing's ``subject_swap`` corruption).
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import replace
+
+import torch
 
 from recallscope.data.facts import Fact, FactSet, SkippedRow, annotate, render_template
 from recallscope.errors import DatasetError
@@ -31,6 +38,9 @@ __all__ = [
     "shot_variants",
     "add_relation_context",
     "counterfactual_facts",
+    "add_swap_partners",
+    "swap_fact",
+    "swap_inputs",
     "render_subject",
 ]
 
@@ -214,3 +224,78 @@ def counterfactual_facts(facts: FactSet) -> FactSet:
             )
         )
     return facts.with_facts(out, {"step": "counterfactual_facts"})
+
+
+def add_swap_partners(model, facts: FactSet, *, pool: Sequence[Fact] | None = None, seed: int = 0) -> FactSet:
+    """Every fact with a ``subject_swap`` partner when its relation has one (symmetric token replacement).
+
+    A partner is a pool fact of the same relation with another subject and another canonical answer
+    (as for ``counterfactual``) whose subject, written into the fact's own prompt, gives the same
+    tokens as the clean prompt everywhere but in the subject, and as many subject tokens. Candidates
+    are tried in a seeded order of the fact's own (so the choice does not depend on the other facts);
+    a fact without any keeps no partner.
+
+    Args:
+        model: supplies the tokenizer (token counts are the model's).
+        pool: where partners come from (default: ``facts``); ``recallscope run`` passes the whole
+            loaded dataset.
+        seed: seed of the candidate order.
+    """
+    from recallscope.core.tokens import encode_prompt, find_token_span
+
+    def tokens(prompt: str, span) -> tuple[list[int], tuple[int, int]]:
+        ids, offsets, _ = encode_prompt(model, prompt)
+        return ids, find_token_span(prompt, offsets, tuple(span))
+
+    pool = list(facts if pool is None else pool)
+    out = []
+    for fact in facts:
+        if fact.subject_span is None:
+            out.append(fact)
+            continue
+        ids, (start, end) = tokens(fact.prompt, fact.subject_span)
+        candidates = _candidates(fact, pool)
+        _rng(fact, seed, "subject_swap").shuffle(candidates)
+        for partner in candidates:
+            prompt, span = render_subject(fact, partner.subject, _mention(partner))
+            other, other_span = tokens(prompt, span)
+            if other_span == (start, end) and other[:start] == ids[:start] and other[end:] == ids[end:]:
+                swap = {
+                    "fact_id": partner.fact_id,
+                    "subject": partner.subject,
+                    "prompt": prompt,
+                    "subject_span": span,
+                    "answers": tuple(partner.answers),
+                }
+                fact = annotate(fact, subject_swap=swap)
+                break
+        out.append(fact)
+    return facts.with_facts(out, {"step": "swap_partners", "seed": seed})
+
+
+def swap_fact(fact: Fact) -> Fact | None:
+    """The subject-swapped prompt of ``fact`` as a fact (id: the partner's), or None without a partner."""
+    swap = fact.attributes.get("subject_swap")
+    if swap is None:
+        return None
+    return Fact(
+        fact_id=swap["fact_id"],
+        subject=swap["subject"],
+        prompt=swap["prompt"],
+        answers=tuple(swap["answers"]),
+        relation=fact.relation,
+        subject_span=tuple(swap["subject_span"]),
+    )
+
+
+def swap_inputs(model, fact: Fact) -> tuple[str, torch.Tensor, int] | None:
+    """``(partner id, the swapped prompt's token ids [T], the partner answer's first token)`` of
+    ``fact``'s subject swap, or None without a partner.
+    """
+    from recallscope.core.tokens import tokenize
+
+    other = swap_fact(fact)
+    if other is None:
+        return None
+    batch = tokenize(model, [other.prompt], targets=[other.target])
+    return other.fact_id, batch.input_ids[0], int(batch.target_ids[0])

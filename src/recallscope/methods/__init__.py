@@ -3,7 +3,7 @@
 =================  ==================================================================================
 folder             methods
 =================  ==================================================================================
-``general``        causal_tracing, logit_lens
+``general``        causal_tracing, logit_lens, attribution_patching
 ``geva2023``       attention_knockout, attributes_rate, sublayer_knockout, extraction_rate,
                    early_patching, head_mappings
 ``yu2024``         logprob_attribution, query_attribution, neuron_ablation
@@ -50,6 +50,7 @@ _METHODS: tuple[tuple[str, str], ...] = (  # (method, its paper's folder), in th
     ("function_application", "lv2024"),
     ("anti_overconfidence", "lv2024"),
     ("causal_tracing", "general"),
+    ("attribution_patching", "general"),
 )
 PAPERS: dict[str, tuple[str, ...]] = {}
 """Each paper's folder and its methods."""

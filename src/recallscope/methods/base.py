@@ -11,8 +11,9 @@ module defines:
   (tidy rows with a ``fact_id`` column), ``tables()`` (extra tidy tables by name, may be empty) and
   ``arrays()`` (named arrays keyed ``"<fact_id>/<name>"``);
 - ``cost(model, batch, config) -> Cost``: forward passes, work and peak memory, without running;
-- optionally ``prepare(model, facts, config) -> Config``: dataset-wide calibration done once before
-  the facts are split into chunks (e.g. the causal-tracing noise level);
+- optionally ``prepare(model, facts, config, dataset=None) -> Config``: calibration done once before
+  the facts are split into chunks; ``dataset`` is the whole loaded dataset (before sampling and the
+  known filter; ``facts`` when None), e.g. for the causal-tracing noise level;
 - ``CHUNK_SIZE``: facts per chunk the runner uses by default;
 - optionally ``needs_all_facts(config) -> bool``: true when a result depends on the whole fact
   list (a fit on a training split evaluated on held-out facts, a pooled regression, a mean over
@@ -303,6 +304,9 @@ def check_method(module: Any) -> None:
     for name in ("prepare", "needs_all_facts", "requires"):
         if hasattr(module, name) and not callable(getattr(module, name)):
             problems.append(f"{name}: a function when present")
+    prepare = getattr(module, "prepare", None)
+    if callable(prepare) and "dataset" not in inspect.signature(prepare).parameters:
+        problems.append("prepare(model, facts, config, dataset=None): takes the loaded dataset")
     if callable(getattr(module, "requires", None)):
         for name in ("run", "cost"):
             function = getattr(module, name, None)

@@ -86,13 +86,23 @@ def token_label(token: str) -> str:
     return token_text(token).replace("$", r"\$")
 
 
-def causal_trace_average(frame: pd.DataFrame, kind: str, buckets: Sequence[str], n_facts: int) -> plt.Figure:
-    """Mean indirect effect per token class × layer for one ``kind`` (ROME's Figure 2 style).
+def causal_trace_average(
+    frame: pd.DataFrame,
+    kind: str,
+    buckets: Sequence[str],
+    n_facts: int,
+    *,
+    value: str = "indirect_effect",
+    label: str = "mean of p(restored) − p(corrupted)",
+    title: str = "Average indirect effect",
+) -> plt.Figure:
+    """Mean indirect effect (or another ``value`` column) per token class × layer for one ``kind``
+    (ROME's Figure 2 style).
 
-    ``frame``: causal-tracing rows (``kind``, ``bucket``, ``layer``, ``indirect_effect``).
+    ``frame``: causal-tracing rows (``kind``, ``bucket``, ``layer``, ``value``).
     """
     rows = average_by_bucket(frame[frame["kind"] == kind])
-    table = rows.pivot(index="bucket", columns="layer", values="indirect_effect")
+    table = rows.pivot(index="bucket", columns="layer", values=value)
     table = table.reindex([b for b in buckets if b in table.index])
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(6.4, 0.35 * len(table) + 1.4))
@@ -100,8 +110,27 @@ def causal_trace_average(frame: pd.DataFrame, kind: str, buckets: Sequence[str],
         ax.invert_yaxis()
         ax.set_yticks(np.arange(len(table)) + 0.5, table.index)
         _layer_ticks(ax, table.columns.to_numpy())
-        ax.set_title(f"Average indirect effect: {_TITLES.get(kind, kind)} ({n_facts} facts)")
-        fig.colorbar(image, ax=ax, label="mean of p(restored) − p(corrupted)")
+        ax.set_title(f"{title}: {_TITLES.get(kind, kind)} ({n_facts} facts)")
+        fig.colorbar(image, ax=ax, label=label)
+    return fig
+
+
+def agreement_matrix(table: pd.DataFrame, title: str) -> plt.Figure:
+    """Mean Spearman correlation between maps, ``table`` with columns ``a``, ``b``, ``spearman``."""
+    names = list(dict.fromkeys([*table["a"], *table["b"]]))
+    grid = pd.DataFrame(np.eye(len(names)), index=names, columns=names)
+    for a, b, r in zip(table["a"], table["b"], table["spearman"], strict=True):
+        grid.loc[a, b] = grid.loc[b, a] = r
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(1.1 * len(names) + 3.2, 0.55 * len(names) + 1.8))
+        image = ax.pcolormesh(grid.to_numpy(), cmap="RdBu_r", vmin=-1, vmax=1)
+        ax.invert_yaxis()
+        ax.set_yticks(np.arange(len(names)) + 0.5, names)
+        ax.set_xticks(np.arange(len(names)) + 0.5, names, rotation=60, ha="right")
+        for (i, j), r in np.ndenumerate(grid.to_numpy()):
+            ax.text(j + 0.5, i + 0.5, f"{r:.2f}", ha="center", va="center", fontsize=7)
+        ax.set_title(title)
+        fig.colorbar(image, ax=ax, label="mean Spearman ρ over facts")
     return fig
 
 
@@ -406,3 +435,22 @@ def _layer_ticks(ax, layers: np.ndarray) -> None:
 
 def _n_positions(frame: pd.DataFrame) -> int:
     return int(frame["position"].nunique()) if len(frame) else 1
+
+
+def estimate_scatter(verified: pd.DataFrame, title: str) -> plt.Figure:
+    """Attribution-patching estimates against the exact effects of the verified nodes, per node type."""
+    kinds = list(dict.fromkeys(verified["node"]))
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, len(kinds), figsize=(3.2 * len(kinds), 3.2), squeeze=False)
+        for ax, kind in zip(axes[0], kinds, strict=True):
+            rows = verified[verified["node"] == kind]
+            ax.scatter(rows["exact"], rows["atp"], s=6, alpha=0.6)
+            low = float(min(rows["exact"].min(), rows["atp"].min()))
+            high = float(max(rows["exact"].max(), rows["atp"].max()))
+            ax.plot([low, high], [low, high], color="grey", lw=0.7)
+            ax.set_title(f"{kind} ({len(rows)} nodes)")
+            ax.set_xlabel("exact effect (real patching)")
+            ax.set_ylabel("AtP estimate" if ax is axes[0][0] else "")
+        fig.suptitle(title)
+        fig.tight_layout()
+    return fig

@@ -21,7 +21,7 @@ import pandas as pd
 
 from recallscope.data import FactSet, generate_lists, load_facts
 from recallscope.data.builtin import one_to_many_names
-from recallscope.data.variants import add_relation_context, shot_variants
+from recallscope.data.variants import add_relation_context, add_swap_partners, shot_variants
 from recallscope.defaults import DEFAULT_LIMIT, DEFAULT_MODEL
 from recallscope.errors import RecallscopeError
 from recallscope.methods import REGISTRY
@@ -31,7 +31,15 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["Job", "DEFAULT_LIMIT", "resolve_methods", "method_configs", "select_facts", "load_config_file"]
+__all__ = [
+    "Job",
+    "DEFAULT_LIMIT",
+    "resolve_methods",
+    "method_configs",
+    "load_dataset",
+    "select_facts",
+    "load_config_file",
+]
 
 EXECUTORS = ("local", "ray")
 
@@ -200,7 +208,20 @@ def model_key(model) -> str:
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def select_facts(model, job: Job, store=None, *, write: bool = True) -> FactSet:
+def load_dataset(model, job: Job) -> FactSet:
+    """The job's whole dataset as loaded (every fact that fits the context, before any sampling or
+    filter): the pool of counterfactual and swap partners and of dataset-wide calibrations such as
+    the causal-tracing noise level, so they do not change with ``--limit``, ``--seed`` or the known filter.
+    One-to-many datasets load every template.
+    """
+    if job.dataset in one_to_many_names():
+        return load_facts(job.dataset, templates="all").fit_context(model)
+    return load_facts(job.dataset).fit_context(model)
+
+
+def select_facts(
+    model, job: Job, store=None, *, write: bool = True, dataset: FactSet | None = None
+) -> FactSet:
     """Load the dataset, drop facts beyond the context, keep known ones, take the seeded sample.
 
     With ``known_only`` and a ``limit``, facts are tested in a seeded random order until ``limit``
@@ -208,14 +229,16 @@ def select_facts(model, job: Job, store=None, *, write: bool = True) -> FactSet:
     then kept in dataset order. With a ``store``, verdicts are read from ``known.json`` and, with
     ``write``, saved there. With ``job.shots``, each chosen fact comes in every shot variant (a few-shot
     variant the model does not know is dropped under ``known_only``). Every fact gets a counterfactual
-    partner and its relation's answers from the whole loaded dataset
-    (:func:`~recallscope.data.variants.add_relation_context`).
+    partner, a subject-swap partner and its relation's answers from the whole loaded dataset
+    (:func:`~recallscope.data.variants.add_relation_context`,
+    :func:`~recallscope.data.variants.add_swap_partners`);
+    ``dataset`` is that dataset when the caller has loaded it already (:func:`load_dataset`).
     """
+    facts = load_dataset(model, job) if dataset is None else dataset
     if job.dataset in one_to_many_names():
         if job.shots != (0,):
             raise RecallscopeError("--shots applies to single-answer datasets, not to one-to-many lists")
-        return select_lists(model, job, store, write=write)
-    facts = load_facts(job.dataset).fit_context(model)
+        return select_lists(model, job, store, write=write, dataset=facts)
     verdicts = _cached_verdicts(model, store)
     chosen = _known_sample(model, job, facts, verdicts)
     if job.shots != (0,):
@@ -224,7 +247,8 @@ def select_facts(model, job: Job, store=None, *, write: bool = True) -> FactSet:
             chosen = _known_only(model, chosen, verdicts)
     if store is not None and write and job.known_only:
         store.write_json("known.json", {"model_key": model_key(model), "verdicts": verdicts})
-    return add_relation_context(chosen, pool=list(facts), seed=job.seed or 0)
+    chosen = add_relation_context(chosen, pool=list(facts), seed=job.seed or 0)
+    return add_swap_partners(model, chosen, pool=list(facts), seed=job.seed or 0)
 
 
 def _known_only(model, facts: FactSet, verdicts: dict[str, bool]) -> FactSet:
@@ -272,7 +296,9 @@ _KNOWN_BATCH = 32
 """Facts tested per forward by the known filter."""
 
 
-def select_lists(model, job: Job, store=None, *, write: bool = True) -> FactSet:
+def select_lists(
+    model, job: Job, store=None, *, write: bool = True, dataset: FactSet | None = None
+) -> FactSet:
     """One-to-many datasets: the model's own k-item lists, as per-step facts (Yan & Jia, §2.1).
 
     Every template of every subject is a candidate list. In a seeded random order (with a
@@ -281,7 +307,7 @@ def select_lists(model, job: Job, store=None, *, write: bool = True) -> FactSet:
     The kept lists, in dataset order, become ``k`` step facts each (:meth:`OneToManySet.to_facts`).
     Generated texts are saved in ``one_to_many.json`` (with ``write``) and reused on resume.
     """
-    facts = load_facts(job.dataset, templates="all").fit_context(model)
+    facts = load_dataset(model, job) if dataset is None else dataset
     k = int(facts[0].attributes.get("k", 3))
     order = list(range(len(facts)))
     if job.limit is not None:

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from recallscope.data import FactSet
 from recallscope.errors import RecallscopeError
 from recallscope.methods import REGISTRY
-from recallscope.runner.job import Job, facts_frame, method_configs, model_key, select_facts
+from recallscope.runner.job import Job, facts_frame, load_dataset, method_configs, model_key, select_facts
 from recallscope.runner.requirements import Source, load_given, plan_requirements, run_order
 from recallscope.runner.store import Store
 
@@ -46,8 +46,9 @@ def fact_digest(fact) -> str:
     """A short hash of what a fact's results depend on (so an edited fact is redone on resume)."""
     content = [fact.fact_id, fact.subject, fact.prompt, list(fact.answers), list(fact.subject_span or ())]
     content.append(list(fact.relation_span or ()))
-    if "counterfactual" in fact.attributes:  # Lv et al.'s path patching reads the partner's prompt
-        content.append(fact.attributes["counterfactual"]["prompt"])
+    for partner in ("counterfactual", "subject_swap"):  # path patching and subject swap read these prompts
+        if partner in fact.attributes:
+            content.append(fact.attributes[partner]["prompt"])
     return hashlib.sha256(json.dumps(content).encode()).hexdigest()[:12]
 
 
@@ -67,7 +68,8 @@ def prepare_job(
         model = job.load_model()
     timings["load_model_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    facts = select_facts(model, job, store, write=write)
+    dataset = load_dataset(model, job)
+    facts = select_facts(model, job, store, write=write, dataset=dataset)
     timings["select_facts_s"] = time.perf_counter() - start
     if not len(facts):
         raise RecallscopeError(
@@ -77,7 +79,7 @@ def prepare_job(
     configs = {}
     for name, config in method_configs(job).items():
         prepare = getattr(REGISTRY[name], "prepare", None)
-        configs[name] = prepare(model, facts, config) if prepare else config
+        configs[name] = prepare(model, facts, config, dataset=dataset) if prepare else config
     return model, facts, configs, timings
 
 

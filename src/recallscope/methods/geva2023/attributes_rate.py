@@ -148,8 +148,12 @@ class AttributesRateResult(MethodResult):
         return self.per_fact(rate=self.rate, top_ids=self.top_ids)
 
 
-def prepare(model: Model, facts: FactSet | PromptBatch, config: Config) -> Config:
-    """Collect, over the whole dataset, the answers about subjects that have no description."""
+def prepare(
+    model: Model, facts: FactSet | PromptBatch, config: Config, dataset: FactSet | None = None
+) -> Config:
+    """Collect, over the facts of the run, the answers about subjects that have no description
+    (``dataset``, the whole loaded dataset, is not read).
+    """
     return attr.with_subject_objects(config, facts)
 
 

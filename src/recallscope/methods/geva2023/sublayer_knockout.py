@@ -250,9 +250,11 @@ def resolve_target_layer(model: Model, config: Config) -> int:
 # -- run -------------------------------------------------------------------------------------------
 
 
-def prepare(model: Model, facts: PromptBatch | FactSet, config: Config) -> Config:
-    """Gather the answers about subjects without a description over the whole dataset (the runner
-    calls this before chunking).
+def prepare(
+    model: Model, facts: PromptBatch | FactSet, config: Config, dataset: FactSet | None = None
+) -> Config:
+    """Gather the answers about subjects without a description over the facts of the run (the runner
+    calls this before chunking; ``dataset``, the whole loaded dataset, is not read).
     """
     return with_subject_objects(config, facts)
 

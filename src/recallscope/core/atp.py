@@ -1,0 +1,198 @@
+"""Attribution patching (AtP; Nanda 2023, Kramár et al. 2024): the first-order estimate of every node's
+noising effect from one clean forward and one backward, and its check by real patching.
+
+For a node ``n`` (a state at one position), a clean prompt and a corrupted copy of it::
+
+    effect(n) = L(clean run with n ← n(corrupted)) − L(clean run)  ≈  (n(corrupted) − n(clean)) · ∂L/∂n
+
+with the gradient taken on the clean run. Nodes (``NODES``): ``resid`` (block ``ℓ``'s output at a
+position), ``head`` (head ``h``'s output ``z`` at a position, before ``W_O``) and ``neuron`` (MLP
+neuron ``k``'s coefficient ``mlp_post`` at a position). With several corrupted copies (Gaussian
+noise, resampling), estimates and effects are means over the copies.
+
+::
+
+    grads = clean_gradients(model, ids, metric)                 # one forward, one backward
+    corrupted = corrupted_states(model, bad)                    # one forward of the copies
+    scores = estimates(grads, corrupted)                        # {"resid": [T, L], "head": [L, H, T], ...}
+    exact = patched_effects(model, ids, corrupted, nodes, metric)  # one batch row per node and copy
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from recallscope.core.cache import run_with_cache
+from recallscope.core.corruption import Corrupted
+from recallscope.core.hooks import site_hook
+from recallscope.models.model import Model
+from recallscope.models.sites import Site
+
+__all__ = [
+    "NODES",
+    "NODE_SITES",
+    "Gradients",
+    "clean_gradients",
+    "corrupted_states",
+    "estimates",
+    "patched_effects",
+]
+
+NODES = ("resid", "mlp", "head", "neuron")
+NODE_SITES = {"resid": "resid_post", "mlp": "mlp_out", "head": "z", "neuron": "mlp_post"}
+
+Metric = Callable[[torch.Tensor], torch.Tensor]
+"""``logits [R, V]`` of the last position → ``[R]`` metric values."""
+
+
+@dataclass(frozen=True)
+class Gradients:
+    """The clean run's metric, and per site its activation and the metric's gradient, ``[T, …]``."""
+
+    metric: float
+    acts: dict[Site, torch.Tensor]
+    grads: dict[Site, torch.Tensor]
+
+
+def _sites(model: Model, nodes: Sequence[str]) -> list[Site]:
+    return [Site(layer, NODE_SITES[n]) for n in nodes for layer in range(model.n_layers)]
+
+
+def clean_gradients(
+    model: Model, ids: torch.Tensor, metric: Metric, nodes: Sequence[str] = NODES
+) -> Gradients:
+    """One forward and one backward of the clean prompt ``ids [T]``: every node site and its gradient."""
+    sites = _sites(model, nodes)
+    captured: dict[Site, torch.Tensor] = {}
+
+    def start(act):  # the graph starts at the embeddings: weights may not require grad
+        return act.detach().requires_grad_(True)
+
+    def keep(site):
+        def capture(act):
+            captured[site] = act.clone()  # written back, so the rest of the forward reads this tensor
+            return captured[site]
+
+        return capture
+
+    with torch.enable_grad(), contextlib.ExitStack() as stack:
+        stack.enter_context(site_hook(model, Site(None, "embed"), start))
+        for site in sites:
+            stack.enter_context(site_hook(model, site, keep(site)))
+        logits = model.hf_model(
+            input_ids=ids[None].to(model.device), use_cache=False, logits_to_keep=1
+        ).logits
+        value = metric(logits[:, -1].double())[0]
+        grads = torch.autograd.grad(value, [captured[s] for s in sites], allow_unused=True)
+    acts = {s: captured[s][0].detach() for s in sites}
+    out = {
+        s: (torch.zeros_like(acts[s]) if g is None else g[0].detach())
+        for s, g in zip(sites, grads, strict=True)
+    }
+    return Gradients(float(value.detach()), acts, out)
+
+
+def corrupted_states(model: Model, bad: Corrupted, nodes: Sequence[str] = NODES) -> dict[Site, torch.Tensor]:
+    """Every node site of the corrupted copies, ``[S, T, …]`` (one forward of the ``S`` rows)."""
+    with bad.applied(model):
+        cache = run_with_cache(model, bad.ids, _sites(model, nodes))
+    return dict(cache.items())
+
+
+def estimates(grads: Gradients, corrupted: dict[Site, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """AtP scores ``(mean corrupted − clean) · grad`` of every node: ``resid [T, L]``, ``head [L, H, T]``,
+    ``neuron [L, T, d_mlp]`` (float64).
+    """
+    out: dict[str, list[torch.Tensor]] = {}
+    for site, act in grads.acts.items():
+        delta = corrupted[site].double().mean(0) - act.double()
+        product = delta * grads.grads[site].double()
+        if site.name in ("resid_post", "mlp_out"):
+            out.setdefault("resid" if site.name == "resid_post" else "mlp", []).append(product.sum(-1))  # [T]
+        elif site.name == "z":
+            out.setdefault("head", []).append(product.sum(-1).T)  # [H, T]
+        else:
+            out.setdefault("neuron", []).append(product)  # [T, d_mlp]
+    stacked = {name: torch.stack(parts) for name, parts in out.items()}
+    for name in ("resid", "mlp"):
+        if name in stacked:
+            stacked[name] = stacked[name].T  # [T, L]
+    return stacked
+
+
+def _writer(nodes: Sequence[tuple[int, int | None]], values: torch.Tensor, rows: torch.Tensor):
+    """Site edit: row ``rows[i]`` gets ``values[i]`` at position ``nodes[i][0]`` (index ``nodes[i][1]``)."""
+
+    def edit(act):
+        act = act.clone()
+        for row, (position, index), value in zip(rows.tolist(), nodes, values, strict=True):
+            if index is None:
+                act[row, position] = value.to(act.dtype)
+            else:
+                act[row, position, index] = value.to(act.dtype)
+        return act
+
+    return edit
+
+
+@torch.no_grad()
+def patched_effects(
+    model: Model,
+    ids: torch.Tensor,
+    corrupted: dict[Site, torch.Tensor],
+    nodes: Sequence[tuple[str, int, int, int | None]],
+    metric: Metric,
+    *,
+    max_batch_rows: int = 64,
+) -> torch.Tensor:
+    """Exact noising effects ``[len(nodes)]`` of ``(kind, layer, position, index)`` nodes (index: the
+    head or the neuron, None for ``resid``), each the mean over the corrupted copies of
+    ``L(clean run with the node from copy s) − L(clean run)``; one batch row per node and copy.
+    """
+    clean_metric = float(metric(last_logits(model, ids[None]))[0])
+    n_copies = next(iter(corrupted.values())).shape[0]
+    jobs = [(i, s) for i in range(len(nodes)) for s in range(n_copies)]
+    effects = torch.zeros(len(nodes), dtype=torch.float64)
+    for start in range(0, len(jobs), max_batch_rows):
+        part = jobs[start : start + max_batch_rows]
+        by_site: dict[Site, list[int]] = {}
+        for row, (i, _) in enumerate(part):
+            kind, layer = nodes[i][0], nodes[i][1]
+            by_site.setdefault(Site(layer, NODE_SITES[kind]), []).append(row)
+        with contextlib.ExitStack() as stack:
+            for site, rows in by_site.items():
+                where = [(nodes[part[r][0]][2], nodes[part[r][0]][3]) for r in rows]
+                values = torch.stack(
+                    [
+                        corrupted[site][part[r][1], p] if k is None else corrupted[site][part[r][1], p, k]
+                        for r, (p, k) in zip(rows, where, strict=True)
+                    ]
+                )
+                stack.enter_context(site_hook(model, site, _writer(where, values, torch.tensor(rows))))
+            logits = last_logits(model, ids[None].expand(len(part), -1))
+        values = metric(logits).cpu() - clean_metric
+        for (i, _), value in zip(part, values, strict=True):
+            effects[i] += value / n_copies
+    return effects
+
+
+@torch.no_grad()
+def last_logits(model: Model, ids: torch.Tensor) -> torch.Tensor:
+    """``[R, V]`` float64 logits of the last position of ``ids [R, T]``."""
+    out = model.hf_model(input_ids=ids.to(model.device), use_cache=False, logits_to_keep=1)
+    return out.logits[:, -1].double()
+
+
+def metric(name: str, target: int, counter: int | None = None) -> Metric:
+    """The metric ``logits [R, V]`` (float64) → ``[R]``: ``logit_diff`` (target minus ``counter``),
+    ``logprob`` or ``prob`` of ``target``.
+    """
+    if name == "logit_diff":
+        return lambda logits: logits[:, target] - logits[:, counter]
+    if name == "logprob":
+        return lambda logits: logits.log_softmax(-1)[:, target]
+    return lambda logits: logits.softmax(-1)[:, target]
