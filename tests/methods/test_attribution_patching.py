@@ -75,6 +75,40 @@ def test_estimate_is_the_finite_difference_derivative(name, eps, rel, tol, tiny_
         assert _score(result, 0, node) == pytest.approx((up - down) / (2 * eps), rel=rel, abs=tol), node
 
 
+def test_graddrop_is_the_finite_difference_with_each_block_held(tiny_models):
+    """GradDrop = 1/(L−1) Σ_ℓ |derivative along Δn with block ℓ's attention and MLP updates held at
+    their clean values|, each derivative a central difference."""
+    model = tiny_models("gpt2")
+    facts = _facts(model, 1)
+    result = ap.run(model, facts, ap.Config(verify=0, graddrop=True))
+    ids, partner, target, counter = _inputs(model, facts[0])
+    frame = result.to_frame().set_index(["node", "layer", "index", "position"])
+    held = [
+        {
+            s: v
+            for s, v in rs.run_with_cache(model, ids[None], [Site(b, "attn_out"), Site(b, "mlp_out")]).items()
+        }
+        for b in range(model.n_layers)
+    ]
+    eps = 1e-4
+    for node in _some_nodes(model, len(ids), np.random.default_rng(1), k=3):
+        site = Site(node[1], SITE[node[0]])
+        clean = node_value(rs.run_with_cache(model, ids[None], [site]), node)[0]
+        step = eps * (node_value(rs.run_with_cache(model, partner[None], [site]), node)[0] - clean)
+        total = 0.0
+        for frozen in held:
+            up = set_node(model, ids, node, clean + step, "logit_diff", target, counter, frozen)
+            down = set_node(model, ids, node, clean - step, "logit_diff", target, counter, frozen)
+            total += abs(up - down) / (2 * eps)
+        expected = total / (model.n_layers - 1)
+        if node[0] == "neuron":
+            got = result.graddrop[0]["neuron"][node[1], node[2], node[3]]
+        else:
+            got = frame.loc[(node[0], node[1], -1 if node[3] is None else node[3], node[2]), "graddrop"]
+        assert got == pytest.approx(expected, rel=1e-6, abs=1e-11), node
+    assert f"{facts[0].fact_id}/head_graddrop" in result.arrays()
+
+
 def test_verification_equals_naive_patching_of_every_node(tiny_models):
     """verify=None: every node patched for real; each exact effect equals one naive forward per node."""
     model = tiny_models("llama_gqa")

@@ -7,6 +7,8 @@ node's value replaced; the exact noising effect and the finite-difference deriva
 
 from __future__ import annotations
 
+import contextlib
+
 import recallscope as rs
 from recallscope import Site
 
@@ -30,8 +32,9 @@ def logit_metric(logits, name, target, counter=None):
     return logprob if name == "logprob" else logprob.exp()
 
 
-def set_node(model, ids, node, value, name, target, counter=None):
-    """The metric of the clean prompt ``ids [T]`` run with ``node`` set to ``value``."""
+def set_node(model, ids, node, value, name, target, counter=None, frozen=None):
+    """The metric of the clean prompt ``ids [T]`` run with ``node`` set to ``value`` (and, after it,
+    every site of ``frozen`` held at the given value)."""
     kind, layer, position, index = node
 
     def edit(act):
@@ -42,7 +45,10 @@ def set_node(model, ids, node, value, name, target, counter=None):
             act[0, position, index] = value
         return act
 
-    with rs.site_hook(model, Site(layer, SITE[kind]), edit):
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(rs.site_hook(model, Site(layer, SITE[kind]), edit))
+        for site, held in (frozen or {}).items():
+            stack.enter_context(rs.site_hook(model, site, lambda act, held=held: held.clone()))
         logits = rs.forward(model, ids[None])
     return float(logit_metric(logits, name, target, counter)[0])
 

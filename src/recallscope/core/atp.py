@@ -39,6 +39,7 @@ __all__ = [
     "clean_gradients",
     "corrupted_states",
     "estimates",
+    "graddrop",
     "patched_effects",
 ]
 
@@ -63,9 +64,18 @@ def _sites(model: Model, nodes: Sequence[str]) -> list[Site]:
 
 
 def clean_gradients(
-    model: Model, ids: torch.Tensor, metric: Metric, nodes: Sequence[str] = NODES
+    model: Model,
+    ids: torch.Tensor,
+    metric: Metric,
+    nodes: Sequence[str] = NODES,
+    *,
+    dropped_layer: int | None = None,
 ) -> Gradients:
-    """One forward and one backward of the clean prompt ``ids [T]``: every node site and its gradient."""
+    """One forward and one backward of the clean prompt ``ids [T]``: every node site and its gradient.
+
+    ``dropped_layer``: no gradient flows back through that block's attention and MLP updates
+    (GradDrop's pass for that layer); its own nodes then get a zero gradient.
+    """
     sites = _sites(model, nodes)
     captured: dict[Site, torch.Tensor] = {}
 
@@ -81,19 +91,43 @@ def clean_gradients(
 
     with torch.enable_grad(), contextlib.ExitStack() as stack:
         stack.enter_context(site_hook(model, Site(None, "embed"), start))
+        if dropped_layer is not None:
+            for name in ("attn_out", "mlp_out"):
+                stack.enter_context(site_hook(model, Site(dropped_layer, name), torch.Tensor.detach))
         for site in sites:
             stack.enter_context(site_hook(model, site, keep(site)))
         logits = model.hf_model(
             input_ids=ids[None].to(model.device), use_cache=False, logits_to_keep=1
         ).logits
         value = metric(logits[:, -1].double())[0]
-        grads = torch.autograd.grad(value, [captured[s] for s in sites], allow_unused=True)
+        live = [s for s in sites if captured[s].requires_grad]
+        grads = dict(
+            zip(live, torch.autograd.grad(value, [captured[s] for s in live], allow_unused=True), strict=True)
+        )
     acts = {s: captured[s][0].detach() for s in sites}
-    out = {
-        s: (torch.zeros_like(acts[s]) if g is None else g[0].detach())
-        for s, g in zip(sites, grads, strict=True)
-    }
+    out = {s: (torch.zeros_like(acts[s]) if grads.get(s) is None else grads[s][0].detach()) for s in sites}
     return Gradients(float(value.detach()), acts, out)
+
+
+def graddrop(
+    model: Model,
+    ids: torch.Tensor,
+    metric: Metric,
+    corrupted: dict[Site, torch.Tensor],
+    nodes: Sequence[str] = NODES,
+) -> dict[str, torch.Tensor]:
+    """AtP* GradDrop scores ``1/(L−1) Σ_ℓ |Δn · ∂L/∂n with no gradient through block ℓ's updates|``
+    of every node (shapes as :func:`estimates`; ``L`` passes of one forward and one backward).
+
+    A node whose direct and indirect effects cancel has a small AtP but a large GradDrop score,
+    because dropping one path uncovers the other (Kramár et al. 2024, §3.3).
+    """
+    total: dict[str, torch.Tensor] = {}
+    for layer in range(model.n_layers):
+        grads = clean_gradients(model, ids, metric, nodes, dropped_layer=layer)
+        for name, part in estimates(grads, corrupted).items():
+            total[name] = total.get(name, 0) + part.abs()
+    return {name: value / max(1, model.n_layers - 1) for name, value in total.items()}
 
 
 def corrupted_states(model: Model, bad: Corrupted, nodes: Sequence[str] = NODES) -> dict[Site, torch.Tensor]:

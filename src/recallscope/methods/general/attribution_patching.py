@@ -59,6 +59,8 @@ class Config(MethodConfig):
     nodes: Annotated[tuple[Node, ...], NON_EMPTY, DISTINCT] = ("resid", "mlp", "head", "neuron")
     verify: NonNegative | None = 20
     """Nodes per fact and node type re-measured by real patching (largest ``|atp|``); None: all."""
+    graddrop: bool = False
+    """Also the AtP* GradDrop score of every node (``L`` more forward and backward passes per fact)."""
     top_neurons: Positive = 100
     """Neuron nodes listed per fact in the ``neurons`` table (largest ``|atp|``)."""
     target: Literal["gold", "top1"] = "gold"
@@ -106,23 +108,29 @@ class AttributionPatchingResult(MethodResult):
     clean_metric: list[float]
     corrupted_metric: list[float]
     partner: list[str | None]
+    graddrop: list[dict[str, np.ndarray]]
+    """``[F]`` of node type → GradDrop scores (shapes as the AtP arrays); empty without ``graddrop``."""
 
     def to_frame(self) -> pd.DataFrame:
         """One row per fact × block output / MLP update / head × position (neurons: :meth:`tables`)."""
         frames = []
         for f in range(len(self.fact_ids)):
-            for name in ("resid", "mlp"):
+            for name in ("resid", "mlp", "head"):
                 scores = getattr(self, name)[f]
                 if scores.size:
-                    t, layer = (a.reshape(-1) for a in np.indices(scores.shape))
-                    frames.append(self._nodes(f, name, layer, np.full(t.shape, -1), t, scores.reshape(-1)))
-            if self.head[f].size:
-                layer, h, t = (a.reshape(-1) for a in np.indices(self.head[f].shape))
-                frames.append(self._nodes(f, "head", layer, h, t, self.head[f].reshape(-1)))
+                    frames.append(self._nodes(f, name, np.indices(scores.shape).reshape(scores.ndim, -1)))
         frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
         return self._with_exact(frame)
 
-    def _nodes(self, f, node, layer, index, position, scores) -> pd.DataFrame:
+    def _nodes(self, f: int, node: str, where: np.ndarray) -> pd.DataFrame:
+        """Rows of the ``node`` entries of fact ``f`` at the index arrays ``where`` (one per axis)."""
+        if node in ("resid", "mlp"):  # [T, L]
+            position, layer, index = where[0], where[1], np.full(where.shape[1], -1)
+        elif node == "head":  # [L, H, T]
+            layer, index, position = where
+        else:  # neuron [L, T, d_mlp]
+            layer, position, index = where
+        gd = self.graddrop[f].get(node)
         return pd.DataFrame(
             {
                 "fact_id": self.fact_ids[f],
@@ -131,7 +139,8 @@ class AttributionPatchingResult(MethodResult):
                 "index": index,
                 "position": position,
                 "token": np.asarray(self.tokens[f], dtype=object)[position],
-                "atp": scores,
+                "atp": getattr(self, node)[f][tuple(where)],
+                "graddrop": np.nan if gd is None else gd[tuple(where)],
             }
         )
 
@@ -148,11 +157,9 @@ class AttributionPatchingResult(MethodResult):
         frames = []
         for f in range(len(self.fact_ids)):
             scores = self.neuron[f]
-            if not scores.size:
-                continue
-            flat = np.argsort(-np.abs(scores), axis=None, kind="stable")[: self.config.top_neurons]
-            layer, t, k = np.unravel_index(flat, scores.shape)
-            frames.append(self._nodes(f, "neuron", layer, k, t, scores[layer, t, k]))
+            if scores.size:
+                flat = np.argsort(-np.abs(scores), axis=None, kind="stable")[: self.config.top_neurons]
+                frames.append(self._nodes(f, "neuron", np.stack(np.unravel_index(flat, scores.shape))))
         neurons = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
         facts = pd.DataFrame(
             {
@@ -165,12 +172,15 @@ class AttributionPatchingResult(MethodResult):
         return {"neurons": self._with_exact(neurons), "verification": self.verified, "facts": facts}
 
     def arrays(self) -> dict[str, np.ndarray]:
-        """Per fact AtP scores: ``resid`` and ``mlp [T, L]``, ``head [L, H, T]``, ``neuron [L, T, d_mlp]``."""
+        """Per fact AtP scores ``<fact>/<node>``: ``resid`` and ``mlp [T, L]``, ``head [L, H, T]``,
+        ``neuron [L, T, d_mlp]``; with ``graddrop``, ``<fact>/<node>_graddrop`` likewise.
+        """
         out = {}
         for f, fact in enumerate(self.fact_ids):
             for name in ("resid", "mlp", "head", "neuron"):
                 if getattr(self, name)[f].size:
                     out[f"{fact}/{name}"] = getattr(self, name)[f].astype(np.float32)
+            out.update({f"{fact}/{k}_graddrop": v.astype(np.float32) for k, v in self.graddrop[f].items()})
         return out
 
     def summary(self) -> pd.DataFrame:
@@ -215,7 +225,7 @@ def run(
         raise RecallscopeError("attribution_patching corrupts the subject: give facts with a subject span")
     if not config.noise_calibrated_on:
         config = prepare(model, facts if facts is not None else batch, config)
-    keys = ("fact_ids", "tokens", "resid", "mlp", "head", "neuron", "clean", "bad", "partner")
+    keys = ("fact_ids", "tokens", "resid", "mlp", "head", "neuron", "clean", "bad", "partner", "graddrop")
     out: dict[str, list] = {k: [] for k in keys}
     verified, skipped = [], []
     for row in range(len(batch)):
@@ -232,6 +242,7 @@ def run(
         grads = atp.clean_gradients(model, ids, metric, config.nodes)
         states = atp.corrupted_states(model, bad, config.nodes)
         scores = {k: v.numpy() for k, v in atp.estimates(grads, states).items()}
+        dropped = atp.graddrop(model, ids, metric, states, config.nodes) if config.graddrop else {}
         nodes = _to_verify(scores, config.verify)
         exact = atp.patched_effects(model, ids, states, nodes, metric, max_batch_rows=config.max_batch_rows)
         verified.append(_verified(fact_id, nodes, scores, exact.numpy()))
@@ -240,7 +251,7 @@ def run(
         for key, value in zip(
             out,
             (fact_id, decode_tokens(model, ids), *(_node(scores, n) for n in keys[2:6]),
-             grads.metric, bad_metric, bad.partner),
+             grads.metric, bad_metric, bad.partner, {k: v.numpy() for k, v in dropped.items()}),
             strict=True,
         ):  # fmt: skip
             out[key].append(value)
@@ -249,7 +260,8 @@ def run(
     return AttributionPatchingResult(
         tokens=out["tokens"], resid=out["resid"], mlp=out["mlp"], head=out["head"], neuron=out["neuron"],
         verified=table,
-        clean_metric=out["clean"], corrupted_metric=out["bad"], partner=out["partner"], config=config,
+        clean_metric=out["clean"], corrupted_metric=out["bad"], partner=out["partner"],
+        graddrop=out["graddrop"], config=config,
         fact_ids=out["fact_ids"], provenance=_provenance(model, config), skipped=skipped,
     )  # fmt: skip
 
@@ -341,5 +353,8 @@ def _provenance(model: Model, config: Config) -> dict:
         target=config.target,
         layers="0-based blocks",
         bos=model.bos,
-        not_implemented="AtP* fixes (attention-softmax recomputation, GradDrop) and RelP",
+        graddrop="1/(L-1) sum_l |atp with no gradient through block l's attention and MLP updates| (AtP*)"
+        if config.graddrop
+        else "off",
+        not_implemented="AtP*'s softmax recomputation for query/key nodes (no q/k nodes here); RelP",
     )  # fmt: skip
