@@ -201,11 +201,15 @@ def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = Non
     config = config or Config()
     batch = as_batch(model, batch)
     copies = 1 if config.corruption == "subject_swap" else config.samples
-    verify = config.verify if config.verify is not None else model.n_layers * (model.n_heads + model.d_mlp)
-    rows = len(config.nodes) * verify * copies
-    per_fact = 3 + 1 + 1 + -(-rows // config.max_batch_rows)
     tokens = batch.seq_len
-    work = (3 + copies + rows) * tokens * model.n_layers
+    per_node = {"resid": 1, "mlp": 1, "head": model.n_heads, "neuron": model.d_mlp}
+    every = {n: model.n_layers * tokens * per_node[n] for n in config.nodes}
+    rows = copies * sum(
+        every.values() if config.verify is None else [min(config.verify, v) for v in every.values()]
+    )
+    passes = 3 * (1 + (model.n_layers if config.graddrop else 0))  # a backward counted as two forwards
+    per_fact = passes + 2 + -(-rows // config.max_batch_rows)  # + the corrupted run and its metric
+    work = (passes + copies + rows) * tokens * model.n_layers
     floats = tokens * model.n_layers * (4 * model.d_model + 2 * model.d_mlp) * (2 + copies)
     return Cost(per_fact * len(batch), float(work * len(batch)), floats * model.dtype.itemsize)
 
