@@ -185,13 +185,21 @@ def test_gaussian_copies_are_averaged(tiny_models):
 
 
 def test_facts_alone_equal_facts_together(tiny_models):
-    model = tiny_models("gpt2")
-    facts = _facts(model, 2)
-    together = ap.run(model, facts, ap.Config(verify=3))
+    """One forward and backward for several left-padded facts (and their partners) = one per fact."""
+    model = tiny_models("llama_gqa")
+    facts = _facts(model, 4)
+    lengths = {len(rs.tokenize(model, [f.prompt]).input_ids[0]) for f in facts}
+    together = ap.run(model, facts, ap.Config(verify=3, batch_size=3))
+    assert len(lengths) > 1 and together.fact_ids == [f.fact_id for f in facts]
     for f, fact in enumerate(facts):
-        alone = ap.run(model, facts.with_facts([fact], {"step": "one"}), ap.Config(verify=3))
-        np.testing.assert_array_equal(alone.neuron[0], together.neuron[f])
-        np.testing.assert_array_equal(alone.head[0], together.head[f])
+        alone = ap.run(model, facts.with_facts([fact], {"step": "one"}), ap.Config(verify=3, batch_size=1))
+        for name in ("resid", "mlp", "head", "neuron"):
+            np.testing.assert_allclose(
+                getattr(together, name)[f], getattr(alone, name)[0], rtol=1e-9, atol=1e-15
+            )
+        assert together.clean_metric[f] == pytest.approx(alone.clean_metric[0], abs=1e-12)
+    exact = together.verified.groupby("fact_id")["exact"].apply(list)
+    assert len(exact) == 4 and all(len(v) == 12 for v in exact)
 
 
 def test_tables_errors_and_skips(tiny_models):

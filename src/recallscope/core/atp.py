@@ -29,6 +29,7 @@ import torch
 from recallscope.core.cache import run_with_cache
 from recallscope.core.corruption import Corrupted
 from recallscope.core.hooks import site_hook
+from recallscope.core.tokens import PromptBatch
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
 
@@ -65,17 +66,22 @@ def _sites(model: Model, nodes: Sequence[str]) -> list[Site]:
 
 def clean_gradients(
     model: Model,
-    ids: torch.Tensor,
+    prompt: torch.Tensor | PromptBatch,
     metric: Metric,
     nodes: Sequence[str] = NODES,
     *,
     dropped_layer: int | None = None,
-) -> Gradients:
-    """One forward and one backward of the clean prompt ``ids [T]``: every node site and its gradient.
+) -> Gradients | list[Gradients]:
+    """One forward and one backward of the clean prompt ``ids [T]`` (a :class:`Gradients`), or of
+    every row of a left-padded ``PromptBatch`` at once (one per row, cut to its real tokens; the
+    metric maps ``[B, V]`` logits to ``[B]`` and the rows do not interact).
 
     ``dropped_layer``: no gradient flows back through that block's attention and MLP updates
     (GradDrop's pass for that layer); its own nodes then get a zero gradient.
     """
+    batched = isinstance(prompt, PromptBatch)
+    inputs = prompt.model_inputs(model.device) if batched else {"input_ids": prompt[None].to(model.device)}
+    pads = prompt.pad_lengths.tolist() if batched else [0]
     sites = _sites(model, nodes)
     captured: dict[Site, torch.Tensor] = {}
 
@@ -96,17 +102,17 @@ def clean_gradients(
                 stack.enter_context(site_hook(model, Site(dropped_layer, name), torch.Tensor.detach))
         for site in sites:
             stack.enter_context(site_hook(model, site, keep(site)))
-        logits = model.hf_model(
-            input_ids=ids[None].to(model.device), use_cache=False, logits_to_keep=1
-        ).logits
-        value = metric(logits[:, -1].double())[0]
+        logits = model.hf_model(**inputs, use_cache=False, logits_to_keep=1).logits
+        values = metric(logits[:, -1].double())
         live = [s for s in sites if captured[s].requires_grad]
-        grads = dict(
-            zip(live, torch.autograd.grad(value, [captured[s] for s in live], allow_unused=True), strict=True)
-        )
-    acts = {s: captured[s][0].detach() for s in sites}
-    out = {s: (torch.zeros_like(acts[s]) if grads.get(s) is None else grads[s][0].detach()) for s in sites}
-    return Gradients(float(value.detach()), acts, out)
+        found = torch.autograd.grad(values.sum(), [captured[s] for s in live], allow_unused=True)
+        grads = dict(zip(live, found, strict=True))
+    out = []
+    for row, pad in enumerate(pads):
+        acts = {s: captured[s][row, pad:].detach() for s in sites}
+        g = {s: torch.zeros_like(acts[s]) if grads.get(s) is None else grads[s][row, pad:] for s in sites}
+        out.append(Gradients(float(values[row].detach()), acts, g))
+    return out if batched else out[0]
 
 
 def graddrop(
@@ -130,8 +136,14 @@ def graddrop(
     return {name: value / max(1, model.n_layers - 1) for name, value in total.items()}
 
 
-def corrupted_states(model: Model, bad: Corrupted, nodes: Sequence[str] = NODES) -> dict[Site, torch.Tensor]:
-    """Every node site of the corrupted copies, ``[S, T, …]`` (one forward of the ``S`` rows)."""
+def corrupted_states(
+    model: Model, bad: Corrupted | PromptBatch, nodes: Sequence[str] = NODES
+) -> dict[Site, torch.Tensor]:
+    """Every node site of the corrupted copies, ``[S, T, …]`` (one forward of the ``S`` rows), or
+    of every row of a ``PromptBatch`` of corrupted prompts (padded).
+    """
+    if isinstance(bad, PromptBatch):
+        return dict(run_with_cache(model, bad, _sites(model, nodes)).items())
     with bad.applied(model):
         cache = run_with_cache(model, bad.ids, _sites(model, nodes))
     return dict(cache.items())
@@ -221,12 +233,18 @@ def last_logits(model: Model, ids: torch.Tensor) -> torch.Tensor:
     return out.logits[:, -1].double()
 
 
-def metric(name: str, target: int, counter: int | None = None) -> Metric:
+def metric(name: str, target, counter=None) -> Metric:
     """The metric ``logits [R, V]`` (float64) → ``[R]``: ``logit_diff`` (target minus ``counter``),
-    ``logprob`` or ``prob`` of ``target``.
+    ``logprob`` or ``prob`` of ``target``; ``target`` and ``counter`` are token ids, one for every
+    row or ``[R]``.
     """
+
+    def pick(values: torch.Tensor, tokens) -> torch.Tensor:
+        tokens = torch.as_tensor(tokens, device=values.device).reshape(-1).expand(len(values))
+        return values.gather(1, tokens[:, None])[:, 0]
+
     if name == "logit_diff":
-        return lambda logits: logits[:, target] - logits[:, counter]
+        return lambda logits: pick(logits, target) - pick(logits, counter)
     if name == "logprob":
-        return lambda logits: logits.log_softmax(-1)[:, target]
-    return lambda logits: logits.softmax(-1)[:, target]
+        return lambda logits: pick(logits.log_softmax(-1), target)
+    return lambda logits: pick(logits.softmax(-1), target)

@@ -73,6 +73,8 @@ class Config(MethodConfig):
     noise_calibrated_on: str | None = None
     resample_vocab: tuple[tuple[str, tuple[int, ...]], ...] = ()
     seed: int = 1
+    batch_size: Positive = 8
+    """Facts per clean forward and backward (and per forward of their swapped partners)."""
     max_batch_rows: Positive = 64
     """Verification rows per forward."""
 
@@ -231,34 +233,18 @@ def run(
         config = prepare(model, facts if facts is not None else batch, config)
     keys = ("fact_ids", "tokens", "resid", "mlp", "head", "neuron", "clean", "bad", "partner", "graddrop")
     out: dict[str, list] = {k: [] for k in keys}
-    verified, skipped = [], []
+    verified, skipped, todo = [], [], []
     for row in range(len(batch)):
-        fact_id = batch.fact_ids[row] if batch.fact_ids else str(row)
         reason = _check(model, batch, facts, row, config)
         if reason:
-            skipped.append((fact_id, reason))
-            continue
-        pad = int(batch.pad_lengths[row])
-        ids = batch.input_ids[row, pad:]
-        bad = _corrupted(model, batch, facts, row, ids, config)
-        target = _target(model, batch, row, ids, config)
-        metric = atp.metric(config.metric, target, bad.counter)
-        grads = atp.clean_gradients(model, ids, metric, config.nodes)
-        states = atp.corrupted_states(model, bad, config.nodes)
-        scores = {k: v.numpy() for k, v in atp.estimates(grads, states).items()}
-        dropped = atp.graddrop(model, ids, metric, states, config.nodes) if config.graddrop else {}
-        nodes = _to_verify(scores, config.verify)
-        exact = atp.patched_effects(model, ids, states, nodes, metric, max_batch_rows=config.max_batch_rows)
-        verified.append(_verified(fact_id, nodes, scores, exact.numpy()))
-        with bad.applied(model):
-            bad_metric = float(metric(atp.last_logits(model, bad.ids)).mean())
-        for key, value in zip(
-            out,
-            (fact_id, decode_tokens(model, ids), *(_node(scores, n) for n in keys[2:6]),
-             grads.metric, bad_metric, bad.partner, {k: v.numpy() for k, v in dropped.items()}),
-            strict=True,
-        ):  # fmt: skip
-            out[key].append(value)
+            skipped.append((batch.fact_ids[row] if batch.fact_ids else str(row), reason))
+        else:
+            todo.append(row)
+    for start in range(0, len(todo), config.batch_size):
+        for fact in _attribute(model, batch, facts, todo[start : start + config.batch_size], config):
+            verified.append(fact.pop("verified"))
+            for key in keys:
+                out[key].append(fact[key])
     columns = ["fact_id", "node", "layer", "index", "position", "atp", "exact"]
     table = pd.concat(verified, ignore_index=True) if verified else pd.DataFrame(columns=columns)
     return AttributionPatchingResult(
@@ -268,6 +254,47 @@ def run(
         graddrop=out["graddrop"], config=config,
         fact_ids=out["fact_ids"], provenance=_provenance(model, config), skipped=skipped,
     )  # fmt: skip
+
+
+def _attribute(model: Model, batch: PromptBatch, facts, rows: list[int], config: Config):
+    """Per fact of ``rows``: its AtP scores, GradDrop scores, verified nodes and metrics. One forward
+    and one backward for all the rows (and, for a subject swap, one forward of their partners).
+    """
+    part = batch.select(rows)
+    ids = [part.input_ids[i, int(pad) :] for i, pad in enumerate(part.pad_lengths)]
+    bad = [_corrupted(model, batch, facts, row, ids[i], config) for i, row in enumerate(rows)]
+    targets = [_target(model, batch, row, ids[i], config) for i, row in enumerate(rows)]
+    counters = [b.counter for b in bad] if config.corruption == "subject_swap" else None
+    grads = atp.clean_gradients(model, part, atp.metric(config.metric, targets, counters), config.nodes)
+    if config.corruption == "subject_swap":  # the partners, padded as their facts: one forward
+        swapped = part.input_ids.clone()
+        for i, pad in enumerate(part.pad_lengths.tolist()):
+            swapped[i, pad:] = bad[i].ids[0]
+        cache = atp.corrupted_states(model, replace(part, input_ids=swapped), config.nodes)
+        states = [
+            {s: v[i : i + 1, pad:] for s, v in cache.items()}
+            for i, pad in enumerate(part.pad_lengths.tolist())
+        ]
+    else:
+        states = [atp.corrupted_states(model, b, config.nodes) for b in bad]
+    for i, row in enumerate(rows):
+        metric = atp.metric(config.metric, targets[i], bad[i].counter)
+        scores = {k: v.numpy() for k, v in atp.estimates(grads[i], states[i]).items()}
+        dropped = atp.graddrop(model, ids[i], metric, states[i], config.nodes) if config.graddrop else {}
+        nodes = _to_verify(scores, config.verify)
+        exact = atp.patched_effects(
+            model, ids[i], states[i], nodes, metric, max_batch_rows=config.max_batch_rows
+        )
+        with bad[i].applied(model):
+            bad_metric = float(metric(atp.last_logits(model, bad[i].ids)).mean())
+        fact_id = batch.fact_ids[row] if batch.fact_ids else str(row)
+        yield {
+            "fact_ids": fact_id, "tokens": decode_tokens(model, ids[i]),
+            **{name: _node(scores, name) for name in ("resid", "mlp", "head", "neuron")},
+            "clean": grads[i].metric, "bad": bad_metric, "partner": bad[i].partner,
+            "graddrop": {k: v.numpy() for k, v in dropped.items()},
+            "verified": _verified(fact_id, nodes, scores, exact.numpy()),
+        }  # fmt: skip
 
 
 def _node(scores: dict[str, np.ndarray], name: str) -> np.ndarray:
