@@ -49,24 +49,14 @@ def facts_with_partners(model, n: int, seed: int) -> rs.FactSet:
 def all_nodes(result, f: int, kinds) -> list[tuple]:
     nodes = []
     for kind in kinds:
-        scores = getattr(result, kind)[f]
-        for where in np.ndindex(scores.shape):
-            if kind in ("resid", "mlp"):
-                nodes.append((kind, where[1], where[0], None))
-            elif kind == "head":
-                nodes.append((kind, where[0], where[2], where[1]))
-            else:
-                nodes.append((kind, where[0], where[1], where[2]))
+        for where in np.ndindex(getattr(result, kind)[f].shape):
+            nodes.append((kind, *atp.node_of(kind, where)))
     return nodes
 
 
 def score(result, f: int, node) -> float:
     kind, layer, position, index = node
-    if kind in ("resid", "mlp"):
-        return float(getattr(result, kind)[f][position, layer])
-    if kind == "head":
-        return float(result.head[f][layer, index, position])
-    return float(result.neuron[f][layer, position, index])
+    return float(getattr(result, kind)[f][atp.node_index(kind, layer, position, index)])
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from recallscope.core.cache import run_with_cache
+from recallscope.core.cache import Cache, forward, run_with_cache
 from recallscope.core.corruption import Corrupted
 from recallscope.core.hooks import site_hook
 from recallscope.core.tokens import PromptBatch
@@ -36,6 +36,9 @@ from recallscope.models.sites import Site
 __all__ = [
     "NODES",
     "NODE_SITES",
+    "AXES",
+    "node_of",
+    "node_index",
     "Gradients",
     "clean_gradients",
     "corrupted_states",
@@ -46,6 +49,14 @@ __all__ = [
 
 NODES = ("resid", "mlp", "head", "neuron")
 NODE_SITES = {"resid": "resid_post", "mlp": "mlp_out", "head": "z", "neuron": "mlp_post"}
+
+AXES = {
+    "resid": ("position", "layer"),
+    "mlp": ("position", "layer"),
+    "head": ("layer", "index", "position"),
+    "neuron": ("layer", "position", "index"),
+}
+"""The axes of each node type's score array (:func:`estimates`); ``index``: the head or the neuron."""
 
 Metric = Callable[[torch.Tensor], torch.Tensor]
 """``logits [R, V]`` of the last position → ``[R]`` metric values."""
@@ -136,17 +147,15 @@ def graddrop(
     return {name: value / max(1, model.n_layers - 1) for name, value in total.items()}
 
 
-def corrupted_states(
-    model: Model, bad: Corrupted | PromptBatch, nodes: Sequence[str] = NODES
-) -> dict[Site, torch.Tensor]:
-    """Every node site of the corrupted copies, ``[S, T, …]`` (one forward of the ``S`` rows), or
-    of every row of a ``PromptBatch`` of corrupted prompts (padded).
+def corrupted_states(model: Model, bad: Corrupted | PromptBatch, nodes: Sequence[str] = NODES) -> Cache:
+    """Every node site of the corrupted copies, ``[S, T, …]``, and their last-position logits
+    (``.logits [S, V]``), from one forward of the ``S`` rows; or of every row of a ``PromptBatch`` of
+    corrupted prompts (padded).
     """
     if isinstance(bad, PromptBatch):
-        return dict(run_with_cache(model, bad, _sites(model, nodes)).items())
+        return run_with_cache(model, bad, _sites(model, nodes), logits="last")
     with bad.applied(model):
-        cache = run_with_cache(model, bad.ids, _sites(model, nodes))
-    return dict(cache.items())
+        return run_with_cache(model, bad.ids, _sites(model, nodes), logits="last")
 
 
 def estimates(grads: Gradients, corrupted: dict[Site, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -199,7 +208,7 @@ def patched_effects(
     head or the neuron, None for ``resid``), each the mean over the corrupted copies of
     ``L(clean run with the node from copy s) − L(clean run)``; one batch row per node and copy.
     """
-    clean_metric = float(metric(last_logits(model, ids[None]))[0])
+    clean_metric = float(metric(forward(model, ids[None]).double())[0])
     n_copies = next(iter(corrupted.values())).shape[0]
     jobs = [(i, s) for i in range(len(nodes)) for s in range(n_copies)]
     effects = torch.zeros(len(nodes), dtype=torch.float64)
@@ -219,18 +228,11 @@ def patched_effects(
                     ]
                 )
                 stack.enter_context(site_hook(model, site, _writer(where, values, torch.tensor(rows))))
-            logits = last_logits(model, ids[None].expand(len(part), -1))
+            logits = forward(model, ids[None].expand(len(part), -1)).double()
         values = metric(logits).cpu() - clean_metric
         for (i, _), value in zip(part, values, strict=True):
             effects[i] += value / n_copies
     return effects
-
-
-@torch.no_grad()
-def last_logits(model: Model, ids: torch.Tensor) -> torch.Tensor:
-    """``[R, V]`` float64 logits of the last position of ``ids [R, T]``."""
-    out = model.hf_model(input_ids=ids.to(model.device), use_cache=False, logits_to_keep=1)
-    return out.logits[:, -1].double()
 
 
 def metric(name: str, target, counter=None) -> Metric:
@@ -248,3 +250,17 @@ def metric(name: str, target, counter=None) -> Metric:
     if name == "logprob":
         return lambda logits: pick(logits.log_softmax(-1), target)
     return lambda logits: pick(logits.softmax(-1), target)
+
+
+def node_of(kind: str, where) -> tuple:
+    """``(layer, position, index)`` of the entry ``where`` (one index, or index array, per axis) of a
+    ``kind`` score array; ``index`` is None for block outputs and MLP updates.
+    """
+    named = dict(zip(AXES[kind], where, strict=True))
+    return named["layer"], named["position"], named.get("index")
+
+
+def node_index(kind: str, layer, position, index=None) -> tuple:
+    """The entry of a ``kind`` score array that holds the node ``(layer, position, index)``."""
+    named = {"layer": layer, "position": position, "index": index}
+    return tuple(named[axis] for axis in AXES[kind])

@@ -31,7 +31,6 @@ from recallscope.models.sites import Site
 
 __all__ = [
     "RESTORED_SITES",
-    "METRICS",
     "RestorationCell",
     "plan_resumed_forwards",
     "run_restoration_cells",
@@ -45,10 +44,6 @@ __all__ = [
 
 RESTORED_SITES = {"hidden": "resid_post", "mlp": "mlp_out", "attn": "attn_out"}
 """The site whose clean value each kind of restoration writes back."""
-
-
-METRICS = ("prob", "logprob", "logit_diff", "kl", "answer_logprob")
-"""What :func:`cell_metrics` reads from each row's logits."""
 
 
 def cell_metrics(

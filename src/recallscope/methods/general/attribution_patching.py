@@ -27,10 +27,11 @@ import pandas as pd
 
 from recallscope.core import atp
 from recallscope.core import corruption as corrupt
+from recallscope.core.cache import forward
 from recallscope.core.tokens import PromptBatch, as_batch
 from recallscope.core.vocab import decode_tokens
 from recallscope.data.facts import FactSet
-from recallscope.data.variants import swap_inputs
+from recallscope.data.variants import swap_fact, swap_inputs
 from recallscope.errors import RecallscopeError
 from recallscope.methods.base import Cost, MethodConfig, MethodResult, result_provenance
 from recallscope.methods.general.summaries import verification_summary as summary
@@ -126,19 +127,14 @@ class AttributionPatchingResult(MethodResult):
 
     def _nodes(self, f: int, node: str, where: np.ndarray) -> pd.DataFrame:
         """Rows of the ``node`` entries of fact ``f`` at the index arrays ``where`` (one per axis)."""
-        if node in ("resid", "mlp"):  # [T, L]
-            position, layer, index = where[0], where[1], np.full(where.shape[1], -1)
-        elif node == "head":  # [L, H, T]
-            layer, index, position = where
-        else:  # neuron [L, T, d_mlp]
-            layer, position, index = where
+        layer, position, index = atp.node_of(node, where)
         gd = self.graddrop[f].get(node)
         return pd.DataFrame(
             {
                 "fact_id": self.fact_ids[f],
                 "node": node,
                 "layer": layer,
-                "index": index,
+                "index": np.full(len(layer), -1) if index is None else index,
                 "position": position,
                 "token": np.asarray(self.tokens[f], dtype=object)[position],
                 "atp": getattr(self, node)[f][tuple(where)],
@@ -210,7 +206,7 @@ def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = Non
         every.values() if config.verify is None else [min(config.verify, v) for v in every.values()]
     )
     passes = 3 * (1 + (model.n_layers if config.graddrop else 0))  # a backward counted as two forwards
-    per_fact = passes + 2 + -(-rows // config.max_batch_rows)  # + the corrupted run and its metric
+    per_fact = passes + 1 + -(-rows // config.max_batch_rows)  # + the corrupted run
     work = (passes + copies + rows) * tokens * model.n_layers
     floats = tokens * model.n_layers * (4 * model.d_model + 2 * model.d_mlp) * (2 + copies)
     return Cost(per_fact * len(batch), float(work * len(batch)), floats * model.dtype.itemsize)
@@ -271,12 +267,12 @@ def _attribute(model: Model, batch: PromptBatch, facts, rows: list[int], config:
         for i, pad in enumerate(part.pad_lengths.tolist()):
             swapped[i, pad:] = bad[i].ids[0]
         cache = atp.corrupted_states(model, replace(part, input_ids=swapped), config.nodes)
-        states = [
-            {s: v[i : i + 1, pad:] for s, v in cache.items()}
-            for i, pad in enumerate(part.pad_lengths.tolist())
-        ]
+        pads = part.pad_lengths.tolist()
+        states = [{s: v[i : i + 1, pad:] for s, v in cache.items()} for i, pad in enumerate(pads)]
+        bad_logits = [cache.logits[i : i + 1] for i in range(len(rows))]
     else:
-        states = [atp.corrupted_states(model, b, config.nodes) for b in bad]
+        caches = [atp.corrupted_states(model, b, config.nodes) for b in bad]
+        states, bad_logits = [dict(c.items()) for c in caches], [c.logits for c in caches]
     for i, row in enumerate(rows):
         metric = atp.metric(config.metric, targets[i], bad[i].counter)
         scores = {k: v.numpy() for k, v in atp.estimates(grads[i], states[i]).items()}
@@ -285,8 +281,7 @@ def _attribute(model: Model, batch: PromptBatch, facts, rows: list[int], config:
         exact = atp.patched_effects(
             model, ids[i], states[i], nodes, metric, max_batch_rows=config.max_batch_rows
         )
-        with bad[i].applied(model):
-            bad_metric = float(metric(atp.last_logits(model, bad[i].ids)).mean())
+        bad_metric = float(metric(bad_logits[i].double()).mean())
         fact_id = batch.fact_ids[row] if batch.fact_ids else str(row)
         yield {
             "fact_ids": fact_id, "tokens": decode_tokens(model, ids[i]),
@@ -306,7 +301,7 @@ def _check(model, batch: PromptBatch, facts, row: int, config: Config) -> str | 
         return "no subject span"
     if config.target == "gold" and batch.target_ids is None:
         return "no gold answer (target='gold')"
-    if config.corruption == "subject_swap" and (facts is None or swap_inputs(model, facts[row]) is None):
+    if config.corruption == "subject_swap" and (facts is None or swap_fact(facts[row]) is None):
         return "no subject_swap partner (same relation, another answer, as many subject tokens)"
     return None
 
@@ -327,7 +322,7 @@ def _corrupted(model, batch: PromptBatch, facts, row: int, ids, config: Config) 
 def _target(model, batch: PromptBatch, row: int, ids, config: Config) -> int:
     if config.target == "gold":
         return int(batch.target_ids[row])
-    return int(atp.last_logits(model, ids[None])[0].argmax())
+    return int(forward(model, ids[None])[0].argmax())
 
 
 def _to_verify(scores: dict[str, np.ndarray], k: int | None) -> list[tuple[str, int, int, int | None]]:
@@ -336,33 +331,17 @@ def _to_verify(scores: dict[str, np.ndarray], k: int | None) -> list[tuple[str, 
     for name, values in scores.items():
         order = np.argsort(-np.abs(values), axis=None, kind="stable")
         for flat in order if k is None else order[:k]:
-            where = np.unravel_index(flat, values.shape)
-            if name in ("resid", "mlp"):
-                nodes.append((name, int(where[1]), int(where[0]), None))
-            elif name == "head":
-                nodes.append((name, int(where[0]), int(where[2]), int(where[1])))
-            else:
-                nodes.append((name, int(where[0]), int(where[1]), int(where[2])))
+            layer, position, index = atp.node_of(name, np.unravel_index(flat, values.shape))
+            nodes.append((name, int(layer), int(position), None if index is None else int(index)))
     return nodes
 
 
 def _verified(fact_id: str, nodes, scores: dict[str, np.ndarray], exact: np.ndarray) -> pd.DataFrame:
-    rows = []
-    for (name, layer, position, index), value in zip(nodes, exact, strict=True):
-        at = {"head": (layer, index, position), "neuron": (layer, position, index)}.get(
-            name, (position, layer)
-        )
-        rows.append(
-            (
-                fact_id,
-                name,
-                layer,
-                -1 if index is None else index,
-                position,
-                float(scores[name][at]),
-                float(value),
-            )
-        )
+    rows = [
+        (fact_id, name, layer, -1 if index is None else index, position,
+         float(scores[name][atp.node_index(name, layer, position, index)]), float(value))
+        for (name, layer, position, index), value in zip(nodes, exact, strict=True)
+    ]  # fmt: skip
     return pd.DataFrame(rows, columns=["fact_id", "node", "layer", "index", "position", "atp", "exact"])
 
 

@@ -43,7 +43,7 @@ from recallscope.data.facts import FactSet
 from recallscope.data.variants import swap_inputs
 from recallscope.errors import RecallscopeError
 from recallscope.methods.base import Cost, MethodConfig, MethodResult, result_provenance
-from recallscope.methods.general.summaries import BUCKETS, average_by_bucket, position_class
+from recallscope.methods.general.summaries import BUCKETS, METRIC_COLUMNS, average_by_bucket, position_class
 from recallscope.methods.general.summaries import average_by_bucket as summary
 from recallscope.methods.hints import DISTINCT, NON_EMPTY, Positive
 from recallscope.models.model import Model
@@ -81,7 +81,7 @@ SWAP_RULE = (
     "the subject of the fact's subject_swap partner (same relation, another answer, as many tokens, "
     "every other token unchanged) from the loaded dataset; subject span only"
 )
-METRICS = ("prob", "logprob", "logit_diff", "kl")
+METRICS = METRIC_COLUMNS
 """Metric columns of every row besides the headline ``score``."""
 
 
@@ -364,8 +364,9 @@ def run(model: Model, batch: PromptBatch | FactSet, config: Config | None = None
     traces, skipped = [], []
     for row in range(len(batch)):
         fact_id = batch.fact_ids[row] if batch.fact_ids else str(row)
-        partner = swap_inputs(model, facts[row]) if facts is not None else None
-        if partner is None and "subject_swap" in config.corruptions:
+        swaps = "subject_swap" in config.corruptions
+        partner = swap_inputs(model, facts[row]) if swaps and facts is not None else None
+        if swaps and partner is None:
             skipped.append((fact_id, f"no subject_swap partner: {SWAP_RULE}"))
             continue
         spans = [name for r, name in pairs if r == row]
