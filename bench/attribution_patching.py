@@ -3,15 +3,17 @@
 On the embedded model (or ``--model``), for facts the model knows with a subject-swap partner:
 
 - AtP: :func:`recallscope.methods.attribution_patching.run` with ``verify=0`` (one clean forward and
-  backward and one forward of the partner per fact), every block output, MLP update, head and MLP
-  neuron at every position;
+  backward and one forward of the partner per fact), every block output, MLP update, head, MLP
+  neuron, query and key at every position (queries and keys with AtP*'s recomputed softmax, and to
+  first order for comparison);
+- RelP: the same with ``estimator="relp"`` (LRP coefficients instead of gradients);
 - exact: the same nodes patched for real (noising: the partner's value into the clean run, one batch
-  row per node, :func:`recallscope.core.atp.patched_effects`): every block output, MLP update and head;
-  MLP neurons on a random sample of ``--neuron-sample`` per fact, the time for all of them
-  extrapolated from the sample's mean (``--neuron-sample 0``: every neuron, slow).
+  row per node, :func:`recallscope.core.atp.patched_effects`): every block output, MLP update, head,
+  query and key; MLP neurons on a random sample of ``--neuron-sample`` per fact, the time for all of
+  them extrapolated from the sample's mean (``--neuron-sample 0``: every neuron, slow).
 
-Prints seconds per fact, the speed-up over the exact grid, Spearman ρ of AtP against the exact
-effects per node type and peak memory. Run::
+Prints seconds per fact, the speed-up over the exact grid, Spearman ρ and Pearson r of each estimate
+against the exact effects per node type and peak memory. Run::
 
     python bench/attribution_patching.py --facts 4 --neuron-sample 2000
 """
@@ -75,11 +77,19 @@ def main() -> None:
     print(f"{model.info.name}: {model.n_layers} layers, {model.n_heads} heads, d_mlp {model.d_mlp}, "
           f"{len(facts)} facts; torch {torch.__version__}, transformers {transformers.__version__}, "
           f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")  # fmt: skip
-    before = peak_rss_mb()
-    start = time.perf_counter()
-    result = ap.run(model, facts, ap.Config(verify=0))
-    atp_s = (time.perf_counter() - start) / len(facts)
-    atp_mb = peak_rss_mb() - before
+    configs = {
+        "atp": ap.Config(verify=0),
+        "relp": ap.Config(verify=0, estimator="relp"),
+        "atp_first_order": ap.Config(verify=0, qk_fix=False, nodes=("query", "key")),
+    }
+    results, seconds, grown = {}, {}, {}
+    for name, config in configs.items():
+        before = peak_rss_mb()
+        start = time.perf_counter()
+        results[name] = ap.run(model, facts, config)
+        seconds[name] = (time.perf_counter() - start) / len(facts)
+        grown[name] = peak_rss_mb() - before
+    result = results["atp"]
     rng = np.random.default_rng(args.seed)
     rows, exact_s, n_nodes = [], 0.0, 0
     for f, fact in enumerate(facts):
@@ -92,7 +102,7 @@ def main() -> None:
         bad = swapped(ids, span, partner, counter=counter, partner=partner_id)
         states = atp.corrupted_states(model, bad)
         metric = atp.metric("logit_diff", target, counter)
-        dense = all_nodes(result, f, ("resid", "mlp", "head"))
+        dense = all_nodes(result, f, ("resid", "mlp", "head", "query", "key"))
         neurons = all_nodes(result, f, ("neuron",))
         picked = rng.choice(
             len(neurons), min(args.neuron_sample or len(neurons), len(neurons)), replace=False
@@ -102,21 +112,27 @@ def main() -> None:
             start = time.perf_counter()
             effects = atp.patched_effects(model, ids, states, group, metric, max_batch_rows=args.rows)
             exact_s += (time.perf_counter() - start) * scale
-            rows += [(f, n[0], score(result, f, n), float(e)) for n, e in zip(group, effects, strict=True)]
+            for n, e in zip(group, effects, strict=True):
+                first = score(results["atp_first_order"], f, n) if n[0] in ("query", "key") else np.nan
+                rows.append((f, n[0], float(e), score(result, f, n), score(results["relp"], f, n), first))
         n_nodes += len(dense) + len(neurons)
     exact_s /= len(facts)
-    table = pd.DataFrame(rows, columns=["fact", "node", "atp", "exact"])
+    table = pd.DataFrame(rows, columns=["fact", "node", "exact", "atp", "relp", "atp_first_order"])
     per_fact = n_nodes // len(facts)
-    print(f"AtP: {atp_s:.2f} s per fact ({per_fact} nodes), peak +{atp_mb:.0f} MB")
     sampled = args.neuron_sample or "all"
     print(f"exact grid (neurons extrapolated from {sampled} per fact): {exact_s:.1f} s per fact")
-    print(f"speed-up: {exact_s / atp_s:.0f}x")
+    for name in configs:
+        print(f"{name}: {seconds[name]:.2f} s per fact ({per_fact} nodes for atp and relp), "
+              f"peak +{grown[name]:.0f} MB, speed-up {exact_s / seconds[name]:.0f}x")  # fmt: skip
     for node, part in table.groupby("node", sort=False):
-        ranks = part[["atp", "exact"]].rank()
-        error = (part["atp"] - part["exact"]).abs()
-        print(f"  {node:7s} n={len(part):7d}  Spearman {ranks['atp'].corr(ranks['exact']):.3f}  "
-              f"Pearson {part['atp'].corr(part['exact']):.3f}  max |error| {error.max():.3g}  "
-              f"mean |exact| {part['exact'].abs().mean():.3g}")  # fmt: skip
+        for name in ("atp", "relp", "atp_first_order"):
+            if part[name].isna().all():
+                continue
+            ranks = part[[name, "exact"]].rank()
+            error, rho = (part[name] - part["exact"]).abs(), ranks[name].corr(ranks["exact"])
+            print(f"  {node:7s} {name:16s} n={len(part):7d}  Spearman {rho:.3f}  "
+                  f"Pearson {part[name].corr(part['exact']):.3f}  max |error| {error.max():.3g}  "
+                  f"mean |exact| {part['exact'].abs().mean():.3g}")  # fmt: skip
     print(f"peak RSS {peak_rss_mb():.0f} MB")
 
 

@@ -57,6 +57,7 @@ __all__ = [
     "compile_knockouts",
     "EAGER_IMPLEMENTATION",
     "kernel_value_hook",
+    "kernel_qk_hook",
     "output_gate_hook",
 ]
 
@@ -69,6 +70,7 @@ _PROB_HOOKS: weakref.WeakKeyDictionary[nn.Module, list] = weakref.WeakKeyDiction
 _TAPS: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
 _VALUE_HOOKS: weakref.WeakKeyDictionary[nn.Module, list] = weakref.WeakKeyDictionary()
 _OUTPUT_HOOKS: weakref.WeakKeyDictionary[nn.Module, list] = weakref.WeakKeyDictionary()
+_QK_HOOKS: weakref.WeakKeyDictionary[nn.Module, list] = weakref.WeakKeyDictionary()
 
 
 def _eager_attention(
@@ -89,6 +91,9 @@ def _eager_attention(
     and probabilities ``[B, H, Q, K]``.
     """
     value = _run_value_hooks(module, value)
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    for fn in _QK_HOOKS.get(module, ()):
+        query, key = fn(query, key, scaling, softcap)
     output, probs = eager_kernel(
         query,
         key,
@@ -149,6 +154,49 @@ def kernel_value_hook(model: Model, layer: int, fn: Callable) -> Iterator[None]:
     entries.append(call)
     try:
         with eager_attention(model):
+            yield
+    finally:
+        entries.remove(call)
+
+
+@contextlib.contextmanager
+def kernel_qk_hook(model: Model, layer: int, fn: Callable) -> Iterator[None]:
+    """``fn(query [B, T, n_heads, d_qk], key [B, T, n_kv_heads, d_qk], scaling, softcap)`` on the
+    queries and keys layer ``layer``'s attention hands the kernel: after RoPE and any q/k norm, what
+    the scores ``softcap(scaling · q·k)`` are made of (a read, or a write if it returns new
+    ``(query, key)``). Runs recallscope's eager kernel inside; refused for inline attention code
+    (BLOOM, MPT, GPT-Neo), whose queries and keys cannot be reached, and for attention that calls
+    the kernel twice (DiffLlama's differential attention).
+    """
+    if not model.spec.attention_interface:
+        raise UnsupportedModelError(
+            f"{model.spec.family}: its attention code is inline, so the queries and keys its softmax "
+            "reads cannot be reached"
+        )
+    owner, home = model.module(model.spec.attn, layer), model.device
+    calls = []
+
+    def call(query, key, scaling, softcap):  # [B, H, T, d] <-> canonical [B, T, H, d]
+        calls.append(None)
+        if len(calls) > 1:
+            raise UnsupportedModelError(
+                f"{model.spec.family}: block {layer}'s attention calls the kernel more than once in a "
+                "forward, so its queries and keys are not one set"
+            )
+        new = fn(query.transpose(1, 2).to(home), key.transpose(1, 2).to(home), scaling, softcap)
+        if new is None:
+            return query, key
+        return tuple(
+            n.to(old.device, old.dtype).transpose(1, 2) for n, old in zip(new, (query, key), strict=True)
+        )
+
+    def reset(module, args, kwargs):
+        calls.clear()
+
+    entries = _QK_HOOKS.setdefault(owner, [])
+    entries.append(call)
+    try:
+        with eager_attention(model), module_hook(owner, reset, "pre"):
             yield
     finally:
         entries.remove(call)

@@ -7,7 +7,10 @@ prompt give the first-order estimate of every node's noising effect (:mod:`recal
     atp(n) = (n(corrupted) − n(clean)) · ∂L/∂n(clean)   ≈   L(clean | n ← n(corrupted)) − L(clean)
 
 over block outputs (``resid``) and MLP updates (``mlp``) per position and layer, attention heads per
-position (``head``, the head's ``z`` before ``W_O``) and MLP neurons per position (``neuron``).
+position (``head``, the head's ``z`` before ``W_O``), MLP neurons per position (``neuron``), and the
+queries and keys the attention kernel reads (``query`` per head, ``key`` per key-value head), scored
+with AtP*'s recomputed softmax (``qk_fix``). ``estimator="relp"`` replaces the gradients with LRP
+coefficients (relevance patching, :mod:`recallscope.core.lrp`); GradDrop exposes cancellation.
 ``L`` is the logit difference between the answer and the swapped-in subject's answer (``logit_diff``,
 Zhang & Nanda's choice), the answer's log-probability or its probability. With several corrupted
 copies, estimates and effects are means over the copies.
@@ -28,6 +31,7 @@ import pandas as pd
 from recallscope.core import atp
 from recallscope.core import corruption as corrupt
 from recallscope.core.cache import forward
+from recallscope.core.lrp import relp_unsupported
 from recallscope.core.tokens import PromptBatch, as_batch
 from recallscope.core.vocab import decode_tokens
 from recallscope.data.facts import FactSet
@@ -48,7 +52,9 @@ DESCRIPTION = (
 CHUNK_SIZE = 4
 """Facts per runner chunk (one forward and one backward each, plus the verification rows)."""
 
-Node = Literal["resid", "mlp", "head", "neuron"]
+Node = Literal["resid", "mlp", "head", "neuron", "query", "key"]
+SCORED = ("resid", "mlp", "head", "neuron", "query", "key")
+"""Every node type, in the order of the result's fields."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,9 +63,16 @@ class Config(MethodConfig):
 
     corruption: Literal["subject_swap", "gaussian", "resample"] = "subject_swap"
     metric: Literal["logit_diff", "logprob", "prob"] = "logit_diff"
-    nodes: Annotated[tuple[Node, ...], NON_EMPTY, DISTINCT] = ("resid", "mlp", "head", "neuron")
+    nodes: Annotated[tuple[Node, ...], NON_EMPTY, DISTINCT] = SCORED
+    estimator: Literal["atp", "relp"] = "atp"
+    """``atp``: gradients; ``relp``: LRP coefficients (relevance patching, Jafari et al. 2025)."""
+    qk_fix: bool = True
+    """Query and key nodes through the recomputed attention softmax (AtP*); False: first order."""
     verify: NonNegative | None = 20
     """Nodes per fact and node type re-measured by real patching (largest ``|atp|``); None: all."""
+    skipped_nodes: tuple[str, ...] = ()
+    """Set by :func:`prepare`: requested node types this model cannot give (queries and keys of
+    inline attention code)."""
     graddrop: bool = False
     """Also the AtP* GradDrop score of every node (``L`` more forward and backward passes per fact)."""
     top_neurons: Positive = 100
@@ -82,6 +95,8 @@ class Config(MethodConfig):
     PRESETS = {
         "zhang_nanda": dict(corruption="subject_swap", metric="logit_diff", target="gold"),
         "rome_noise": dict(corruption="gaussian", metric="prob", target="top1", samples=10),
+        "atp_star": dict(qk_fix=True, graddrop=True),
+        "relp": dict(estimator="relp"),
     }
 
     def __post_init__(self) -> None:
@@ -106,6 +121,10 @@ class AttributionPatchingResult(MethodResult):
     """``[F]`` of ``[L, H, T]`` AtP of each head's output at each position."""
     neuron: list[np.ndarray]
     """``[F]`` of ``[L, T, d_mlp]`` AtP of each neuron at each position."""
+    query: list[np.ndarray]
+    """``[F]`` of ``[L, H, T]`` AtP(*) of each head's query at each position."""
+    key: list[np.ndarray]
+    """``[F]`` of ``[L, H_kv, T]`` AtP(*) of each key-value head's key at each position."""
     verified: pd.DataFrame
     """Rows fact_id, node, layer, position, index, atp, exact: the nodes patched for real."""
     clean_metric: list[float]
@@ -115,10 +134,12 @@ class AttributionPatchingResult(MethodResult):
     """``[F]`` of node type → GradDrop scores (shapes as the AtP arrays); empty without ``graddrop``."""
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per fact × block output / MLP update / head × position (neurons: :meth:`tables`)."""
+        """One row per fact × block output / MLP update / head / query / key × position (neurons:
+        :meth:`tables`).
+        """
         frames = []
         for f in range(len(self.fact_ids)):
-            for name in ("resid", "mlp", "head"):
+            for name in ("resid", "mlp", "head", "query", "key"):
                 scores = getattr(self, name)[f]
                 if scores.size:
                     frames.append(self._nodes(f, name, np.indices(scores.shape).reshape(scores.ndim, -1)))
@@ -170,12 +191,13 @@ class AttributionPatchingResult(MethodResult):
         return {"neurons": self._with_exact(neurons), "verification": self.verified, "facts": facts}
 
     def arrays(self) -> dict[str, np.ndarray]:
-        """Per fact AtP scores ``<fact>/<node>``: ``resid`` and ``mlp [T, L]``, ``head [L, H, T]``,
-        ``neuron [L, T, d_mlp]``; with ``graddrop``, ``<fact>/<node>_graddrop`` likewise.
+        """Per fact AtP scores ``<fact>/<node>``: ``resid`` and ``mlp [T, L]``, ``head`` and ``query
+        [L, H, T]``, ``key [L, H_kv, T]``, ``neuron [L, T, d_mlp]``; with ``graddrop``,
+        ``<fact>/<node>_graddrop`` likewise.
         """
         out = {}
         for f, fact in enumerate(self.fact_ids):
-            for name in ("resid", "mlp", "head", "neuron"):
+            for name in SCORED:
                 if getattr(self, name)[f].size:
                     out[f"{fact}/{name}"] = getattr(self, name)[f].astype(np.float32)
             out.update({f"{fact}/{k}_graddrop": v.astype(np.float32) for k, v in self.graddrop[f].items()})
@@ -189,9 +211,27 @@ class AttributionPatchingResult(MethodResult):
 def prepare(
     model: Model, facts: PromptBatch | FactSet, config: Config, dataset: FactSet | None = None
 ) -> Config:
-    """Fix ν and the resampling vocabulary on the whole loaded ``dataset`` (as causal tracing)."""
+    """Fix ν and the resampling vocabulary on the whole loaded ``dataset`` (as causal tracing); drop
+    query and key nodes where the attention code is inline (recorded); refuse RelP where its rules do
+    not cover the model.
+    """
+    reason = relp_unsupported(model) if config.estimator == "relp" else None
+    if reason:
+        raise RecallscopeError(
+            f"estimator='relp': the propagation rules do not cover {model.spec.family}'s {reason}; use "
+            "estimator='atp'"
+        )
     pool = facts if dataset is None else dataset
-    return replace(config, **corrupt.calibration_fields(model, pool, ["subject"], config))
+    unreachable = () if model.spec.attention_interface else atp.KERNEL_NODES
+    skipped = tuple(n for n in config.nodes if n in unreachable)
+    nodes = tuple(n for n in config.nodes if n not in unreachable)
+    if not nodes:
+        raise RecallscopeError(
+            f"{model.spec.family} computes attention inline: its queries and keys cannot be patched; "
+            "ask for other nodes (resid, mlp, head, neuron)"
+        )
+    fields = corrupt.calibration_fields(model, pool, ["subject"], config)
+    return replace(config, nodes=nodes, skipped_nodes=config.skipped_nodes + skipped, **fields)
 
 
 def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = None) -> Cost:
@@ -201,6 +241,7 @@ def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = Non
     copies = 1 if config.corruption == "subject_swap" else config.samples
     tokens = batch.seq_len
     per_node = {"resid": 1, "mlp": 1, "head": model.n_heads, "neuron": model.d_mlp}
+    per_node |= {"query": model.n_heads, "key": model.n_kv_heads}
     every = {n: model.n_layers * tokens * per_node[n] for n in config.nodes}
     rows = copies * sum(
         every.values() if config.verify is None else [min(config.verify, v) for v in every.values()]
@@ -227,7 +268,7 @@ def run(
         raise RecallscopeError("attribution_patching corrupts the subject: give facts with a subject span")
     if not config.noise_calibrated_on:
         config = prepare(model, facts if facts is not None else batch, config)
-    keys = ("fact_ids", "tokens", "resid", "mlp", "head", "neuron", "clean", "bad", "partner", "graddrop")
+    keys = ("fact_ids", "tokens", *SCORED, "clean", "bad", "partner", "graddrop")
     out: dict[str, list] = {k: [] for k in keys}
     verified, skipped, todo = [], [], []
     for row in range(len(batch)):
@@ -244,8 +285,7 @@ def run(
     columns = ["fact_id", "node", "layer", "index", "position", "atp", "exact"]
     table = pd.concat(verified, ignore_index=True) if verified else pd.DataFrame(columns=columns)
     return AttributionPatchingResult(
-        tokens=out["tokens"], resid=out["resid"], mlp=out["mlp"], head=out["head"], neuron=out["neuron"],
-        verified=table,
+        tokens=out["tokens"], **{name: out[name] for name in SCORED}, verified=table,
         clean_metric=out["clean"], corrupted_metric=out["bad"], partner=out["partner"],
         graddrop=out["graddrop"], config=config,
         fact_ids=out["fact_ids"], provenance=_provenance(model, config), skipped=skipped,
@@ -261,31 +301,39 @@ def _attribute(model: Model, batch: PromptBatch, facts, rows: list[int], config:
     bad = [_corrupted(model, batch, facts, row, ids[i], config) for i, row in enumerate(rows)]
     targets = [_target(model, batch, row, ids[i], config) for i, row in enumerate(rows)]
     counters = [b.counter for b in bad] if config.corruption == "subject_swap" else None
-    grads = atp.clean_gradients(model, part, atp.metric(config.metric, targets, counters), config.nodes)
+    rules = "relp" if config.estimator == "relp" else "gradient"
+    grads = atp.clean_gradients(
+        model, part, atp.metric(config.metric, targets, counters), config.nodes, rules=rules
+    )
     if config.corruption == "subject_swap":  # the partners, padded as their facts: one forward
         swapped = part.input_ids.clone()
         for i, pad in enumerate(part.pad_lengths.tolist()):
             swapped[i, pad:] = bad[i].ids[0]
         cache = atp.corrupted_states(model, replace(part, input_ids=swapped), config.nodes)
         pads = part.pad_lengths.tolist()
-        states = [{s: v[i : i + 1, pad:] for s, v in cache.items()} for i, pad in enumerate(pads)]
-        bad_logits = [cache.logits[i : i + 1] for i in range(len(rows))]
+        states = [
+            atp.States({k: v[i : i + 1, pad:] for k, v in cache.acts.items()}, cache.logits[i : i + 1])
+            for i, pad in enumerate(pads)
+        ]
     else:
-        caches = [atp.corrupted_states(model, b, config.nodes) for b in bad]
-        states, bad_logits = [dict(c.items()) for c in caches], [c.logits for c in caches]
+        states = [atp.corrupted_states(model, b, config.nodes) for b in bad]
     for i, row in enumerate(rows):
         metric = atp.metric(config.metric, targets[i], bad[i].counter)
-        scores = {k: v.numpy() for k, v in atp.estimates(grads[i], states[i]).items()}
-        dropped = atp.graddrop(model, ids[i], metric, states[i], config.nodes) if config.graddrop else {}
-        nodes = _to_verify(scores, config.verify)
+        scores = {k: v.numpy() for k, v in atp.estimates(grads[i], states[i], qk_fix=config.qk_fix).items()}
+        dropped = (
+            atp.graddrop(model, ids[i], metric, states[i], config.nodes, rules=rules)
+            if config.graddrop
+            else {}
+        )
+        nodes = _to_verify(model, scores, config.verify)
         exact = atp.patched_effects(
             model, ids[i], states[i], nodes, metric, max_batch_rows=config.max_batch_rows
         )
-        bad_metric = float(metric(bad_logits[i].double()).mean())
+        bad_metric = float(metric(states[i].logits.double()).mean())
         fact_id = batch.fact_ids[row] if batch.fact_ids else str(row)
         yield {
             "fact_ids": fact_id, "tokens": decode_tokens(model, ids[i]),
-            **{name: _node(scores, name) for name in ("resid", "mlp", "head", "neuron")},
+            **{name: _node(scores, name) for name in SCORED},
             "clean": grads[i].metric, "bad": bad_metric, "partner": bad[i].partner,
             "graddrop": {k: v.numpy() for k, v in dropped.items()},
             "verified": _verified(fact_id, nodes, scores, exact.numpy()),
@@ -325,14 +373,22 @@ def _target(model, batch: PromptBatch, row: int, ids, config: Config) -> int:
     return int(forward(model, ids[None])[0].argmax())
 
 
-def _to_verify(scores: dict[str, np.ndarray], k: int | None) -> list[tuple[str, int, int, int | None]]:
-    """``(node, layer, position, index)`` of the ``k`` largest ``|atp|`` per node type (all: None)."""
+def _to_verify(model: Model, scores: dict[str, np.ndarray], k: int | None) -> list[tuple]:
+    """``(node, layer, position, index)`` of the ``k`` largest ``|atp|`` per node type (all: None);
+    never a key-value head a block does not have (its score is a zero of padding).
+    """
     nodes = []
     for name, values in scores.items():
         order = np.argsort(-np.abs(values), axis=None, kind="stable")
-        for flat in order if k is None else order[:k]:
+        picked = 0
+        for flat in order:
             layer, position, index = atp.node_of(name, np.unravel_index(flat, values.shape))
+            if name == "key" and index >= model.n_kv_heads_at(int(layer)):
+                continue
+            if k is not None and picked == k:
+                break
             nodes.append((name, int(layer), int(position), None if index is None else int(index)))
+            picked += 1
     return nodes
 
 
@@ -346,25 +402,33 @@ def _verified(fact_id: str, nodes, scores: dict[str, np.ndarray], exact: np.ndar
 
 
 def _provenance(model: Model, config: Config) -> dict:
+    coefficient = {
+        "atp": "dL/dn at the clean run",
+        "relp": "LRP coefficient at the clean run (RelP: LN-rule, attention probabilities held, identity "
+        "rule for activations, half rule for gated products; linear maps by their gradient)",
+    }[config.estimator]
     return result_provenance(
         model,
         config,
-        estimate="atp(n) = (n(corrupted) - n(clean)) . dL/dn at the clean run (one forward, one backward); "
-        "mean over the corrupted copies",
+        estimate=f"(n(corrupted) - n(clean)) . {coefficient} (one forward, one backward); mean over the "
+        "corrupted copies",
         nodes="resid: resid_post[l]; mlp: mlp_out[l]; head: z[l][h] (before W_O); neuron: mlp_post[l][k]; "
-        "each at each position",
+        "query/key: the attention kernel's q[l][h] / k[l][kv head] (after RoPE and q/k norms); each at "
+        "each position",
+        query_key="AtP*: attention row recomputed exactly with the patched score, then first order in "
+        "the attention probabilities" if config.qk_fix else "first order in q / k",
+        skipped_nodes=", ".join(config.skipped_nodes) + " (inline attention code)"
+        if config.skipped_nodes else "none",
         metric={"logit_diff": "logit(target) - logit(swapped-in answer)", "logprob": "log P(target)",
                 "prob": "P(target)"}[config.metric],
         corruption=config.corruption,
         noise=dict(config.noise_levels) or config.noise,
         noise_rule=f"{config.noise_factor} x std of the embedding entries of {config.noise_calibrated_on}",
-        verification=f"the {config.verify or 'all'} largest |atp| per fact and node type patched for real "
-        "(noising: corrupted value into the clean run), one batch row per node and copy",
+        verification=f"the {config.verify or 'all'} largest |estimate| per fact and node type patched for "
+        "real (noising: corrupted value into the clean run), one batch row per node and copy",
         target=config.target,
         layers="0-based blocks",
         bos=model.bos,
-        graddrop="1/(L-1) sum_l |atp with no gradient through block l's attention and MLP updates| (AtP*)"
-        if config.graddrop
-        else "off",
-        not_implemented="AtP*'s softmax recomputation for query/key nodes (no q/k nodes here); RelP",
+        graddrop="1/(L-1) sum_l |estimate with nothing flowing back through block l's attention and MLP "
+        "updates| (AtP*)" if config.graddrop else "off",
     )  # fmt: skip
