@@ -1,4 +1,4 @@
-"""Command line: ``recallscope run | plan | report | methods | datasets | check-model | models``.
+"""Command line: ``recallscope run | plan | report | compare | methods | datasets | check-model | models``.
 
 Thin by design: parse flags, load, call the library, print.
 """
@@ -239,7 +239,27 @@ def run_cmd(no_report: bool, **flags) -> None:
             f"{len(entry['skipped'])} skipped -> {store.results_path(name)}"
         )
     if not no_report:
+        _echo_scorecard(store.root)
         click.echo(f"report: {store.root / 'report.html'}")
+
+
+def _echo_scorecard(run_dir) -> None:
+    """One line per claim of the run's ``scorecard.parquet``: verdict, effect and interval, facts."""
+    import pandas as pd
+
+    path = Path(run_dir) / "scorecard.parquet"
+    if not path.exists():
+        return
+    card = pd.read_parquet(path)
+    click.echo("findings (scorecard.parquet; the rule: docs/scorecard.md):")
+    for row in card.itertuples():
+        numbers = (
+            f" {row.effect:.3g} [{row.ci_low:.3g}, {row.ci_high:.3g}], {row.n_facts} facts"
+            if row.n_facts
+            else ""
+        )
+        extra = f" ({row.finding})" if row.finding else f" ({row.reason})" if row.reason else ""
+        click.echo(f"  {row.key}: {row.verdict}{numbers}{extra}")
 
 
 @cli.command("plan")
@@ -260,7 +280,20 @@ def report_cmd(run_dir: str) -> None:
     """(Re)write RUN_DIR/report.html and RUN_DIR/figures/ from the stored results (no model needed)."""
     from recallscope.report import write_report
 
-    click.echo(f"report: {write_report(run_dir)}")
+    path = write_report(run_dir)
+    _echo_scorecard(run_dir)
+    click.echo(f"report: {path}")
+
+
+@cli.command("compare")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False, exists=True))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for comparison.html.")
+@click.option("--label", "labels", multiple=True, help="A name per run, in order (default: model · dataset).")
+def compare_cmd(run_dirs: tuple[str, ...], out: str, labels: tuple[str, ...]) -> None:
+    """One report across runs: scorecards side by side, curves on a relative depth axis (no model)."""
+    from recallscope.report.compare import write_comparison
+
+    click.echo(f"comparison: {write_comparison(run_dirs, out, labels=labels or None)}")
 
 
 @cli.command("methods")

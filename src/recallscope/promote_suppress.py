@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-__all__ = ["promote_then_suppress", "STATS"]
+__all__ = ["promote_then_suppress", "per_fact_stats", "STATS"]
 
 _NEGATIVE = ("lens_previous", "lens_current", "attn_previous")
 """Statistics whose ``_frac`` counts facts below 0 (the others: above 0)."""
@@ -75,6 +75,28 @@ def _mean_ci(values: pd.Series) -> tuple[float, float, int]:
     return float(values.mean()), half, n
 
 
+def per_fact_stats(
+    early: pd.DataFrame,
+    lens: pd.DataFrame | None = None,
+    *,
+    n_layers: int | None = None,
+    upper_from: int | None = None,
+) -> pd.DataFrame:
+    """One row per fact and answer step: ``fact_id, step`` and each statistic of :data:`STATS` that
+    the step has (NaN where a fact has none); inputs as :func:`promote_then_suppress`.
+    """
+    n_layers = n_layers or int(early["layer"].max()) + 1
+    upper_from = n_layers // 2 if upper_from is None else upper_from
+    frames = []
+    for step in sorted(early["step"].unique()):
+        e = early[(early["step"] == step) & (early["layer"] >= upper_from)]
+        lens_step = None if lens is None else lens[(lens["step"] == step) & (lens["layer"] >= upper_from)]
+        stats = {name: values for name, values in _stats(e, lens_step).items() if len(values)}
+        frame = pd.DataFrame(stats, index=pd.Index(sorted(e["fact_id"].unique()), name="fact_id"))
+        frames.append(frame.reset_index().assign(step=int(step)))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["fact_id", "step"])
+
+
 def promote_then_suppress(
     early: pd.DataFrame,
     lens: pd.DataFrame | None = None,
@@ -100,15 +122,17 @@ def promote_then_suppress(
     """
     n_layers = n_layers or int(early["layer"].max()) + 1
     upper_from = n_layers // 2 if upper_from is None else upper_from
+    stats = per_fact_stats(early, lens, n_layers=n_layers, upper_from=upper_from)
     rows = []
-    for step in sorted(early["step"].unique()):
-        e = early[(early["step"] == step) & (early["layer"] >= upper_from)]
-        lens_step = None if lens is None else lens[(lens["step"] == step) & (lens["layer"] >= upper_from)]
-        row: dict = {"step": int(step), "n_facts": e["fact_id"].nunique(), "upper_from": upper_from}
-        for name, values in _stats(e, lens_step).items():
+    for step, per_fact in stats.groupby("step", sort=True):
+        row: dict = {"step": int(step), "n_facts": per_fact["fact_id"].nunique(), "upper_from": upper_from}
+        for name in STATS:
+            values = per_fact[name].dropna() if name in per_fact else pd.Series(dtype=float)
+            if values.empty:
+                continue
             mean, ci, n = _mean_ci(values)
             negative = name in _NEGATIVE
-            frac = float(((values < 0) if negative else (values > 0)).mean()) if n else float("nan")
+            frac = float(((values < 0) if negative else (values > 0)).mean())
             row.update({name: mean, f"{name}_ci": ci, f"{name}_frac": frac})
         row["promote"] = bool(row["mlp_current"] > 0 and not row.get("mlp_future", 0) < 0)
         previous, current = row.get("lens_previous", np.nan), row.get("lens_current", np.nan)

@@ -15,6 +15,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from recallscope.methods import REGISTRY
+from recallscope.report.claims import CLAIMS
 from report.browser import chromium_unavailable_reason, open_in_chromium
 from results import assert_same_result_files
 
@@ -56,6 +57,11 @@ def demo(tmp_path_factory, fast_config):
 def test_cli_run_writes_the_output_contract(demo):
     out, done = demo
     assert "report:" in done.stdout and (out / "report.html").exists()
+    card = pd.read_parquet(out / "scorecard.parquet")
+    assert set(card["key"]) == {claim.key for claim in CLAIMS} and "not run" not in set(card["verdict"])
+    assert "findings (scorecard.parquet" in done.stdout and "rome.sites: " in done.stdout
+    html = (out / "report.html").read_text()
+    assert html.index('id="findings"') < html.index('id="summary"') < html.index('id="causal_tracing"')
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["dataset"]["n_facts"] == 3
     assert manifest["model"]["name"] == "smollm2-135m" and manifest["model"]["file_sha256"]
@@ -230,6 +236,8 @@ def test_report_opens_in_chromium(hostile):
         assert image["naturalWidth"] > 0 and image["naturalHeight"] > 0, image["alt"]
     assert XSS in page.text  # shown as text, not run
     assert "smollm2-135m" in page.title
+    assert page.document_width <= page.viewport_width == 1280  # no sideways scrolling
+    assert "Scorecard" in page.text and page.text.index("Findings") < page.text.index("Summary")
 
 
 def test_one_to_many_run_gives_the_yan_jia_figures_and_summary(tmp_path):
@@ -282,6 +290,9 @@ def test_one_to_many_run_gives_the_yan_jia_figures_and_summary(tmp_path):
     } <= figures
     html = (out / "report.html").read_text()
     assert "Step 2 (2 facts): MLPs in L15–29" in html and "Promote-then-suppress:" in html
+    card = pd.read_parquet(out / "scorecard.parquet").set_index("key")
+    judged = {"holds", "does not hold", "inconclusive"}
+    assert card.loc["yan_jia.suppress", "verdict"] in judged and card.loc["yan_jia.promote", "n_facts"] == 6
 
 
 def test_lv_run_gives_the_four_analyses_zero_and_one_shot(tmp_path):

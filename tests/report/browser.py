@@ -24,6 +24,8 @@ const loads = Array.from(document.querySelectorAll(
   'img[src], script[src], iframe[src], source[src], link[rel~="stylesheet"][href], link[rel~="icon"][href]'));
 return {
   title: document.title,
+  documentWidth: document.documentElement.scrollWidth,
+  viewportWidth: window.innerWidth,
   text: document.body ? document.body.innerText : '',
   images: Array.from(document.images).map(i => ({alt: i.alt, naturalWidth: i.naturalWidth,
                                                  naturalHeight: i.naturalHeight, ...size(i)})),
@@ -44,6 +46,8 @@ class PageCheck:
     title: str
     requests_outside: list[str]  # loaded or referenced resource URLs not data:, file:, about: or blob:
     text: str  # document.body.innerText
+    document_width: int = 0  # document.documentElement.scrollWidth, CSS pixels
+    viewport_width: int = 0  # window.innerWidth at the window width asked for
 
 
 def _start_driver(user_data_dir: str):
@@ -61,8 +65,9 @@ def _start_driver(user_data_dir: str):
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
 
 
-def open_in_chromium(path: pathlib.Path, timeout: float = 30.0) -> PageCheck:
-    """Load ``path`` in headless Chromium, wait for the document and its images, and report on it.
+def open_in_chromium(path: pathlib.Path, timeout: float = 30.0, width: int = 1280) -> PageCheck:
+    """Load ``path`` in headless Chromium (a window ``width`` CSS pixels wide), wait for the document
+    and its images, and report on it.
 
     Raises:
         selenium.common.TimeoutException: the page or its images did not finish within ``timeout``.
@@ -72,6 +77,7 @@ def open_in_chromium(path: pathlib.Path, timeout: float = 30.0) -> PageCheck:
     with tempfile.TemporaryDirectory(prefix="chromium-profile-", ignore_cleanup_errors=True) as profile:
         driver = _start_driver(profile)
         try:
+            driver.set_window_size(width, 900)
             driver.set_page_load_timeout(timeout)
             driver.get(pathlib.Path(path).resolve().as_uri())
             WebDriverWait(driver, timeout).until(lambda d: d.execute_script(_READY_JS))
@@ -80,7 +86,10 @@ def open_in_chromium(path: pathlib.Path, timeout: float = 30.0) -> PageCheck:
         finally:
             driver.quit()
     outside = [u for u in dict.fromkeys(page["urls"]) if u and not u.startswith(LOCAL_SCHEMES)]
-    return PageCheck(errors, page["images"], page["svgs"], page["title"], outside, page["text"])
+    return PageCheck(
+        errors, page["images"], page["svgs"], page["title"], outside, page["text"],
+        page["documentWidth"], page["viewportWidth"],
+    )  # fmt: skip
 
 
 @functools.cache

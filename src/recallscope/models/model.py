@@ -246,6 +246,15 @@ class Model(_CanonicalWeights):
             "attn_implementation": self.attn_implementation,
             "bos": self.bos,
             "layer_indexing": "0-based blocks; resid_pre[l] is the input of block l",
+            "dims": {
+                "n_layers": self.n_layers,
+                "d_model": self.d_model,
+                "n_heads": self.n_heads,
+                "n_kv_heads": self.n_kv_heads,
+                "d_head": self.d_head,
+                "d_mlp": self.d_mlp,
+                "d_vocab": self.d_vocab,
+            },  # fmt: skip
             "versions": {
                 "recallscope": __version__,
                 "torch": torch.__version__,

@@ -1,9 +1,10 @@
 """Figures and the self-contained HTML report, built from a run folder's stored results only.
 
 ``write_report(run_dir)`` reads ``manifest.json``, ``facts.parquet`` and ``results/``, writes the
+scorecard of the papers' claims to ``scorecard.parquet`` (:mod:`recallscope.report.scorecard`), the
 figures to ``figures/`` (PNG and SVG) and ``report.html`` (one file: styles and PNGs inlined, no
-script, no network). Every string from the model or the dataset is HTML-escaped by the template
-engine (Jinja2 autoescape).
+script, no network), findings first. Every string from the model or the dataset is HTML-escaped by
+the template engine (Jinja2 autoescape).
 """
 
 from __future__ import annotations
@@ -14,10 +15,14 @@ from pathlib import Path
 import jinja2
 
 from recallscope.errors import RecallscopeError
+from recallscope.report.scorecard import scorecard
 from recallscope.report.sections import Options, Table, build_section
 from recallscope.runner.store import Store, atomic_write
 
-__all__ = ["write_report", "Options"]
+__all__ = ["write_report", "Options", "scorecard", "LONG_TABLE"]
+
+LONG_TABLE = 12
+"""Tables with more rows than this are folded (open them to read)."""
 
 
 def write_report(run_dir: str | os.PathLike, options: Options | None = None) -> Path:
@@ -32,6 +37,8 @@ def write_report(run_dir: str | os.PathLike, options: Options | None = None) -> 
     options = options or Options()
     facts = store.read_facts()
     folder = store.root / "figures"
+    card = scorecard(store)
+    atomic_write(store.root / "scorecard.parquet", lambda p: card.to_parquet(p, index=False))
     sections = [build_section(m, store, facts, folder, options) for m in store.methods()]
     per_fact = {
         fact_id: [(s.title, item) for s in sections for item in s.per_fact.get(fact_id, [])]
@@ -39,18 +46,20 @@ def write_report(run_dir: str | os.PathLike, options: Options | None = None) -> 
     }
     html = _template().render(
         manifest=manifest,
+        scorecard=card.to_dict("records"),
         facts=facts.to_dict("records"),
         sections=sections,
         per_fact=per_fact,
         skipped=_skipped(manifest),
         is_table=lambda item: isinstance(item, Table),
+        long_table=LONG_TABLE,
     )
     path = store.root / "report.html"
     atomic_write(path, lambda p: p.write_text(html, encoding="utf-8"))
     return path
 
 
-def _template() -> jinja2.Template:
+def _template(name: str = "report.html.j2") -> jinja2.Template:
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("recallscope.report", "templates"),
         autoescape=True,
@@ -59,7 +68,8 @@ def _template() -> jinja2.Template:
         lstrip_blocks=True,
     )
     env.filters["plain"] = _plain
-    return env.get_template("report.html.j2")
+    env.filters["num"] = _number
+    return env.get_template(name)
 
 
 def _plain(value) -> str:
@@ -69,6 +79,11 @@ def _plain(value) -> str:
     if isinstance(value, (list, tuple)):
         return ", ".join(_plain(v) for v in value)
     return "" if value is None else str(value)
+
+
+def _number(value) -> str:
+    """A number in 3 significant digits ('' for NaN)."""
+    return "" if value is None or value != value else f"{value:.3g}"
 
 
 def _skipped(manifest: dict) -> list[tuple[str, str, str]]:

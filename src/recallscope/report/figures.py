@@ -23,6 +23,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from recallscope.methods.general.summaries import average_by_bucket  # noqa: E402
+from recallscope.report.layout import blank_reason, overlaps, place_legends  # noqa: E402
 from recallscope.stats import mean_ci  # noqa: E402
 
 __all__ = [
@@ -58,13 +59,22 @@ class FigureFile:
     data_uri: str
     width: int
     height: int
+    blank: str = ""
+    """Why the figure carries no information ('' when it does): the report says so instead of it."""
+    overlaps: tuple[str, ...] = ()
+    """What its legends still cover after :func:`~recallscope.report.layout.place_legends` (nothing)."""
 
 
 def save_figure(fig: plt.Figure, folder: Path, name: str, caption: str) -> FigureFile:
-    """Write ``fig`` as ``folder/name.png`` and ``.svg``; close it; return where it is."""
+    """Write ``fig`` as ``folder/name.png`` and ``.svg``; close it; return where it is. Legends that
+    cover a title or data are moved first, and a figure whose values are all 0 or missing is marked
+    ``blank`` (:mod:`recallscope.report.layout`).
+    """
     folder.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     with plt.rc_context(STYLE):
+        place_legends(fig)
+        blank, covered = blank_reason(fig), tuple(overlaps(fig))
         fig.savefig(buffer, format="png", bbox_inches="tight")
         fig.savefig(folder / f"{name}.svg", format="svg", bbox_inches="tight")
     plt.close(fig)
@@ -72,7 +82,8 @@ def save_figure(fig: plt.Figure, folder: Path, name: str, caption: str) -> Figur
     (folder / f"{name}.png").write_bytes(data)
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     uri = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
-    return FigureFile(name, caption, folder / f"{name}.png", folder / f"{name}.svg", uri, width, height)
+    files = (folder / f"{name}.png", folder / f"{name}.svg")
+    return FigureFile(name, caption, *files, uri, width, height, blank, covered)
 
 
 def token_text(token: str) -> str:
