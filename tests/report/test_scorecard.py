@@ -284,3 +284,15 @@ def test_an_empty_or_partial_table_is_inconclusive_not_an_error():
     store.tables[("anti_overconfidence", "facts")] = pd.DataFrame({"fact_id": FACTS})  # an older run
     row = _verdict("lv.final_layer", store)
     assert row["verdict"] == "inconclusive" and "final_layer_logit" in row["reason"]
+
+
+def test_results_render_in_jupyter(tiny_models):
+    """A method result's ``_repr_html_``: its name, facts and summary table, strings escaped."""
+    import recallscope as rs
+    from recallscope.methods import logit_lens
+
+    model = tiny_models("gpt2")
+    batch = rs.tokenize(model, ["<b>The capital of France is"], targets=[" Paris"], fact_ids=["<i>f</i>"])
+    html = logit_lens.run(model, batch)._repr_html_()
+    assert html.startswith("<p><b>logit_lens</b>: 1 facts, 0 skipped</p>") and "<table" in html
+    assert "<i>f</i>" not in html

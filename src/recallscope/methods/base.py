@@ -39,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import html
 import inspect
 import json
 import sys
@@ -165,6 +166,18 @@ class MethodResult:
         the method module's ``summary`` of the stored table gives the same).
         """
         raise NotImplementedError(f"{type(self).__name__} defines no summary")
+
+    def _repr_html_(self) -> str:
+        """Jupyter: the method, its facts and skips, and its summary table (escaped by pandas)."""
+        head = (
+            f"<p><b>{html.escape(self.method)}</b>: {len(self.fact_ids)} facts, "
+            f"{len(self.skipped)} skipped</p>"
+        )
+        try:
+            summary = self.summary()
+        except NotImplementedError:
+            return head
+        return head + summary.to_html(max_rows=40, escape=True, index=False)
 
     def per_fact(self, **named: Any) -> dict[str, np.ndarray]:
         """``"<fact_id>/<name>"`` → row ``i`` of each ``[fact, …]`` array in ``named``, for fact ``i``
