@@ -109,3 +109,34 @@ def chromium_unavailable_reason() -> str | None:
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
         return f"headless Chromium failed to start: {type(err).__name__}: {first_line}"
     return None
+
+
+_FACTS_JS = """
+return Array.from(document.querySelectorAll('details.fact')).map(d => (
+  {id: d.id, open: d.open, shown: d.getClientRects().length > 0}));
+"""
+
+
+def pick_fact(path: pathlib.Path, value: str, timeout: float = 30.0) -> dict:
+    """Load ``path``, read the per-fact entries, pick ``value`` in the fact picker, read them again,
+    press "show every fact", read again: ``{"before": [...], "picked": [...], "all": [...]}`` with
+    ``{id, open, shown}`` per entry, and the console errors.
+    """
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    with tempfile.TemporaryDirectory(prefix="chromium-profile-", ignore_cleanup_errors=True) as profile:
+        driver = _start_driver(profile)
+        try:
+            driver.set_window_size(1280, 900)
+            driver.get(pathlib.Path(path).resolve().as_uri())
+            WebDriverWait(driver, timeout).until(lambda d: d.execute_script(_READY_JS))
+            before = driver.execute_script(_FACTS_JS)
+            Select(driver.find_element(By.ID, "fact-picker")).select_by_value(value)
+            picked = driver.execute_script(_FACTS_JS)
+            driver.find_element(By.ID, "fact-all").click()
+            every = driver.execute_script(_FACTS_JS)
+            errors = [e["message"] for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
+        finally:
+            driver.quit()
+    return {"before": before, "picked": picked, "all": every, "errors": errors}

@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 
 from recallscope.report import figures  # noqa: E402
 from recallscope.report.layout import blank_reason, overlaps, place_legends  # noqa: E402
-from report.browser import chromium_unavailable_reason, open_in_chromium  # noqa: E402
+from report.browser import chromium_unavailable_reason, open_in_chromium, pick_fact  # noqa: E402
 
 X = np.linspace(0, 1, 200)
 
@@ -57,6 +57,14 @@ def test_a_legend_over_the_title_or_the_data_is_moved():
     plt.close("all")
 
 
+def test_titles_that_run_into_each_other_are_reported():
+    fig, axes = plt.subplots(1, 2, figsize=(6, 3))
+    for ax in axes:
+        ax.plot(X, X)
+        ax.set_title("a title far too long for half of a six-inch figure, running into its neighbour")
+    assert any("overlap" in problem for problem in overlaps(fig))
+
+
 def test_save_figure_records_blank_and_overlaps(tmp_path):
     fig, ax = plt.subplots()
     ax.plot(X, np.zeros_like(X))
@@ -92,12 +100,20 @@ def test_every_figure_of_a_tiny_report_keeps_its_legends_clear(tiny_models, tmp_
     assert len(seen) >= 5 and all(found == [] for _, found in seen), seen
     html = (store.root / "report.html").read_text()
     assert 'width="0"' not in html and 'height="0"' not in html
-    assert (store.root / "scorecard.parquet").exists()
+    assert (store.root / "scorecard.parquet").exists() and "Where the methods agree" in html
     if chromium_unavailable_reason() is None:
         page = open_in_chromium(store.root / "report.html")
         assert page.console_errors == [] and page.requests_outside == []
         assert page.document_width <= page.viewport_width == 1280  # no sideways scrolling
         assert all(image["naturalWidth"] > 0 and image["naturalHeight"] > 0 for image in page.images)
+        states = pick_fact(store.root / "report.html", "fact-1")
+        assert [e["shown"] for e in states["before"]] == [True, True, True] and states["errors"] == []
+        assert [(e["shown"], e["open"]) for e in states["picked"]] == [
+            (False, False),
+            (True, True),
+            (False, False),
+        ]
+        assert all(e["shown"] and not e["open"] for e in states["all"])
 
 
 @pytest.fixture(autouse=True)

@@ -2,9 +2,9 @@
 
 ``write_report(run_dir)`` reads ``manifest.json``, ``facts.parquet`` and ``results/``, writes the
 scorecard of the papers' claims to ``scorecard.parquet`` (:mod:`recallscope.report.scorecard`), the
-figures to ``figures/`` (PNG and SVG) and ``report.html`` (one file: styles and PNGs inlined, no
-script, no network), findings first. Every string from the model or the dataset is HTML-escaped by
-the template engine (Jinja2 autoescape).
+figures to ``figures/`` (PNG and SVG) and ``report.html`` (one file: styles and PNGs inlined, one
+small inline script for the fact picker, no network), findings first. Every string from the model
+or the dataset is HTML-escaped by the template engine (Jinja2 autoescape).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 import jinja2
 
 from recallscope.errors import RecallscopeError
+from recallscope.report.agreement import agreement_section
 from recallscope.report.scorecard import scorecard
 from recallscope.report.sections import Options, Table, build_section
 from recallscope.runner.store import Store, atomic_write
@@ -40,6 +41,7 @@ def write_report(run_dir: str | os.PathLike, options: Options | None = None) -> 
     card = scorecard(store)
     atomic_write(store.root / "scorecard.parquet", lambda p: card.to_parquet(p, index=False))
     sections = [build_section(m, store, facts, folder, options) for m in store.methods()]
+    agreement = agreement_section(store, folder)
     per_fact = {
         fact_id: [(s.title, item) for s in sections for item in s.per_fact.get(fact_id, [])]
         for fact_id in facts["fact_id"]
@@ -47,6 +49,7 @@ def write_report(run_dir: str | os.PathLike, options: Options | None = None) -> 
     html = _template().render(
         manifest=manifest,
         scorecard=card.to_dict("records"),
+        agreement=agreement,
         facts=facts.to_dict("records"),
         sections=sections,
         per_fact=per_fact,

@@ -106,10 +106,18 @@ def _text_boxes(fig: Figure, ax: Axes, renderer) -> tuple[list[Text], list[Bbox]
 
 
 def overlaps(fig: Figure) -> list[str]:
-    """What legends of ``fig`` cover (titles, drawn points), as sentences; empty when nothing."""
+    """What legends of ``fig`` cover (titles, drawn points, other axes) and which axes' titles run
+    into each other, as sentences; empty when nothing.
+    """
     renderer = fig.canvas.get_renderer()
     fig.canvas.draw()
-    return [problem for ax in fig.axes for problem in _problems(fig, ax, renderer)]
+    found = [problem for ax in fig.axes for problem in _problems(fig, ax, renderer)]
+    titled = [ax for ax in fig.axes if ax.get_title() and ax.get_visible()]
+    for i, a in enumerate(titled):
+        for b in titled[i + 1 :]:
+            if a.title.get_window_extent(renderer).overlaps(b.title.get_window_extent(renderer)):
+                found.append(f"titles {a.get_title()!r} and {b.get_title()!r} overlap")
+    return found
 
 
 _PLACES = (("best", None), ("upper left", (1.02, 1.0)), ("upper center", (0.5, -0.16)))
