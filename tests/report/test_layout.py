@@ -101,6 +101,7 @@ def test_every_figure_of_a_tiny_report_keeps_its_legends_clear(tiny_models, tmp_
     html = (store.root / "report.html").read_text()
     assert 'width="0"' not in html and 'height="0"' not in html
     assert (store.root / "scorecard.parquet").exists() and "Where the methods agree" in html
+    assert html.count('<details class="paper" open>') == 4  # localization, Geva, Yan & Jia, Yu
     if chromium_unavailable_reason() is None:
         page = open_in_chromium(store.root / "report.html")
         assert page.console_errors == [] and page.requests_outside == []

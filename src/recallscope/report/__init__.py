@@ -17,7 +17,7 @@ import jinja2
 from recallscope.errors import RecallscopeError
 from recallscope.report.agreement import agreement_section
 from recallscope.report.scorecard import scorecard
-from recallscope.report.sections import Options, Table, build_section
+from recallscope.report.sections import Options, Table, build_section, by_paper
 from recallscope.runner.store import Store, atomic_write
 
 __all__ = ["write_report", "Options", "scorecard", "LONG_TABLE"]
@@ -51,7 +51,7 @@ def write_report(run_dir: str | os.PathLike, options: Options | None = None) -> 
         scorecard=card.to_dict("records"),
         agreement=agreement,
         facts=facts.to_dict("records"),
-        sections=sections,
+        papers=by_paper(sections),
         per_fact=per_fact,
         skipped=_skipped(manifest),
         is_table=lambda item: isinstance(item, Table),
