@@ -233,6 +233,7 @@ def test_every_method_follows_the_protocol(tiny_models):
         rs.Fact(fact_id=f["subject"], subject=f["subject"], prompt=f["prompt"], answers=[f["target"]])
         for f in FACTS
     )
+    drawn = 0
     for name, module in REGISTRY.items():
         assert module.NAME == name and module.DESCRIPTION and module.CHUNK_SIZE >= 1
         config = module.Config.from_dict(FAST.get(name, {}))
@@ -250,3 +251,7 @@ def test_every_method_follows_the_protocol(tiny_models):
         assert all(key.split("/")[0] in ids for key in result.arrays())
         assert isinstance(result.tables(), dict) and result.skipped == []
         assert result.provenance["conventions"] and module.cost(model, facts, config).forwards >= 1
+        shown = result.plot()  # the report's own section, for notebooks
+        assert shown.method == name and shown._repr_html_().startswith("<h3>")
+        drawn += bool(shown.figures or shown.tables)
+    assert drawn >= len(REGISTRY) - 3  # a figure or table for nearly every method, even on 2 tiny facts

@@ -179,6 +179,14 @@ class MethodResult:
             return head
         return head + summary.to_html(max_rows=40, escape=True, index=False)
 
+    def plot(self, folder=None):
+        """This result's report section (the report's own figures and tables; PNG and SVG files in
+        ``folder``, a temporary one by default), shown inline in Jupyter.
+        """
+        from recallscope.report.result_view import plot_result
+
+        return plot_result(self, folder)
+
     def per_fact(self, **named: Any) -> dict[str, np.ndarray]:
         """``"<fact_id>/<name>"`` → row ``i`` of each ``[fact, …]`` array in ``named``, for fact ``i``
         of ``self.fact_ids`` (what most ``arrays()`` return).

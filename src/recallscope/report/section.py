@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +39,21 @@ class Section:
     tables: list[Table] = field(default_factory=list)
     per_fact: dict[str, list[FigureFile | Table]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+
+    def _repr_html_(self) -> str:
+        """Jupyter: the section's title, notes, figures (inlined PNGs) and tables, every string escaped."""
+        parts = [f"<h3>{html.escape(self.title)}</h3>", f"<p>{html.escape(self.intro)}</p>"]
+        parts += [f"<p><em>{html.escape(note)}</em></p>" for note in self.notes]
+        for f in self.figures:
+            if f.blank:
+                parts.append(f"<p><em>{html.escape(f.caption)}: not drawn, {html.escape(f.blank)}.</em></p>")
+            else:
+                parts.append(f'<figure><img src="{f.data_uri}" alt="{html.escape(f.caption)}">'
+                             f"<figcaption>{html.escape(f.caption)}</figcaption></figure>")  # fmt: skip
+        for t in self.tables:
+            frame = pd.DataFrame(t.rows, columns=t.columns)
+            parts.append(f"<p><b>{html.escape(t.caption)}</b></p>" + frame.to_html(index=False, escape=True))
+        return "\n".join(parts)
 
 
 @dataclass(frozen=True)
