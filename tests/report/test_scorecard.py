@@ -280,3 +280,22 @@ def test_results_render_in_jupyter(tiny_models):
     html = logit_lens.run(model, batch)._repr_html_()
     assert html.startswith("<p><b>logit_lens</b>: 1 facts, 0 skipped</p>") and "<table" in html
     assert "<i>f</i>" not in html
+
+
+def test_yan_jia_is_judged_per_answer_step_when_facts_have_several():
+    lens = pd.DataFrame(
+        [(f, step, layer, "answer_1", "answer_1", "previous", -0.3 * step)
+         for f in FACTS for step in (2, 3) for layer in range(10)],
+        columns=["fact_id", "step", "layer", "span", "tracked", "role", "logit"],
+    )  # fmt: skip
+    store = FakeStore({"early_decoding": _early((1, 2, 3)), "token_lens": lens})
+    card = scorecard(store).set_index("key")
+    steps = [k for k in card.index if ".step" in k]
+    assert steps == [
+        "yan_jia.promote.step1", "yan_jia.promote.step2", "yan_jia.suppress.step2",
+        "yan_jia.promote.step3", "yan_jia.suppress.step3",
+    ]  # fmt: skip
+    assert list(card.index).index("yan_jia.promote.step1") == list(card.index).index("yan_jia.suppress") + 1
+    assert card.loc["yan_jia.suppress.step3", "effect"] == pytest.approx(5 * -0.9)
+    assert (card.loc[steps, "verdict"] == "holds").all()
+    assert not any(".step" in k for k in scorecard(FakeStore({"early_decoding": _early()}))["key"])

@@ -9,13 +9,15 @@ relative, ``layer / (n_layers − 1)``, so models of different depths compare. A
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pandas as pd
 
 from recallscope.promote_suppress import per_fact_stats
 from recallscope.report.scorecard import Claim, NoEvidence, NotApplicable
 
-__all__ = ["CLAIMS"]
+__all__ = ["CLAIMS", "step_claims"]
 
 
 def _read(store, method: str, table: str | None = None) -> pd.DataFrame:
@@ -173,6 +175,42 @@ def attention_suppresses(store) -> pd.Series:
             "run one-to-many facts, e.g. --dataset country_cities"
         )
     return stats.groupby("fact_id")["lens_previous"].mean().dropna()
+
+
+def _at_step(store, step: int, column: str) -> pd.Series:
+    stats = _promote_suppress(store)
+    at = stats[stats["step"] == step]
+    if column not in at or at[column].isna().all():
+        raise NotApplicable(f"answer step {step} has nothing to judge ({column})")
+    return at.set_index("fact_id")[column].dropna()
+
+
+def step_claims(store) -> tuple[Claim, ...]:
+    """Yan & Jia's two claims once per answer step, when the run's facts have several steps
+    (one-to-many lists); none otherwise.
+    """
+    if "early_decoding" not in store.methods():
+        return ()
+    steps = sorted(int(s) for s in store.read_table("early_decoding")["step"].unique())
+    if len(steps) < 2:
+        return ()
+    out = []
+    for step in steps:
+        out.append(Claim(
+            f"yan_jia.promote.step{step}", YAN,
+            f"At answer step {step}, upper-layer MLPs promote the current answer.",
+            "direct logit of the upper half's MLP updates on the current answer", "no promotion (0)",
+            "early_decoding", functools.partial(_at_step, step=step, column="mlp_current"),
+        ))  # fmt: skip
+        if step > 1:
+            out.append(Claim(
+                f"yan_jia.suppress.step{step}", YAN,
+                f"At answer step {step}, attention on each earlier answer's span suppresses that answer.",
+                "direct logit of upper-layer attention from each previous answer's span on that answer",
+                "no suppression (0)", "token_lens",
+                functools.partial(_at_step, step=step, column="lens_previous"), side=-1,
+            ))  # fmt: skip
+    return tuple(out)
 
 
 # -- Lv et al. 2024 ----------------------------------------------------------------------------------

@@ -115,14 +115,18 @@ def _finding(claim: Claim, row: dict) -> str:
 
 
 def scorecard(store, claims: tuple[Claim, ...] | None = None) -> pd.DataFrame:
-    """One row per claim (default: :data:`recallscope.report.claims.CLAIMS`): ``paper, key,
-    statement, verdict, finding, effect, ci_low, ci_high, n_facts, effect_definition, null, side,
-    rule, method, reason`` (``reason``: why not run / not applicable).
+    """One row per claim (default: :data:`recallscope.report.claims.CLAIMS`, and Yan & Jia's claims
+    per answer step when the facts have several, :func:`~recallscope.report.claims.step_claims`):
+    ``paper, key, statement, verdict, finding, effect, ci_low, ci_high, n_facts, effect_definition,
+    null, side, rule, method, reason`` (``reason``: why not run / not applicable).
     """
-    from recallscope.report.claims import CLAIMS as DEFAULT
+    if claims is None:
+        from recallscope.report.claims import CLAIMS, step_claims
 
+        split = [c.key for c in CLAIMS].index("yan_jia.suppress") + 1  # per-step rows after the pooled ones
+        claims = (*CLAIMS[:split], *step_claims(store), *CLAIMS[split:])
     rows = []
-    for claim in DEFAULT if claims is None else claims:
+    for claim in claims:
         base = {
             "paper": claim.paper, "key": claim.key, "statement": claim.statement,
             "effect_definition": claim.effect, "null": claim.null, "side": claim.side, "rule": RULE,
