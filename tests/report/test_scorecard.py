@@ -299,3 +299,69 @@ def test_yan_jia_is_judged_per_answer_step_when_facts_have_several():
     assert card.loc["yan_jia.suppress.step3", "effect"] == pytest.approx(5 * -0.9)
     assert (card.loc[steps, "verdict"] == "holds").all()
     assert not any(".step" in k for k in scorecard(FakeStore({"early_decoding": _early()}))["key"])
+
+
+def _extraction(attn: bool, mlp: bool) -> pd.DataFrame:
+    return pd.DataFrame(
+        [(f, layer, attn and layer == 3, mlp and layer == 4) for f in FACTS for layer in range(6)],
+        columns=["fact_id", "layer", "attn_extracts", "mlp_extracts"],
+    )
+
+
+def _logprob(attn: float, mlp: float) -> pd.DataFrame:
+    rows = [(f, layer, part, attn if part == "attn" else mlp) for f in FACTS for layer in range(3)
+            for part in ("attn", "mlp")]  # fmt: skip
+    return pd.DataFrame(rows, columns=["fact_id", "layer", "sublayer", "logprob_increase"])
+
+
+def _ablation(top: float, random: float) -> pd.DataFrame:
+    rows = [(f, "logprob_increase", -1, "ffn:10", top + 0.01 * i) for i, f in enumerate(FACTS)]
+    rows += [(f, "random", s, "ffn:10", random) for f in FACTS for s in range(2)]
+    return pd.DataFrame(rows, columns=["fact_id", "method", "seed", "budget", "logprob_drop"])
+
+
+def _lv_facts(sign: float) -> pd.DataFrame:
+    gain = sign * np.linspace(0.1, 0.5, 8)
+    return pd.DataFrame(
+        {"fact_id": FACTS, "split": "heldout", "final_layer_logit": sign * np.linspace(1, 2, 8),
+         "log_prob_before": -2.0, "log_prob_after": -2.0 + gain}
+    )  # fmt: skip
+
+
+def _fit(sign: float) -> pd.DataFrame:
+    return pd.DataFrame([(f, layer, sign * (0.2 + 0.01 * layer)) for f in FACTS for layer in range(4)],
+                        columns=["fact_id", "layer", "r2_adjusted"])  # fmt: skip
+
+
+AOC, FIT = ("anti_overconfidence", "facts"), ("mlp_regression", "fit")
+
+# claim → (table, the table where it holds, the table where the opposite holds, mirrored effects)
+PAIRS = {
+    "geva.flow_order": ("attention_knockout", _knockout(8, 2), _knockout(2, 8)),
+    "geva.mlp_enrichment": ("sublayer_knockout", _sublayer(-6, -1), _sublayer(-1, -6)),
+    "geva.extraction": ("extraction_rate", _extraction(True, False), _extraction(False, True)),
+    "rome.sites": ("causal_tracing", _tracing(2, 8), _tracing(8, 2)),
+    "yu.top_neurons": ("neuron_ablation", _ablation(3, 0), _ablation(0, 3.035)),
+    "yu.attention_vs_ffn": ("logprob_attribution", _logprob(0.5, 0.1), _logprob(0.1, 0.5)),
+    "yan_jia.promote": ("early_decoding", _early(promote=0.5), _early(promote=-0.5)),
+    "lv.mlp_regression": (FIT, _fit(1), _fit(-1)),
+    "lv.final_layer": (AOC, _lv_facts(-1), _lv_facts(1)),
+    "lv.mitigation": (AOC, _lv_facts(1), _lv_facts(-1)),
+}
+
+
+@pytest.mark.parametrize("key", sorted(PAIRS))
+def test_holds_does_not_hold_and_inconclusive_on_known_frames(key):
+    """Each claim on frames where it holds, where the opposite holds, and on half of the facts from
+    each (effects of both signs): holds, does not hold (or 'holds' with the other finding for a
+    two-sided claim), inconclusive."""
+    table, good, bad = PAIRS[key]
+    row = _verdict(key, FakeStore({table: good}))
+    assert row["verdict"] == "holds", row.to_dict()
+    opposite = _verdict(key, FakeStore({table: bad}))
+    two_sided = next(c for c in c.CLAIMS if c.key == key).side == 0
+    assert opposite["verdict"] == ("holds" if two_sided else "does not hold"), opposite.to_dict()
+    assert not two_sided or opposite["finding"] != row["finding"]
+    half = set(FACTS[::2])
+    mixed = pd.concat([good[good["fact_id"].isin(half)], bad[~bad["fact_id"].isin(half)]])
+    assert _verdict(key, FakeStore({table: mixed}))["verdict"] == "inconclusive"
