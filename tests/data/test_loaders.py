@@ -190,3 +190,33 @@ def test_generated_rows_are_loaded_or_reported(tmp_path_factory, rows):
     for fact in facts:
         assert fact.prompt[slice(*fact.subject_span)] == fact.subject
         assert all(a.strip() for a in fact.answers)
+
+
+def test_byte_order_marks_and_other_encodings(tmp_path):
+    """UTF-8 with a byte-order mark loads every row; rows that are not UTF-8 (a Latin-1 file) are
+    reported one by one and the others load."""
+    rows = [
+        {"subject": "France", "prompt": "The capital of France is", "target": "Paris"},
+        {"subject": "Japan", "prompt": "The capital of Japan is", "target": "Tokyo"},
+    ]
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + "\n".join(json.dumps(r) for r in rows).encode() + b"\n")
+    assert [f.subject for f in rs.load_facts(str(jsonl))] == ["France", "Japan"]
+    csv_bom = tmp_path / "bom.csv"
+    csv_bom.write_bytes(b"\xef\xbb\xbf" + b"subject,prompt,target\nFrance,The capital of France is,Paris\n")
+    assert [f.subject for f in rs.load_facts(str(csv_bom))] == ["France"]  # no "missing field subject"
+    latin = tmp_path / "latin.csv"
+    text = "subject,prompt,target\nFrance,The capital of France is,Paris\nQuébec,Québec is in,Canada\n"
+    latin.write_bytes(text.encode("latin-1"))
+    loaded = rs.load_facts(str(latin))
+    assert [f.subject for f in loaded] == ["France"]
+    assert loaded.skipped[0].row == 3 and "not UTF-8 text (byte 0xe9)" in loaded.skipped[0].reason
+    latin_jsonl = tmp_path / "latin.jsonl"
+    latin_jsonl.write_bytes(json.dumps(rows[0]).encode() + b'\n{"subject": "Qu\xe9bec"}\n')
+    loaded = rs.load_facts(str(latin_jsonl))
+    assert len(loaded) == 1 and "save the file as UTF-8" in loaded.skipped[0].reason
+    separator = tmp_path / "sep.jsonl"  # U+2028 inside a string is data, not a line break
+    separator.write_text(
+        json.dumps({**rows[0], "prompt": "The capital\u2028of France is"}, ensure_ascii=False) + "\n"
+    )
+    assert "\u2028" in rs.load_facts(str(separator))[0].prompt

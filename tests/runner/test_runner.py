@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 import recallscope as rs
 from recallscope.methods import REGISTRY, causal_tracing, logit_lens
@@ -208,6 +209,14 @@ def test_job_errors(tmp_path):
         Job(out=tmp_path, configs={"logitlens": {}})
     with pytest.raises(rs.RecallscopeError, match="limit must be a positive"):
         Job(out=tmp_path, limit=0)
+    with pytest.raises(rs.RecallscopeError, match="--device: unknown device 'banana'; expected cpu, cuda"):
+        Job(out=tmp_path, device="banana")
+    with pytest.raises(rs.RecallscopeError, match="--dtype: unknown dtype 'nonsense'; expected one of"):
+        Job(out=tmp_path, dtype="nonsense")
+    if not torch.cuda.is_available():
+        with pytest.raises(rs.RecallscopeError, match="--device cuda:1: CUDA is not available here"):
+            Job(out=tmp_path, device="cuda:1")
+    assert Job(out=tmp_path, device="cpu", dtype="bf16").device == "cpu"
     with pytest.raises(rs.RecallscopeError, match="has no field 'sample'; did you mean 'samples'"):
         method_configs(Job(out=tmp_path, configs={"causal_tracing": {"sample": 3}}))
     bad = tmp_path / "c.toml"

@@ -438,7 +438,7 @@ def _load_ranges(model: Model) -> dict:
     if path is None or not path.exists():
         return {}
     try:
-        return dict(torch.load(path, map_location="cpu"))
+        return dict(torch.load(path, map_location="cpu", weights_only=True))  # tensors only, never code
     except Exception:  # a damaged cache file is recomputed, never trusted
         return {}
 

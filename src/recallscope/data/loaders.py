@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
 import os
@@ -138,7 +139,7 @@ def _detect(path: Path) -> str:
     if suffix in (".csv", ".tsv"):
         return "csv"
     if suffix == ".json":
-        head = path.read_text(encoding="utf-8")[:4096]
+        head = _text(path.read_bytes()[:4096])
         if '"requested_rewrite"' in head:
             return "counterfact"
         if '"known_id"' in head or '"attribute"' in head:
@@ -150,33 +151,59 @@ def _detect(path: Path) -> str:
 # -- readers: yield (row number, dict | exception) -------------------------------------------------
 
 
+def _text(raw: bytes) -> str:
+    """Bytes as text: UTF-8, with or without a byte-order mark; bytes that are not UTF-8 are kept as
+    lone surrogates, so that the rows holding them are reported (:func:`_not_utf8`) and the rest load.
+    """
+    return raw.decode("utf-8-sig", errors="surrogateescape")
+
+
+def _not_utf8(text: str) -> DatasetError | None:
+    bad = next((c for c in text if "\udc80" <= c <= "\udcff"), None)
+    if bad is None:
+        return None
+    return DatasetError(
+        f"not UTF-8 text (byte 0x{ord(bad) - 0xDC00:02x}): save the file as UTF-8 (e.g. `iconv -f latin1 -t "
+        "utf-8`)"
+    )
+
+
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                yield number, DatasetError(f"invalid JSON ({err.msg})")
-                continue
-            yield number, row if isinstance(row, dict) else DatasetError("a row must be a JSON object")
+    lines = _text(path.read_bytes()).replace("\r\n", "\n").split("\n")  # not splitlines: U+2028 is data
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        if error := _not_utf8(line):
+            yield number, error
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            yield number, DatasetError(f"invalid JSON ({err.msg})")
+            continue
+        yield number, row if isinstance(row, dict) else DatasetError("a row must be a JSON object")
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    with path.open(encoding="utf-8", newline="") as handle:
-        dialect = csv.excel_tab if path.suffix.lower() == ".tsv" else csv.excel
-        reader = csv.DictReader(handle, dialect=dialect)
-        for row in reader:
-            row = {k: v for k, v in row.items() if k is not None and v not in (None, "")}
-            if "answers" in row:
-                row["answers"] = [a for a in row["answers"].split("|")]
-            yield reader.line_num, row
+    handle = io.StringIO(_text(path.read_bytes()), newline="")
+    dialect = csv.excel_tab if path.suffix.lower() == ".tsv" else csv.excel
+    reader = csv.DictReader(handle, dialect=dialect)
+    for row in reader:
+        row = {k: v for k, v in row.items() if k is not None and v not in (None, "")}
+        if error := _not_utf8("".join(str(v) for v in (*row.keys(), *row.values()))):
+            yield reader.line_num, error
+            continue
+        if "answers" in row:
+            row["answers"] = [a for a in row["answers"].split("|")]
+        yield reader.line_num, row
 
 
 def _json_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    text = _text(path.read_bytes())
+    if error := _not_utf8(text):
+        raise DatasetError(f"{path}: {error}")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(text)
     except json.JSONDecodeError as err:
         raise DatasetError(f"{path}: invalid JSON ({err.msg}, line {err.lineno})") from None
     if not isinstance(data, list):

@@ -110,6 +110,8 @@ class Job:
             raise RecallscopeError(f"workers must be a positive number of Ray workers, got {self.workers}")
         if self.batch_size is not None and self.batch_size < 1:
             raise RecallscopeError(f"batch_size must be positive, got {self.batch_size}")
+        _check_dtype(self.dtype)
+        _check_device(self.device)
         names = tuple(m.NAME for m in resolve_methods(self.methods))
         object.__setattr__(self, "methods", names)
         unknown = set(self.configs) - set(REGISTRY)
@@ -360,3 +362,41 @@ def facts_frame(facts: FactSet) -> pd.DataFrame:
             "base_id": [f.attributes.get("base_id", f.fact_id) for f in facts],
         }
     )
+
+
+def _check_dtype(dtype: str | None) -> None:
+    """``--dtype``: a name the loader knows, checked before any model loads."""
+    from recallscope.models.load import resolve_dtype
+
+    if dtype is None:
+        return
+    try:
+        resolve_dtype(dtype)
+    except ValueError as err:
+        raise RecallscopeError(f"--dtype: {err}") from None
+
+
+def _check_device(device: str | None) -> None:
+    """``--device``: a device torch can name and this machine has, checked before any model loads."""
+    import torch
+
+    if device is None:
+        return
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise RecallscopeError(
+            f"--device: unknown device {device!r}; expected cpu, cuda, cuda:N or mps"
+        ) from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RecallscopeError(
+                f"--device {device}: CUDA is not available here (torch {torch.__version__}); use "
+                "--device cpu, or install a CUDA build of torch"
+            )
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise RecallscopeError(
+                f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) (0-based)"
+            )
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise RecallscopeError(f"--device {device}: MPS is not available here; use --device cpu")
