@@ -217,6 +217,11 @@ def test_job_errors(tmp_path):
         with pytest.raises(rs.RecallscopeError, match="--device cuda:1: CUDA is not available here"):
             Job(out=tmp_path, device="cuda:1")
     assert Job(out=tmp_path, device="cpu", dtype="bf16").device == "cpu"
+    with pytest.raises(rs.RecallscopeError, match="nosuch.jsonl: no such file, and not a built-in dataset"):
+        Job(out=tmp_path, dataset=str(tmp_path / "nosuch.jsonl"))  # before any model loads
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(rs.RecallscopeError, match="empty.jsonl: the file is empty"):
+        Job(out=tmp_path, dataset=str(tmp_path / "empty.jsonl"))
     with pytest.raises(rs.RecallscopeError, match="has no field 'sample'; did you mean 'samples'"):
         method_configs(Job(out=tmp_path, configs={"causal_tracing": {"sample": 3}}))
     bad = tmp_path / "c.toml"

@@ -44,7 +44,7 @@ from recallscope.data.builtin import TemplateChoice, builtin_names, load_builtin
 from recallscope.data.facts import Fact, FactSet, SkippedRow
 from recallscope.errors import DatasetError
 
-__all__ = ["load_facts", "FORMATS"]
+__all__ = ["load_facts", "check_source", "FORMATS"]
 
 log = logging.getLogger("recallscope")
 FORMATS = ("jsonl", "csv", "known_facts", "counterfact")
@@ -83,11 +83,27 @@ def load_facts(
     for row in facts.skipped:
         log.warning("skipped %s", row)
     if not len(facts):
+        reasons = "; ".join(str(s) for s in facts.skipped[:5])
         raise DatasetError(
-            f"{name}: no valid fact left ({len(facts.skipped)} rows skipped): "
-            + "; ".join(str(s) for s in facts.skipped[:5])
+            f"{name}: no valid fact left ({len(facts.skipped)} rows skipped)"
+            + (f": {reasons}" if reasons else "")
         )
     return facts
+
+
+def check_source(name_or_path: str | os.PathLike) -> None:
+    """Raise :class:`DatasetError` unless ``name_or_path`` is a built-in dataset name or an existing
+    file (checked before a model loads).
+    """
+    name = os.fspath(name_or_path)
+    if name in builtin_names():
+        return
+    if not Path(name).is_file():
+        raise DatasetError(
+            f"{name}: no such file, and not a built-in dataset name ({', '.join(builtin_names())})"
+        )
+    if Path(name).stat().st_size == 0:
+        raise DatasetError(f"{name}: the file is empty")
 
 
 def _load_file(path: Path, format: str | None) -> FactSet:
@@ -121,6 +137,8 @@ def _load_file(path: Path, format: str | None) -> FactSet:
         "n_skipped": len(skipped),
     }
     if not facts:
+        if not skipped:
+            raise DatasetError(f"{path}: the file has no rows (is it empty?)")
         listed = "; ".join(str(s) for s in skipped[:5])
         raise DatasetError(f"{path}: no valid row ({len(skipped)} rows, all skipped): {listed}")
     return FactSet(facts, name=path.stem, provenance=provenance, skipped=skipped)

@@ -21,6 +21,7 @@ import pandas as pd
 
 from recallscope.data import FactSet, generate_lists, load_facts
 from recallscope.data.builtin import one_to_many_names
+from recallscope.data.loaders import check_source
 from recallscope.data.variants import add_relation_context, add_swap_partners, shot_variants
 from recallscope.defaults import DEFAULT_LIMIT, DEFAULT_MODEL
 from recallscope.errors import RecallscopeError
@@ -112,6 +113,7 @@ class Job:
             raise RecallscopeError(f"batch_size must be positive, got {self.batch_size}")
         _check_dtype(self.dtype)
         _check_device(self.device)
+        check_source(self.dataset)  # an unknown name or a missing file, before any model loads
         names = tuple(m.NAME for m in resolve_methods(self.methods))
         object.__setattr__(self, "methods", names)
         unknown = set(self.configs) - set(REGISTRY)
