@@ -111,9 +111,6 @@ class States:
     acts: dict[Key, torch.Tensor]
     logits: torch.Tensor
 
-    def select(self, rows: slice) -> States:
-        return States({k: v[rows] for k, v in self.acts.items()}, self.logits[rows])
-
 
 def _keys(model: Model, nodes: Sequence[str]) -> list[Key]:
     return [(n, layer) for n in nodes for layer in range(model.n_layers)]

@@ -91,6 +91,12 @@ def load_facts(
     return facts
 
 
+def _missing(name) -> DatasetError:
+    return DatasetError(
+        f"{name}: no such file, and not a built-in dataset name ({', '.join(builtin_names())})"
+    )
+
+
 def check_source(name_or_path: str | os.PathLike) -> None:
     """Raise :class:`DatasetError` unless ``name_or_path`` is a built-in dataset name or an existing
     file (checked before a model loads).
@@ -99,18 +105,14 @@ def check_source(name_or_path: str | os.PathLike) -> None:
     if name in builtin_names():
         return
     if not Path(name).is_file():
-        raise DatasetError(
-            f"{name}: no such file, and not a built-in dataset name ({', '.join(builtin_names())})"
-        )
+        raise _missing(name)
     if Path(name).stat().st_size == 0:
         raise DatasetError(f"{name}: the file is empty")
 
 
 def _load_file(path: Path, format: str | None) -> FactSet:
     if not path.is_file():
-        raise DatasetError(
-            f"{path}: no such file, and not a built-in dataset name ({', '.join(builtin_names())})"
-        )
+        raise _missing(path)
     format = format or _detect(path)
     if format not in FORMATS:
         raise DatasetError(f"{path}: unknown format {format!r}; expected one of {', '.join(FORMATS)}")

@@ -34,6 +34,8 @@ from itertools import combinations
 import numpy as np
 import pandas as pd
 
+from recallscope.methods.general.summaries import first_trace
+
 __all__ = ["layer_profiles", "agreement_pairs", "profile_figure", "agreement_section", "PROFILES"]
 
 Profile = Callable[[object], pd.DataFrame]
@@ -41,11 +43,7 @@ Profile = Callable[[object], pd.DataFrame]
 
 
 def _trace(store, kind: str, bucket: str) -> pd.DataFrame:
-    frame = store.read_table("causal_tracing")
-    for column, wanted in (("corruption", None), ("direction", "denoising")):
-        if column in frame.columns:
-            pick = wanted if wanted in set(frame[column]) else frame[column].iloc[0]
-            frame = frame[frame[column] == pick]
+    frame = first_trace(store.read_table("causal_tracing"))
     rows = frame[(frame["kind"] == kind) & (frame["bucket"] == bucket)]
     return rows.assign(head=-1, value=rows["indirect_effect"])
 

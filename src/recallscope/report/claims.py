@@ -14,6 +14,7 @@ import functools
 import numpy as np
 import pandas as pd
 
+from recallscope.methods.general.summaries import first_trace
 from recallscope.promote_suppress import per_fact_stats
 from recallscope.report.scorecard import Claim, NoEvidence, NotApplicable
 
@@ -108,11 +109,7 @@ def rome_sites(store) -> pd.Series:
     """Per fact: relative depth of the attention peak at the last token minus that of the MLP peak at
     the last subject token (indirect effects of causal tracing; the first corruption and direction).
     """
-    frame = _read(store, "causal_tracing")
-    for column, first in (("corruption", None), ("direction", "denoising"), ("metric", None)):
-        if column in frame.columns:
-            pick = first if first in set(frame[column]) else frame[column].iloc[0]
-            frame = frame[frame[column] == pick]
+    frame = first_trace(_read(store, "causal_tracing"))
     n_layers = _n_layers(frame)
 
     def peak(kind: str, bucket: str) -> pd.Series:

@@ -13,13 +13,14 @@ a run escaped), ``OUT/scorecard.parquet`` (every run's scorecard, with a ``run``
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from recallscope.errors import RecallscopeError
+from recallscope.methods.general.summaries import first_trace
 from recallscope.report.figures import FigureFile, mean_curves, save_figure
 from recallscope.report.scorecard import scorecard
 from recallscope.runner.store import Store, atomic_write
@@ -29,57 +30,42 @@ __all__ = ["write_comparison", "CURVES", "Curve"]
 
 @dataclass(frozen=True)
 class Curve:
-    """One overlaid figure: ``y`` of ``method``'s table, rows picked by ``rows``, per run."""
+    """One overlaid figure: ``y`` of ``method``'s rows whose columns equal ``where``, per run (causal
+    tracing: its first corruption, denoising, :func:`~recallscope.methods.general.summaries.first_trace`).
+    """
 
     method: str
     title: str
-    rows: Callable[[pd.DataFrame], pd.Series]
+    where: tuple[tuple[str, str], ...]
     y: str
     ylabel: str
 
+    def rows(self, table: pd.DataFrame) -> pd.DataFrame:
+        if self.method == "causal_tracing":
+            table = first_trace(table)
+        keep = pd.Series(True, index=table.index)
+        for column, value in self.where:
+            keep &= table[column] == value
+        return table[keep]
 
-def _first_trace(frame: pd.DataFrame) -> pd.Series:
-    """Causal-tracing rows of the first corruption, denoising (all rows of older runs)."""
-    keep = pd.Series(True, index=frame.index)
-    for column, wanted in (("corruption", None), ("direction", "denoising")):
-        if column in frame.columns:
-            pick = wanted if wanted in set(frame[column]) else frame[column].iloc[0]
-            keep &= frame[column] == pick
-    return keep
 
+_KNOCKOUT = ("change_pct", "% change in p(prediction)")
+_LOGPROB = ("logprob_increase", "log-probability increase")
 
 CURVES = (
-    Curve(
-        "causal_tracing", "MLP at the last subject token (causal tracing)",
-        lambda f: _first_trace(f) & (f["kind"] == "mlp") & (f["bucket"] == "last subject"),
-        "indirect_effect", "indirect effect",
-    ),
-    Curve(
-        "causal_tracing", "Attention at the last token (causal tracing)",
-        lambda f: _first_trace(f) & (f["kind"] == "attn") & (f["bucket"] == "last token"),
-        "indirect_effect", "indirect effect",
-    ),
-    Curve(
-        "attention_knockout", "Subject → last position (attention knockout)",
-        lambda f: f["source"] == "subject", "change_pct", "% change in p(prediction)",
-    ),
-    Curve(
-        "attention_knockout", "Non-subject → last position (attention knockout)",
-        lambda f: f["source"] == "non_subject", "change_pct", "% change in p(prediction)",
-    ),
-    Curve(
-        "logprob_attribution", "Attention layers' log-probability increase",
-        lambda f: f["sublayer"] == "attn", "logprob_increase", "log-probability increase",
-    ),
-    Curve(
-        "logprob_attribution", "MLP layers' log-probability increase",
-        lambda f: f["sublayer"] == "mlp", "logprob_increase", "log-probability increase",
-    ),
-    Curve(
-        "logit_lens", "The answer's probability in the residual stream (logit lens)",
-        lambda f: (f["site"] == "resid_post") & (f["target"] == "gold") & (f["position"] == "last"),
-        "prob", "p(answer)",
-    ),
+    Curve("causal_tracing", "MLP at the last subject token (causal tracing)",
+          (("kind", "mlp"), ("bucket", "last subject")), "indirect_effect", "indirect effect"),
+    Curve("causal_tracing", "Attention at the last token (causal tracing)",
+          (("kind", "attn"), ("bucket", "last token")), "indirect_effect", "indirect effect"),
+    Curve("attention_knockout", "Subject → last position (attention knockout)",
+          (("source", "subject"),), *_KNOCKOUT),
+    Curve("attention_knockout", "Non-subject → last position (attention knockout)",
+          (("source", "non_subject"),), *_KNOCKOUT),
+    Curve("logprob_attribution", "Attention layers' log-probability increase",
+          (("sublayer", "attn"),), *_LOGPROB),
+    Curve("logprob_attribution", "MLP layers' log-probability increase", (("sublayer", "mlp"),), *_LOGPROB),
+    Curve("logit_lens", "The answer's probability in the residual stream (logit lens)",
+          (("site", "resid_post"), ("target", "gold"), ("position", "last")), "prob", "p(answer)"),
 )  # fmt: skip
 """The overlaid figures, each drawn when at least one run has its method."""
 
@@ -131,7 +117,7 @@ def _overlay(runs: list[_Run], curve: Curve, folder: Path, index: int) -> Figure
         if curve.method not in run.store.methods():
             continue
         table = run.store.read_table(curve.method)
-        rows = table[curve.rows(table)]
+        rows = curve.rows(table)
         if rows.empty:
             continue
         depth = rows["layer"] / max(1, _n_layers(run, table) - 1)

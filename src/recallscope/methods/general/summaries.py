@@ -58,6 +58,17 @@ def average_by_bucket(frame: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index()
 
 
+def first_trace(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows of a causal-tracing table's first corruption, denoising (all rows of a table written
+    before corruptions and directions were columns): the one trace readings across runs compare.
+    """
+    for column, wanted in (("corruption", None), ("direction", "denoising")):
+        if column in frame.columns and not frame.empty:
+            pick = wanted if wanted in set(frame[column]) else frame[column].iloc[0]
+            frame = frame[frame[column] == pick]
+    return frame
+
+
 METRIC_COLUMNS = ("prob", "logprob", "logit_diff", "kl")
 """The metric columns of a causal-tracing table (every cell has all of them)."""
 
