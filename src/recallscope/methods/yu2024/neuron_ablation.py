@@ -346,7 +346,8 @@ def _attribute(model: Model, batch: PromptBatch, fact_ids: list[str], targets: t
     """``(logprob_attribution of the facts or None, rows of the facts kept, skipped)``.
 
     A handed-over result that scored another token for a fact (its top-1 where ours is the gold
-    answer) is recomputed for those facts.
+    answer) is recomputed for those facts, in this chunk's whole batch: float32 sums depend on the
+    batch's shape, and so the numbers equal those of a run where nothing is handed over.
     """
     if not config.methods:
         return None, list(range(len(batch))), []
@@ -356,8 +357,8 @@ def _attribute(model: Model, batch: PromptBatch, fact_ids: list[str], targets: t
     here = set(attribution.fact_ids)
     other = [row for row, fact in enumerate(fact_ids) if fact in here and scored(row) != int(targets[row])]
     if other:
-        redo = Given.obtain(LOGPROB, need, model, batch.select(other), None)
         redone = {fact_ids[row] for row in other}
+        redo = Given.obtain(LOGPROB, need, model, batch, None).select([f for f in fact_ids if f in redone])
         attribution = attribution.select([f for f in fact_ids if f in here - redone]).merge(redo)
         here = set(attribution.fact_ids)
     keep = [row for row, fact in enumerate(fact_ids) if fact in here]
