@@ -279,9 +279,11 @@ def test_too_few_facts_raise_clear_errors(tiny_models):
 
 
 def test_config_errors():
-    with pytest.raises(rs.RecallscopeError, match="train_fraction must be strictly between 0 and 1"):
+    with pytest.raises(rs.RecallscopeError, match=r"train_fraction must be a number in \(0, 1\), got 1.0"):
         ao.Config(train_fraction=1.0)
-    with pytest.raises(rs.RecallscopeError, match="scales must be finite numbers"):
+    with pytest.raises(
+        rs.RecallscopeError, match="scales must be a non-empty tuple of distinct items, each a number ≥ 0"
+    ):
         ao.Config(scales=(-0.5,))
     with pytest.raises(rs.RecallscopeError, match="scales must be a non-empty tuple"):
         ao.Config(scales=())

@@ -10,6 +10,7 @@ import torch
 
 import recallscope as rs
 from oracles.causal_tracing import SITE, naive_cell, naive_patch, naive_trace, window_layers
+from recallscope.core.corruption import gaussian
 from recallscope.data.facts import annotate
 from recallscope.data.variants import add_swap_partners
 from recallscope.methods import causal_tracing as ct
@@ -451,3 +452,32 @@ def test_noise_level_is_the_recipe_on_the_whole_dataset(tiny_models, tmp_path):
     mean = entries.mean()
     by_hand = 3 * float(((entries - mean) ** 2).sum() / (entries.numel() - 1)) ** 0.5
     assert len(levels) == 1 and levels.pop() == pytest.approx(by_hand, rel=1e-12)
+
+
+def test_default_samples_follow_the_device_and_are_rome_s_first_draws(tiny_models, monkeypatch):
+    model = tiny_models("gpt2")
+    batch = _batch(model)
+    fast = ct.run(model, batch, ct.Config(kinds=("hidden",), noise=0.3))
+    assert fast.config.samples == ct.SAMPLES["cpu"] == 3
+    assert fast.provenance["conventions"]["samples_rule"] == "samples=None: 3 on a CPU, 10 (ROME) on a GPU"
+    assert ct.prepare(model, batch, ct.Config()).samples == 3 and ct.Config.preset("rome").samples == 10
+    explicit = ct.run(model, batch, ct.Config(kinds=("hidden",), noise=0.3, samples=3))
+    assert np.array_equal(fast.traces[0].scores["hidden"], explicit.traces[0].scores["hidden"])
+    draws = [gaussian(batch.input_ids[0], (1, 3), noise=0.3, samples=n, seed=1, model=model) for n in (3, 10)]
+    assert torch.equal(draws[0].noise, draws[1].noise[:3])  # ROME's first three noise draws
+    monkeypatch.setattr(type(model), "device", property(lambda self: torch.device("cuda")))
+    assert (
+        ct.cost(model, batch, ct.Config()).forwards == ct.cost(model, batch, ct.Config(samples=10)).forwards
+    )
+
+
+def test_the_report_states_the_samples_and_how_to_get_rome_s(tmp_path):
+    from recallscope.methods.general.report import _tracing_settings
+
+    fast = _tracing_settings({"samples": 3, "window": 10, "corruptions": ["gaussian"], "metric": "prob"})
+    assert fast.startswith(
+        "Settings: 3 corrupted copies per fact, window 10, corruptions gaussian, metric prob."
+    )
+    assert 'preset = "rome"' in fast
+    assert "preset" not in _tracing_settings({"samples": 10, "window": 10, "corruptions": ["gaussian"]})
+    assert "preset" not in _tracing_settings({"samples": 1, "window": 5, "corruptions": ["subject_swap"]})

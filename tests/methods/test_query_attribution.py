@@ -239,7 +239,7 @@ def test_yu_preset(tiny_models):
 def test_errors():
     with pytest.raises(rs.RecallscopeError, match="ffn_key must be one of"):
         qa.Config(ffn_key="key")
-    with pytest.raises(rs.RecallscopeError, match="guard must be in"):
+    with pytest.raises(rs.RecallscopeError, match=r"guard must be a number in \[0, 1\), got 1.5"):
         qa.Config(guard=1.5)
     with pytest.raises(rs.RecallscopeError, match="n_show must be an integer ≥ 0"):
         qa.Config(n_show=-1)

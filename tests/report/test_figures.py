@@ -86,3 +86,17 @@ def test_head_grid_clips_a_few_extreme_cells_and_says_so():
     assert high == -low and high < 2 and "clipped" in colorbar.get_ylabel()
     plain = head_grid(table, "coef", "t", "β", diverging=True).axes[-1]
     assert plain.get_ylim()[1] == 40.0 and "clipped" not in plain.get_ylabel()
+
+
+def test_causal_tracing_section_reads_a_table_of_recallscope_0_1(tmp_path):
+    from recallscope.methods.general.report import causal_tracing_section
+    from recallscope.report.section import Options
+    from report.fake_store import FakeStore
+
+    frame = pd.concat(
+        [_trace_rows("a", ["x", "y", "z"]), _trace_rows("b", ["x", "y", "z"])], ignore_index=True
+    )
+    assert not {"partner", "span", "corruption", "direction"} & set(frame)  # written before they existed
+    facts = pd.DataFrame({"fact_id": ["a", "b"], "prompt": ["x y z"] * 2, "target": ["$5"] * 2})
+    section = causal_tracing_section(FakeStore({"causal_tracing": frame}), facts, tmp_path, Options())
+    assert section.figures and section.tables and set(section.per_fact) == {"a", "b"}

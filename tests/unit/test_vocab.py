@@ -11,7 +11,7 @@ import torch
 
 import recallscope as rs
 from recallscope import Site
-from recallscope.core.vocab import apply_final_norm, final_norm_scale
+from recallscope.core.vocab import apply_final_norm, final_norm_scale, frozen_scale_readout
 
 FAMILIES = ["gpt2", "llama_gqa", "gemma2", "gptj"]
 PROMPTS = ["The capital of France is", "The Eiffel Tower is in"]
@@ -353,3 +353,24 @@ def test_decode_tokens_of_top_k(tiny_models):
 def test_decode_tokens_empty_trailing_axis(tiny_models):
     model = tiny_models("gpt2")
     assert rs.decode_tokens(model, torch.empty(2, 0, dtype=torch.long)) == [[], []]
+
+
+def test_frozen_scale_readout_states_what_the_methods_recorded():
+    """The provenance text of the frozen-scale readout, as the methods stated it before it was shared."""
+    assert (
+        frozen_scale_readout("o_h", detail="tracked tokens only")
+        == "W_U (γ ⊙ centre(o_h)) / ρ_N; no bias, no final soft-cap; tracked tokens only"
+    )
+    assert (
+        frozen_scale_readout(covector="W_U[t] ·", detail="target covector only")
+        == "W_U[t] · (γ ⊙ centre(c)) / ρ_N; no bias, no final soft-cap; target covector only"
+    )
+    for bias, term in ((False, ""), (True, " + W_U β + b_U")):
+        assert (
+            frozen_scale_readout(bias=bias, detail="tracked tokens only")
+            == f"W_U (γ ⊙ centre(c)) / ρ_N{term}; tracked tokens only; no final soft-cap"
+        )
+        assert (
+            frozen_scale_readout("v", bias=bias, scale="ρ", detail="ρ = final norm scale")
+            == f"W_U (γ ⊙ centre(v)) / ρ{term}; ρ = final norm scale; no final soft-cap"
+        )

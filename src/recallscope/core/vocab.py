@@ -38,6 +38,7 @@ __all__ = [
     "final_norm_scale",
     "apply_final_norm",
     "decode_tokens",
+    "frozen_scale_readout",
 ]
 
 ProjectionMode = Literal["raw", "logit_lens", "frozen_scale"]
@@ -249,3 +250,23 @@ def decode_tokens(model: Model, ids: torch.Tensor) -> list | str:
     for size in reversed(ids.shape[1:]):
         out = [out[i : i + size] for i in range(0, len(out), size)]
     return out
+
+
+def frozen_scale_readout(
+    vector: str = "c", *, detail: str, bias: bool | None = None, covector: str = "W_U", scale: str = "ρ_N"
+) -> str:
+    """How a result reads ``vector`` with the frozen-scale head, in words for its provenance.
+
+    ``W_U (γ ⊙ centre(c)) / ρ_N``, no final soft-cap, and ``detail`` (which tokens are read, what the
+    scale is). ``bias=None``: the method never adds the constant ``W_U β + b_U`` and says so before
+    ``detail``; ``True`` or ``False``: its config chooses, and the term follows the formula when added::
+
+        frozen_scale_readout("o_h", detail="tracked tokens only")
+        # 'W_U (γ ⊙ centre(o_h)) / ρ_N; no bias, no final soft-cap; tracked tokens only'
+        frozen_scale_readout(bias=True, detail="tracked tokens only")
+        # 'W_U (γ ⊙ centre(c)) / ρ_N + W_U β + b_U; tracked tokens only; no final soft-cap'
+    """
+    formula = f"{covector} (γ ⊙ centre({vector})) / {scale}"
+    if bias is None:
+        return f"{formula}; no bias, no final soft-cap; {detail}"
+    return formula + (" + W_U β + b_U" if bias else "") + f"; {detail}; no final soft-cap"

@@ -43,7 +43,7 @@ import html
 import inspect
 import json
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -64,6 +64,7 @@ __all__ = [
     "required_config",
     "Cost",
     "result_provenance",
+    "head_frame",
     "as_batch",
     "window",
     "wide",
@@ -372,3 +373,21 @@ class Cost:
 def result_provenance(model, config: MethodConfig, **conventions: Any) -> dict[str, Any]:
     """Model provenance plus the conventions a result was computed with."""
     return {"model": model.provenance(), "config": config.to_dict(), "conventions": conventions}
+
+
+def head_frame(fact_ids: Sequence[str], n_groups: np.ndarray, **columns: np.ndarray) -> pd.DataFrame:
+    """One row per fact × layer × head: ``fact_id``, ``layer``, ``head``, ``kv_head`` (``head //
+    n_groups[layer]``), then ``columns``: ``[fact, layer, head]`` arrays, or ``[fact]`` ones repeated on
+    each of the fact's rows.
+    """
+    shape = next(a.shape for a in columns.values() if a.ndim == 3)
+    f, layer, head = (a.reshape(-1) for a in np.indices(shape))
+    return pd.DataFrame(
+        {
+            "fact_id": np.array(fact_ids, dtype=object)[f],
+            "layer": layer,
+            "head": head,
+            "kv_head": head // n_groups[layer],
+            **{name: a[f] if a.ndim == 1 else a.reshape(-1) for name, a in columns.items()},
+        }
+    )

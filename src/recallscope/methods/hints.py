@@ -3,7 +3,8 @@
 A :class:`~recallscope.methods.base.MethodConfig` field annotated ``Literal["a", "b"]``, ``bool``,
 ``int``, ``float``, ``str``, ``tuple[X, ...]``, ``Mapping[…]`` or a union of these (``int | None``)
 accepts only such values, and ``Annotated`` markers add what a type cannot say: :class:`AtLeast`
-(``Positive``, ``NonNegative``), :data:`NON_EMPTY` and :data:`DISTINCT` for tuples. A config from a
+(``Positive``, ``NonNegative``), :class:`AtMost` and :class:`Between` for numbers (also as the items
+of a tuple: ``tuple[Positive, ...]``), :data:`NON_EMPTY` and :data:`DISTINCT` for tuples. A config from a
 TOML file with ``k = "abc"`` or ``k = -5`` is refused when the config is built, naming the method,
 the field, what it takes and what it got, before any model loads. Relations between fields stay in
 the config's own ``__post_init__``, which runs after these checks and so sees values of the right
@@ -20,7 +21,18 @@ from typing import Any, Literal, Union
 
 from recallscope.errors import RecallscopeError
 
-__all__ = ["check_fields", "describe", "fits", "AtLeast", "Positive", "NonNegative", "NON_EMPTY", "DISTINCT"]
+__all__ = [
+    "check_fields",
+    "describe",
+    "fits",
+    "AtLeast",
+    "AtMost",
+    "Between",
+    "Positive",
+    "NonNegative",
+    "NON_EMPTY",
+    "DISTINCT",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +46,40 @@ class AtLeast:
 
     def __str__(self) -> str:
         return f"≥ {self.low}"
+
+
+@dataclasses.dataclass(frozen=True)
+class AtMost:
+    """``Annotated[int, AtMost(9)]``: a number no larger than ``high``."""
+
+    high: float
+
+    def __call__(self, value: Any) -> bool:
+        return value <= self.high
+
+    def __str__(self) -> str:
+        return f"≤ {self.high}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Between:
+    """``Annotated[float, Between(0, 1)]``: a number from ``low`` to ``high``, both included unless
+    ``low_open`` / ``high_open`` leave that end out (``Between(0, 1, high_open=True)``: ``[0, 1)``).
+    NaN and infinities never fit.
+    """
+
+    low: float
+    high: float
+    low_open: bool = False
+    high_open: bool = False
+
+    def __call__(self, value: Any) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        return f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +159,8 @@ def describe(hint: Any) -> str:
         inner = args[0]
         if typing.get_origin(inner) is tuple:
             return _describe_tuple(typing.get_args(inner), marks)
-        return " ".join([describe(inner), *(str(mark) for mark in marks if callable(mark))])
+        bounds = " and ".join(str(mark) for mark in marks if callable(mark))
+        return f"{describe(inner)} {bounds}" if bounds else describe(inner)
     if origin in (Union, types.UnionType):  # None first: "None or a tuple of …, each …"
         return " or ".join(describe(arg) for arg in sorted(args, key=lambda arg: arg is not type(None)))
     if origin is Literal:

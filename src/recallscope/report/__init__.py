@@ -17,7 +17,7 @@ import jinja2
 from recallscope.errors import RecallscopeError
 from recallscope.report.agreement import agreement_section
 from recallscope.report.scorecard import scorecard
-from recallscope.report.sections import Options, Table, build_section, by_paper
+from recallscope.report.section import Options, Table
 from recallscope.runner.store import Store, atomic_write
 
 __all__ = ["write_report", "Options", "scorecard", "LONG_TABLE"]
@@ -35,6 +35,8 @@ def write_report(run_dir: str | os.PathLike, options: Options | None = None) -> 
             f"{run_dir} is not a recallscope run folder (no manifest.json); "
             f"create one with `recallscope run --out {run_dir}`"
         )
+    from recallscope.report.sections import build_section, by_paper  # (they import the methods' sections)
+
     options = options or Options()
     facts = store.read_facts()
     folder = store.root / "figures"

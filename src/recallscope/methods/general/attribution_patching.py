@@ -39,7 +39,7 @@ from recallscope.data.variants import swap_fact, swap_inputs
 from recallscope.errors import RecallscopeError
 from recallscope.methods.base import Cost, MethodConfig, MethodResult, result_provenance
 from recallscope.methods.general.summaries import verification_summary as summary
-from recallscope.methods.hints import DISTINCT, NON_EMPTY, NonNegative, Positive
+from recallscope.methods.hints import DISTINCT, NON_EMPTY, AtLeast, Between, NonNegative, Positive
 from recallscope.models.model import Model
 
 __all__ = ["NAME", "DESCRIPTION", "Config", "AttributionPatchingResult", "run", "prepare", "cost", "summary"]
@@ -80,13 +80,13 @@ class Config(MethodConfig):
     target: Literal["gold", "top1"] = "gold"
     samples: Positive = 10
     """Corrupted copies for ``gaussian`` and ``resample``."""
-    noise: float | None = None
-    noise_factor: float = 3.0
-    noise_levels: tuple[tuple[str, float], ...] = ()
+    noise: Annotated[float, AtLeast(0)] | None = None
+    noise_factor: Annotated[float, AtLeast(0)] = 3.0
+    noise_levels: tuple[tuple[str, Annotated[float, AtLeast(0)]], ...] = ()
     """Set by :func:`prepare`: ``("subject", ν)``, as causal tracing calibrates it."""
     noise_calibrated_on: str | None = None
-    resample_vocab: tuple[tuple[str, tuple[int, ...]], ...] = ()
-    seed: int = 1
+    resample_vocab: tuple[tuple[str, tuple[NonNegative, ...]], ...] = ()
+    seed: Annotated[int, Between(0, 2**32 - 1)] = 1
     batch_size: Positive = 8
     """Facts per clean forward and backward (and per forward of their swapped partners)."""
     max_batch_rows: Positive = 64

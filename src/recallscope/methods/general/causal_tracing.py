@@ -45,7 +45,7 @@ from recallscope.errors import RecallscopeError
 from recallscope.methods.base import Cost, MethodConfig, MethodResult, result_provenance
 from recallscope.methods.general.summaries import BUCKETS, METRIC_COLUMNS, average_by_bucket, position_class
 from recallscope.methods.general.summaries import average_by_bucket as summary
-from recallscope.methods.hints import DISTINCT, NON_EMPTY, Positive
+from recallscope.methods.hints import DISTINCT, NON_EMPTY, AtLeast, Between, NonNegative, Positive
 from recallscope.models.model import Model
 
 __all__ = [
@@ -99,19 +99,21 @@ class Config(MethodConfig):
     directions: Annotated[tuple[Direction, ...], NON_EMPTY, DISTINCT] = ("denoising",)
     """``denoising``: clean states into the corrupted run (ROME); ``noising``: corrupted states into
     the clean run."""
-    samples: Positive = 10
-    """Corrupted copies ``S`` per fact (Gaussian noise and resampling; a subject swap has one)."""
-    noise: float | None = None
+    samples: Positive | None = None
+    """Corrupted copies ``S`` per fact (Gaussian noise and resampling; a subject swap has one). None:
+    ROME's 10 on a GPU (or another accelerator), 3 on a CPU, where ten would make causal tracing most
+    of a first run's time (the first 3 noise draws of ROME's 10; presets ``rome`` and ``yan_jia``: 10)."""
+    noise: Annotated[float, AtLeast(0)] | None = None
     """Noise scale ``ν`` for every span; None: calibrated (``noise_factor ×`` the std of the
     embeddings of the dataset's subjects / answers)."""
-    noise_factor: float = 3.0
-    noise_levels: tuple[tuple[str, float], ...] = ()
+    noise_factor: Annotated[float, AtLeast(0)] = 3.0
+    noise_levels: tuple[tuple[str, Annotated[float, AtLeast(0)]], ...] = ()
     """Set by :func:`prepare`: calibrated ``(span group, ν)`` pairs; groups ``subject``, ``answers``."""
     noise_calibrated_on: str | None = None
     """Set by :func:`prepare`: what the noise levels and vocabularies come from."""
-    resample_vocab: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    resample_vocab: tuple[tuple[str, tuple[NonNegative, ...]], ...] = ()
     """Set by :func:`prepare` for ``resample``: ``(span group, token ids)`` drawn from."""
-    seed: int = 1
+    seed: Annotated[int, Between(0, 2**32 - 1)] = 1
     """Seed of ``numpy.random.RandomState`` drawing the noise and the resampled tokens (ROME: 1)."""
     spans: tuple[str, ...] = ("subject", "answers")
     """Spans to corrupt, each traced separately: names of PromptBatch spans (``"subject"``,
@@ -125,7 +127,7 @@ class Config(MethodConfig):
     """Rows per forward pass (memory bound)."""
     reuse: bool = True
     """Resume the corrupted run at the restored layer and position (False: rerun everything)."""
-    forward_cost: int = 120
+    forward_cost: NonNegative = 120
     """Fixed cost of one forward pass in token-rows, for grouping restorations (CPU ≈ 100–200)."""
 
     PRESETS = {
@@ -314,12 +316,23 @@ def prepare(
     batch = as_batch(model, facts)
     groups = list(dict.fromkeys(_group(s) for s in trace_spans(batch, config) if s in batch.spans))
     pool = facts if dataset is None else dataset
-    return replace(config, **corrupt.calibration_fields(model, pool, groups, config))
+    return replace(_with_samples(model, config), **corrupt.calibration_fields(model, pool, groups, config))
+
+
+SAMPLES = {"cpu": 3, "accelerator": 10}
+"""The default number of corrupted copies by where the model runs (``samples=None``)."""
+
+
+def _with_samples(model: Model, config: Config) -> Config:
+    """``config`` with ``samples`` fixed: None becomes the default for the model's device."""
+    if config.samples is not None:
+        return config
+    return replace(config, samples=SAMPLES["cpu" if model.device.type == "cpu" else "accelerator"])
 
 
 def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = None) -> Cost:
     """Forward passes, token-block work and peak activation memory of :func:`run`, without running."""
-    config = config or Config()
+    config = _with_samples(model, config or Config())
     batch = as_batch(model, batch)
     n_layers = model.n_layers
     total = Cost(0, 0.0, 0)
@@ -358,6 +371,7 @@ def run(model: Model, batch: PromptBatch | FactSet, config: Config | None = None
         raise RecallscopeError("target='gold' needs a batch with targets (tokenize(..., targets=...))")
     if not config.noise_calibrated_on:  # run directly: calibrated on the facts given
         config = prepare(model, facts if facts is not None else batch, config)
+    config = _with_samples(model, config)
     noises = {name: _noise_for(config, name) for name in names if name in batch.spans}
     steps = answer_steps(batch)
     pairs = _row_spans(batch, config)
@@ -395,6 +409,7 @@ def _conventions(model: Model, config: Config, noises: dict[str, float | None]) 
         corruptions=list(config.corruptions),
         directions=list(config.directions),
         samples=config.samples,
+        samples_rule=f"samples=None: {SAMPLES['cpu']} on a CPU, {SAMPLES['accelerator']} (ROME) on a GPU",
         noise=noises,
         noise_rule=_noise_rule(config),
         noise_rng=f"numpy RandomState({config.seed})",

@@ -34,7 +34,7 @@ from recallscope.core.vocab import ProjectionMode, decode_tokens, project_to_voc
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
 from recallscope.methods.base import Cost, MethodConfig, MethodResult, result_provenance
-from recallscope.methods.hints import NON_EMPTY
+from recallscope.methods.hints import NON_EMPTY, Positive
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
 from recallscope.stats import mean_ci
@@ -60,7 +60,7 @@ class Config(MethodConfig):
     within each prompt (``0`` = its first token, ``-1`` = its last; padding never counts)."""
     targets: Annotated[tuple[str, ...], NON_EMPTY] = ("gold", "top1")
     """Tokens to follow: ``gold``, ``top1``, ``subject``, names in ``batch.tracked``, or ``tracked``."""
-    k: int = 10
+    k: Positive = 10
     """Top tokens kept per (fact, site, layer, position)."""
 
     PRESETS = {

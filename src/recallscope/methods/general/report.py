@@ -8,16 +8,8 @@ from pathlib import Path
 import pandas as pd
 
 from recallscope.methods.general.summaries import agreement_summary, bucket_names, peaks, verification_summary
-from recallscope.report.figures import (
-    agreement_matrix,
-    causal_trace_average,
-    causal_trace_fact,
-    estimate_scatter,
-    logit_lens_curves,
-    save_figure,
-    token_text,
-)
-from recallscope.report.section import Options, Section, Table, fact_title, new_section
+from recallscope.report import figures
+from recallscope.report.section import Options, Section, Table, fact_title, method_config, new_section
 
 
 def causal_tracing_section(store, facts: pd.DataFrame, folder: Path, options: Options) -> Section:
@@ -35,7 +27,10 @@ def causal_tracing_section(store, facts: pd.DataFrame, folder: Path, options: Op
     )
     if frame.empty:
         return section
-    defaults = {"span": "subject", "step": 1, "corruption": "gaussian", "direction": "denoising"}
+    settings = _tracing_settings(method_config(store, "causal_tracing"))
+    if settings:
+        section.notes.append(settings)
+    defaults = dict(span="subject", step=1, corruption="gaussian", direction="denoising", partner="")
     frame = frame.assign(**{k: v for k, v in defaults.items() if k not in frame})  # older stores
     variants = list(dict.fromkeys(zip(frame["corruption"], frame["direction"], strict=True)))
     kinds = list(dict.fromkeys(frame["kind"]))
@@ -49,7 +44,7 @@ def causal_tracing_section(store, facts: pd.DataFrame, folder: Path, options: Op
     keys = ["fact_id", "span", "corruption", "direction"]
     summary = frame.drop_duplicates(keys)[[*keys, "partner", "target", "low", "high"]]
     peak = frame.loc[frame.groupby([*keys, "kind"])["indirect_effect"].idxmax()]
-    peak = peak.assign(peak=peak["token"].map(token_text) + " @ L" + peak["layer"].astype(str))
+    peak = peak.assign(peak=peak["token"].map(figures.token_text) + " @ L" + peak["layer"].astype(str))
     peaks = peak.pivot(index=keys, columns="kind", values="peak").add_prefix("peak ").reset_index()
     table = summary.merge(peaks, on=keys)
     if len(variants) == 1:
@@ -65,11 +60,31 @@ def causal_tracing_section(store, facts: pd.DataFrame, folder: Path, options: Op
     n_facts = subject["fact_id"].nunique()
     for n, (fact_id, rows) in enumerate(subject.groupby("fact_id", sort=False)):
         if n < options.max_fact_figures:
-            fig = causal_trace_fact(rows, kinds, fact_title(facts, fact_id))
-            section.per_fact[fact_id] = [save_figure(fig, folder, f"causal_tracing_{n:04d}", "Causal trace")]
+            fig = figures.causal_trace_fact(rows, kinds, fact_title(facts, fact_id))
+            section.per_fact[fact_id] = [
+                figures.save_figure(fig, folder, f"causal_tracing_{n:04d}", "Causal trace")
+            ]
     if n_facts > options.max_fact_figures:
         section.notes.append(f"Per-fact figures for the first {options.max_fact_figures} of {n_facts} facts.")
     return section
+
+
+def _tracing_settings(config: dict) -> str:
+    """The settings a reader needs to judge the traces, and how to get ROME's where they differ."""
+    if not config:
+        return ""
+    corruptions = config.get("corruptions", ["gaussian"])
+    text = (
+        f"Settings: {config.get('samples')} corrupted copies per fact, window {config.get('window')}, "
+        f"corruptions {', '.join(corruptions)}, metric {config.get('metric', 'prob')}."
+    )
+    noisy = {"gaussian", "resample"} & set(corruptions)
+    if noisy and (config.get("samples") or 10) < 10:
+        text += (
+            " ROME averages 10 noise draws (these are its first draws): add `[causal_tracing] preset = "
+            '"rome"` to a --config file for its settings.'
+        )
+    return text
 
 
 def _average_figures(section, rows, folder, kinds, span, step, variant, n_variants) -> None:
@@ -91,9 +106,9 @@ def _average_figures(section, rows, folder, kinds, span, step, variant, n_varian
     if normalized:
         options["title"] = "Average normalized effect"
     for kind in kinds:
-        fig = causal_trace_average(rows, kind, bucket_names(span), n_facts, **options)
+        fig = figures.causal_trace_average(rows, kind, bucket_names(span), n_facts, **options)
         name = f"causal_tracing_average_{kind}{suffix}"
-        section.figures.append(save_figure(fig, folder, name, f"Average effect, {kind}{label}"))
+        section.figures.append(figures.save_figure(fig, folder, name, f"Average effect, {kind}{label}"))
 
 
 def _agreement(section, frame: pd.DataFrame, folder: Path, kinds: list[str]) -> None:
@@ -107,9 +122,8 @@ def _agreement(section, frame: pd.DataFrame, folder: Path, kinds: list[str]) -> 
     main = rows[rows["a"].str.endswith("/prob") & rows["b"].str.endswith("/prob")]
     shown = main if len(main) else rows
     title = f"Agreement of the {kind} maps (subject corrupted)"
-    section.figures.append(
-        save_figure(agreement_matrix(shown, title), folder, f"causal_tracing_agreement_{kind}", title)
-    )
+    fig = figures.agreement_matrix(shown, title)
+    section.figures.append(figures.save_figure(fig, folder, f"causal_tracing_agreement_{kind}", title))
     where = peaks(subject)
     where = where[where["map"].str.endswith(("/prob", "/logit_diff"))]
     located = where.groupby(["kind", "map"], sort=False).agg(
@@ -147,7 +161,6 @@ def _trace_groups(frame: pd.DataFrame):
 
 def logit_lens_section(store, facts: pd.DataFrame, folder: Path, options: Options) -> Section:
     frame = store.read_table("logit_lens")
-    topk = store.read_table("logit_lens", "topk")
     section = new_section(
         "logit_lens",
         "Logit lens",
@@ -157,14 +170,15 @@ def logit_lens_section(store, facts: pd.DataFrame, folder: Path, options: Option
     )
     if frame.empty:
         return section
-    fig = logit_lens_curves(frame)
+    fig = figures.logit_lens_curves(frame)
     section.figures.append(
-        save_figure(fig, folder, "logit_lens_curves", "Tracked tokens over layers, 95% bands")
+        figures.save_figure(fig, folder, "logit_lens_curves", "Tracked tokens over layers, 95% bands")
     )
     site = frame["site"].iloc[0]
     position = frame["position"].iloc[0]
+    topk = store.read_table("logit_lens", "topk")
     top1 = topk[(topk["site"] == site) & (topk["position"] == position)].copy()
-    top1["top token"] = top1["topk"].map(lambda tokens: token_text(tokens[0]) if len(tokens) else "")
+    top1["top token"] = top1["topk"].map(lambda tokens: figures.token_text(tokens[0]) if len(tokens) else "")
     common = top1.groupby("layer")["top token"].agg(lambda s: s.value_counts().index[0])
     share = top1.groupby("layer")["top token"].agg(lambda s: s.value_counts().iloc[0] / len(s))
     table = pd.DataFrame(
@@ -174,7 +188,7 @@ def logit_lens_section(store, facts: pd.DataFrame, folder: Path, options: Option
         Table.of(f"Most frequent top-1 token per layer ({site}, position {position})", table, 2)
     )
     for fact_id, rows in top1.groupby("fact_id", sort=False):
-        tokens = rows["topk"].map(lambda ts: " · ".join(token_text(t) for t in ts[:5]))
+        tokens = rows["topk"].map(lambda ts: " · ".join(figures.token_text(t) for t in ts[:5]))
         fact_table = pd.DataFrame(
             {"layer": rows["layer"].to_numpy(), f"top-5 ({site} @ {position})": tokens.to_numpy()}
         )
@@ -202,9 +216,8 @@ def attribution_patching_section(store, facts: pd.DataFrame, folder: Path, optio
         )
     )
     title = "AtP estimate vs exact noising effect"
-    section.figures.append(
-        save_figure(estimate_scatter(verified, title), folder, "attribution_patching_scatter", title)
-    )
+    fig = figures.estimate_scatter(verified, title)
+    section.figures.append(figures.save_figure(fig, folder, "attribution_patching_scatter", title))
     heads = frame[frame["node"] == "head"].groupby(["fact_id", "layer", "index"])["atp"].sum().reset_index()
     top = heads.groupby(["layer", "index"])["atp"].mean().reset_index().rename(columns={"index": "head"})
     top = top.reindex(top["atp"].abs().sort_values(ascending=False).index).head(10)
@@ -212,7 +225,7 @@ def attribution_patching_section(store, facts: pd.DataFrame, folder: Path, optio
     neurons = store.read_table("attribution_patching", "neurons")
     if not neurons.empty:
         best = neurons.reindex(neurons["atp"].abs().sort_values(ascending=False).index).head(15)
-        best = best.assign(token=best["token"].map(token_text))
+        best = best.assign(token=best["token"].map(figures.token_text))
         shown = best[["fact_id", "layer", "position", "token", "index", "atp", "exact"]]
         section.tables.append(Table.of("Neurons with the largest AtP (index: the neuron)", shown, 5))
     return section

@@ -74,8 +74,8 @@ class Config(MethodConfig):
     }
 
     def __post_init__(self) -> None:
-        if not 1 <= self.keep <= self.top_k:
-            raise RecallscopeError(f"need 1 ≤ keep ≤ top_k, got keep={self.keep}, top_k={self.top_k}")
+        if self.keep > self.top_k:
+            raise RecallscopeError(f"need keep ≤ top_k, got keep={self.keep}, top_k={self.top_k}")
 
     @property
     def token_filter(self) -> attr.TokenFilter:

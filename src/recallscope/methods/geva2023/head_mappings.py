@@ -45,7 +45,7 @@ from recallscope.core.tokens import PromptBatch, as_batch
 from recallscope.core.vocab import decode_tokens
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
-from recallscope.methods.base import Cost, MethodConfig, MethodResult, result_provenance
+from recallscope.methods.base import Cost, MethodConfig, MethodResult, head_frame, result_provenance
 from recallscope.methods.geva2023.summaries import rank_heads
 from recallscope.methods.hints import Positive
 from recallscope.models.model import Model
@@ -110,19 +110,14 @@ class HeadMappingsResult(MethodResult):
 
     def to_frame(self) -> pd.DataFrame:
         """One row per fact × layer × head."""
-        f, layer, head = (a.reshape(-1) for a in np.indices(self.mapping_rank.shape))
-        return pd.DataFrame(
-            {
-                "fact_id": np.array(self.fact_ids, dtype=object)[f],
-                "layer": layer,
-                "head": head,
-                "kv_head": head // self.n_groups[layer],
-                "mapping_rank": self.mapping_rank.reshape(-1),
-                "in_top_k": self.in_top_k.reshape(-1),
-                "output_rank": self.output_rank.reshape(-1),
-                "output_logit": self.output_logit.reshape(-1),
-                "target": np.array(self.target_tokens, dtype=object)[f],
-            }
+        return head_frame(
+            self.fact_ids,
+            self.n_groups,
+            mapping_rank=self.mapping_rank,
+            in_top_k=self.in_top_k,
+            output_rank=self.output_rank,
+            output_logit=self.output_logit,
+            target=np.array(self.target_tokens, dtype=object),
         )
 
     def tables(self) -> dict[str, pd.DataFrame]:

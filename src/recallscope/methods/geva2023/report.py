@@ -8,21 +8,12 @@ from pathlib import Path
 import pandas as pd
 
 from recallscope.methods.geva2023.summaries import early_patching_summary, extraction_summary, rank_heads
-from recallscope.report.figures import (
-    grouped_bars,
-    head_grid,
-    knockout_curves,
-    knockout_token_map,
-    mean_curves,
-    save_figure,
-    token_text,
-)
+from recallscope.report import figures
 from recallscope.report.section import Options, Section, Table, fact_title, method_config, new_section
 
 
 def attention_knockout_section(store, facts: pd.DataFrame, folder: Path, options: Options) -> Section:
     frame = store.read_table("attention_knockout")
-    tokens = store.read_table("attention_knockout", "tokens")
     section = new_section(
         "attention_knockout",
         "Attention knockout",
@@ -34,8 +25,8 @@ def attention_knockout_section(store, facts: pd.DataFrame, folder: Path, options
     if frame.empty:
         return section
     window = int((frame["window_stop"] - frame["window_start"]).max())
-    fig = knockout_curves(frame, window)
-    section.figures.append(save_figure(fig, folder, "attention_knockout_curves", "Knockout curves"))
+    fig = figures.knockout_curves(frame, window)
+    section.figures.append(figures.save_figure(fig, folder, "attention_knockout_curves", "Knockout curves"))
     strongest = frame.loc[frame.groupby(["fact_id", "source"])["change_pct"].idxmin()]
     strongest = strongest.assign(
         drop=strongest["change_pct"].round(1).astype(str) + "% @ L" + strongest["layer"].astype(str)
@@ -47,10 +38,13 @@ def attention_knockout_section(store, facts: pd.DataFrame, folder: Path, options
     section.tables.append(
         Table.of("Per fact: prediction, clean probability, largest drop per source set", table)
     )
+    tokens = store.read_table("attention_knockout", "tokens")
     for n, (fact_id, rows) in enumerate(tokens.groupby("fact_id", sort=False) if len(tokens) else []):
         if n < options.max_fact_figures:
-            fig = knockout_token_map(rows, "one position blocked: " + fact_title(facts, fact_id))
-            item = save_figure(fig, folder, f"attention_knockout_{n:04d}", "Attention knockout, per token")
+            fig = figures.knockout_token_map(rows, "one position blocked: " + fact_title(facts, fact_id))
+            item = figures.save_figure(
+                fig, folder, f"attention_knockout_{n:04d}", "Attention knockout, per token"
+            )
             section.per_fact.setdefault(fact_id, []).append(item)
     return section
 
@@ -74,7 +68,7 @@ def attributes_rate_section(store, facts: pd.DataFrame, folder: Path, options: O
     if rated.empty:
         return section
     baseline = float(rated.drop_duplicates("fact_id")["baseline_rate"].mean())
-    fig = mean_curves(
+    fig = figures.mean_curves(
         rated,
         y="attributes_rate",
         group="position",
@@ -83,7 +77,9 @@ def attributes_rate_section(store, facts: pd.DataFrame, folder: Path, options: O
         ylabel="attributes rate, % (mean, 95% band)",
         title=f"Attributes rate per position ({n_facts} facts)",
     )
-    section.figures.append(save_figure(fig, folder, "attributes_rate_curves", "Attributes rate per position"))
+    section.figures.append(
+        figures.save_figure(fig, folder, "attributes_rate_curves", "Attributes rate per position")
+    )
     means = rated.groupby(["position", "layer"], sort=False)["attributes_rate"].mean().reset_index()
     peaks = means.loc[means.groupby("position", sort=False)["attributes_rate"].idxmax()]
     table = peaks.rename(columns={"attributes_rate": "peak mean rate", "layer": "at layer"})
@@ -100,7 +96,7 @@ def attributes_rate_section(store, facts: pd.DataFrame, folder: Path, options: O
                 "layer": every["layer"].to_numpy(),
                 "rate": rates.set_index("layer").loc[every["layer"], "attributes_rate"].to_numpy(),
                 "top tokens at the last subject token": every["tokens"]
-                .map(lambda ts: " · ".join(token_text(t) for t in ts))
+                .map(lambda ts: " · ".join(figures.token_text(t) for t in ts))
                 .to_numpy(),
             }
         )
@@ -128,7 +124,7 @@ def sublayer_knockout_section(store, facts: pd.DataFrame, folder: Path, options:
     size = int((rated["window_stop"] - rated["window_start"]).max())
     clean = float(rated.drop_duplicates("fact_id")["clean_rate"].mean())
     knocked = rated[rated["sublayer"] != "none"]
-    fig = mean_curves(
+    fig = figures.mean_curves(
         knocked,
         y="attributes_rate",
         group="sublayer",
@@ -139,7 +135,7 @@ def sublayer_knockout_section(store, facts: pd.DataFrame, folder: Path, options:
         ylabel=f"attributes rate at layer {target}, %",
         title=f"Sublayer knockout ({rated['fact_id'].nunique()} facts, mean, 95% band)",
     )
-    section.figures.append(save_figure(fig, folder, "sublayer_knockout_curves", "Sublayer knockout"))
+    section.figures.append(figures.save_figure(fig, folder, "sublayer_knockout_curves", "Sublayer knockout"))
     means = knocked.groupby(["sublayer", "start_layer"], sort=False)["change"].mean().reset_index()
     lowest = means.loc[means.groupby("sublayer", sort=False)["change"].idxmin()]
     table = lowest.rename(columns={"change": "largest mean drop", "start_layer": "first removed layer"})
@@ -165,7 +161,7 @@ def extraction_rate_section(store, facts: pd.DataFrame, folder: Path, options: O
     long = frame.melt(["fact_id", "layer"], ["attn_extracts", "mlp_extracts"], "sublayer", "extracts")
     long["extracts"] = 100 * long["extracts"].astype(float)
     long["sublayer"] = long["sublayer"].str.removesuffix("_extracts")
-    fig = mean_curves(
+    fig = figures.mean_curves(
         long,
         y="extracts",
         group="sublayer",
@@ -173,7 +169,9 @@ def extraction_rate_section(store, facts: pd.DataFrame, folder: Path, options: O
         ylabel="% of facts whose update has the prediction on top",
         title=f"Extraction events per layer ({n_facts} facts, 95% band)",
     )
-    section.figures.append(save_figure(fig, folder, "extraction_rate_layers", "Extraction rate per layer"))
+    section.figures.append(
+        figures.save_figure(fig, folder, "extraction_rate_layers", "Extraction rate per layer")
+    )
     stats = extraction_summary(frame).T.reset_index()
     stats.columns = ["statistic", "value"]
     section.tables.append(
@@ -187,20 +185,22 @@ def extraction_rate_section(store, facts: pd.DataFrame, folder: Path, options: O
     if len(cf):
         any_layer = cf.groupby(["variant", "fact_id"], sort=False)["extracts"].any()
         rate = 100 * any_layer.groupby("variant", sort=False).mean()
-        fig = grouped_bars(
+        fig = figures.grouped_bars(
             rate.to_frame("attention output recomputed"),
             f"Local counterfactuals: blocked keys ({n_facts} facts)",
             "% of facts extracting at some layer",
         )
-        section.figures.append(save_figure(fig, folder, "extraction_rate_counterfactuals", "Counterfactuals"))
+        section.figures.append(
+            figures.save_figure(fig, folder, "extraction_rate_counterfactuals", "Counterfactuals")
+        )
     for fact_id, rows in frame.groupby("fact_id", sort=False):
         events = rows[rows["attn_extracts"] | rows["mlp_extracts"]]
         if events.empty:
             continue
         fact_table = events[["layer", "attn_extracts", "mlp_extracts", "attn_top_token", "mlp_top_token"]]
         fact_table = fact_table.assign(
-            attn_top_token=fact_table["attn_top_token"].map(token_text),
-            mlp_top_token=fact_table["mlp_top_token"].map(token_text),
+            attn_top_token=fact_table["attn_top_token"].map(figures.token_text),
+            mlp_top_token=fact_table["mlp_top_token"].map(figures.token_text),
         )
         section.per_fact.setdefault(fact_id, []).append(
             Table.of("Layers with an extraction event", fact_table)
@@ -224,12 +224,12 @@ def early_patching_section(store, facts: pd.DataFrame, folder: Path, options: Op
     table = rates.pivot(index="source_layer", columns="positions", values="extraction_rate") * 100
     table.index = [f"from layer {layer}" for layer in table.index]
     table["unpatched"] = 100 * rates.groupby("source_layer", sort=True)["clean_rate"].first().to_numpy()
-    fig = grouped_bars(
+    fig = figures.grouped_bars(
         table,
         f"Extraction with early states patched in ({frame['fact_id'].nunique()} facts)",
         "% of facts extracting at some later layer",
     )
-    section.figures.append(save_figure(fig, folder, "early_patching_bars", "Early-state patching"))
+    section.figures.append(figures.save_figure(fig, folder, "early_patching_bars", "Early-state patching"))
     section.tables.append(Table.of("Extraction rate (%) per source layer and patched positions", table, 1))
     return section
 
@@ -248,14 +248,14 @@ def head_mappings_section(store, facts: pd.DataFrame, folder: Path, options: Opt
         return section
     ranked = rank_heads(frame)
     k = int(method_config(store, "head_mappings").get("top_k", 10))
-    fig = head_grid(
+    fig = figures.head_grid(
         ranked,
         "frac_in_top_k",
         f"Share of facts whose prediction is in the head's top {k} ({frame['fact_id'].nunique()} facts)",
         "share of facts",
     )
     section.figures.append(
-        save_figure(fig, folder, "head_mappings_grid", "Heads mapping subject → attribute")
+        figures.save_figure(fig, folder, "head_mappings_grid", "Heads mapping subject → attribute")
     )
     top = ranked.head(15).copy()
     label = "L" + top.pop("layer").astype(str) + "H" + top.pop("head").astype(str)
@@ -274,7 +274,7 @@ def head_mappings_section(store, facts: pd.DataFrame, folder: Path, options: Opt
                 "head": ("L" + rows["layer"].astype(str) + "H" + rows["head"].astype(str)).to_numpy(),
                 "rank of prediction": rows["mapping_rank"].to_numpy(),
                 "top tokens of the subject's OV map": rows["top_tokens"]
-                .map(lambda ts: " · ".join(token_text(t) for t in ts))
+                .map(lambda ts: " · ".join(figures.token_text(t) for t in ts))
                 .to_numpy(),
             }
         )

@@ -67,7 +67,6 @@ from recallscope.core.component_scaling import (
     RecordedChunk,
     check_scales,
     fit_scale_grid,
-    is_finite_number,
     prediction_scores,
     resumed_logits,
     scale_components,
@@ -81,11 +80,12 @@ from recallscope.core.hooks import site_hook
 from recallscope.core.resume import equal_length_rows, record_run
 from recallscope.core.splits import calibration_metrics, split_facts
 from recallscope.core.tokens import PromptBatch, as_batch, encode_prompt
+from recallscope.core.vocab import frozen_scale_readout
 from recallscope.data.builtin import generic_text
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
 from recallscope.methods.base import Cost, MethodConfig, MethodResult, result_provenance
-from recallscope.methods.hints import AtLeast, NonNegative, Positive
+from recallscope.methods.hints import DISTINCT, NON_EMPTY, AtLeast, Between, NonNegative, Positive
 from recallscope.methods.lv2024.summaries import anti_overconfidence_summary as summary
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
@@ -133,16 +133,16 @@ class Config(MethodConfig):
     top_neurons: NonNegative = 10
     """Neurons per layer kept in the frame (largest ``|mean logit|`` over all facts), and the number
     of most negative train neurons per layer offered as candidates."""
-    train_fraction: float = 0.5
+    train_fraction: Annotated[float, Between(0, 1, low_open=True, high_open=True)] = 0.5
     """Share of the split groups (``base_id``) that go to the training split."""
-    seed: int = 0
+    seed: NonNegative = 0
     """Seed of the split hash and of the bootstrap."""
     split_by: Literal["base_id", "fact_id"] = "base_id"
     """Split unit: ``base_id`` keeps few-shot variants of one fact together; ``fact_id`` splits facts.
     (A :class:`PromptBatch` carries no ``base_id``: its fact ids are used.)"""
     max_candidates: Positive = 8
     """At most this many candidates (most negative train mean first)."""
-    scales: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75)
+    scales: Annotated[tuple[Annotated[float, AtLeast(0)], ...], NON_EMPTY, DISTINCT] = (0.0, 0.25, 0.5, 0.75)
     """Multipliers tried for each candidate's output (0 removes it; 1 is the clean model)."""
     positions: Literal["all", "last"] = "all"
     """Where the mitigation scales the component: every position or the last (``end``) only."""
@@ -169,12 +169,7 @@ class Config(MethodConfig):
     }
 
     def __post_init__(self) -> None:
-        fraction = self.train_fraction
-        if not is_finite_number(fraction) or not 0 < fraction < 1:
-            raise RecallscopeError(
-                f"train_fraction must be strictly between 0 and 1, got {fraction!r}; e.g. 0.5"
-            )
-        object.__setattr__(self, "train_fraction", float(fraction))
+        object.__setattr__(self, "train_fraction", float(self.train_fraction))
         object.__setattr__(self, "scales", check_scales(self.scales))  # one store hash for 0 and 0.0
 
 
@@ -438,7 +433,7 @@ def _provenance(model: Model, config: Config, candidates, choice, n_facts: int, 
         model,
         config,
         projection="frozen_scale (final residual of the same forward)",
-        readout="W_U[t] · (γ ⊙ centre(c)) / ρ_N; no bias, no final soft-cap; target covector only",
+        readout=frozen_scale_readout(covector="W_U[t] ·", detail="target covector only"),
         iw="logit − mean over the vocabulary (readout of the mean unembedding row); Lv et al. L2",
         components=f"last {config.layers_from_end} block(s): heads o_h = z_h W_O[h] (input columns){post}; "
         "attn_bias = b_O (when present); mlp = mlp_out; top neurons c_k w_k by |mean logit| over all facts",

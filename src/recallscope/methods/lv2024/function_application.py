@@ -48,11 +48,12 @@ from recallscope.core.decoding import decode_tracked, work_dtype
 from recallscope.core.regression import needed_sites, regressor_heads, remainders
 from recallscope.core.subvalues import FrozenHead
 from recallscope.core.tokens import PromptBatch, answer_ids
+from recallscope.core.vocab import frozen_scale_readout
 from recallscope.data.facts import FactSet
 from recallscope.data.variants import add_relation_context, counterfactual_facts
 from recallscope.errors import RecallscopeError
 from recallscope.methods.base import Cost, MethodConfig, MethodResult, result_provenance
-from recallscope.methods.hints import DISTINCT, NON_EMPTY
+from recallscope.methods.hints import DISTINCT, NON_EMPTY, NonNegative
 from recallscope.methods.lv2024.summaries import COLUMNS
 from recallscope.methods.lv2024.summaries import function_application_summary as summary
 from recallscope.models.model import Model
@@ -86,7 +87,7 @@ _CF = ["cf_logit_new", "cf_logit_old", "follows", "shift"]
 class Config(MethodConfig):
     """Function-application settings; the defaults (and preset ``lv``) are our reading of L6."""
 
-    layers: Annotated[tuple[int, ...], NON_EMPTY, DISTINCT] | None = None
+    layers: Annotated[tuple[NonNegative, ...], NON_EMPTY, DISTINCT] | None = None
     """MLP layers (block indices) to analyse; None: every layer."""
     components: Annotated[tuple[Literal[COMPONENTS], ...], NON_EMPTY, DISTINCT] = COMPONENTS
     """``mlp_out`` (the whole MLP output) and/or ``remainder`` (what the fit on the heads leaves)."""
@@ -415,8 +416,10 @@ def _provenance(model: Model, config: Config) -> dict:
         model,
         config,
         projection="frozen_scale (final residual of the same forward; counterfactual rows their own)",
-        readout="W_U (γ ⊙ centre(c)) / ρ_N; no bias, no final soft-cap; full vocabulary for the clean "
-        "rows (ranks), target tokens only for the counterfactual rows",
+        readout=frozen_scale_readout(
+            detail="full vocabulary for the clean rows (ranks), target tokens only for the "
+            "counterfactual rows"
+        ),
         components={
             "mlp_out": "the MLP update added to the residual (Gemma-2: after its post-norm)",
             "remainder": f"mlp_out minus its per-example least-squares fit on the {config.regressors} heads "

@@ -41,6 +41,7 @@ from recallscope.core.decoding import TrackedInfo, decode_tracked, last_position
 from recallscope.core.steps import tracked_tokens
 from recallscope.core.subvalues import FrozenHead
 from recallscope.core.tokens import PromptBatch, as_batch
+from recallscope.core.vocab import frozen_scale_readout
 from recallscope.data.facts import FactSet
 from recallscope.methods.base import Cost, MethodConfig, MethodResult, result_provenance
 from recallscope.methods.hints import DISTINCT, NON_EMPTY
@@ -155,9 +156,7 @@ def _provenance(model: Model, config: Config) -> dict:
         model,
         config,
         projection="frozen_scale (final residual of the same forward)",
-        readout="W_U (γ ⊙ centre(c)) / ρ_N"
-        + (" + W_U β + b_U" if config.bias else "")
-        + "; tracked tokens only; no final soft-cap",
+        readout=frozen_scale_readout(bias=config.bias, detail="tracked tokens only"),
         sites={name: SITES[name] for name in config.sites},
         tracked="subject first token (if subject) + first token of every answer (all k); plain facts: "
         "the target as answer_1",

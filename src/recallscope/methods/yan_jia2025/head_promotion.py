@@ -42,6 +42,7 @@ from recallscope.core.decompose import SLICINGS, head_vectors, post_norm_note
 from recallscope.core.steps import tracked_tokens
 from recallscope.core.subvalues import FrozenHead
 from recallscope.core.tokens import PromptBatch, as_batch
+from recallscope.core.vocab import frozen_scale_readout
 from recallscope.data.facts import FactSet
 from recallscope.methods.base import Cost, MethodConfig, MethodResult, result_provenance
 from recallscope.methods.hints import AtLeast
@@ -169,13 +170,12 @@ def _provenance(model: Model, config: Config) -> dict:
         "input_columns": "o_h = z_h W_O[h·d_h:(h+1)·d_h] (input-column block of o_proj.weight)",
         "reference_code": "o_h = z_h · o_proj.weight.view(H, d_h, d)[h] (released code; slices output rows)",
     }[config.wo_slicing]
-    post = post_norm_note(model)
     return result_provenance(
         model,
         config,
         projection="frozen_scale (final residual of the same forward)",
-        readout="W_U (γ ⊙ centre(o_h)) / ρ_N; no bias, no final soft-cap; tracked tokens only",
-        heads=slicing + post + f"; kv_head = {model.kv_head_rule()}",
+        readout=frozen_scale_readout("o_h", detail="tracked tokens only"),
+        heads=slicing + post_norm_note(model) + f"; kv_head = {model.kv_head_rule()}",
         thresholds=f"per step × layer over all heads and examples: mean ± {config.k}·std (population std); "
         "computed by rates() on the concatenated frame",
         layers="block index",

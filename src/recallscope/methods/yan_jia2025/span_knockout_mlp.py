@@ -48,7 +48,7 @@ from recallscope.core.subvalues import FrozenHead
 from recallscope.core.tokens import PromptBatch, as_batch
 from recallscope.data.facts import FactSet
 from recallscope.methods.base import Cost, MethodConfig, MethodResult, result_provenance
-from recallscope.methods.hints import DISTINCT, NON_EMPTY, Positive
+from recallscope.methods.hints import DISTINCT, NON_EMPTY, NonNegative, Positive
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
 from recallscope.stats import mean_ci
@@ -73,7 +73,7 @@ class Config(MethodConfig):
     mode: Literal["post_softmax_zero", "pre_softmax"] = "post_softmax_zero"
     """``post_softmax_zero``: weights zeroed after the softmax, not renormalized (the paper);
     ``pre_softmax``: −∞ before the softmax, renormalized (Geva et al.)."""
-    layers: Annotated[tuple[int, ...], NON_EMPTY, DISTINCT] | None = None
+    layers: Annotated[tuple[NonNegative, ...], NON_EMPTY, DISTINCT] | None = None
     """Layers whose attention is knocked out (all heads); None = every layer at once (the paper).
     The MLP output of every layer is decoded either way."""
     subject: bool = True

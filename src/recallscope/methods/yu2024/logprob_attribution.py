@@ -65,9 +65,9 @@ from recallscope.core.decoding import choose_targets
 from recallscope.core.decompose import post_norm_note
 from recallscope.core.subvalues import FrozenHead
 from recallscope.core.tokens import PromptBatch, as_batch
-from recallscope.core.vocab import decode_tokens
+from recallscope.core.vocab import decode_tokens, frozen_scale_readout
 from recallscope.data.facts import FactSet
-from recallscope.methods.base import Cost, MethodConfig, MethodResult, result_provenance
+from recallscope.methods.base import Cost, MethodConfig, MethodResult, head_frame, result_provenance
 from recallscope.methods.hints import NON_EMPTY, NonNegative, Positive
 from recallscope.models.model import Model
 from recallscope.stats import mean_ci
@@ -217,16 +217,7 @@ class LogprobAttributionResult(MethodResult):
         return out
 
     def _heads(self) -> pd.DataFrame:
-        f, layer, head = (a.reshape(-1) for a in np.indices(self.head_score.shape))
-        return pd.DataFrame(
-            {
-                "fact_id": np.array(self.fact_ids, dtype=object)[f],
-                "layer": layer,
-                "head": head,
-                "kv_head": head // self.n_groups[layer],
-                "logprob_increase": self.head_score.reshape(-1),
-            }
-        )
+        return head_frame(self.fact_ids, self.n_groups, logprob_increase=self.head_score)
 
     def _positions(self) -> pd.DataFrame:
         frames = []
@@ -411,13 +402,12 @@ def _subvalue_table(model: Model, result: LogprobAttributionResult, kind: str) -
 
 def _provenance(model: Model, config: Config) -> dict:
     post = post_norm_note(model, "post-norms linearized at their actual scale")
+    rho = "ρ = final norm scale of the final residual at the last position"
     return result_provenance(
         model,
         config,
         projection="frozen_scale",
-        readout="bs(v) = W_U (γ ⊙ centre(v)) / ρ"
-        + (" + W_U β + b_U" if config.bias else "")
-        + "; ρ = final norm scale of the final residual at the last position; no final soft-cap",
+        readout="bs(v) = " + frozen_scale_readout("v", bias=config.bias, scale="ρ", detail=rho),
         bias=config.bias,
         target=config.target,
         score="log p(t | baseline + v) − log p(t | baseline)",

@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import pandas as pd
@@ -77,7 +77,7 @@ from recallscope.core.vocab import decode_tokens
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
 from recallscope.methods.base import Cost, Given, MethodConfig, MethodResult, result_provenance
-from recallscope.methods.hints import NonNegative, Positive
+from recallscope.methods.hints import Between, NonNegative, Positive
 from recallscope.models.model import Model
 from recallscope.stats import mean_ci
 
@@ -125,16 +125,12 @@ class Config(MethodConfig):
     """FFN neuron key: the frozen-norm gradient of ``c_k`` (default), a weight row, or ``as_coded``."""
     centre: bool = True
     """LayerNorm models: inner products with the centred key (the norm subtracts the mean)."""
-    guard: float = 1e-3
+    guard: Annotated[float, Between(0, 1, high_open=True)] = 1e-3
     """Skip a row when ``|Σ c·key| < guard · Σ |c·key|`` (its shares would explode)."""
     max_batch_rows: Positive = 16
     """Facts per cached forward (memory bound; passed to ``logprob_attribution`` too)."""
 
     PRESETS = {"yu": dict(ffn_key="as_coded", centre=False, bias=False, target="top1")}
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.guard < 1:
-            raise RecallscopeError(f"guard must be in [0, 1), got {self.guard}; e.g. guard=1e-3")
 
 
 @dataclass(frozen=True)
