@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import traceback
 from pathlib import Path
 
 import click
@@ -26,8 +27,13 @@ def _load(name: str, dtype: str | None, device: str | None, *, validate: bool = 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="recallscope")
-def cli() -> None:
+@click.option("--debug", is_flag=True, help="On an error, also print its full traceback.")
+def cli(debug: bool) -> None:
     """recallscope: how does a language model recall a fact?"""
+    _STATE["debug"] = debug
+
+
+_STATE = {"debug": False}
 
 
 @cli.command("check-model")
@@ -223,15 +229,22 @@ def _max_memory(value: str | None) -> dict | None:
 @cli.command("run")
 @_job_options
 @click.option("--no-report", is_flag=True, help="Do not write report.html at the end.")
-def run_cmd(no_report: bool, **flags) -> None:
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="--out holds a run of another job: replace it by this one (its results and report are "
+    "deleted; finished chunks that still apply are reused).",
+)
+def run_cmd(no_report: bool, overwrite: bool, **flags) -> None:
     """Analyse how a model recalls facts: every method, stored in --out, with an HTML report.
 
-    Re-running the same command resumes: finished chunks are kept and not recomputed.
+    Re-running the same command resumes: finished chunks are kept and not recomputed. A folder
+    belongs to one job: another job (other facts or flags) needs another --out, or --overwrite.
     """
     from recallscope.runner import run_job
 
     job = _job(**flags)
-    store = run_job(job, report=not no_report)
+    store = run_job(job, report=not no_report, overwrite=overwrite)
     manifest = store.read_manifest()
     for name, entry in manifest["methods"].items():
         click.echo(
@@ -433,6 +446,8 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         sys.exit(1)
     except RecallscopeError as err:
+        if _STATE["debug"]:
+            traceback.print_exc()
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
     sys.exit(code if isinstance(code, int) else 0)

@@ -107,8 +107,11 @@ def test_resume_recomputes_only_missing_chunks(tiny_models, tmp_path, dataset, m
     tokens = trace[(trace.fact_id == "facts/5") & (trace.kind == "hidden") & (trace.layer == 0)]["token"]
     assert "".join(tokens) == "The city of Tokyo lies in"
     other = _job(tmp_path, dataset, batch_size=2, methods=("causal_tracing",), configs={})
-    run_job(other, model=model, progress=False, report=False)
-    assert calls[2:] == [2, 2, 1]  # another config: another store key, everything recomputed
+    with pytest.raises(rs.RecallscopeError, match=r"holds a run of another job \(--config: "):
+        run_job(other, model=model, progress=False, report=False)  # one job per folder
+    assert calls[2:] == []
+    run_job(other, model=model, progress=False, report=False, overwrite=True)
+    assert calls[2:] == [2, 2, 1]  # started over: everything computed again
 
 
 @pytest.mark.parametrize("batch_size", [4, 1])  # 1: the failing fact is a chunk of its own
@@ -141,10 +144,14 @@ def test_whole_dataset_method_gets_every_fact_in_one_call(tiny_models, tmp_path,
     assert calls == [5] and store.read_manifest()["methods"]["logit_lens"]["chunks"] == 1
     run_job(job, model=model, progress=False, report=False)
     assert calls == [5]  # done: resumed
-    smaller = _job(tmp_path, dataset, batch_size=2, methods=("logit_lens",), limit=3)
-    store = run_job(smaller, model=model, progress=False, report=False)
-    assert calls == [5, 3]  # another fact list: another store key, recomputed as a whole
-    assert store.read_table("logit_lens")["fact_id"].nunique() == 3
+    lines = dataset.read_text().splitlines()
+    dataset.write_text(
+        "\n".join([*lines[:4], lines[4].replace("Tokyo is in", "Tokyo lies in"), *lines[5:]]) + "\n"
+    )
+    store = run_job(job, model=model, progress=False, report=False)
+    assert calls == [5, 5]  # one fact edited: another fact list, another store key, all recomputed
+    assert store.read_table("logit_lens")["fact_id"].nunique() == 5
+    assert len(list((job.out / "chunks").iterdir())) == 2  # the old result is kept, never mixed in
 
 
 def test_shots_give_zero_and_one_shot_variants_with_counterfactual_partners(tiny_models, tmp_path):

@@ -43,6 +43,7 @@ def test_trust_remote_code_is_off_by_default(monkeypatch, tmp_path):
 
     monkeypatch.setattr(T.AutoModelForCausalLM, "from_pretrained", fake)
     monkeypatch.setattr(T.AutoTokenizer, "from_pretrained", lambda *a, **k: byte_level_tokenizer())
+    (tmp_path / "config.json").write_text("{}")  # a saved model's folder (the loading is faked)
     rs.load_model(tmp_path, device="cpu")
     assert seen["trust_remote_code"] is False and seen["local_files_only"] is True
 
@@ -58,7 +59,9 @@ def test_missing_hub_model_offline(monkeypatch):
 
 
 def test_missing_gguf_file(tmp_path):
-    with pytest.raises(rs.ModelNotAvailableError, match=r"GGUF file .*nothing.gguf' does not exist"):
+    with pytest.raises(
+        rs.ModelNotAvailableError, match=r"model '.*nothing.gguf': no such GGUF file\. --model takes"
+    ):
         rs.load_model(str(tmp_path / "nothing.gguf"))
 
 

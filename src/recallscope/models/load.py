@@ -24,7 +24,7 @@ from recallscope.errors import ModelNotAvailableError
 from recallscope.models.gguf import EMBEDDED_MODELS, cached_gguf_dir, embedded_gguf_path
 from recallscope.models.model import BosPolicy, Model, ModelInfo
 
-__all__ = ["load_model", "DEFAULT_MODEL", "resolve_dtype"]
+__all__ = ["load_model", "DEFAULT_MODEL", "resolve_dtype", "check_model_source"]
 
 _DTYPES = {
     "float32": torch.float32,
@@ -115,13 +115,13 @@ def load_model(
         info = ModelInfo(name, "embedded", file_sha256=sha)
         hf_model, tok = _from_pretrained(str(folder), name, local=True, **kwargs)
     elif name.endswith(".gguf"):
+        check_model_source(name)
         path = Path(name)
-        if not path.is_file():
-            raise ModelNotAvailableError(f"GGUF file {name!r} does not exist")
         folder, sha = cached_gguf_dir(path)
         info = ModelInfo(name, "gguf", file_sha256=sha)
         hf_model, tok = _from_pretrained(str(folder), name, local=True, **kwargs)
     else:
+        check_model_source(name)
         local = Path(name).is_dir()
         hf_model, tok = _from_pretrained(name, name, local=local, revision=revision, **kwargs)
         commit = getattr(hf_model.config, "_commit_hash", None)
@@ -130,6 +130,35 @@ def load_model(
     if device_map is None:
         model = _move(model, device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return _validated(model, validate)
+
+
+def check_model_source(name: str) -> None:
+    """Refuse, before anything loads, a model name that is a path to nothing usable: a missing
+    ``.gguf`` file, a missing folder, or a folder without ``config.json``. Hub ids (``org/name``)
+    and embedded names pass (whether a hub id is available is known only when it loads).
+    """
+    if name in EMBEDDED_MODELS:
+        return
+    path = Path(name).expanduser()
+    usage = (
+        "--model takes 'smollm2-135m' (embedded), a Hugging Face id such as 'HuggingFaceTB/SmolLM2-135M', "
+        "a local model folder (from save_pretrained or `hf download --local-dir`) or a .gguf file"
+    )
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelNotAvailableError(f"model {name!r}: no such GGUF file. {usage}")
+        return
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotAvailableError(
+                f"model {name!r}: the folder has no config.json, so it is not a saved model. {usage}"
+            )
+        return
+    looks_like_path = (
+        name.startswith(("/", "~", ".")) or name.endswith("/") or name.count("/") > 1 or "\\" in name
+    )
+    if looks_like_path:
+        raise ModelNotAvailableError(f"model {name!r}: no such folder or file. {usage}")
 
 
 def _validated(model: Model, validate: bool) -> Model:

@@ -113,6 +113,7 @@ class Job:
             raise RecallscopeError(f"batch_size must be positive, got {self.batch_size}")
         _check_dtype(self.dtype)
         _check_device(self.device)
+        _check_model(self.model)
         check_source(self.dataset)  # an unknown name or a missing file, before any model loads
         names = tuple(m.NAME for m in resolve_methods(self.methods))
         object.__setattr__(self, "methods", names)
@@ -255,15 +256,27 @@ def select_facts(
     return add_swap_partners(model, chosen, pool=list(facts), seed=job.seed or 0)
 
 
+def known_key(fact) -> str:
+    """The key of a fact's known-filter verdict: its id and a hash of the prompt and answers it was
+    judged on, so that an edited fact is judged again instead of reusing a stale verdict.
+    """
+    content = json.dumps([fact.prompt, list(fact.answers)])
+    return f"{fact.fact_id}@{hashlib.sha256(content.encode()).hexdigest()[:12]}"
+
+
+def _judge(model, facts: FactSet, todo: list, verdicts: dict[str, bool]) -> None:
+    """Add the verdicts of the facts ``todo`` (a list of facts of ``facts``) to ``verdicts``."""
+    kept = {f.fact_id for f in facts.with_facts(todo, {"step": "chunk"}).known_by(model)}
+    verdicts.update({known_key(f): f.fact_id in kept for f in todo})
+
+
 def _known_only(model, facts: FactSet, verdicts: dict[str, bool]) -> FactSet:
     """The facts the model knows (verdicts cached in ``verdicts``, updated in place)."""
-    todo = [f for f in facts if f.fact_id not in verdicts]
+    todo = [f for f in facts if known_key(f) not in verdicts]
     for start in range(0, len(todo), _KNOWN_BATCH):
-        block = todo[start : start + _KNOWN_BATCH]
-        kept = {f.fact_id for f in facts.with_facts(block, {"step": "chunk"}).known_by(model)}
-        verdicts.update({f.fact_id: f.fact_id in kept for f in block})
+        _judge(model, facts, todo[start : start + _KNOWN_BATCH], verdicts)
     step = {"step": "known_by", "model": model.info.name, "criterion": "first_token", "variants": True}
-    return facts.with_facts([f for f in facts if verdicts[f.fact_id]], step)
+    return facts.with_facts([f for f in facts if verdicts[known_key(f)]], step)
 
 
 def _known_sample(model, job: Job, facts: FactSet, verdicts: dict[str, bool]) -> FactSet:
@@ -279,11 +292,10 @@ def _known_sample(model, job: Job, facts: FactSet, verdicts: dict[str, bool]) ->
     while checked < len(order) and (job.limit is None or len(known) < job.limit):
         block = order[checked : checked + _KNOWN_BATCH]
         checked += len(block)
-        todo = [facts[i] for i in block if facts[i].fact_id not in verdicts]
+        todo = [facts[i] for i in block if known_key(facts[i]) not in verdicts]
         if todo:
-            kept = {f.fact_id for f in facts.with_facts(todo, {"step": "chunk"}).known_by(model)}
-            verdicts.update({f.fact_id: f.fact_id in kept for f in todo})
-        known += [i for i in block if verdicts[facts[i].fact_id]]
+            _judge(model, facts, todo, verdicts)
+        known += [i for i in block if verdicts[known_key(facts[i])]]
     step = {
         "step": "known_by",
         "model": model.info.name,
@@ -316,8 +328,7 @@ def select_lists(
     order = list(range(len(facts)))
     if job.limit is not None:
         random.Random(job.seed or 0).shuffle(order)
-    cached = store.read_json("one_to_many.json") if store is not None else None
-    texts = dict(cached["texts"]) if cached and cached.get("model_key") == model_key(model) else {}
+    texts = _cached_texts(model, store, facts, k)
     kept_ids: set[str] = set()
     checked = 0
     while checked < len(order) and (job.limit is None or len(kept_ids) < job.limit):
@@ -335,7 +346,14 @@ def select_lists(
     if store is not None and write:
         store.write_json(
             "one_to_many.json",
-            {"model_key": model_key(model), "k": k, "report": report, "texts": texts, "kept": sorted(chosen)},
+            {
+                "model_key": model_key(model),
+                "k": k,
+                "report": report,
+                "texts": texts,
+                "prompts": {f.fact_id: _list_key(f, k) for f in facts if f.fact_id in texts},
+                "kept": sorted(chosen),
+            },
         )
     steps = lists.to_facts()
     return facts.with_facts(list(steps), {"step": "one_to_many_lists", **report})
@@ -345,9 +363,29 @@ _LIST_BATCH = 16
 """Lists generated per block by :func:`select_lists`."""
 
 
+def _list_key(fact, k: int) -> str:
+    """A hash of what a generated list depends on besides the model: the prompt and k."""
+    return hashlib.sha256(json.dumps([fact.prompt, k]).encode()).hexdigest()[:12]
+
+
+def _cached_texts(model, store, facts: FactSet, k: int) -> dict[str, str]:
+    """The model's saved generations (``one_to_many.json``) whose prompt and k are unchanged."""
+    cached = store.read_json("one_to_many.json") if store is not None else None
+    if not isinstance(cached, dict) or cached.get("model_key") != model_key(model):
+        return {}
+    keys = dict(cached.get("prompts", {}))
+    current = {f.fact_id: _list_key(f, k) for f in facts}
+    return {i: t for i, t in dict(cached.get("texts", {})).items() if keys.get(i) == current.get(i)}
+
+
 def _cached_verdicts(model, store) -> dict[str, bool]:
+    """The known-filter verdicts saved for this model (keyed by :func:`known_key`; an older
+    ``known.json`` keyed by fact id alone matches no key, so its facts are judged again).
+    """
     cached = store.read_json("known.json") if store is not None else None
-    return dict(cached["verdicts"]) if cached and cached.get("model_key") == model_key(model) else {}
+    if not isinstance(cached, dict) or cached.get("model_key") != model_key(model):
+        return {}
+    return {k: v for k, v in dict(cached.get("verdicts", {})).items() if "@" in k and isinstance(v, bool)}
 
 
 def facts_frame(facts: FactSet) -> pd.DataFrame:
@@ -364,6 +402,13 @@ def facts_frame(facts: FactSet) -> pd.DataFrame:
             "base_id": [f.attributes.get("base_id", f.fact_id) for f in facts],
         }
     )
+
+
+def _check_model(name: str) -> None:
+    """``--model``: a path must lead to a model (a hub id is checked when it loads)."""
+    from recallscope.models.load import check_model_source
+
+    check_model_source(name)
 
 
 def _check_dtype(dtype: str | None) -> None:

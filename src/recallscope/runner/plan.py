@@ -108,7 +108,7 @@ class Plan:
 
 def plan_job(job: Job, *, model=None, log=print) -> Plan:
     """Estimate forwards, peak memory and time of ``job`` (nothing is written)."""
-    store = Store(job.out) if (job.out / "manifest.json").exists() else None
+    store = Store(job.out, read_only=True) if (job.out / "manifest.json").exists() else None
     model, facts, configs, timings = prepare_job(job, model, store, log, write=False)
     per_block, per_forward = _throughput(model, facts)
     workers = (job.workers or DEFAULT_WORKERS) if job.executor == "ray" else 1
@@ -144,6 +144,10 @@ def plan_job(job: Job, *, model=None, log=print) -> Plan:
     )
 
 
+PROBE_TOKENS = 64
+PROBE_ROWS = 16
+"""The throughput probe: its cost is bounded by ``PROBE_ROWS × PROBE_TOKENS`` tokens (:func:`_throughput`)."""
+
 DEFAULT_WORKERS = 2
 """Ray workers assumed when ``--workers`` is not given (the executor's default without GPUs)."""
 
@@ -172,10 +176,12 @@ def _throughput(model, facts) -> tuple[float, float]:
     """``(seconds per token·block, seconds per forward)`` from two measured forwards.
 
     The work estimate is for large batches (methods batch whole grids), so the throughput is
-    measured on 64 copies of a prompt; the fixed cost on a single token.
+    measured on a probe of ``PROBE_ROWS`` copies of the first prompt's first ``PROBE_TOKENS``
+    tokens (a bounded cost, whatever the prompts' length; the work of long prompts is counted in
+    token·blocks); the fixed cost on a single token.
     """
-    ids = facts.to_batch(model, [0]).input_ids
-    big, one = ids.expand(64, -1), ids[:, -1:]
+    ids = facts.to_batch(model, [0]).input_ids[:, :PROBE_TOKENS]
+    big, one = ids.expand(PROBE_ROWS, -1), ids[:, -1:]
 
     def best(run) -> float:
         times = []

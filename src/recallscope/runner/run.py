@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from recallscope.data import FactSet
 from recallscope.errors import RecallscopeError
 from recallscope.methods import REGISTRY
+from recallscope.runner.folder import claim
 from recallscope.runner.job import Job, facts_frame, load_dataset, method_configs, model_key, select_facts
 from recallscope.runner.requirements import Source, load_given, plan_requirements, run_order
 from recallscope.runner.store import Store
@@ -83,15 +84,32 @@ def prepare_job(
     return model, facts, configs, timings
 
 
-def run_job(job: Job, *, model=None, progress: bool = True, report: bool = True) -> Store:
-    """Run ``job`` (resuming finished work in ``job.out``) and write its report; return the store."""
-    store = Store(job.out)
+def run_job(
+    job: Job, *, model=None, progress: bool = True, report: bool = True, overwrite: bool = False
+) -> Store:
+    """Run ``job`` (resuming finished work in ``job.out``) and write its report; return the store.
+
+    ``job.out`` is claimed first (:func:`~recallscope.runner.folder.claim`): a folder holding
+    another job is refused unless ``overwrite``, which deletes that run's files first.
+    """
     log = tqdm.write if progress else (lambda _: None)
+    store = Store(job.out)
+    with claim(job, store, overwrite=overwrite):
+        _run_claimed(job, store, model, progress, log)
+        if report:
+            from recallscope.report import write_report
+
+            log(f"report: {write_report(store.root)}")
+    return store
+
+
+def _run_claimed(job: Job, store: Store, model, progress: bool, log: Callable[[str], None]) -> None:
     given = model is not None  # a model object from the caller: executors ship it to their workers
     model, facts, configs, timings = prepare_job(job, model, store, log)
     store.write_facts(facts_frame(facts))
     manifest = _manifest(job, model, facts, timings)
-    manifest["first_started"] = store.read_manifest().get("first_started", manifest["started"])
+    previous = store.read_manifest()
+    manifest["first_started"] = previous.get("first_started", previous.get("started", manifest["started"]))
     manifest["status"] = "running"
     store.write_manifest(manifest)
     mkey = model_key(model)
@@ -117,14 +135,10 @@ def run_job(job: Job, *, model=None, progress: bool = True, report: bool = True)
     finally:
         executor.close()
     manifest["methods"] = {name: manifest["methods"][name] for name in configs}  # the job's order
+    if store.repairs:
+        manifest["repairs"] = store.repairs
     manifest.update(status="complete", finished=_now())
     store.write_manifest(manifest)
-    if report:
-        from recallscope.report import write_report
-
-        path = write_report(store.root)
-        log(f"report: {path}")
-    return store
 
 
 @dataclass

@@ -14,11 +14,16 @@ Layout of ``DIR`` (the output contract, documented in the README and ``docs/outp
 Every file is written to a temporary name and renamed (atomic on POSIX), so a reader sees either
 the old or the new file. A chunk counts as done only once its ``.json`` exists; its key hashes the
 method, the config (with dataset-wide calibrations such as the noise level) and the model, so a
-re-run with other settings never mixes results.
+re-run with other settings never mixes results. The record lists each file of the chunk with its
+size and SHA-256, checked before the chunk is used: a chunk whose files are missing, cut short or
+altered, or whose record is not valid JSON, is reported by path, moved aside to ``corrupt/`` and
+its facts are computed again. So are a ``known.json`` or ``one_to_many.json`` that does not parse.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
 import json
 import os
 import sys
@@ -29,7 +34,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
+from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
+
+from recallscope.errors import RecallscopeError
 
 __all__ = ["Store", "atomic_write"]
 
@@ -76,11 +85,36 @@ def _write_arrays(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
     atomic_write(path, lambda p: save_file(tensors, str(p)))
 
 
-class Store:
-    """Read and write the files of one run folder."""
+def file_digest(path: Path) -> list:
+    """``[bytes, sha256]`` of a file, as chunk records list them."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return [path.stat().st_size, digest.hexdigest()]
 
-    def __init__(self, root: str | os.PathLike) -> None:
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+class Store:
+    """Read and write the files of one run folder.
+
+    ``log``: where the store reports a damaged file it moved aside (default: standard error);
+    ``repairs`` lists them (``{"path", "why", "moved_to"}``), and the runner keeps them in the
+    manifest. ``read_only`` (``recallscope plan``): a damaged file is reported and left out, but
+    never moved.
+    """
+
+    def __init__(
+        self, root: str | os.PathLike, log: Callable[[str], None] | None = None, *, read_only: bool = False
+    ) -> None:
         self.root = Path(root)
+        self.log = log or _stderr
+        self.read_only = read_only
+        self.repairs: list[dict[str, str]] = []
+        self._checked: dict[Path, tuple] = {}
 
     # -- paths ---------------------------------------------------------------------------------------
     @property
@@ -96,9 +130,16 @@ class Store:
 
     # -- manifest and facts --------------------------------------------------------------------------
     def read_manifest(self) -> dict[str, Any]:
+        """The manifest (``{}`` when there is none); one that does not parse is an error naming it."""
         if not self.manifest_path.exists():
             return {}
-        return json.loads(self.manifest_path.read_text())
+        value = _parse_json(self.manifest_path)
+        if not isinstance(value, dict):
+            raise RecallscopeError(
+                f"{self.manifest_path} is not a recallscope manifest (not valid JSON, or cut short); "
+                "re-run `recallscope run` with the same flags to rebuild it from the stored chunks"
+            )
+        return value
 
     def write_manifest(self, manifest: Mapping[str, Any]) -> None:
         _write_json(self.manifest_path, manifest)
@@ -110,11 +151,39 @@ class Store:
         return pd.read_parquet(self.root / "facts.parquet")
 
     def read_json(self, name: str) -> Any:
+        """The JSON file ``name`` of the folder, or None when absent; one that does not parse (a
+        cache such as ``known.json``) is moved aside and reported, and None returned: it is rebuilt.
+        """
         path = self.root / name
-        return json.loads(path.read_text()) if path.exists() else None
+        if not path.exists():
+            return None
+        value = _parse_json(path)
+        if value is _BROKEN:
+            self.quarantine(path, "not valid JSON (cut short?)")
+            return None
+        return value
 
     def write_json(self, name: str, value: Any) -> None:
         _write_json(self.root / name, value)
+
+    def quarantine(self, path: Path, why: str, *, with_files: Iterable[Path] = ()) -> Path:
+        """Move the damaged file ``path`` (and ``with_files``, the rest of its chunk) aside to
+        ``corrupt/`` beside it, and say so; return where ``path`` went (a read-only store only says so).
+        """
+        folder = path.parent / "corrupt"
+        if self.read_only:
+            self.log(
+                f"recallscope: {path} is damaged ({why}); a run will move it aside and do its work again"
+            )
+            return path
+        folder.mkdir(parents=True, exist_ok=True)
+        stamp = dt.datetime.now().strftime("%Y%m%dT%H%M%S%f")
+        moved = {p: folder / f"{p.name}.{stamp}" for p in dict.fromkeys([path, *with_files]) if p.exists()}
+        for source, target in moved.items():
+            os.replace(source, target)
+        self.repairs.append({"path": str(path), "why": why, "moved_to": str(moved.get(path, folder))})
+        self.log(f"recallscope: {path} is damaged ({why}); moved to {folder}/, its work is done again")
+        return moved.get(path, folder)
 
     # -- chunks --------------------------------------------------------------------------------------
     def write_chunk(
@@ -134,18 +203,55 @@ class Store:
         never combined into ``results/``).
         """
         folder = self.chunk_dir(method, key)
-        _write_parquet(folder / f"{name}.parquet", frame)
-        for table_name, table in tables.items():
-            _write_parquet(folder / f"{name}.{table_name}.parquet", table)
-        _write_arrays(folder / f"{name}.safetensors", arrays)
+        paths = [folder / f"{name}.parquet", *(folder / f"{name}.{t}.parquet" for t in tables)]
+        _write_parquet(paths[0], frame)
+        for path, table in zip(paths[1:], tables.values(), strict=True):
+            _write_parquet(path, table)
+        paths.append(folder / f"{name}.safetensors")
+        _write_arrays(paths[-1], arrays)
         if handover:
-            _write_arrays(folder / f"{name}.handover.safetensors", handover)
-        _write_json(folder / f"{name}.json", {**record, "name": name, "tables": sorted(tables)})
+            paths.append(folder / f"{name}.handover.safetensors")
+            _write_arrays(paths[-1], handover)
+        files = {p.name: file_digest(p) for p in paths}
+        _write_json(
+            folder / f"{name}.json", {**record, "name": name, "tables": sorted(tables), "files": files}
+        )
 
     def chunk_records(self, method: str, key: str) -> list[dict[str, Any]]:
-        """Records of the finished chunks of ``method`` under ``key``, in chunk order."""
+        """Records of the finished, intact chunks of ``method`` under ``key``, in chunk order (a
+        damaged one is moved aside: :meth:`quarantine`).
+        """
         folder = self.chunk_dir(method, key)
-        return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+        records = []
+        for path in sorted(folder.glob("*.json")):
+            record = _parse_json(path)
+            why = (
+                "not valid JSON (cut short?)" if not isinstance(record, dict) else self._damage(path, record)
+            )
+            if why is None:
+                records.append(record)
+            else:
+                self.quarantine(path, why, with_files=folder.glob(f"{path.name[: -len('.json')]}.*"))
+        return records
+
+    def _damage(self, path: Path, record: Mapping[str, Any]) -> str | None:
+        """What is wrong with the files of the chunk recorded at ``path`` (None: nothing). Checksums
+        are computed again only when a file of the chunk changed (time or size) since the last check.
+        """
+        stem = path.name[: -len(".json")]
+        seen = tuple(
+            (p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(path.parent.glob(f"{stem}.*"))
+        )
+        if self._checked.get(path) == seen:
+            return None
+        files = record.get("files")
+        if files is None:  # a record of recallscope 0.1 lists no files: they must at least open
+            why = _unreadable(path.parent, record)
+        else:
+            why = next((w for name, e in files.items() if (w := _mismatch(path.parent / name, e))), None)
+        if why is None:
+            self._checked[path] = seen
+        return why
 
     def valid_records(self, method: str, key: str, facts: Mapping[str, str]) -> list[dict[str, Any]]:
         """Finished chunk records, each with ``valid``: its facts still in ``facts`` unchanged.
@@ -227,6 +333,42 @@ class Store:
     def read_arrays(self, method: str, keys: Iterable[str] | None = None) -> dict[str, np.ndarray]:
         arrays = load_file(str(self.results_path(method, suffix="safetensors")))
         return arrays if keys is None else {k: arrays[k] for k in keys}
+
+
+def _mismatch(path: Path, expected: list) -> str | None:
+    """Why the chunk file ``path`` is not the one its record lists (``[bytes, sha256]``), if it is not."""
+    if not path.exists():
+        return f"{path.name} is missing"
+    if file_digest(path) != list(expected):
+        return f"{path.name} does not match the size and checksum its record lists"
+    return None
+
+
+def _unreadable(folder: Path, record: Mapping[str, Any]) -> str | None:
+    """What keeps the files of an old ``record`` (which lists no checksums) from opening, if anything."""
+    names = [
+        f"{record['name']}.parquet",
+        *(f"{record['name']}.{t}.parquet" for t in record.get("tables", ())),
+    ]
+    try:
+        for name in names:
+            pq.read_metadata(folder / name)
+        with safe_open(str(folder / f"{record['name']}.safetensors"), "np"):
+            pass
+    except Exception as err:  # noqa: BLE001 (pyarrow, safetensors and the OS each raise their own)
+        return f"a file does not open: {type(err).__name__}: {err}"
+    return None
+
+
+_BROKEN = object()
+
+
+def _parse_json(path: Path) -> Any:
+    """The JSON value in ``path``, or ``_BROKEN`` when it does not parse."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return _BROKEN
 
 
 def _only(frame: pd.DataFrame, fact_ids: set[str]) -> pd.DataFrame:
