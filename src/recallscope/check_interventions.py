@@ -12,9 +12,10 @@ from __future__ import annotations
 import torch
 
 from recallscope.check_context import CheckResult, _combine, _Context
-from recallscope.core.attention import Knockout, block_attention, eager_attention
+from recallscope.core.attention import eager_attention
 from recallscope.core.cache import forward, run_with_cache
 from recallscope.core.hooks import site_hook
+from recallscope.core.knockout import Knockout, block_attention
 from recallscope.core.patching import add_noise, patch
 from recallscope.core.resume import record_run, resume
 from recallscope.core.tokens import PromptBatch

@@ -10,7 +10,7 @@ import torch
 
 import recallscope as rs
 from oracles.span_knockout_mlp import naive_attn_out, naive_run
-from recallscope.core.attention import block_attention
+from recallscope.core.knockout import block_attention
 from recallscope.core.steps import span_masks
 from recallscope.methods import span_knockout_mlp as sk
 from tiny import DISCOVERED, FLOAT32_INSIDE, one_to_many_batch

@@ -7,7 +7,8 @@ import torch
 
 import recallscope as rs
 from recallscope import Knockout, Site
-from recallscope.core.attention import compile_knockouts, eager_attention
+from recallscope.core.attention import eager_attention
+from recallscope.core.knockout import compile_knockouts
 
 
 def _pattern(model, batch, layer, **kwargs):

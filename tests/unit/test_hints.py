@@ -117,7 +117,7 @@ def test_a_config_file_of_the_wrong_type_fails_when_the_job_is_made(tmp_path):
     with pytest.raises(RecallscopeError, match="logit_lens config: k must be an integer ≥ 1, got -5"):
         Job(out=tmp_path, configs={"logit_lens": {"k": -5}})
     with pytest.raises(
-        RecallscopeError, match="causal_tracing config: samples must be an integer ≥ 1, got -5"
+        RecallscopeError, match="causal_tracing config: samples must be None or an integer ≥ 1, got -5"
     ):
         Job(out=tmp_path, configs={"causal_tracing": {"samples": -5}})
 

@@ -2,7 +2,7 @@
 tokens. Each works on the native HF model through hooks that are removed on exit.
 """
 
-from recallscope.core.attention import Knockout, block_attention, eager_attention, pattern_hook
+from recallscope.core.attention import eager_attention, pattern_hook
 from recallscope.core.cache import Cache, forward, run_with_cache, select_positions
 from recallscope.core.decompose import (
     Decomposition,
@@ -13,6 +13,7 @@ from recallscope.core.decompose import (
     resid_sites,
 )
 from recallscope.core.hooks import site_hook
+from recallscope.core.knockout import Knockout, block_attention
 from recallscope.core.patching import ablate_neurons, add_noise, patch, patch_cells
 from recallscope.core.tokens import PromptBatch, find_token_span, tokenize
 from recallscope.core.vocab import (

@@ -48,12 +48,25 @@ __all__ = [
     "gaussian",
     "resample",
     "swapped",
+    "SAMPLES",
+    "default_samples",
 ]
 
 CORRUPTIONS = ("gaussian", "subject_swap", "resample")
 
 _ROWS = 256
 """Texts per embedding forward in :func:`embedding_noise_level`."""
+
+
+SAMPLES = {"cpu": 3, "accelerator": 10}
+"""Corrupted copies per prompt when a config leaves ``samples`` unset (:func:`default_samples`)."""
+
+
+def default_samples(model: Model) -> int:
+    """ROME's 10 noise draws on a GPU (or another accelerator); on a CPU its first 3, so that a
+    first look takes minutes (the draws are seeded, so 3 copies are the first 3 of the 10).
+    """
+    return SAMPLES["cpu" if model.device.type == "cpu" else "accelerator"]
 
 
 @dataclass(frozen=True)

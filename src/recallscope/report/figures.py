@@ -74,7 +74,7 @@ def save_figure(fig: plt.Figure, folder: Path, name: str, caption: str) -> Figur
     buffer = io.BytesIO()
     with plt.rc_context(STYLE):
         place_legends(fig)
-        blank, covered = blank_reason(fig), tuple(overlaps(fig))
+        blank, covered = blank_reason(fig), tuple(overlaps(fig, drawn=True))
         fig.savefig(buffer, format="png", bbox_inches="tight")
         fig.savefig(folder / f"{name}.svg", format="svg", bbox_inches="tight")
     plt.close(fig)

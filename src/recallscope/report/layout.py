@@ -105,12 +105,14 @@ def _text_boxes(fig: Figure, ax: Axes, renderer) -> tuple[list[Text], list[Bbox]
     return texts, [t.get_window_extent(renderer) for t in texts]
 
 
-def overlaps(fig: Figure) -> list[str]:
+def overlaps(fig: Figure, *, drawn: bool = False) -> list[str]:
     """What legends of ``fig`` cover (titles, drawn points, other axes) and which axes' titles run
-    into each other, as sentences; empty when nothing.
+    into each other, as sentences; empty when nothing. ``drawn``: the canvas shows ``fig`` as it is
+    (right after :func:`place_legends`), so it is not drawn again.
     """
     renderer = fig.canvas.get_renderer()
-    fig.canvas.draw()
+    if not drawn:
+        fig.canvas.draw()
     found = [problem for ax in fig.axes for problem in _problems(fig, ax, renderer)]
     titled = [ax for ax in fig.axes if ax.get_title() and ax.get_visible()]
     for i, a in enumerate(titled):
@@ -127,7 +129,8 @@ to the right, below."""
 
 def place_legends(fig: Figure) -> None:
     """Move every legend that covers a title, drawn points or other axes to the first of
-    :data:`_PLACES` where it covers nothing (else the last tried).
+    :data:`_PLACES` where it covers nothing (else the last tried). The canvas is left drawn as
+    the figure ends up.
     """
     renderer = fig.canvas.get_renderer()
     fig.canvas.draw()

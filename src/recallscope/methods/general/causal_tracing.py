@@ -32,6 +32,7 @@ import pandas as pd
 import torch
 
 from recallscope.core import corruption as corrupt
+from recallscope.core.corruption import SAMPLES
 from recallscope.core.corruption import prompt_noise_level as noise_level
 from recallscope.core.patching import window
 from recallscope.core.restoration import grid_cost, restoration_cells
@@ -319,15 +320,9 @@ def prepare(
     return replace(_with_samples(model, config), **corrupt.calibration_fields(model, pool, groups, config))
 
 
-SAMPLES = {"cpu": 3, "accelerator": 10}
-"""The default number of corrupted copies by where the model runs (``samples=None``)."""
-
-
 def _with_samples(model: Model, config: Config) -> Config:
-    """``config`` with ``samples`` fixed: None becomes the default for the model's device."""
-    if config.samples is not None:
-        return config
-    return replace(config, samples=SAMPLES["cpu" if model.device.type == "cpu" else "accelerator"])
+    """``config`` with ``samples`` fixed (None: :func:`~recallscope.core.corruption.default_samples`)."""
+    return config if config.samples is not None else replace(config, samples=corrupt.default_samples(model))
 
 
 def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = None) -> Cost:

@@ -11,9 +11,12 @@ Modes: ``pre_softmax`` (default: −∞ on the blocked scores, softmax renormali
 the reference code's additive mask) or ``post_softmax_zero`` (blocked probabilities set to 0 after
 the softmax, not renormalized).
 
-Fast by construction: every (fact, source set, window) is a batch row with its own mask, so a chunk
-of facts runs in ``ceil(rows / max_batch_rows)`` forwards; the clean run is one more. The naive loop
-(one forward per fact × set × layer) is in ``tests/oracles`` and gives the same numbers.
+Fast by construction: every (fact, source set, window) is a batch row with its own mask, and a
+knockout changes nothing below its window nor at any position but the last. So each row resumes the
+fact's recorded clean run at its window's first block and runs the last position only, reading the
+recorded keys and values of the others (:mod:`recallscope.core.resume`); rows that start at the same
+block share a forward, ``max_batch_rows`` at a time. The naive loop (one full forward per fact × set
+× layer) is in ``tests/oracles`` and gives the same numbers.
 """
 
 from __future__ import annotations
@@ -25,11 +28,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from recallscope.core.attention import KnockoutMode, block_attention
 from recallscope.core.cache import forward
 from recallscope.core.decoding import choose_targets
 from recallscope.core.dtypes import upcast
+from recallscope.core.knockout import KnockoutMode, block_attention
 from recallscope.core.patching import window
+from recallscope.core.resume import equal_length_rows, record_run, resume
 from recallscope.core.tokens import PromptBatch, as_batch
 from recallscope.core.vocab import decode_tokens
 from recallscope.data.facts import FactSet
@@ -214,41 +218,62 @@ def _rows(
 
 
 def _knocked(model, batch, rows, sources, layers, targets, config) -> torch.Tensor:
-    """``[R]`` probability of each row's target with its edges blocked."""
-    out = []
-    n_layers = model.n_layers
-    windows = [window(layer, config.window, n_layers) for layer in range(n_layers)]
-    starts = torch.tensor([w.start for w in windows])[layers]
-    stops = torch.tensor([w.stop for w in windows])[layers]
-    for begin in range(0, len(rows), config.max_batch_rows):
-        part = slice(begin, begin + config.max_batch_rows)
-        fact = rows[part]
-        sub = batch.select(fact)
-        masks = {}
-        for layer in range(n_layers):
-            active = (starts[part] <= layer) & (layer < stops[part])  # [r]
-            if active.any():
-                blocked = torch.zeros(len(fact), 1, batch.seq_len, batch.seq_len, dtype=torch.bool)
-                blocked[:, 0, -1, :] = sources[part] & active[:, None]
-                masks[layer] = blocked
-        with block_attention(model, masks, config.mode):
-            logits = upcast(forward(model, sub))
-        out.append(
-            logits.softmax(-1).gather(1, targets[fact][:, None].to(logits.device))[:, 0].double().cpu()
-        )
-    return torch.cat(out)
+    """``[R]`` probability of each row's target with its edges blocked.
+
+    A knockout changes only the last position's attention, from its window's first block on: each
+    row resumes the fact's recorded clean run (:mod:`recallscope.core.resume`) at that block and
+    the last position, reading the recorded keys and values of the earlier positions. Rows are
+    sorted by window start, so that one resumed forward serves rows that start together.
+    """
+    out = torch.empty(len(rows), dtype=torch.float64)
+    starts = torch.tensor([window(c, config.window, model.n_layers).start for c in range(model.n_layers)])
+    stops = torch.tensor([window(c, config.window, model.n_layers).stop for c in range(model.n_layers)])
+    for group in equal_length_rows(batch, len(batch)):
+        length = int(batch.attention_mask[group[0]].sum())
+        state = record_run(model, batch.input_ids[group, -length:])
+        recorded = {fact: i for i, fact in enumerate(group)}
+        mine = torch.nonzero(torch.isin(rows, torch.tensor(group))).reshape(-1)
+        mine = mine[torch.argsort(starts[layers[mine]], stable=True)]
+        for part in mine.split(config.max_batch_rows):
+            begin, stop = starts[layers[part]], stops[layers[part]]
+            first = int(begin.min())
+            masks = {
+                layer: (
+                    sources[part, None, None, -length:]
+                    & ((begin <= layer) & (layer < stop))[:, None, None, None]
+                )
+                for layer in range(first, model.n_layers)
+            }
+            ids = torch.tensor([recorded[int(f)] for f in rows[part]])
+            hidden = state.stream[ids, first, -1:]
+            with block_attention(model, masks, config.mode):
+                logits = resume(model, state, ids, start_layer=first, start_pos=length - 1, hidden=hidden)
+            probs = upcast(logits[:, -1]).softmax(-1)
+            out[part] = probs.gather(1, targets[rows[part]][:, None].to(probs.device))[:, 0].double().cpu()
+    return out
 
 
 def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = None) -> Cost:
-    """Forwards: one clean plus ``ceil(rows / max_batch_rows)``; memory: one forward of that many rows."""
+    """Forwards: the clean one, one recorded run per prompt length, and ``ceil(rows /
+    max_batch_rows)`` resumed ones, each row one position through the blocks from its window's
+    start; memory: the recorded run, and per resumed forward its rows with their copy of the
+    recorded keys and values.
+    """
     config = config or Config()
     batch = as_batch(model, batch)
-    per_fact = len(config.sources) + (batch.seq_len if config.token_map else 0)
-    rows = len(batch) * per_fact * model.n_layers
-    forwards = 1 + -(-rows // config.max_batch_rows)
-    width = min(rows, config.max_batch_rows)
-    floats = width * batch.seq_len * (4 * model.d_model + 2 * model.d_mlp + model.n_heads * batch.seq_len)
-    floats += width * model.d_vocab
-    return Cost(
-        forwards, float((rows + len(batch)) * batch.seq_len * model.n_layers), floats * model.dtype.itemsize
+    n_layers, n_tokens = model.n_layers, batch.seq_len
+    per_fact = len(config.sources) + (n_tokens if config.token_map else 0)
+    rows = len(batch) * per_fact * n_layers
+    lengths = len(set(batch.attention_mask.sum(-1).tolist()))
+    forwards = 1 + lengths + -(-rows // config.max_batch_rows)
+    resumed = (
+        len(batch)
+        * per_fact
+        * sum(n_layers - window(c, config.window, n_layers).start for c in range(n_layers))
     )
+    width = min(rows, config.max_batch_rows)
+    kv = 2 * model.n_kv_heads * model.d_head * n_tokens * n_layers
+    floats = width * (4 * model.d_model + 2 * model.d_mlp + model.n_heads * n_tokens + model.d_vocab + kv)
+    floats += len(batch) * (n_layers + 1) * n_tokens * model.d_model
+    clean = 2 * len(batch) * n_tokens * n_layers
+    return Cost(forwards, float(clean + resumed), floats * model.dtype.itemsize)

@@ -6,7 +6,7 @@ every head at once**, the post-softmax weights ``α^{ℓ,h}_{N,j}`` for ``j ∈ 
 the row is **not renormalized** (``mode="post_softmax_zero"``, the paper's code); all other rows
 of the attention are unchanged. ``mode="pre_softmax"`` instead sets the scores to −∞ before the
 softmax, so the remaining weights renormalize (Geva et al.'s edge blocking). Both go through
-:func:`recallscope.core.attention.block_attention`.
+:func:`recallscope.core.knockout.block_attention`.
 
 The MLP output ``m^ℓ_N`` of every layer is read in the clean run and in the knockout run, each
 decoded with **its own** run's final-norm scale (frozen-scale head from that run's final residual
@@ -40,9 +40,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from recallscope.core.attention import KnockoutMode, block_attention
 from recallscope.core.cache import run_with_cache
 from recallscope.core.dtypes import upcast
+from recallscope.core.knockout import KnockoutMode, block_attention
 from recallscope.core.steps import Tracked, span_masks, tracked_tokens
 from recallscope.core.subvalues import FrozenHead
 from recallscope.core.tokens import PromptBatch, as_batch
