@@ -454,3 +454,24 @@ def test_plan_reports_a_damaged_chunk_but_moves_nothing(tiny_models, tmp_path, d
     assert [(m.facts - m.facts_done) for m in plan.methods] == [2]  # the damaged chunk's facts are to do
     assert "is damaged (" in capsys.readouterr().err
     assert sorted(p for p in job.out.rglob("*") if p.is_file()) == files
+
+
+@pytest.mark.slow
+def test_a_5k_token_prompt_plans_on_a_bounded_probe_and_runs(embedded_model, tmp_path, monkeypatch):
+    from recallscope.runner import plan as planning
+
+    prompt = "Paris is a city. " * 1250 + "The capital of France is"
+    assert len(embedded_model.tokenizer(prompt).input_ids) > 5000
+    path = tmp_path / "long.jsonl"
+    path.write_text(json.dumps({"subject": "France", "prompt": prompt, "target": "Paris"}) + "\n")
+    job = _job(tmp_path, path)
+    shapes = []
+    original = planning.forward
+    monkeypatch.setattr(
+        planning, "forward", lambda m, ids, **kw: shapes.append(tuple(ids.shape)) or original(m, ids, **kw)
+    )
+    plan = planning.plan_job(job, model=embedded_model, log=lambda m: None)
+    assert max(rows * tokens for rows, tokens in shapes) <= planning.PROBE_ROWS * planning.PROBE_TOKENS
+    assert plan.methods[0].cost.token_blocks >= 5000 * embedded_model.n_layers
+    store = run_job(job, model=embedded_model, progress=False, report=False)
+    assert store.read_table("logit_lens").fact_id.unique().tolist() == ["long/1"]

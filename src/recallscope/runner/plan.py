@@ -2,8 +2,9 @@
 
 For each method the plan sums the method's own :func:`cost` over the chunks still to do (finished
 chunks in the output folder are not counted), then turns work into time with two measured
-forwards of the model on this machine: one of a real batch (seconds per token through one block)
-and one of a single token (the fixed cost of a forward pass).
+forwards of the model on this machine: one of a probe batch (seconds per token through one block;
+``PROBE_ROWS`` copies of the first prompt's first ``PROBE_TOKENS`` tokens, so the plan stays quick
+whatever the prompts' length) and one of a single token (the fixed cost of a forward pass).
 
 The measurement runs on the model as the job places it, so a device map's cost (offloaded blocks
 loaded at every forward, one device busy at a time) is in the figures; the plan also says how
@@ -145,7 +146,7 @@ def plan_job(job: Job, *, model=None, log=print) -> Plan:
 
 
 PROBE_TOKENS = 64
-PROBE_ROWS = 16
+PROBE_ROWS = 8
 """The throughput probe: its cost is bounded by ``PROBE_ROWS × PROBE_TOKENS`` tokens (:func:`_throughput`)."""
 
 DEFAULT_WORKERS = 2
@@ -185,7 +186,7 @@ def _throughput(model, facts) -> tuple[float, float]:
 
     def best(run) -> float:
         times = []
-        for _ in range(3):
+        for _ in range(2):
             start = time.perf_counter()
             run()
             times.append(time.perf_counter() - start)
