@@ -10,7 +10,6 @@ free again (the operating system releases it), so a killed run resumes without a
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
 import shutil
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from recallscope.errors import RecallscopeError
-from recallscope.runner.store import Store
+from recallscope.runner.store import Store, parse_json, utc_now
 
 try:
     import fcntl
@@ -113,9 +112,8 @@ def _lock(folder: Path) -> Iterator[None]:
             ) from None
         handle.seek(0)
         handle.truncate()
-        started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         command = " ".join(["recallscope", *sys.argv[1:]]) if sys.argv[1:] else "recallscope (Python)"
-        handle.write(f"process {os.getpid()} on {socket.gethostname()} since {started} ({command})\n")
+        handle.write(f"process {os.getpid()} on {socket.gethostname()} since {utc_now()} ({command})\n")
         handle.flush()
         try:
             yield
@@ -178,17 +176,10 @@ def _entries(folder: Path) -> list[str]:
 _EVIDENCE = frozenset({"chunks", "facts.parquet", "known.json", "one_to_many.json"})
 """Files only a recallscope run writes: with them, a folder without a readable manifest is a run."""
 
-_ABSENT = object()
-
 
 def _parse(path: Path) -> Any:
-    """The JSON value in ``path``: ``_ABSENT`` when there is no such file, None when it does not parse."""
-    if not path.exists():
-        return _ABSENT
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
+    """The JSON value in ``path``; None when there is no such file (or :data:`BROKEN`)."""
+    return parse_json(path) if path.exists() else None
 
 
 def _differences(stored: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
@@ -230,5 +221,4 @@ def _stub(job) -> dict[str, Any]:
     """The manifest of a run that has not selected its facts yet: it marks the folder as this job's."""
     from recallscope import __version__
 
-    started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    return {"recallscope": __version__, "job": job.to_dict(), "status": "preparing", "started": started}
+    return {"recallscope": __version__, "job": job.to_dict(), "status": "preparing", "started": utc_now()}

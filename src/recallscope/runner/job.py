@@ -210,7 +210,12 @@ def model_key(model) -> str:
     prov = model.provenance()
     keep = {k: prov.get(k) for k in ("name", "source", "revision", "file_sha256", "dtype", "model_class")}
     keep["device"] = str(model.device).split(":")[0]
-    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
+    return content_hash(keep)
+
+
+def content_hash(value: Any) -> str:
+    """A short hash of a JSON-able ``value`` (store keys, fact digests, cache keys)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def load_dataset(model, job: Job) -> FactSet:
@@ -260,8 +265,7 @@ def known_key(fact) -> str:
     """The key of a fact's known-filter verdict: its id and a hash of the prompt and answers it was
     judged on, so that an edited fact is judged again instead of reusing a stale verdict.
     """
-    content = json.dumps([fact.prompt, list(fact.answers)])
-    return f"{fact.fact_id}@{hashlib.sha256(content.encode()).hexdigest()[:12]}"
+    return f"{fact.fact_id}@{content_hash([fact.prompt, list(fact.answers)])}"
 
 
 def _judge(model, facts: FactSet, todo: list, verdicts: dict[str, bool]) -> None:
@@ -365,7 +369,7 @@ _LIST_BATCH = 16
 
 def _list_key(fact, k: int) -> str:
     """A hash of what a generated list depends on besides the model: the prompt and k."""
-    return hashlib.sha256(json.dumps([fact.prompt, k]).encode()).hexdigest()[:12]
+    return content_hash([fact.prompt, k])
 
 
 def _cached_texts(model, store, facts: FactSet, k: int) -> dict[str, str]:

@@ -12,9 +12,7 @@ goes on. A method that requires another's result runs after it and gets its stor
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
-import json
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -28,15 +26,19 @@ from recallscope.data import FactSet
 from recallscope.errors import RecallscopeError
 from recallscope.methods import REGISTRY
 from recallscope.runner.folder import claim
-from recallscope.runner.job import Job, facts_frame, load_dataset, method_configs, model_key, select_facts
+from recallscope.runner.job import (
+    Job,
+    content_hash,
+    facts_frame,
+    load_dataset,
+    method_configs,
+    model_key,
+    select_facts,
+)
 from recallscope.runner.requirements import Source, load_given, plan_requirements, run_order
-from recallscope.runner.store import Store
+from recallscope.runner.store import Store, utc_now
 
 __all__ = ["run_job", "prepare_job", "chunks", "WorkItem", "run_item", "LocalExecutor"]
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def _digest(values) -> str:
@@ -50,7 +52,7 @@ def fact_digest(fact) -> str:
     for partner in ("counterfactual", "subject_swap"):  # path patching and subject swap read these prompts
         if partner in fact.attributes:
             content.append(fact.attributes[partner]["prompt"])
-    return hashlib.sha256(json.dumps(content).encode()).hexdigest()[:12]
+    return content_hash(content)
 
 
 def chunks(n_facts: int, size: int) -> list[range]:
@@ -137,7 +139,7 @@ def _run_claimed(job: Job, store: Store, model, progress: bool, log: Callable[[s
     manifest["methods"] = {name: manifest["methods"][name] for name in configs}  # the job's order
     if store.repairs:
         manifest["repairs"] = store.repairs
-    manifest.update(status="complete", finished=_now())
+    manifest.update(status="complete", finished=utc_now())
     store.write_manifest(manifest)
 
 
@@ -282,7 +284,7 @@ def _run_method(
                 "skipped": output.skipped,
                 "seconds": round(seconds, 3),
                 "conventions": output.conventions,
-                "finished": _now(),
+                "finished": utc_now(),
             }
             store.write_chunk(
                 name, key, item.chunk, output.frame, output.tables, output.arrays, record, output.handover
@@ -384,7 +386,7 @@ def _manifest(job: Job, model, facts: FactSet, timings: dict[str, float]) -> dic
 
     return {
         "recallscope": __version__,
-        "started": _now(),
+        "started": utc_now(),
         "job": {**job.to_dict(), "fact_sample_seed": job.seed or 0},
         "model": model.provenance(),
         "model_key": model_key(model),

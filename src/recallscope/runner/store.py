@@ -40,7 +40,7 @@ from safetensors.numpy import load_file, save_file
 
 from recallscope.errors import RecallscopeError
 
-__all__ = ["Store", "atomic_write"]
+__all__ = ["Store", "atomic_write", "utc_now", "parse_json", "BROKEN", "file_digest"]
 
 
 _UMASK = os.umask(0)
@@ -94,6 +94,11 @@ def file_digest(path: Path) -> list:
     return [path.stat().st_size, digest.hexdigest()]
 
 
+def utc_now() -> str:
+    """The time now, UTC, ISO 8601 to the second (what the manifest and records say)."""
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr)
 
@@ -133,7 +138,7 @@ class Store:
         """The manifest (``{}`` when there is none); one that does not parse is an error naming it."""
         if not self.manifest_path.exists():
             return {}
-        value = _parse_json(self.manifest_path)
+        value = parse_json(self.manifest_path)
         if not isinstance(value, dict):
             raise RecallscopeError(
                 f"{self.manifest_path} is not a recallscope manifest (not valid JSON, or cut short); "
@@ -157,8 +162,8 @@ class Store:
         path = self.root / name
         if not path.exists():
             return None
-        value = _parse_json(path)
-        if value is _BROKEN:
+        value = parse_json(path)
+        if value is BROKEN:
             self.quarantine(path, "not valid JSON (cut short?)")
             return None
         return value
@@ -224,7 +229,7 @@ class Store:
         folder = self.chunk_dir(method, key)
         records = []
         for path in sorted(folder.glob("*.json")):
-            record = _parse_json(path)
+            record = parse_json(path)
             why = (
                 "not valid JSON (cut short?)" if not isinstance(record, dict) else self._damage(path, record)
             )
@@ -360,15 +365,16 @@ def _unreadable(folder: Path, record: Mapping[str, Any]) -> str | None:
     return None
 
 
-_BROKEN = object()
+BROKEN = object()
+"""What :func:`parse_json` returns for a file that is not valid JSON."""
 
 
-def _parse_json(path: Path) -> Any:
-    """The JSON value in ``path``, or ``_BROKEN`` when it does not parse."""
+def parse_json(path: Path) -> Any:
+    """The JSON value in the file ``path``, or :data:`BROKEN` when it does not parse."""
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
-        return _BROKEN
+        return BROKEN
 
 
 def _only(frame: pd.DataFrame, fact_ids: set[str]) -> pd.DataFrame:
