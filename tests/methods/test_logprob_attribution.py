@@ -224,7 +224,7 @@ def test_frames_tables_arrays_and_conventions(tiny_models):
     cost = la.cost(model, batch, la.Config(max_batch_rows=2))
     assert cost.forwards == 2 and cost.peak_bytes > 0
     few = la.cost(model, batch, la.Config(n_top=1, max_batch_rows=2))
-    assert la.cost(model, batch, la.Config(exact="all", max_batch_rows=2)).token_blocks > few.token_blocks
+    assert la.cost(model, batch, la.Config(exact="all", max_batch_rows=2)).vocab_rows > few.vocab_rows
 
 
 def test_errors():

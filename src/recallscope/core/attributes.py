@@ -72,6 +72,8 @@ def __getattr__(name: str):
 
 
 _STRINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_MASKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""Per tokenizer: ``{(vocabulary size, min_length): clean-token mask}`` (:func:`clean_token_mask`)."""
 
 
 @dataclass(frozen=True)
@@ -129,8 +131,17 @@ def _is_clean(text: str, min_length: int, lowercase: bool) -> bool:
 
 
 def clean_token_mask(model: Model, token_filter: TokenFilter) -> torch.Tensor:
-    """``[d_vocab]`` bool: tokens that may count as top tokens (lowercased stopword test)."""
-    return torch.tensor([_is_clean(s, token_filter.min_length, True) for s in vocab_strings(model)])
+    """``[d_vocab]`` bool: tokens that may count as top tokens (lowercased stopword test).
+
+    Cached per tokenizer and filter (a Python pass over a 262k vocabulary takes a few tenths of a
+    second); do not modify the returned tensor.
+    """
+    strings = vocab_strings(model)
+    masks = _MASKS.setdefault(model.tokenizer, {})
+    key = (len(strings), token_filter.min_length)
+    if key not in masks:
+        masks[key] = torch.tensor([_is_clean(s, token_filter.min_length, True) for s in strings])
+    return masks[key]
 
 
 def subject_objects(facts: Iterable) -> dict[str, tuple[str, ...]]:

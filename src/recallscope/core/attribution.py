@@ -19,7 +19,7 @@ everywhere (``"all"``). Also the vocabulary side of the value vectors: their top
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -217,13 +217,14 @@ def subvalue_level(model, head, cap, targets, real, kind, exact, n_top) -> dict[
     base = cap["resid_mid"] if kind == "neuron" else cap["resid_pre"]  # [B, L, d]
     ranges_kind = "ffn" if kind == "neuron" else "attn"
     parts: dict[str, list] = {"coeff": [], "logit": [], "upper": [], "lower": []}
-    for layer in range(model.n_layers):
-        sub = cached_subvalues(model, cap, kind, layer)
-        ranges = direction_ranges(model, ranges_kind, layer, sub.values)
-        bounds = increase_bounds(head, head.logits(base[:, layer]), sub.coeffs, sub.values, targets, ranges)
-        parts["coeff"].append(sub.coeffs)
-        for name in ("logit", "upper", "lower"):
-            parts[name].append(bounds[name])
+    for layers, base_logits in grouped_logits(head, base):
+        for j, layer in enumerate(layers):
+            sub = cached_subvalues(model, cap, kind, layer)
+            ranges = direction_ranges(model, ranges_kind, layer, sub.values)
+            bounds = increase_bounds(head, base_logits[:, j], sub.coeffs, sub.values, targets, ranges)
+            parts["coeff"].append(sub.coeffs)
+            for name in ("logit", "upper", "lower"):
+                parts[name].append(bounds[name])
     out = {name: torch.stack(values, 1) for name, values in parts.items()}  # [B, L, K, R]
     before = logprob_at(head, base, targets)  # [B, L]
     valid = torch.ones_like(out["coeff"], dtype=torch.bool)
@@ -260,43 +261,63 @@ def exact_candidates(upper, lower, before, valid, n: int) -> torch.Tensor:
     return chosen
 
 
+def grouped_logits(head: FrozenHead, base: torch.Tensor) -> Iterator[tuple[range, torch.Tensor]]:
+    """``(layers, bs(base[:, layers]) [B, g, V])`` for groups of layers of ``base [B, L, d]``.
+
+    One product with the unembedding per group (about ``WORK_ELEMS`` logits): a large vocabulary's
+    ``[V, d]`` matrix is read once per group instead of once per layer.
+    """
+    B, L, _ = base.shape
+    size = max(1, WORK_ELEMS // max(1, B * head.model.d_vocab))
+    for start in range(0, L, size):
+        layers = range(start, min(start + size, L))
+        yield layers, head.logits(base[:, layers.start : layers.stop])
+
+
 def exact_scores(model, head, cap, base, targets, kind, coeffs, chosen) -> torch.Tensor:
     """``[B, L, K, R]`` exact log-prob increases where ``chosen``, NaN elsewhere.
 
-    Directions are built once per chunk of value vectors with a chosen subvalue in any row; every
+    Directions are built once per value vector with a chosen subvalue in any row, for up to
+    ``WORK_ELEMS / V`` vectors of a group of layers (:func:`grouped_logits`) in one product; every
     row then scores only its own chosen subvalues (all of them at once where all are chosen).
     """
     score = torch.full_like(coeffs, float("nan"))
     per = max(1, WORK_ELEMS // model.d_vocab)  # value vectors whose directions are built at once
-    for layer in range(model.n_layers):
-        mask = chosen[:, layer]  # [B, K, R]
-        index = mask.any(-1).any(0).nonzero()[:, 0]  # value vectors with a candidate
-        if not len(index):
+    wanted = [chosen[:, layer].any(-1).any(0).nonzero()[:, 0] for layer in range(model.n_layers)]
+    for layers, base_logits in grouped_logits(head, base):
+        if not any(len(wanted[layer]) for layer in layers):
             continue
-        values = cached_subvalues(model, cap, kind, layer).values
-        base_logits = head.logits(base[:, layer])  # [B, V]
-        u = coeffs[:, layer] / head.scale[:, None, None]  # [B, K, R]
-        for i in range(0, len(index), per):
-            ks = index[i : i + per]
-            D = head.directions(values[ks])  # [k', V]
-            if mask[:, ks].all():
-                exact = rank1_increase(base_logits, u[:, ks], D, targets, chunk_elems=WORK_ELEMS)
-                score[:, layer, ks] = exact
-                continue
-            for b in range(len(targets)):
-                k, r = mask[b, ks].nonzero(as_tuple=True)  # the row's chosen subvalues
-                for j in range(0, len(k), per):
-                    kj, rj = k[j : j + per], r[j : j + per]
-                    row = slice(b, b + 1)
-                    exact = rank1_increase(
-                        base_logits[row],
-                        u[b, ks[kj], rj][None, :, None],
-                        D[kj],
-                        targets[row],
-                        chunk_elems=WORK_ELEMS,
-                    )
-                    score[b, layer, ks[kj], rj] = exact[0, :, 0]
+        values = {layer: cached_subvalues(model, cap, kind, layer).values for layer in layers}
+        pairs = [(j, layer, k) for j, layer in enumerate(layers) for k in wanted[layer].tolist()]
+        for i in range(0, len(pairs), per):
+            block = pairs[i : i + per]
+            D = head.directions(torch.stack([values[layer][k] for _, layer, k in block]))  # [n, V]
+            for j, layer in enumerate(layers):
+                at = [n for n, (jj, _, _) in enumerate(block) if jj == j]
+                if at:
+                    ks = torch.tensor([block[n][2] for n in at])
+                    _score_layer(score, base_logits[:, j], coeffs, head, chosen, targets, layer, ks, D[at])
     return score
+
+
+def _score_layer(score, base_logits, coeffs, head, chosen, targets, layer, ks, D) -> None:
+    """Write the exact scores of value vectors ``ks`` of ``layer`` (directions ``D [k, V]``) into
+    ``score``, for each row's chosen subvalues.
+    """
+    mask = chosen[:, layer, ks]  # [B, k, R]
+    u = coeffs[:, layer, ks] / head.scale[:, None, None]  # [B, k, R]
+    if mask.all():
+        score[:, layer, ks] = rank1_increase(base_logits, u, D, targets, chunk_elems=WORK_ELEMS)
+        return
+    per = max(1, WORK_ELEMS // base_logits.shape[-1])  # the row's subvalues scored at once
+    for b in range(len(targets)):
+        k, r = mask[b].nonzero(as_tuple=True)  # the row's chosen subvalues
+        for j in range(0, len(k), per):
+            kj, rj, row = k[j : j + per], r[j : j + per], slice(b, b + 1)
+            exact = rank1_increase(
+                base_logits[row], u[b, kj, rj][None, :, None], D[kj], targets[row], chunk_elems=WORK_ELEMS
+            )
+            score[b, layer, ks[kj], rj] = exact[0, :, 0]
 
 
 @torch.no_grad()
@@ -310,9 +331,14 @@ def value_tokens(model, kind, layers, units, n: int) -> tuple[list[list[str]], l
             wanted, inverse = np.unique(units[rows], return_inverse=True)
             sublayer = "mlp" if kind == "neuron" else "attn"
             values = value_vectors(model, sublayer, int(layer))[torch.as_tensor(wanted)]
-            D = value_directions(model, values)  # [k', V]
-            top[rows] = D.topk(n, -1).indices.cpu().numpy()[inverse]
-            bottom[rows] = (-D).topk(n, -1).indices.cpu().numpy()[inverse]
+            step = max(1, WORK_ELEMS // model.d_vocab)  # directions [step, V] at a time
+            high, low = [], []
+            for i in range(0, len(values), step):
+                D = value_directions(model, values[i : i + step])  # [k', V]
+                high.append(D.topk(n, -1).indices.cpu().numpy())
+                low.append((-D).topk(n, -1).indices.cpu().numpy())
+            top[rows] = np.concatenate(high)[inverse]
+            bottom[rows] = np.concatenate(low)[inverse]
     decode = lambda ids: decode_tokens(model, torch.as_tensor(ids)) if len(ids) else []  # noqa: E731
     return decode(top), decode(bottom)
 

@@ -332,8 +332,12 @@ def ranked_scores(query: torch.Tensor, n: int) -> list[tuple[torch.Tensor, torch
 def ov_tokens(
     model: Model, acts: dict, units: pd.DataFrame, query, best, n_show: int, n_tokens: int
 ) -> list[dict]:
-    """(d): per fact, the top ``n_show`` query neurons with their OV-mapped and own top tokens."""
-    shown = []
+    """(d): per fact, the top ``n_show`` query neurons with their OV-mapped and own top tokens.
+
+    Every decoded vector of the chunk is read out in one product with the unembedding (a single
+    vector at a time would read the whole ``[d_vocab, d]`` matrix per vector).
+    """
+    shown, vectors = [], []
     for b, (flat, _) in enumerate(ranked_scores(query, n_show)):
         rows = {}
         for index in flat.tolist():
@@ -344,17 +348,23 @@ def ov_tokens(
             l_unit, h = int(units["layer"].iloc[unit]), int(units["head"].iloc[unit])
             w = ffn_subvalues(model, i, acts["posts"][i][:1, -1]).values[k]  # [d] (post-norm gain folded)
             mapped = ov_outputs(model, l_unit, w[None].to(model.dtype))[0, h]
-            rows[(i, k)] = dict(
-                head_layer=l_unit,
-                head=h,
-                ov_top_tokens=top_tokens(model, mapped, n_tokens, acts["comps"].dtype),
-                value_top_tokens=top_tokens(model, w, n_tokens, acts["comps"].dtype),
-            )
+            at = len(vectors)  # the rows of this neuron's two vectors, decoded below
+            rows[(i, k)] = dict(head_layer=l_unit, head=h, ov_top_tokens=at, value_top_tokens=at + 1)
+            vectors += [mapped, w]
         shown.append(rows)
+    if vectors:
+        dtype = acts["comps"].dtype
+        decoded = top_tokens(model, torch.stack([v.to(dtype) for v in vectors]), n_tokens, dtype)
+        for rows in shown:
+            for row in rows.values():
+                row["ov_top_tokens"] = decoded[row["ov_top_tokens"]]
+                row["value_top_tokens"] = decoded[row["value_top_tokens"]]
     return shown
 
 
-def top_tokens(model: Model, vector: torch.Tensor, n: int, dtype: torch.dtype) -> list[str]:
-    """The top ``n`` tokens of ``W_U (γ ⊙ centre(vector))``, computed in ``dtype``."""
+def top_tokens(model: Model, vector: torch.Tensor, n: int, dtype: torch.dtype) -> list:
+    """The top ``n`` tokens of ``W_U (γ ⊙ centre(vector))``, computed in ``dtype``: a list of
+    strings for a vector ``[d]``, one list per row for vectors ``[k, d]``.
+    """
     ids = value_directions(model, vector, dtype=dtype).topk(min(n, model.d_vocab)).indices
     return decode_tokens(model, ids.cpu())

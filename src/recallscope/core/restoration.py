@@ -246,9 +246,12 @@ def patch_grids(
     return grids
 
 
-def grid_cost(model, config, cells, samples: int, n_tokens: int, direction: str) -> tuple[int, float, int]:
-    """``(forwards, token-block work, peak bytes)`` of :func:`patch_grids` over ``cells`` with ``samples``
-    rows per cell in ``direction`` (plus the recorded target run and the source cache).
+def grid_cost(
+    model, config, cells, samples: int, n_tokens: int, direction: str
+) -> tuple[int, float, int, float]:
+    """``(forwards, token-block work, peak bytes, vocabulary rows)`` of :func:`patch_grids` over
+    ``cells`` with ``samples`` rows per cell in ``direction`` (plus the recorded target run and the
+    source cache); each row reads the vocabulary once, at the last position.
     """
     n_layers = model.n_layers
     per_chunk = max(1, config.max_batch_rows // samples)
@@ -266,4 +269,4 @@ def grid_cost(model, config, cells, samples: int, n_tokens: int, direction: str)
         + rows * n_tokens * (4 * model.d_model + 2 * model.d_mlp)  # one resumed block
         + 2 * rows * model.d_vocab  # logits and log-probabilities
     )
-    return forwards, float(work), floats * model.dtype.itemsize
+    return forwards, float(work), floats * model.dtype.itemsize, float(len(cells) * samples)

@@ -35,6 +35,8 @@ __all__ = [
     "ProjectionMode",
     "VocabProjection",
     "project_to_vocab",
+    "readout_chunk",
+    "readout_floats",
     "final_norm_scale",
     "apply_final_norm",
     "decode_tokens",
@@ -112,7 +114,7 @@ def project_to_vocab(
     targets: torch.Tensor | None = None,
     k: int = 0,
     keep_logits: bool = False,
-    chunk_size: int = 256,
+    chunk_size: int | None = None,
 ) -> VocabProjection:
     """Project vectors ``x [*S, d_model]`` to the vocabulary.
 
@@ -128,7 +130,8 @@ def project_to_vocab(
         targets: token ids per batch row (``x``'s first axis): ``[B]`` or ``[B, n]``.
         k: number of top tokens to keep.
         keep_logits: also return the full logits (memory ``|S| × d_vocab``).
-        chunk_size: vectors per chunk.
+        chunk_size: vectors per chunk (default :func:`readout_chunk`: at most 256, fewer for a
+            large vocabulary so one chunk's logits stay near ``READOUT_ELEMS``).
     """
     if mode not in PROJECTION_MODES:
         raise ValueError(f"unknown projection mode {mode!r}; expected one of {PROJECTION_MODES}")
@@ -148,6 +151,7 @@ def project_to_vocab(
     softcap = model.spec.final_logit_softcap if mode == "logit_lens" else None
     tgt = None if targets is None else _broadcast_targets(targets, lead)
     flat = vectors.reshape(-1, model.d_model)
+    chunk_size = chunk_size or readout_chunk(model)
     flat_tgt = None if tgt is None else tgt.reshape(flat.shape[0], -1)
     parts = [
         _reduce(
@@ -159,6 +163,23 @@ def project_to_vocab(
         for i in range(0, flat.shape[0], chunk_size)
     ]
     return _assemble(mode, parts, lead, targets, k)
+
+
+READOUT_ELEMS = 1 << 24
+"""Logits per readout chunk (64 MB in float32): a 262k vocabulary reads 64 vectors at a time."""
+READOUT_TEMPS = 5
+"""Live ``[chunk, d_vocab]`` buffers while a chunk is reduced: the logits, the soft-cap's and the
+log-sum-exp's temporaries, the rank comparison (measured on a 262k-vocabulary model)."""
+
+
+def readout_chunk(model: Model) -> int:
+    """Vectors per readout chunk: 256, or fewer so that a chunk holds about ``READOUT_ELEMS`` logits."""
+    return max(1, min(256, READOUT_ELEMS // model.d_vocab))
+
+
+def readout_floats(model: Model, n_rows: int) -> int:
+    """Peak float buffers of reading ``n_rows`` vectors over the vocabulary (``cost()`` memory)."""
+    return READOUT_TEMPS * min(n_rows, readout_chunk(model)) * model.d_vocab
 
 
 def _prepare(model, x, mode, scale_from, bias) -> torch.Tensor:

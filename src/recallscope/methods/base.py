@@ -356,17 +356,22 @@ class Cost:
         forwards: forward passes (full or resumed).
         token_blocks: work in units of one token row through one transformer block.
         peak_bytes: peak memory of activations and outputs beyond the model weights.
+        vocab_rows: vectors read out over the whole vocabulary (a ``d_model × d_vocab`` product and
+            a reduction over ``d_vocab`` each: a value direction built, a logit-lens readout, an
+            exact rank-1 score counts ``1/8``); beyond the last-position logits of each forward.
     """
 
     forwards: int
     token_blocks: float
     peak_bytes: int
+    vocab_rows: float = 0.0
 
     def __add__(self, other: Cost) -> Cost:
         return Cost(
             self.forwards + other.forwards,
             self.token_blocks + other.token_blocks,
             max(self.peak_bytes, other.peak_bytes),
+            self.vocab_rows + other.vocab_rows,
         )
 
 

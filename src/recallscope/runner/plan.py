@@ -4,7 +4,9 @@ For each method the plan sums the method's own :func:`cost` over the chunks stil
 chunks in the output folder are not counted), then turns work into time with two measured
 forwards of the model on this machine: one of a probe batch (seconds per token through one block;
 ``PROBE_ROWS`` copies of the first prompt's first ``PROBE_TOKENS`` tokens, so the plan stays quick
-whatever the prompts' length) and one of a single token (the fixed cost of a forward pass).
+whatever the prompts' length) and one of a single token (the fixed cost of a forward pass), and
+one readout of ``PROBE_VOCAB_ROWS`` vectors over the whole vocabulary (seconds per vocabulary row:
+with a large vocabulary, reading vectors out dominates the methods that decode every layer).
 
 The measurement runs on the model as the job places it, so a device map's cost (offloaded blocks
 loaded at every forward, one device busy at a time) is in the figures; the plan also says how
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from recallscope.core.cache import forward
+from recallscope.core.vocab import project_to_vocab
 from recallscope.methods import REGISTRY
 from recallscope.methods.base import Cost
 from recallscope.runner.job import Job, model_key
@@ -51,6 +54,7 @@ class Plan:
     methods: list[MethodPlan]
     seconds_per_token_block: float
     seconds_per_forward: float
+    seconds_per_vocab_row: float = 0.0
     weights_by_device: dict[str, int] | None = None
     """Bytes of weights per device under a device map (``{"cuda:0": …, "cpu": …, "disk": …}``)."""
     executor: str = "local"
@@ -76,7 +80,8 @@ class Plan:
         lines = [
             f"model {self.model}: weights {_size(self.weights_bytes)}; {self.n_facts} facts",
             f"measured here: {1e6 * self.seconds_per_token_block:.1f} µs per token·block, "
-            f"{1e3 * self.seconds_per_forward:.1f} ms per forward",
+            f"{1e3 * self.seconds_per_forward:.1f} ms per forward, "
+            f"{1e6 * self.seconds_per_vocab_row:.0f} µs per vocabulary row",
         ]
         if self.weights_by_device:
             placed = ", ".join(f"{_size(n)} on {device}" for device, n in self.weights_by_device.items())
@@ -91,13 +96,13 @@ class Plan:
         lines += [
             "",
             f"{'method':<{width}} {'facts to do':>11} {'forwards':>9} {'token·blocks':>13} "
-            f"{'peak extra':>11} {'time':>9}",
+            f"{'vocab rows':>11} {'peak extra':>11} {'time':>9}",
         ]
         for m in self.methods:
             todo = m.facts - m.facts_done
             lines.append(
                 f"{m.method:<{width}} {todo:>11} {m.cost.forwards:>9} {m.cost.token_blocks:>13.3g} "
-                f"{_size(m.cost.peak_bytes):>11} {_duration(m.seconds):>9}"
+                f"{m.cost.vocab_rows:>11.3g} {_size(m.cost.peak_bytes):>11} {_duration(m.seconds):>9}"
             )
         where = " per worker" if self.executor == "ray" else ""
         lines += [
@@ -111,7 +116,7 @@ def plan_job(job: Job, *, model=None, log=print) -> Plan:
     """Estimate forwards, peak memory and time of ``job`` (nothing is written)."""
     store = Store(job.out, read_only=True) if (job.out / "manifest.json").exists() else None
     model, facts, configs, timings = prepare_job(job, model, store, log, write=False)
-    per_block, per_forward = _throughput(model, facts)
+    per_block, per_forward, per_row = _throughput(model, facts)
     workers = (job.workers or DEFAULT_WORKERS) if job.executor == "ray" else 1
     mkey = model_key(model)
     requirements = plan_requirements(configs)
@@ -126,7 +131,9 @@ def plan_job(job: Job, *, model=None, log=print) -> Plan:
         costs = [
             module.cost(model, batch, config, **({"given": given} if given else {})) for batch in batches
         ]
-        times = [c.token_blocks * per_block + c.forwards * per_forward for c in costs]
+        times = [
+            c.token_blocks * per_block + c.forwards * per_forward + c.vocab_rows * per_row for c in costs
+        ]
         cost = sum(costs, Cost(0, 0.0, 0))
         n_done = len(facts) - sum(len(item.indices) for item in items)
         plans.append(MethodPlan(name + label, len(facts), n_done, cost, _busiest(times, workers), len(items)))
@@ -137,6 +144,7 @@ def plan_job(job: Job, *, model=None, log=print) -> Plan:
         plans,
         per_block,
         per_forward,
+        per_row,
         weights_by_device=_weights_by_device(model) if model.device_map else None,
         executor=job.executor,
         workers=workers,
@@ -148,9 +156,16 @@ def plan_job(job: Job, *, model=None, log=print) -> Plan:
 PROBE_TOKENS = 64
 PROBE_ROWS = 8
 """The throughput probe: its cost is bounded by ``PROBE_ROWS × PROBE_TOKENS`` tokens (:func:`_throughput`)."""
+PROBE_VOCAB_ROWS = 64
+"""Vectors read out over the vocabulary to measure the seconds per vocabulary row."""
 
 DEFAULT_WORKERS = 2
 """Ray workers assumed when ``--workers`` is not given (the executor's default without GPUs)."""
+
+
+def _seconds(cost: Cost, per_block: float, per_forward: float, per_row: float) -> float:
+    """Time of ``cost`` at the measured throughputs."""
+    return cost.token_blocks * per_block + cost.forwards * per_forward + cost.vocab_rows * per_row
 
 
 def _busiest(times: list[float], workers: int) -> float:
@@ -173,8 +188,9 @@ def _weights_by_device(model) -> dict[str, int]:
 
 
 @torch.inference_mode()
-def _throughput(model, facts) -> tuple[float, float]:
-    """``(seconds per token·block, seconds per forward)`` from two measured forwards.
+def _throughput(model, facts) -> tuple[float, float, float]:
+    """``(seconds per token·block, seconds per forward, seconds per vocabulary row)`` from two
+    measured forwards and one measured readout.
 
     The work estimate is for large batches (methods batch whole grids), so the throughput is
     measured on a probe of ``PROBE_ROWS`` copies of the first prompt's first ``PROBE_TOKENS``
@@ -194,7 +210,12 @@ def _throughput(model, facts) -> tuple[float, float]:
 
     fixed = best(lambda: forward(model, one))
     full = best(lambda: forward(model, big))
-    return max(full - fixed, 1e-9) / (big.numel() * model.n_layers), fixed
+    vectors = torch.randn(PROBE_VOCAB_ROWS, model.d_model, generator=torch.Generator().manual_seed(0))
+    vectors = vectors.to(model.device, model.dtype)
+    targets = torch.zeros(PROBE_VOCAB_ROWS, dtype=torch.long)
+    per_row = best(lambda: project_to_vocab(model, vectors, targets=targets, k=10)) / PROBE_VOCAB_ROWS
+    blocks = full - fixed - (PROBE_ROWS - 1) * per_row  # the probe reads out one row per prompt
+    return max(blocks, 1e-9) / (big.numel() * model.n_layers), fixed, per_row
 
 
 def _size(n_bytes: float) -> str:

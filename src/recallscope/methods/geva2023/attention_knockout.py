@@ -276,4 +276,4 @@ def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = Non
     floats = width * (4 * model.d_model + 2 * model.d_mlp + model.n_heads * n_tokens + model.d_vocab + kv)
     floats += len(batch) * (n_layers + 1) * n_tokens * model.d_model
     clean = 2 * len(batch) * n_tokens * n_layers
-    return Cost(forwards, float(clean + resumed), floats * model.dtype.itemsize)
+    return Cost(forwards, float(clean + resumed), floats * model.dtype.itemsize, vocab_rows=float(rows))

@@ -32,7 +32,7 @@ import torch
 from recallscope.core import attributes as attr
 from recallscope.core.cache import run_with_cache
 from recallscope.core.tokens import PromptBatch, as_batch
-from recallscope.core.vocab import decode_tokens
+from recallscope.core.vocab import decode_tokens, readout_floats
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
 from recallscope.methods.base import Cost, MethodConfig, MethodResult, result_provenance
@@ -262,7 +262,7 @@ def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = Non
     config = config or Config()
     batch = as_batch(model, batch)
     n_vectors = len(batch) * (len(config.positions) * (model.n_layers + 1) + 1)
-    floats = n_vectors * (model.d_model + 2 * config.top_k) + min(n_vectors, 256) * model.d_vocab
+    floats = n_vectors * (model.d_model + 2 * config.top_k) + readout_floats(model, n_vectors)
     floats += len(batch) * batch.seq_len * (4 * model.d_model + 2 * model.d_mlp)
-    work = float(sum(batch.seq_len - int(p) for p in batch.pad_lengths) * model.n_layers)
-    return Cost(1, work, floats * model.dtype.itemsize)
+    work = float(len(batch) * batch.seq_len * model.n_layers)
+    return Cost(1, work, floats * model.dtype.itemsize, vocab_rows=n_vectors)

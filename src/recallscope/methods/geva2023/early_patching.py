@@ -49,7 +49,7 @@ from recallscope.core.decoding import choose_targets
 from recallscope.core.dtypes import upcast
 from recallscope.core.hooks import site_hook
 from recallscope.core.tokens import PromptBatch, as_batch
-from recallscope.core.vocab import decode_tokens
+from recallscope.core.vocab import decode_tokens, readout_floats
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
 from recallscope.methods.base import Cost, MethodConfig, MethodResult, result_provenance
@@ -343,6 +343,6 @@ def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = Non
     cache = len(batch) * n_tokens * d_model * (n_sources + 2 * n_layers)
     activations = width * n_tokens * (4 * d_model + 2 * model.d_mlp + model.n_heads * n_tokens)
     floats = cache + activations + width * n_tokens * d_model + width * n_layers * d_model
-    floats += min(width * n_layers, 256) * model.d_vocab
+    floats += readout_floats(model, width * n_layers)
     work = float((rows + len(batch)) * n_tokens * n_layers)
-    return Cost(forwards, work, floats * model.dtype.itemsize)
+    return Cost(forwards, work, floats * model.dtype.itemsize, vocab_rows=rows * n_layers)

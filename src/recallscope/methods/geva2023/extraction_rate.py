@@ -55,7 +55,7 @@ from recallscope.core.attributes import Readout, extraction_events, readout
 from recallscope.core.decoding import choose_targets
 from recallscope.core.dtypes import upcast
 from recallscope.core.tokens import PromptBatch, as_batch
-from recallscope.core.vocab import decode_tokens
+from recallscope.core.vocab import decode_tokens, readout_floats
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
 from recallscope.methods.base import Cost, MethodConfig, MethodResult, result_provenance
@@ -306,10 +306,11 @@ def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = Non
     floats += rows * n_layers * (3 * model.d_model + model.n_heads * n_tokens)  # cached updates, rows
     floats += rows * n_layers * n_tokens * model.n_kv_heads * model.d_head  # cached values
     floats += rows * n_layers * n_var * (model.n_heads * n_tokens + 2 * model.d_model)  # counterfactuals
-    floats += 2 * min(256, rows * n_layers * (3 + n_var)) * model.d_vocab  # one projection chunk
+    floats += readout_floats(model, rows * n_layers * (3 + n_var))
     forwards = -(-len(batch) // config.max_batch_rows)
     itemsize = max(model.dtype.itemsize, 4)
-    return Cost(forwards, float(len(batch) * n_tokens * n_layers), floats * itemsize)
+    readouts = len(batch) * n_layers * (3 + n_var)
+    return Cost(forwards, float(len(batch) * n_tokens * n_layers), floats * itemsize, vocab_rows=readouts)
 
 
 # -- statistics ----------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ from recallscope.core.decompose import head_outputs, ov_outputs, post_norm_note
 from recallscope.core.dtypes import upcast
 from recallscope.core.hooks import site_hook
 from recallscope.core.tokens import PromptBatch, as_batch
-from recallscope.core.vocab import decode_tokens
+from recallscope.core.vocab import decode_tokens, readout_floats
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
 from recallscope.methods.base import Cost, MethodConfig, MethodResult, head_frame, result_provenance
@@ -291,17 +291,20 @@ def _provenance(model: Model, config: Config) -> dict:
 def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = None) -> Cost:
     """One clean forward per ``max_batch_rows`` facts, plus two readouts of every head per fact.
 
-    The readouts (``2·L·H`` vectors times ``d_model × d_vocab`` per fact) are counted in token·block
-    units of ``4·d² + 2·d·d_mlp`` multiply-adds; they dominate for large vocabularies.
+    The readouts (``2·L·H`` vectors per fact over the whole vocabulary) dominate for large
+    vocabularies.
     """
     config = config or Config()
     batch = as_batch(model, batch)
     n_facts, n_tokens, d = len(batch), batch.seq_len, model.d_model
     forwards = -(-n_facts // config.max_batch_rows)
-    block = 4 * d * d + 2 * d * model.d_mlp
-    readouts = 2 * n_facts * model.n_layers * model.n_heads * d * model.d_vocab / block
+    readouts = 2 * n_facts * model.n_layers * model.n_heads
     width = min(n_facts, config.max_batch_rows)
     floats = width * n_tokens * (4 * d + 2 * model.d_mlp + model.n_heads * n_tokens)
-    floats += width * model.n_layers * d + width * model.n_heads * d + 256 * model.d_vocab
+    floats += (
+        width * model.n_layers * d
+        + width * model.n_heads * d
+        + readout_floats(model, 2 * width * model.n_layers * model.n_heads)
+    )
     itemsize = max(model.dtype.itemsize, 4)
-    return Cost(forwards, float(n_facts * n_tokens * model.n_layers + readouts), floats * itemsize)
+    return Cost(forwards, float(n_facts * n_tokens * model.n_layers), floats * itemsize, vocab_rows=readouts)

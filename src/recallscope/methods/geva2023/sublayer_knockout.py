@@ -51,7 +51,7 @@ from recallscope.core.attributes import (
 from recallscope.core.cache import run_with_cache
 from recallscope.core.sublayer_removal import MODES, SUBLAYERS, SublayerMode, knock_out, knockout_window
 from recallscope.core.tokens import PromptBatch, as_batch
-from recallscope.core.vocab import decode_tokens
+from recallscope.core.vocab import decode_tokens, readout_floats
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
 from recallscope.methods.base import Cost, MethodConfig, MethodResult, result_provenance
@@ -428,6 +428,6 @@ def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = Non
     forwards = -(-rows // config.max_batch_rows)
     width = min(rows, config.max_batch_rows)
     floats = width * batch.seq_len * (4 * model.d_model + 2 * model.d_mlp + model.n_heads * batch.seq_len)
-    floats += min(rows, 256) * model.d_vocab + rows * (model.d_model + config.top_k)
+    floats += readout_floats(model, rows) + rows * (model.d_model + config.top_k)
     work = float(rows * batch.seq_len * (target + 1))
-    return Cost(forwards, work, floats * model.dtype.itemsize)
+    return Cost(forwards, work, floats * model.dtype.itemsize, vocab_rows=rows)

@@ -290,14 +290,15 @@ def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = Non
     n_train = config.train_fraction * len(batch)
     cells = config.max_candidates * len(config.scales)
     grid_calls = math.ceil(n_train * cells / (config.batch_size * len(config.scales)))
-    text = 2 * min(len(generic_text()), 4096) if config.perplexity else 0  # ≤ one token per character
+    text = 2 * len(encode_prompt(model, generic_text())[0]) if config.perplexity else 0  # before, after
     work = float(sum(lengths) * model.n_layers) + (n_train / max(len(batch), 1) * cells + 1) * resumed * k
     work += text * model.n_layers
     rows = config.batch_size * len(config.scales)
     kept = len(batch) * batch.seq_len * (1 + 2 * k * model.n_kv_heads * model.d_head / model.d_model)
     peak = (kept * model.d_model + rows * model.d_vocab + rows * batch.seq_len * 6 * model.d_model) * 4
     forwards = n_records + grid_calls + n_records + (2 if config.perplexity else 0)
-    return Cost(forwards, work, int(peak * max(model.dtype.itemsize, 4) / 4))
+    readouts = text + n_train * cells + 2 * len(batch)  # perplexity tokens, grid rows, fit and evaluation
+    return Cost(forwards, work, int(peak * max(model.dtype.itemsize, 4) / 4), vocab_rows=float(readouts))
 
 
 def _split_keys(facts, fact_ids: list[str], split_by: str) -> list[str]:

@@ -420,6 +420,7 @@ def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = Non
         2 * chunks + records * (1 + n_layers),
         3 * tokens * n_layers + resumed,
         (forward + stream + kv + values + kept) * itemsize,
+        vocab_rows=float(n_facts * senders * n_layers),  # each resumed row's last-position logits
     )
 
 

@@ -245,7 +245,8 @@ def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = Non
     forward = n_rows * seq_len * (4 * model.d_model + 2 * model.d_mlp)
     decode = n * len(config.components) * model.d_vocab
     work = float(sum(lengths) * model.n_layers)
-    return Cost(1, work, (kept + forward + decode) * max(model.dtype.itemsize, 4))
+    readouts = n_rows * n_layers * len(config.components)  # each component of each layer, all tokens
+    return Cost(1, work, (kept + forward + decode) * max(model.dtype.itemsize, 4), vocab_rows=readouts)
 
 
 # -- pieces of run ---------------------------------------------------------------------------------

@@ -315,8 +315,11 @@ def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = Non
     kept = B * (model.n_layers * model.n_heads * model.d_head + 3 * len(layers) * d) * 8
     per_layer = B * n_max * d * 8 * (3 if config.linearized else 1)
     ranks = 256 * model.d_vocab * 8
-    work = float(sum(batch.seq_len - int(p) for p in batch.pad_lengths) * (max(layers) + 1))
-    return Cost(math.ceil(B / config.batch_size), work, forward + kept + per_layer + ranks)
+    work = float(len(batch) * batch.seq_len * (max(layers) + 1))
+    readouts = 2 * B * len(layers)  # logit-lens ranks before and after each MLP
+    return Cost(
+        math.ceil(B / config.batch_size), work, forward + kept + per_layer + ranks, vocab_rows=readouts
+    )
 
 
 # -- internals ----------------------------------------------------------------------------------------

@@ -158,7 +158,7 @@ def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = Non
     batch = as_batch(model, batch)
     kept = len(batch) * (model.n_layers * model.n_heads * model.d_head + (model.n_heads + 1) * model.d_model)
     forward = len(batch) * batch.seq_len * (4 * model.d_model + 2 * model.d_mlp)
-    work = float(sum(batch.seq_len - int(p) for p in batch.pad_lengths) * model.n_layers)
+    work = float(len(batch) * batch.seq_len * model.n_layers)
     return Cost(1, work, (kept + forward) * max(model.dtype.itemsize, 4))
 
 

@@ -356,4 +356,5 @@ def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = Non
     kept_floats = width * (model.n_layers + 1) * d + n_rows * model.n_layers * n_tracked
     mask_bytes = width * n_pos * n_pos
     token_blocks = float(n_rows * n_pos * model.n_layers)
-    return Cost(forwards, token_blocks, (forward_floats + kept_floats) * itemsize + mask_bytes)
+    peak = (forward_floats + kept_floats) * itemsize + mask_bytes
+    return Cost(forwards, token_blocks, peak, vocab_rows=float(n_rows))

@@ -78,8 +78,12 @@ NAME = "logprob_attribution"
 DESCRIPTION = "Log-prob increase of layers, heads, positions, FFN neurons, attention units (Yu & Ananiadou)."
 CHUNK_SIZE = 8
 LEVELS = ("layer", "head", "position", "neuron", "attn_unit")
-_CANDIDATE_FACTOR = 4
-"""cost(): assumed exact-scored subvalues per fact and kind in ``top`` mode, times ``n_top``."""
+_DIRECTIONS, _SCORES = 4.5, 3.3
+"""cost(): directions built (exactly scored and listed value vectors) and subvalues scored exactly per
+fact and kind in ``top`` mode, times ``n_top`` (as counted on random-weight 262k-vocabulary models of
+4 and 18 layers; how many candidates the bounds leave depends on the model and the fact)."""
+SCORE_ROW = 0.3
+"""cost(): one rank-1 exact score (a ``d_vocab``-wide update, exp and sum) in vocabulary rows."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -429,11 +433,13 @@ def _provenance(model: Model, config: Config) -> dict:
 def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = None) -> Cost:
     """One forward per ``max_batch_rows`` facts plus the vocabulary readouts.
 
-    Readouts are counted in token·block units of ``4·d² + 2·d·d_mlp`` multiply-adds: layers, heads
-    and positions ``L·(3 + H·(T+1))·d·V`` per fact; bounds ``3·L·(d_mlp + H·Dh)·d`` per fact; exact
-    scores ``V`` per scored subvalue and ``d·V`` per direction built. ``all`` scores every one;
-    ``top`` is estimated at ``4·n_top`` candidate value vectors per fact and kind (each unit value
-    vector scored at all ``T`` positions of every row of its chunk).
+    Vocabulary rows per fact: ``3·L`` layer readouts, ``L·H`` heads, ``T`` positions of each of
+    ``position_heads`` heads; per kind (neurons, units) one direction per exactly scored value
+    vector and per listed one (their top tokens), and one rank-1 score (:data:`SCORE_ROW` of a row)
+    per exactly scored subvalue. ``all`` scores every subvalue; ``top`` is estimated at
+    :data:`_DIRECTIONS` ``· n_top`` directions and :data:`_SCORES` ``· n_top`` scores per fact and
+    kind (how many candidates the bounds leave depends on the model and fact). The bounds, ``3·L·(d_mlp
+    + H·Dh)·d`` multiply-adds per fact, are counted in token·block units of ``4·d² + 2·d·d_mlp``.
     """
     config = config or Config()
     batch = as_batch(model, batch)
@@ -444,14 +450,24 @@ def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = Non
     levels = set(config.levels)
     kinds = [(L * d_mlp, 1)] if "neuron" in levels else []  # (value vectors, subvalues per vector)
     kinds += [(L * H * Dh, n_tokens)] if "attn_unit" in levels else []
-    work = n_facts * L * (3 + H * (n_tokens + 1)) * d * V
+    decomposed = L * H if config.position_heads is None else min(L * H, config.position_heads)
+    rows = n_facts * (3 * L + ("head" in levels or "position" in levels) * L * H)
+    rows += n_facts * ("position" in levels) * decomposed * n_tokens
+    bounds = 0
     for vectors, per in kinds:
-        chosen = vectors if config.exact == "all" else min(vectors, width * _CANDIDATE_FACTOR * config.n_top)
-        work += n_facts * 3 * vectors * d + forwards * chosen * (d * V + width * per * V)
-    token_blocks = n_facts * n_tokens * L + work / (4 * d * d + 2 * d * d_mlp)
+        bounds += n_facts * 3 * vectors * d
+        if config.exact == "all":
+            directions = forwards * vectors + n_facts * min(vectors, 2 * config.n_top)
+            scores = n_facts * vectors * per
+        else:
+            directions = n_facts * min(vectors, _DIRECTIONS * config.n_top)
+            scores = n_facts * min(vectors * per, _SCORES * config.n_top)
+        rows += directions + scores * SCORE_ROW
+    token_blocks = n_facts * n_tokens * L + bounds / (4 * d * d + 2 * d * d_mlp)
     itemsize = max(model.dtype.itemsize, 4)
     forward_floats = width * n_tokens * (4 * d + 2 * d_mlp + H * n_tokens)
     cached = width * L * (4 * d + d_mlp + H * n_tokens + n_tokens * model.n_kv_heads * Dh)
     results = width * L * (11 * d_mlp + 11 * H * Dh * n_tokens + 2 * H * n_tokens)  # + selection buffers
     buffers = 3 * WORK_ELEMS + width * L * V
-    return Cost(forwards, float(token_blocks), (forward_floats + cached + results + buffers) * itemsize)
+    peak = (forward_floats + cached + results + buffers) * itemsize
+    return Cost(forwards, float(token_blocks), peak, vocab_rows=float(rows))

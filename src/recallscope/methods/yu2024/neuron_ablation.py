@@ -437,6 +437,5 @@ def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = Non
     floats = width * batch.seq_len * (4 * model.d_model + 2 * model.d_mlp + model.n_heads * batch.seq_len)
     floats += width * model.d_vocab
     blocks = float((rows + len(batch)) * batch.seq_len * model.n_layers)
-    return Cost(forwards, blocks, floats * model.dtype.itemsize) + Given.cost(
-        requires(config), model, batch, given
-    )
+    own = Cost(forwards, blocks, floats * model.dtype.itemsize, vocab_rows=float(rows + len(batch)))
+    return own + Given.cost(requires(config), model, batch, given)

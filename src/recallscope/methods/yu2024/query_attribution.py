@@ -461,5 +461,6 @@ def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = Non
     rows = min(n, config.max_batch_rows)
     floats = rows * T * (L * (4 * d + model.d_mlp) + (2 * L + 1) * d) + 2 * rows * L * model.d_mlp
     width = compute_dtype(model.dtype).itemsize
-    own = Cost(math.ceil(n / config.max_batch_rows), float(n * T * L), floats * width)
+    readouts = 2 * n * config.n_show  # the shown query neurons' value and OV-mapped vectors
+    own = Cost(math.ceil(n / config.max_batch_rows), float(n * T * L), floats * width, vocab_rows=readouts)
     return own + Given.cost(requires(config), model, batch, given)
