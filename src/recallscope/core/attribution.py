@@ -19,6 +19,7 @@ everywhere (``"all"``). Also the vocabulary side of the value vectors: their top
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -42,7 +43,7 @@ from recallscope.core.subvalues import (
     vector_increase,
 )
 from recallscope.core.tokens import PromptBatch
-from recallscope.core.vocab import decode_tokens
+from recallscope.core.vocab import READOUT_ELEMS, decode_tokens
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
 
@@ -64,8 +65,9 @@ __all__ = [
     "target_ranks",
 ]
 
-WORK_ELEMS = 1 << 24
-"""Elements of a ``[·, d_vocab]`` work buffer (directions, logits of added vectors)."""
+WORK_ELEMS = READOUT_ELEMS
+"""Elements of a ``[·, d_vocab]`` work buffer (directions, logits of added vectors): as many as one
+readout chunk of :func:`~recallscope.core.vocab.project_to_vocab`."""
 
 
 def capture_last(model: Model, batch: PromptBatch, levels: Sequence[str]) -> tuple[torch.Tensor, dict]:
@@ -290,13 +292,16 @@ def exact_scores(model, head, cap, base, targets, kind, coeffs, chosen) -> torch
         values = {layer: cached_subvalues(model, cap, kind, layer).values for layer in layers}
         pairs = [(j, layer, k) for j, layer in enumerate(layers) for k in wanted[layer].tolist()]
         for i in range(0, len(pairs), per):
-            block = pairs[i : i + per]
+            block = pairs[i : i + per]  # ordered by layer
             D = head.directions(torch.stack([values[layer][k] for _, layer, k in block]))  # [n, V]
-            for j, layer in enumerate(layers):
-                at = [n for n, (jj, _, _) in enumerate(block) if jj == j]
-                if at:
-                    ks = torch.tensor([block[n][2] for n in at])
-                    _score_layer(score, base_logits[:, j], coeffs, head, chosen, targets, layer, ks, D[at])
+            start = 0
+            for (j, layer), run in itertools.groupby(block, key=lambda pair: pair[:2]):
+                ks = torch.tensor([k for _, _, k in run])
+                stop = start + len(ks)
+                _score_layer(
+                    score, base_logits[:, j], coeffs, head, chosen, targets, layer, ks, D[start:stop]
+                )
+                start = stop
     return score
 
 
@@ -320,6 +325,13 @@ def _score_layer(score, base_logits, coeffs, head, chosen, targets, layer, ks, D
             score[b, layer, ks[kj], rj] = exact[0, :, 0]
 
 
+def _chunked_directions(model: Model, vectors: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Directions ``D_w [k, V]`` of ``vectors [K, d]``, ``WORK_ELEMS / V`` vectors at a time."""
+    step = max(1, WORK_ELEMS // model.d_vocab)
+    for i in range(0, len(vectors), step):
+        yield value_directions(model, vectors[i : i + step])
+
+
 @torch.no_grad()
 def value_tokens(model, kind, layers, units, n: int) -> tuple[list[list[str]], list[list[str]]]:
     """Top and bottom ``n`` tokens of ``D_w = W_U (γ ⊙ centre(w))`` for value vectors ``(layer, unit)``."""
@@ -331,10 +343,8 @@ def value_tokens(model, kind, layers, units, n: int) -> tuple[list[list[str]], l
             wanted, inverse = np.unique(units[rows], return_inverse=True)
             sublayer = "mlp" if kind == "neuron" else "attn"
             values = value_vectors(model, sublayer, int(layer))[torch.as_tensor(wanted)]
-            step = max(1, WORK_ELEMS // model.d_vocab)  # directions [step, V] at a time
             high, low = [], []
-            for i in range(0, len(values), step):
-                D = value_directions(model, values[i : i + step])  # [k', V]
+            for D in _chunked_directions(model, values):
                 high.append(D.topk(n, -1).indices.cpu().numpy())
                 low.append((-D).topk(n, -1).indices.cpu().numpy())
             top[rows] = np.concatenate(high)[inverse]
@@ -368,10 +378,8 @@ def value_stats(model: Model, targets: np.ndarray, ranks: bool) -> dict[str, np.
 
 def target_ranks(model: Model, vectors: torch.Tensor, targets: torch.Tensor) -> tuple[np.ndarray, ...]:
     """``[F, K]`` rank of each target in ``D_w`` and in ``−D_w`` for ``vectors [K, d]``."""
-    step = max(1, WORK_ELEMS // model.d_vocab)
     pos, neg = [], []
-    for i in range(0, len(vectors), step):
-        D = value_directions(model, vectors[i : i + step])  # [k, V]
+    for D in _chunked_directions(model, vectors):
         at = D[:, targets].T  # [F, k]
         pos.append(torch.stack([(D > at[f, :, None]).sum(-1) for f in range(len(targets))]))
         neg.append(torch.stack([(D < at[f, :, None]).sum(-1) for f in range(len(targets))]))

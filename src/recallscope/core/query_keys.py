@@ -337,9 +337,9 @@ def ov_tokens(
     Every decoded vector of the chunk is read out in one product with the unembedding (a single
     vector at a time would read the whole ``[d_vocab, d]`` matrix per vector).
     """
-    shown, vectors = [], []
+    shown, listed, vectors = [], [], []  # listed: (the fact's rows, neuron, head layer, head)
     for b, (flat, _) in enumerate(ranked_scores(query, n_show)):
-        rows = {}
+        shown.append({})
         for index in flat.tolist():
             i, k = divmod(index, model.d_mlp)
             unit = int(best[b, i, k])
@@ -348,17 +348,15 @@ def ov_tokens(
             l_unit, h = int(units["layer"].iloc[unit]), int(units["head"].iloc[unit])
             w = ffn_subvalues(model, i, acts["posts"][i][:1, -1]).values[k]  # [d] (post-norm gain folded)
             mapped = ov_outputs(model, l_unit, w[None].to(model.dtype))[0, h]
-            at = len(vectors)  # the rows of this neuron's two vectors, decoded below
-            rows[(i, k)] = dict(head_layer=l_unit, head=h, ov_top_tokens=at, value_top_tokens=at + 1)
+            listed.append((shown[b], (i, k), l_unit, h))
             vectors += [mapped, w]
-        shown.append(rows)
     if vectors:
         dtype = acts["comps"].dtype
         decoded = top_tokens(model, torch.stack([v.to(dtype) for v in vectors]), n_tokens, dtype)
-        for rows in shown:
-            for row in rows.values():
-                row["ov_top_tokens"] = decoded[row["ov_top_tokens"]]
-                row["value_top_tokens"] = decoded[row["value_top_tokens"]]
+        for n, (rows, neuron, l_unit, h) in enumerate(listed):
+            rows[neuron] = dict(
+                head_layer=l_unit, head=h, ov_top_tokens=decoded[2 * n], value_top_tokens=decoded[2 * n + 1]
+            )
     return shown
 
 

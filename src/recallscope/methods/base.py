@@ -357,8 +357,9 @@ class Cost:
         token_blocks: work in units of one token row through one transformer block.
         peak_bytes: peak memory of activations and outputs beyond the model weights.
         vocab_rows: vectors read out over the whole vocabulary (a ``d_model × d_vocab`` product and
-            a reduction over ``d_vocab`` each: a value direction built, a logit-lens readout, an
-            exact rank-1 score counts ``1/8``); beyond the last-position logits of each forward.
+            a reduction over ``d_vocab`` each: a value direction built, a logit-lens readout; work
+            over ``d_vocab`` without the product, such as an exact rank-1 score, counts as a
+            fraction of a row); beyond the last-position logits of each forward.
     """
 
     forwards: int

@@ -163,11 +163,6 @@ DEFAULT_WORKERS = 2
 """Ray workers assumed when ``--workers`` is not given (the executor's default without GPUs)."""
 
 
-def _seconds(cost: Cost, per_block: float, per_forward: float, per_row: float) -> float:
-    """Time of ``cost`` at the measured throughputs."""
-    return cost.token_blocks * per_block + cost.forwards * per_forward + cost.vocab_rows * per_row
-
-
 def _busiest(times: list[float], workers: int) -> float:
     """Time of the busiest of ``workers`` when items are dealt to whichever worker is free first."""
     load = [0.0] * max(workers, 1)
