@@ -14,9 +14,11 @@ the built-in dataset without the known-filter (a random model knows nothing), an
   on its own row);
 - **÷ forward**: that time over the time of one forward pass of the same fact (batch 1, logits at
   the last position, as ``rs.forward``), the mean over the facts, measured in the same process;
-- **peak MB**: peak resident memory above what the process held before the method (freed memory
-  is handed back to the system first with ``malloc_trim``; a sampling thread reads
-  ``/proc/self/statm`` every 2 ms);
+- **peak MB**: the peak of memory the method holds allocated, above what was allocated before it
+  (glibc's ``mallinfo2``: heap in use plus mmapped blocks, where torch's and numpy's buffers live),
+  sampled every 2 ms; this is what ``plan`` predicts. **RSS MB**: the peak resident memory above the
+  level before the method (freed memory handed back first with ``malloc_trim``), which adds what
+  the allocator keeps cached and so depends on what ran before in the process;
 - **plan s / plan MB**: what ``recallscope plan`` predicted for the same job, and the ratio of
   measured to predicted time.
 
@@ -130,8 +132,26 @@ def build(model_type: str, sizes: dict, layers: int, tok, seed: int = 0) -> rs.M
 LIBC = ctypes.CDLL("libc.so.6")
 
 
-class PeakRss:
-    """Peak resident memory above the level at entry, sampled every 2 ms in a thread."""
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+                     "fordblks", "keepcost")
+    ]  # fmt: skip
+
+
+LIBC.mallinfo2.restype = _MallInfo2
+
+
+def allocated() -> int:
+    """Bytes the process holds allocated through malloc (in use in the heaps, plus mmapped blocks)."""
+    info = LIBC.mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+class PeakMemory:
+    """Peak resident memory and peak allocated memory above their levels at entry, sampled every 2 ms
+    in a thread."""
 
     def __init__(self) -> None:
         self.page = os.sysconf("SC_PAGE_SIZE")
@@ -140,28 +160,39 @@ class PeakRss:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * self.page
 
-    def __enter__(self) -> PeakRss:
+    def __enter__(self) -> PeakMemory:
         gc.collect()
         LIBC.malloc_trim(0)  # hand freed memory back, so that what the method touches shows as growth
-        self.base = self.peak = self.rss()
+        self.base, self.base_allocated = self.rss(), allocated()
+        self.peak, self.peak_allocated = self.base, self.base_allocated
         self.running = True
         self.thread = threading.Thread(target=self._sample, daemon=True)
         self.thread.start()
         return self
 
+    def _read(self) -> None:
+        self.peak = max(self.peak, self.rss())
+        self.peak_allocated = max(self.peak_allocated, allocated())
+
     def _sample(self) -> None:
         while self.running:
-            self.peak = max(self.peak, self.rss())
+            self._read()
             time.sleep(0.002)
 
     def __exit__(self, *exc) -> None:
         self.running = False
         self.thread.join()
-        self.peak = max(self.peak, self.rss())
+        self._read()
 
     @property
     def grown_mb(self) -> float:
+        """Resident memory grown, MB."""
         return (self.peak - self.base) / 2**20
+
+    @property
+    def allocated_mb(self) -> float:
+        """Allocated memory grown, MB."""
+        return (self.peak_allocated - self.base_allocated) / 2**20
 
 
 def forward_seconds(model: rs.Model, facts: rs.FactSet, repeat: int = 3) -> float:
@@ -222,7 +253,7 @@ def measure(model: rs.Model, method: str, n_facts: int, root: Path, **job_kwargs
     job = Job(methods=(method,), **common)
     gc.collect()
     predicted = plan_job(job, model=model, log=lambda _: None)
-    with PeakRss() as peak:
+    with PeakMemory() as peak:
         store = run_job(job, model=model, progress=False, report=False, overwrite=bool(needs))
     entry = store.read_manifest()["methods"][method]
     if entry["n_facts"] != n_facts:
@@ -231,7 +262,8 @@ def measure(model: rs.Model, method: str, n_facts: int, root: Path, **job_kwargs
     shutil.rmtree(out, ignore_errors=True)
     return {
         "seconds": entry["seconds"] / n_facts,
-        "peak_mb": peak.grown_mb,
+        "peak_mb": peak.allocated_mb,
+        "rss_mb": peak.grown_mb,
         "plan_seconds": mine.seconds / n_facts,
         "plan_mb": mine.cost.peak_bytes / 2**20,
     }
@@ -245,14 +277,18 @@ def table(model: rs.Model, methods: list[str], n_facts: int, root: Path, title: 
     print(
         f"\n### {title}; one forward {1e3 * fwd:.0f} ms; value-vector ranges (once per model) {once:.0f} s\n"
     )
-    print("| method | s/fact | ÷ forward | peak MB | plan s/fact | measured ÷ plan | plan MB | MB ÷ plan |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| method | s/fact | ÷ forward | peak MB | RSS MB | plan s/fact | measured ÷ plan | plan MB "
+        "| MB ÷ plan |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     out = {}
     for method in methods:
         r = measure(model, method, n_facts, root)
         r["forwards"] = r["seconds"] / fwd
         print(
             f"| {method} | {r['seconds']:.2f} | {r['forwards']:.1f} | {r['peak_mb']:.0f} | "
+            f"{r['rss_mb']:.0f} | "
             f"{r['plan_seconds']:.2f} | {r['seconds'] / max(r['plan_seconds'], 1e-9):.2f} | "
             f"{r['plan_mb']:.0f} | {r['peak_mb'] / max(r['plan_mb'], 1e-9):.2f} |",
             flush=True,

@@ -113,7 +113,7 @@ def test_device_map_flags_are_checked():
 
 
 def test_plan_accounts_for_the_device_map_and_the_executor(tiny_models, tmp_path, monkeypatch):
-    monkeypatch.setattr("recallscope.runner.plan._throughput", lambda model, facts: (1e-6, 1e-3, 1e-5))
+    monkeypatch.setattr("recallscope.runner.plan._throughput", lambda model, facts: (1e-6, 1e-3, 1e-5, 1e-4))
     path = tmp_path / "facts.jsonl"
     path.write_text("".join(json.dumps(f) + "\n" for f in FACTS))
     common = dict(dataset=str(path), known_only=False, limit=None, configs=FAST, batch_size=1)

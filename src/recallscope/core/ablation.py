@@ -61,7 +61,7 @@ def target_metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, np.
     logits = upcast(logits)
     targets = torch.as_tensor(targets, device=logits.device).long()
     at = logits.gather(1, targets[:, None])
-    rank = (logits > at).sum(-1)
+    rank = (logits > at).sum(-1, dtype=torch.int32).long()  # an int32 count: no [R, V] int64 buffer
     logprob = (at[:, 0] - logits.logsumexp(-1)).double()
     return {
         "mrr": (1.0 / (rank + 1).double()).cpu().numpy(),
@@ -106,9 +106,8 @@ def ablate(
         part = rows[begin : begin + max_batch_rows]
         sub = batch.select(part)
         ffn, attn = _layer_indices(model, sub, selections[begin : begin + max_batch_rows])
-        with _zeroing(model, ffn, attn):
-            logits = forward(model, sub)
-        parts.append(target_metrics(logits, targets[part]))
+        with _zeroing(model, ffn, attn):  # one part's logits held at a time
+            parts.append(target_metrics(forward(model, sub), targets[part]))
     if not parts:
         return {name: np.zeros(0) for name in (*METRICS, "rank")}
     return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}

@@ -366,7 +366,7 @@ def patched_effects(
     head, key-value head or neuron, None for ``resid`` and ``mlp``), each the mean over the corrupted
     copies of ``L(clean run with the node from copy s) − L(clean run)``; one batch row per node and copy.
     """
-    clean_metric = float(metric(forward(model, ids[None]).double())[0])
+    clean_metric = float(metric(forward(model, ids[None]))[0])
     n_copies = len(corrupted.logits)
     jobs = [(i, s) for i in range(len(nodes)) for s in range(n_copies)]
     effects = torch.zeros(len(nodes), dtype=torch.float64)
@@ -386,28 +386,28 @@ def patched_effects(
                     ]
                 )
                 stack.enter_context(node_hook(model, *key, _writer(where, values, torch.tensor(rows))))
-            logits = forward(model, ids[None].expand(len(part), -1)).double()
-        values = metric(logits).cpu() - clean_metric
+            values = metric(forward(model, ids[None].expand(len(part), -1))).cpu() - clean_metric
         for (i, _), value in zip(part, values, strict=True):
             effects[i] += value / n_copies
     return effects
 
 
 def metric(name: str, target, counter=None) -> Metric:
-    """The metric ``logits [R, V]`` (float64) → ``[R]``: ``logit_diff`` (target minus ``counter``),
+    """The metric ``logits [R, V]`` → ``[R]`` float64: ``logit_diff`` (target minus ``counter``),
     ``logprob`` or ``prob`` of ``target``; ``target`` and ``counter`` are token ids, one for every
-    row or ``[R]``.
+    row or ``[R]``. Computed in float64 whatever the logits' dtype (``logit_diff`` widens only the
+    two columns it reads).
     """
 
     def pick(values: torch.Tensor, tokens) -> torch.Tensor:
         tokens = torch.as_tensor(tokens, device=values.device).reshape(-1).expand(len(values))
         return values.gather(1, tokens[:, None])[:, 0]
 
-    if name == "logit_diff":
-        return lambda logits: pick(logits, target) - pick(logits, counter)
+    if name == "logit_diff":  # two columns: widened after picking them
+        return lambda logits: pick(logits, target).double() - pick(logits, counter).double()
     if name == "logprob":
-        return lambda logits: pick(logits.log_softmax(-1), target)
-    return lambda logits: pick(logits.softmax(-1), target)
+        return lambda logits: pick(logits.double().log_softmax(-1), target)
+    return lambda logits: pick(logits.double().softmax(-1), target)
 
 
 def node_of(kind: str, where) -> tuple:

@@ -381,6 +381,7 @@ def target_ranks(model: Model, vectors: torch.Tensor, targets: torch.Tensor) -> 
     pos, neg = [], []
     for D in _chunked_directions(model, vectors):
         at = D[:, targets].T  # [F, k]
-        pos.append(torch.stack([(D > at[f, :, None]).sum(-1) for f in range(len(targets))]))
-        neg.append(torch.stack([(D < at[f, :, None]).sum(-1) for f in range(len(targets))]))
-    return torch.cat(pos, 1).cpu().numpy(), torch.cat(neg, 1).cpu().numpy()
+        rows = range(len(targets))  # counts in int32: no [k, V] int64 buffer
+        pos.append(torch.stack([(D > at[f, :, None]).sum(-1, dtype=torch.int32) for f in rows]))
+        neg.append(torch.stack([(D < at[f, :, None]).sum(-1, dtype=torch.int32) for f in rows]))
+    return torch.cat(pos, 1).long().cpu().numpy(), torch.cat(neg, 1).long().cpu().numpy()

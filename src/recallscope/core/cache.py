@@ -22,7 +22,7 @@ from recallscope.errors import SiteError
 from recallscope.models.model import Model
 from recallscope.models.sites import Site, parse_site
 
-__all__ = ["Cache", "forward", "run_with_cache", "select_positions", "Positions"]
+__all__ = ["Cache", "forward", "forward_floats", "run_with_cache", "select_positions", "Positions"]
 
 Positions = Sequence[int] | torch.Tensor | None
 """None (all), a list of positions shared by every row (negative = from the end), or a
@@ -37,6 +37,20 @@ def forward(
     with torch.no_grad():
         out = model.hf_model(**inputs, use_cache=False, logits_to_keep=1 if logits == "last" else 0)
     return out.logits[:, -1] if logits == "last" else out.logits
+
+
+def forward_floats(model: Model, rows: int, tokens: int, *, logits: int = 1) -> int:
+    """Peak float buffers of one forward of ``rows × tokens`` (for ``cost()`` memory).
+
+    Per token inside a block: the residual and its normed copy (``2·d``), the attention's queries
+    and output (``2·H·d_head``), keys and values (``2·n_kv·d_head``), its probabilities (``H·T``,
+    materialised by eager attention) and the MLP's gate, up, activation and product (``4·d_mlp``);
+    plus ``logits`` positions of ``d_vocab`` logits per row. Checked against the resident memory of
+    forwards of real configurations (``bench/scaling.py``).
+    """
+    d, heads, kv = model.d_model, model.n_heads * model.d_head, model.n_kv_heads * model.d_head
+    per_token = 2 * d + 2 * heads + 2 * kv + model.n_heads * tokens + 4 * model.d_mlp
+    return rows * tokens * per_token + rows * logits * model.d_vocab
 
 
 def _inputs(model: Model, batch: PromptBatch | torch.Tensor) -> dict[str, torch.Tensor]:

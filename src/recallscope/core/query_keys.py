@@ -27,9 +27,9 @@ from recallscope.core.cache import run_with_cache
 from recallscope.core.decompose import ov_outputs
 from recallscope.core.dtypes import compute_dtype
 from recallscope.core.moe import moe_coefficients
-from recallscope.core.subvalues import ffn_subvalues, value_directions
+from recallscope.core.subvalues import ffn_subvalues, value_directions, value_vectors
 from recallscope.core.tokens import PromptBatch
-from recallscope.core.vocab import decode_tokens
+from recallscope.core.vocab import decode_tokens, readout_chunk
 from recallscope.errors import RecallscopeError
 from recallscope.models.model import Model
 from recallscope.models.sites import Site
@@ -334,35 +334,50 @@ def ov_tokens(
 ) -> list[dict]:
     """(d): per fact, the top ``n_show`` query neurons with their OV-mapped and own top tokens.
 
-    Every decoded vector of the chunk is read out in one product with the unembedding (a single
-    vector at a time would read the whole ``[d_vocab, d]`` matrix per vector).
+    The work is batched: one value-vector read per query layer, one OV map per head layer (over
+    every shown neuron whose best unit is in it) and one product with the unembedding for every
+    decoded vector of the chunk (a vector at a time would copy the layer's weights, or read the
+    whole ``[d_vocab, d]`` matrix, per vector).
     """
-    shown, listed, vectors = [], [], []  # listed: (the fact's rows, neuron, head layer, head)
+    shown, listed = [], []  # listed: (the fact's rows, query layer, neuron, head layer, head)
     for b, (flat, _) in enumerate(ranked_scores(query, n_show)):
         shown.append({})
         for index in flat.tolist():
             i, k = divmod(index, model.d_mlp)
             unit = int(best[b, i, k])
-            if unit < 0:
-                continue
-            l_unit, h = int(units["layer"].iloc[unit]), int(units["head"].iloc[unit])
-            w = ffn_subvalues(model, i, acts["posts"][i][:1, -1]).values[k]  # [d] (post-norm gain folded)
-            mapped = ov_outputs(model, l_unit, w[None].to(model.dtype))[0, h]
-            listed.append((shown[b], (i, k), l_unit, h))
-            vectors += [mapped, w]
-    if vectors:
-        dtype = acts["comps"].dtype
-        decoded = top_tokens(model, torch.stack([v.to(dtype) for v in vectors]), n_tokens, dtype)
-        for n, (rows, neuron, l_unit, h) in enumerate(listed):
-            rows[neuron] = dict(
-                head_layer=l_unit, head=h, ov_top_tokens=decoded[2 * n], value_top_tokens=decoded[2 * n + 1]
-            )
+            if unit >= 0:
+                listed.append((shown[b], i, k, int(units["layer"].iloc[unit]), int(units["head"].iloc[unit])))
+    if not listed:
+        return shown
+    dtype, device = compute_dtype(acts["posts"][0].dtype), acts["posts"][0].device
+    # [n, d] the listed neurons' value vectors (post-norm gain folded) and their OV maps
+    values = torch.empty(len(listed), model.d_model, dtype=dtype, device=device)
+    for i in sorted({row[1] for row in listed}):
+        at = [n for n, row in enumerate(listed) if row[1] == i]
+        values[at] = value_vectors(model, "mlp", i, dtype=dtype, device=device)[[listed[n][2] for n in at]]
+    mapped = torch.empty_like(values)
+    for layer in sorted({row[3] for row in listed}):
+        at = [n for n, row in enumerate(listed) if row[3] == layer]
+        heads = torch.tensor([listed[n][4] for n in at])
+        out = ov_outputs(model, layer, values[at].to(model.device, model.dtype))  # [n, H, d]
+        mapped[at] = out[torch.arange(len(at)), heads].to(device, dtype)
+    decoded = top_tokens(model, torch.stack([mapped, values], 1).flatten(0, 1), n_tokens, acts["comps"].dtype)
+    for n, (rows, i, k, layer, h) in enumerate(listed):
+        rows[(i, k)] = dict(
+            head_layer=layer, head=h, ov_top_tokens=decoded[2 * n], value_top_tokens=decoded[2 * n + 1]
+        )
     return shown
 
 
 def top_tokens(model: Model, vector: torch.Tensor, n: int, dtype: torch.dtype) -> list:
-    """The top ``n`` tokens of ``W_U (γ ⊙ centre(vector))``, computed in ``dtype``: a list of
-    strings for a vector ``[d]``, one list per row for vectors ``[k, d]``.
+    """The top ``n`` tokens of ``W_U (γ ⊙ centre(vector))``, computed in ``dtype`` a readout chunk of
+    rows at a time: a list of strings for a vector ``[d]``, one list per row for vectors ``[k, d]``.
     """
-    ids = value_directions(model, vector, dtype=dtype).topk(min(n, model.d_vocab)).indices
-    return decode_tokens(model, ids.cpu())
+    rows, step, k = vector.reshape(-1, vector.shape[-1]), readout_chunk(model), min(n, model.d_vocab)
+    ids = torch.cat(
+        [
+            value_directions(model, rows[i : i + step], dtype=dtype).topk(k).indices
+            for i in range(0, len(rows), step)
+        ]
+    )
+    return decode_tokens(model, (ids[0] if vector.dim() == 1 else ids).cpu())

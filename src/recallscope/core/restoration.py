@@ -240,6 +240,7 @@ def patch_grids(
                 chunk, start_layer, start_pos, readout.n_keep,
             )  # fmt: skip
             values = readout.measure(logits, n)
+            del logits  # before the next chunk's forward: one chunk's logits held at a time
             for c, cell in enumerate(chunk):
                 for m in base:
                     grids[cell.kind][m][cell.position, cell.layer] = values[m][c]
@@ -267,6 +268,6 @@ def grid_cost(
         recorded * n_tokens * ((n_layers + 1) * model.d_model + n_layers * kv)  # recorded run
         + samples * len(config.kinds) * n_layers * n_tokens * model.d_model  # source states
         + rows * n_tokens * (4 * model.d_model + 2 * model.d_mlp)  # one resumed block
-        + 2 * rows * model.d_vocab  # logits and log-probabilities
+        + 4 * rows * model.d_vocab  # logits, log-probabilities and the KL's two temporaries
     )
     return forwards, float(work), floats * model.dtype.itemsize, float(len(cells) * samples)

@@ -5,8 +5,11 @@ chunks in the output folder are not counted), then turns work into time with two
 forwards of the model on this machine: one of a probe batch (seconds per token through one block;
 ``PROBE_ROWS`` copies of the first prompt's first ``PROBE_TOKENS`` tokens, so the plan stays quick
 whatever the prompts' length) and one of a single token (the fixed cost of a forward pass), and
-one readout of ``PROBE_VOCAB_ROWS`` vectors over the whole vocabulary (seconds per vocabulary row:
-with a large vocabulary, reading vectors out dominates the methods that decode every layer).
+two readouts over the whole vocabulary, of one vector and of ``PROBE_VOCAB_ROWS`` vectors: seconds
+per vocabulary row, and per readout pass (each pass streams the ``[V, d]`` unembedding from memory
+whatever its rows, which dominates small readouts on CPUs; a method's rows are taken to be read in
+passes of :func:`~recallscope.core.vocab.readout_chunk` rows, at least one per work item). With a
+large vocabulary, reading vectors out dominates the methods that decode every layer.
 
 The measurement runs on the model as the job places it, so a device map's cost (offloaded blocks
 loaded at every forward, one device busy at a time) is in the figures; the plan also says how
@@ -18,13 +21,14 @@ worker. The throughput of the workers is assumed to be this machine's.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
 import torch
 
 from recallscope.core.cache import forward
-from recallscope.core.vocab import project_to_vocab
+from recallscope.core.vocab import project_to_vocab, readout_chunk
 from recallscope.methods import REGISTRY
 from recallscope.methods.base import Cost
 from recallscope.runner.job import Job, model_key
@@ -55,6 +59,7 @@ class Plan:
     seconds_per_token_block: float
     seconds_per_forward: float
     seconds_per_vocab_row: float = 0.0
+    seconds_per_vocab_pass: float = 0.0
     weights_by_device: dict[str, int] | None = None
     """Bytes of weights per device under a device map (``{"cuda:0": …, "cpu": …, "disk": …}``)."""
     executor: str = "local"
@@ -81,7 +86,8 @@ class Plan:
             f"model {self.model}: weights {_size(self.weights_bytes)}; {self.n_facts} facts",
             f"measured here: {1e6 * self.seconds_per_token_block:.1f} µs per token·block, "
             f"{1e3 * self.seconds_per_forward:.1f} ms per forward, "
-            f"{1e6 * self.seconds_per_vocab_row:.0f} µs per vocabulary row",
+            f"{1e6 * self.seconds_per_vocab_row:.0f} µs per vocabulary row "
+            f"(+{1e3 * self.seconds_per_vocab_pass:.1f} ms per readout pass)",
         ]
         if self.weights_by_device:
             placed = ", ".join(f"{_size(n)} on {device}" for device, n in self.weights_by_device.items())
@@ -116,7 +122,8 @@ def plan_job(job: Job, *, model=None, log=print) -> Plan:
     """Estimate forwards, peak memory and time of ``job`` (nothing is written)."""
     store = Store(job.out, read_only=True) if (job.out / "manifest.json").exists() else None
     model, facts, configs, timings = prepare_job(job, model, store, log, write=False)
-    per_block, per_forward, per_row = _throughput(model, facts)
+    per_block, per_forward, per_row, per_pass = _throughput(model, facts)
+    chunk = readout_chunk(model)
     workers = (job.workers or DEFAULT_WORKERS) if job.executor == "ray" else 1
     mkey = model_key(model)
     requirements = plan_requirements(configs)
@@ -132,7 +139,11 @@ def plan_job(job: Job, *, model=None, log=print) -> Plan:
             module.cost(model, batch, config, **({"given": given} if given else {})) for batch in batches
         ]
         times = [
-            c.token_blocks * per_block + c.forwards * per_forward + c.vocab_rows * per_row for c in costs
+            c.token_blocks * per_block
+            + c.forwards * per_forward
+            + c.vocab_rows * per_row
+            + math.ceil(c.vocab_rows / chunk) * per_pass
+            for c in costs
         ]
         cost = sum(costs, Cost(0, 0.0, 0))
         n_done = len(facts) - sum(len(item.indices) for item in items)
@@ -145,6 +156,7 @@ def plan_job(job: Job, *, model=None, log=print) -> Plan:
         per_block,
         per_forward,
         per_row,
+        per_pass,
         weights_by_device=_weights_by_device(model) if model.device_map else None,
         executor=job.executor,
         workers=workers,
@@ -157,7 +169,8 @@ PROBE_TOKENS = 64
 PROBE_ROWS = 8
 """The throughput probe: its cost is bounded by ``PROBE_ROWS × PROBE_TOKENS`` tokens (:func:`_throughput`)."""
 PROBE_VOCAB_ROWS = 64
-"""Vectors read out over the vocabulary to measure the seconds per vocabulary row."""
+"""Vectors read out over the vocabulary, in one pass, to measure the seconds per vocabulary row
+(fewer when a readout chunk holds fewer)."""
 
 DEFAULT_WORKERS = 2
 """Ray workers assumed when ``--workers`` is not given (the executor's default without GPUs)."""
@@ -183,9 +196,9 @@ def _weights_by_device(model) -> dict[str, int]:
 
 
 @torch.inference_mode()
-def _throughput(model, facts) -> tuple[float, float, float]:
-    """``(seconds per token·block, seconds per forward, seconds per vocabulary row)`` from two
-    measured forwards and one measured readout.
+def _throughput(model, facts) -> tuple[float, float, float, float]:
+    """``(seconds per token·block, seconds per forward, seconds per vocabulary row, seconds per
+    readout pass)`` from two measured forwards and two measured readouts.
 
     The work estimate is for large batches (methods batch whole grids), so the throughput is
     measured on a probe of ``PROBE_ROWS`` copies of the first prompt's first ``PROBE_TOKENS``
@@ -207,10 +220,17 @@ def _throughput(model, facts) -> tuple[float, float, float]:
     full = best(lambda: forward(model, big))
     vectors = torch.randn(PROBE_VOCAB_ROWS, model.d_model, generator=torch.Generator().manual_seed(0))
     vectors = vectors.to(model.device, model.dtype)
-    targets = torch.zeros(PROBE_VOCAB_ROWS, dtype=torch.long)
-    per_row = best(lambda: project_to_vocab(model, vectors, targets=targets, k=10)) / PROBE_VOCAB_ROWS
+    n = max(2, min(PROBE_VOCAB_ROWS, readout_chunk(model)))  # rows read in one pass
+    targets = torch.zeros(n, dtype=torch.long)
+
+    def readout(rows: int) -> float:
+        return best(lambda: project_to_vocab(model, vectors[:rows], targets=targets[:rows], k=10))
+
+    many, single = readout(n), readout(1)
+    per_row = max(many - single, 0.0) / (n - 1)
+    per_pass = max(single - per_row, 0.0)
     blocks = full - fixed - (PROBE_ROWS - 1) * per_row  # the probe reads out one row per prompt
-    return max(blocks, 1e-9) / (big.numel() * model.n_layers), fixed, per_row
+    return max(blocks, 1e-9) / (big.numel() * model.n_layers), fixed, per_row, per_pass
 
 
 def _size(n_bytes: float) -> str:

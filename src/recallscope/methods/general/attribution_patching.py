@@ -30,7 +30,7 @@ import pandas as pd
 
 from recallscope.core import atp
 from recallscope.core import corruption as corrupt
-from recallscope.core.cache import forward
+from recallscope.core.cache import forward, forward_floats
 from recallscope.core.lrp import relp_unsupported
 from recallscope.core.tokens import PromptBatch, as_batch
 from recallscope.core.vocab import decode_tokens
@@ -249,7 +249,12 @@ def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = Non
     passes = 3 * (1 + (model.n_layers if config.graddrop else 0))  # a backward counted as two forwards
     per_fact = passes + 1 + -(-rows // config.max_batch_rows)  # + the corrupted run
     work = (passes + copies + rows) * tokens * model.n_layers
-    floats = tokens * model.n_layers * (4 * model.d_model + 2 * model.d_mlp) * (2 + copies)
+    graph = tokens * model.n_layers * (4 * model.d_model + 2 * model.d_mlp) * (2 + copies)
+    width = min(rows, config.max_batch_rows)  # one batch of patched rows, logits widened for the metric
+    patched = forward_floats(model, width, tokens) + width * model.d_vocab * (
+        0 if config.metric == "logit_diff" else 4
+    )
+    floats = max(graph, patched)
     return Cost(per_fact * len(batch), float(work * len(batch)), floats * model.dtype.itemsize)
 
 

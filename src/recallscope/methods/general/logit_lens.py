@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from recallscope.core.cache import run_with_cache
+from recallscope.core.cache import forward_floats, run_with_cache
 from recallscope.core.tokens import PromptBatch, as_batch
 from recallscope.core.vocab import ProjectionMode, decode_tokens, project_to_vocab, readout_floats
 from recallscope.data.facts import FactSet
@@ -202,8 +202,8 @@ def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = Non
     config = config or Config()
     batch = as_batch(model, batch)
     n_vectors = len(batch) * len(config.sites) * model.n_layers * len(config.positions)
-    floats = n_vectors * model.d_model + readout_floats(model, n_vectors)
-    floats += len(batch) * batch.seq_len * (4 * model.d_model + 2 * model.d_mlp)
+    floats = n_vectors * model.d_model  # then the forward, or (after it) the readouts
+    floats += max(forward_floats(model, len(batch), batch.seq_len), readout_floats(model, n_vectors))
     work = float(len(batch) * batch.seq_len * model.n_layers)
     return Cost(1, work, floats * model.dtype.itemsize, vocab_rows=n_vectors)
 

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from recallscope.core.cache import forward
+from recallscope.core.cache import forward, forward_floats
 from recallscope.core.decoding import choose_targets
 from recallscope.core.dtypes import upcast
 from recallscope.core.knockout import KnockoutMode, block_attention
@@ -248,9 +248,15 @@ def _knocked(model, batch, rows, sources, layers, targets, config) -> torch.Tens
             hidden = state.stream[ids, first, -1:]
             with block_attention(model, masks, config.mode):
                 logits = resume(model, state, ids, start_layer=first, start_pos=length - 1, hidden=hidden)
-            probs = upcast(logits[:, -1]).softmax(-1)
-            out[part] = probs.gather(1, targets[rows[part]][:, None].to(probs.device))[:, 0].double().cpu()
+            out[part] = _target_probs(logits[:, -1], targets[rows[part]])
+            del logits  # before the next part's forward: one part's logits held at a time
     return out
+
+
+def _target_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``[R]`` float64 (on the CPU) probability of ``targets [R]`` under ``logits [R, V]``."""
+    probs = upcast(logits).softmax(-1)
+    return probs.gather(1, targets[:, None].to(probs.device))[:, 0].double().cpu()
 
 
 def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = None) -> Cost:
@@ -273,7 +279,8 @@ def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = Non
     )
     width = min(rows, config.max_batch_rows)
     kv = 2 * model.n_kv_heads * model.d_head * n_tokens * n_layers
-    floats = width * (4 * model.d_model + 2 * model.d_mlp + model.n_heads * n_tokens + model.d_vocab + kv)
+    # one query row each, and its probabilities over the vocabulary
+    floats = forward_floats(model, width, 1) + width * (model.n_heads * (n_tokens - 1) + kv + model.d_vocab)
     floats += len(batch) * (n_layers + 1) * n_tokens * model.d_model
     clean = 2 * len(batch) * n_tokens * n_layers
     return Cost(forwards, float(clean + resumed), floats * model.dtype.itemsize, vocab_rows=float(rows))

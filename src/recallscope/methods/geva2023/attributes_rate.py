@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 
 from recallscope.core import attributes as attr
-from recallscope.core.cache import run_with_cache
+from recallscope.core.cache import forward_floats, run_with_cache
 from recallscope.core.tokens import PromptBatch, as_batch
 from recallscope.core.vocab import decode_tokens, readout_floats
 from recallscope.data.facts import FactSet
@@ -262,7 +262,8 @@ def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = Non
     config = config or Config()
     batch = as_batch(model, batch)
     n_vectors = len(batch) * (len(config.positions) * (model.n_layers + 1) + 1)
-    floats = n_vectors * (model.d_model + 2 * config.top_k) + readout_floats(model, n_vectors)
-    floats += len(batch) * batch.seq_len * (4 * model.d_model + 2 * model.d_mlp)
+    floats = n_vectors * (model.d_model + 2 * config.top_k)  # then the forward, or (after it) the readouts
+    readouts = readout_floats(model, n_vectors)
+    floats += max(forward_floats(model, len(batch), batch.seq_len), readouts)
     work = float(len(batch) * batch.seq_len * model.n_layers)
     return Cost(1, work, floats * model.dtype.itemsize, vocab_rows=n_vectors)

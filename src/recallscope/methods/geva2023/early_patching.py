@@ -44,7 +44,7 @@ import pandas as pd
 import torch
 
 from recallscope.core import attributes as attr
-from recallscope.core.cache import Cache, run_with_cache
+from recallscope.core.cache import Cache, forward_floats, run_with_cache
 from recallscope.core.decoding import choose_targets
 from recallscope.core.dtypes import upcast
 from recallscope.core.hooks import site_hook
@@ -341,8 +341,10 @@ def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = Non
     width = min(rows, config.max_batch_rows)
     n_tokens, d_model, n_layers = batch.seq_len, model.d_model, model.n_layers
     cache = len(batch) * n_tokens * d_model * (n_sources + 2 * n_layers)
-    activations = width * n_tokens * (4 * d_model + 2 * model.d_mlp + model.n_heads * n_tokens)
-    floats = cache + activations + width * n_tokens * d_model + width * n_layers * d_model
-    floats += readout_floats(model, width * n_layers)
+    activations = forward_floats(model, width, n_tokens)
+    floats = cache + width * n_tokens * d_model + width * n_layers * d_model
+    floats += max(
+        activations, readout_floats(model, width * n_layers)
+    )  # a patched forward, then its readouts
     work = float((rows + len(batch)) * n_tokens * n_layers)
     return Cost(forwards, work, floats * model.dtype.itemsize, vocab_rows=rows * n_layers)

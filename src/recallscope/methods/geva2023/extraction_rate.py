@@ -52,6 +52,7 @@ from recallscope.core.attention_counterfactuals import (
     counterfactual_weights,
 )
 from recallscope.core.attributes import Readout, extraction_events, readout
+from recallscope.core.cache import forward_floats
 from recallscope.core.decoding import choose_targets
 from recallscope.core.dtypes import upcast
 from recallscope.core.tokens import PromptBatch, as_batch
@@ -302,11 +303,10 @@ def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = Non
     batch = as_batch(model, batch)
     rows, n_tokens, n_layers = min(len(batch), config.max_batch_rows), batch.seq_len, model.n_layers
     n_var = len(config.counterfactuals)
-    floats = rows * n_tokens * (4 * model.d_model + 2 * model.d_mlp + model.n_heads * n_tokens)
-    floats += rows * n_layers * (3 * model.d_model + model.n_heads * n_tokens)  # cached updates, rows
+    floats = rows * n_layers * (3 * model.d_model + model.n_heads * n_tokens)  # cached updates, rows
     floats += rows * n_layers * n_tokens * model.n_kv_heads * model.d_head  # cached values
     floats += rows * n_layers * n_var * (model.n_heads * n_tokens + 2 * model.d_model)  # counterfactuals
-    floats += readout_floats(model, rows * n_layers * (3 + n_var))
+    floats += max(forward_floats(model, rows, n_tokens), readout_floats(model, rows * n_layers * (3 + n_var)))
     forwards = -(-len(batch) // config.max_batch_rows)
     itemsize = max(model.dtype.itemsize, 4)
     readouts = len(batch) * n_layers * (3 + n_var)

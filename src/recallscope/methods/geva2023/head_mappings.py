@@ -36,7 +36,7 @@ import pandas as pd
 import torch
 
 from recallscope.core.attributes import Readout, readout
-from recallscope.core.cache import forward
+from recallscope.core.cache import forward, forward_floats
 from recallscope.core.decoding import choose_targets
 from recallscope.core.decompose import head_outputs, ov_outputs, post_norm_note
 from recallscope.core.dtypes import upcast
@@ -300,11 +300,7 @@ def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = Non
     forwards = -(-n_facts // config.max_batch_rows)
     readouts = 2 * n_facts * model.n_layers * model.n_heads
     width = min(n_facts, config.max_batch_rows)
-    floats = width * n_tokens * (4 * d + 2 * model.d_mlp + model.n_heads * n_tokens)
-    floats += (
-        width * model.n_layers * d
-        + width * model.n_heads * d
-        + readout_floats(model, 2 * width * model.n_layers * model.n_heads)
-    )
+    floats = width * model.n_layers * d + width * model.n_heads * d  # kept, then the forward or the readouts
+    floats += max(forward_floats(model, width, n_tokens), readout_floats(model, width * model.n_heads))
     itemsize = max(model.dtype.itemsize, 4)
     return Cost(forwards, float(n_facts * n_tokens * model.n_layers), floats * itemsize, vocab_rows=readouts)

@@ -48,7 +48,7 @@ from recallscope.core.attributes import (
     texts_for,
     with_subject_objects,
 )
-from recallscope.core.cache import run_with_cache
+from recallscope.core.cache import forward_floats, run_with_cache
 from recallscope.core.sublayer_removal import MODES, SUBLAYERS, SublayerMode, knock_out, knockout_window
 from recallscope.core.tokens import PromptBatch, as_batch
 from recallscope.core.vocab import decode_tokens, readout_floats
@@ -427,7 +427,9 @@ def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = Non
     rows = len(batch) * (1 + len(config.sublayers) * (target + 1))
     forwards = -(-rows // config.max_batch_rows)
     width = min(rows, config.max_batch_rows)
-    floats = width * batch.seq_len * (4 * model.d_model + 2 * model.d_mlp + model.n_heads * batch.seq_len)
-    floats += readout_floats(model, rows) + rows * (model.d_model + config.top_k)
+    # a forward stopped after the target block, then (its activations freed) the kept rows' readouts
+    readouts = readout_floats(model, rows)
+    floats = max(forward_floats(model, width, batch.seq_len, logits=0), readouts)
+    floats += rows * (model.d_model + config.top_k)
     work = float(rows * batch.seq_len * (target + 1))
     return Cost(forwards, work, floats * model.dtype.itemsize, vocab_rows=rows)

@@ -56,7 +56,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from recallscope.core.cache import forward
+from recallscope.core.cache import forward, forward_floats
 from recallscope.core.component_attribution import (
     Component,
     component_columns,
@@ -80,7 +80,7 @@ from recallscope.core.hooks import site_hook
 from recallscope.core.resume import equal_length_rows, record_run
 from recallscope.core.splits import calibration_metrics, split_facts
 from recallscope.core.tokens import PromptBatch, as_batch, encode_prompt
-from recallscope.core.vocab import frozen_scale_readout
+from recallscope.core.vocab import frozen_scale_readout, readout_chunk
 from recallscope.data.builtin import generic_text
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
@@ -295,7 +295,13 @@ def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = Non
     work += text * model.n_layers
     rows = config.batch_size * len(config.scales)
     kept = len(batch) * batch.seq_len * (1 + 2 * k * model.n_kv_heads * model.d_head / model.d_model)
-    peak = (kept * model.d_model + rows * model.d_vocab + rows * batch.seq_len * 6 * model.d_model) * 4
+    peak = kept * model.d_model + rows * model.d_vocab + rows * batch.seq_len * 6 * model.d_model
+    if config.perplexity:  # a window's logits at every position, read a chunk at a time
+        window = min(text // 2, config.ppl_window, model.max_context or config.ppl_window)
+        peak = max(
+            peak, forward_floats(model, 1, window, logits=window) + 2 * readout_chunk(model) * model.d_vocab
+        )
+    peak *= 4
     forwards = n_records + grid_calls + n_records + (2 if config.perplexity else 0)
     readouts = text + n_train * cells + 2 * len(batch)  # perplexity tokens, grid rows, fit and evaluation
     return Cost(forwards, work, int(peak * max(model.dtype.itemsize, 4) / 4), vocab_rows=float(readouts))
@@ -356,12 +362,22 @@ def _perplexity(model: Model, choice, config: Config) -> pd.DataFrame:
             continue
         nll = []
         for cells in ([None], [choice]) if choice else ([None],):
-            with scale_components(model, cells):
-                logp = upcast(forward(model, window[None], logits="all")[0, :-1]).log_softmax(-1)
-            nll.append(float(-logp.gather(-1, window[1:, None].to(logp.device)).sum()))
+            with scale_components(model, cells):  # one pass's logits held at a time
+                nll.append(_nll(model, forward(model, window[None], logits="all")[0, :-1], window[1:]))
         nll = nll * (3 - len(nll))  # no mitigation: after = before
         rows.append(dict(window=w, n_tokens=len(window) - 1, nll_before=nll[0], nll_after=nll[1]))
     return pd.DataFrame(rows, columns=_PPL_COLUMNS)
+
+
+def _nll(model: Model, logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """``Σ −log p(target)`` of ``logits [T, V]``, a readout chunk of positions at a time (no second
+    ``[T, V]`` buffer).
+    """
+    step, targets = readout_chunk(model), targets.to(logits.device)
+    return sum(
+        float(-upcast(logits[i : i + step]).log_softmax(-1).gather(-1, targets[i : i + step, None]).sum())
+        for i in range(0, len(logits), step)
+    )
 
 
 _PPL_COLUMNS = ["window", "n_tokens", "nll_before", "nll_after"]

@@ -60,6 +60,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from recallscope.core.cache import forward_floats
 from recallscope.core.decoding import choose_targets, logit_minus_mean
 from recallscope.core.decompose import post_norm_note
 from recallscope.core.head_readouts import subject_readouts
@@ -405,7 +406,8 @@ def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = Non
     tokens = float(real.sum())
     chunks = -(-n_facts // config.batch_size)
     itemsize = max(model.dtype.itemsize, 4)
-    forward = min(n_facts, config.batch_size) * batch.seq_len * (4 * model.d_model + 2 * model.d_mlp)
+    group = min(n_facts, config.batch_size)
+    forward = forward_floats(model, group, batch.seq_len)
     kept = n_facts * n_layers * model.n_heads * 2
     if not config.path_patching:
         return Cost(chunks, tokens * n_layers, (forward + kept) * itemsize)
@@ -416,10 +418,13 @@ def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = Non
     stream = min(n_facts, config.batch_size) * batch.seq_len * (n_layers + 1) * model.d_model
     kv = 2 * min(n_facts, config.batch_size) * batch.seq_len * n_layers * model.n_kv_heads * model.d_head
     values = n_facts * n_layers * (model.n_heads * model.d_head + model.d_model)
+    # a resume: the group's rows × senders at one position, each with its copy of the recorded keys/values
+    rows = group * senders
+    resume = forward_floats(model, rows, 1) + rows * kv // group
     return Cost(
         2 * chunks + records * (1 + n_layers),
         3 * tokens * n_layers + resumed,
-        (forward + stream + kv + values + kept) * itemsize,
+        (max(forward, resume) + stream + kv + values + kept) * itemsize,
         vocab_rows=float(n_facts * senders * n_layers),  # each resumed row's last-position logits
     )
 

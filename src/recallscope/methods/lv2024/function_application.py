@@ -43,12 +43,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from recallscope.core.cache import run_with_cache
+from recallscope.core.cache import forward_floats, run_with_cache
 from recallscope.core.decoding import decode_tracked, work_dtype
 from recallscope.core.regression import needed_sites, regressor_heads, remainders
 from recallscope.core.subvalues import FrozenHead
 from recallscope.core.tokens import PromptBatch, answer_ids
-from recallscope.core.vocab import frozen_scale_readout
+from recallscope.core.vocab import READOUT_TEMPS, frozen_scale_readout
 from recallscope.data.facts import FactSet
 from recallscope.data.variants import add_relation_context, counterfactual_facts
 from recallscope.errors import RecallscopeError
@@ -242,11 +242,12 @@ def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = Non
     seq_len = max(lengths, default=0)
     n_layers = len(config.layers) if config.layers is not None else model.n_layers
     kept = n_rows * n_layers * (model.n_heads * model.d_head + 3 * model.d_model)
-    forward = n_rows * seq_len * (4 * model.d_model + 2 * model.d_mlp)
-    decode = n * len(config.components) * model.d_vocab
+    forward = forward_floats(model, n_rows, seq_len)
+    decode = READOUT_TEMPS * n * len(config.components) * model.d_vocab  # one layer's readings at a time
     work = float(sum(lengths) * model.n_layers)
     readouts = n_rows * n_layers * len(config.components)  # each component of each layer, all tokens
-    return Cost(1, work, (kept + forward + decode) * max(model.dtype.itemsize, 4), vocab_rows=readouts)
+    peak = int((kept + max(forward, decode)) * max(model.dtype.itemsize, 4))
+    return Cost(1, work, peak, vocab_rows=readouts)
 
 
 # -- pieces of run ---------------------------------------------------------------------------------
@@ -344,7 +345,7 @@ def _decode_clean(model: Model, head: FrozenHead, vectors: torch.Tensor, targets
         full = sub.logits(v)  # [F, C, V]
         picked = full.gather(-1, ids[:, None].expand(F, C, n))  # [F, C, n]
         logit = picked[..., 0]
-        rank = 1 + (full > logit[..., None]).sum(-1)
+        rank = 1 + (full > logit[..., None]).sum(-1, dtype=torch.int32)  # no [F, C, V] int64 buffer
         beats = (picked > logit[..., None]) & mask[:, None]
         mean_others = (picked * others[:, None]).sum(-1) / n_others[:, None]
         cos = torch.einsum("fcd,fnd->fcn", v / v.norm(dim=-1, keepdim=True), unembed)

@@ -62,6 +62,7 @@ import pandas as pd
 import torch
 
 from recallscope.core import regression
+from recallscope.core.cache import forward_floats
 from recallscope.core.decompose import post_norm_note
 from recallscope.core.mlp import mlp_input_site
 from recallscope.core.mlp_effects import linearized_effects, logit_lens_ranks
@@ -74,6 +75,7 @@ from recallscope.core.regression import (
     remainder_fit,
 )
 from recallscope.core.tokens import PromptBatch, as_batch
+from recallscope.core.vocab import readout_floats
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
 from recallscope.methods.base import Cost, MethodConfig, MethodResult, result_provenance
@@ -311,14 +313,17 @@ def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = Non
     layers = list(range(model.n_layers)) if config.layers is None else list(config.layers)
     n_max = max((len(regressor_heads(model, layer, config.regressors)) for layer in layers), default=0)
     rows = min(B, config.batch_size)
-    forward = rows * batch.seq_len * (4 * d + 2 * model.d_mlp) * max(model.dtype.itemsize, 4)
+    forward = forward_floats(model, rows, batch.seq_len) * max(model.dtype.itemsize, 4)
     kept = B * (model.n_layers * model.n_heads * model.d_head + 3 * len(layers) * d) * 8
     per_layer = B * n_max * d * 8 * (3 if config.linearized else 1)
-    ranks = 256 * model.d_vocab * 8
+    ranks = readout_floats(model, 2 * B * len(layers)) * max(model.dtype.itemsize, 4)
     work = float(len(batch) * batch.seq_len * (max(layers) + 1))
+    if config.linearized:  # one MLP pass per fact, head and layer (the JVP's tangent), in block units
+        d_mlp = model.d_mlp * (3 if model.spec.gated_mlp else 2)
+        work += B * n_max * len(layers) * d_mlp / (4 * d + d_mlp)
     readouts = 2 * B * len(layers)  # logit-lens ranks before and after each MLP
     return Cost(
-        math.ceil(B / config.batch_size), work, forward + kept + per_layer + ranks, vocab_rows=readouts
+        math.ceil(B / config.batch_size), work, kept + max(forward, per_layer, ranks), vocab_rows=readouts
     )
 
 

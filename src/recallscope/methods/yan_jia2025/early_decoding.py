@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from recallscope.core.cache import forward_floats
 from recallscope.core.decoding import TrackedInfo, decode_tracked, last_position_cache, tracked_frame
 from recallscope.core.steps import tracked_tokens
 from recallscope.core.subvalues import FrozenHead
@@ -146,7 +147,7 @@ def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = Non
     config = config or Config()
     batch = as_batch(model, batch)
     kept = len(batch) * (len(config.sites) * model.n_layers + 1) * model.d_model
-    forward = len(batch) * batch.seq_len * (4 * model.d_model + 2 * model.d_mlp)
+    forward = forward_floats(model, len(batch), batch.seq_len)
     work = float(len(batch) * batch.seq_len * model.n_layers)
     return Cost(1, work, (kept + forward) * max(model.dtype.itemsize, 4))
 

@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from recallscope.core.cache import forward_floats
 from recallscope.core.decoding import TrackedInfo, decode_tracked, last_position_cache, tracked_frame
 from recallscope.core.decompose import SLICINGS, head_vectors, post_norm_note
 from recallscope.core.steps import tracked_tokens
@@ -157,7 +158,7 @@ def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = Non
     """One forward; memory: the forward's activations, ``z`` at ``N`` and one layer's head outputs."""
     batch = as_batch(model, batch)
     kept = len(batch) * (model.n_layers * model.n_heads * model.d_head + (model.n_heads + 1) * model.d_model)
-    forward = len(batch) * batch.seq_len * (4 * model.d_model + 2 * model.d_mlp)
+    forward = forward_floats(model, len(batch), batch.seq_len)
     work = float(len(batch) * batch.seq_len * model.n_layers)
     return Cost(1, work, (kept + forward) * max(model.dtype.itemsize, 4))
 

@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from recallscope.core.cache import run_with_cache
+from recallscope.core.cache import forward_floats, run_with_cache
 from recallscope.core.dtypes import upcast
 from recallscope.core.knockout import KnockoutMode, block_attention
 from recallscope.core.steps import Tracked, span_masks, tracked_tokens
@@ -352,9 +352,8 @@ def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = Non
     width, n_pos, d = min(n_rows, config.max_batch_rows), batch.seq_len, model.d_model
     n_tracked = max(1, len(batch.tracked)) + int(config.subject)
     itemsize = max(model.dtype.itemsize, 4)
-    forward_floats = width * n_pos * (4 * d + 2 * model.d_mlp + model.n_heads * n_pos)
     kept_floats = width * (model.n_layers + 1) * d + n_rows * model.n_layers * n_tracked
     mask_bytes = width * n_pos * n_pos
     token_blocks = float(n_rows * n_pos * model.n_layers)
-    peak = (forward_floats + kept_floats) * itemsize + mask_bytes
+    peak = (forward_floats(model, width, n_pos) + kept_floats) * itemsize + mask_bytes
     return Cost(forwards, token_blocks, peak, vocab_rows=float(n_rows))

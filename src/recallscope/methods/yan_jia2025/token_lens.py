@@ -41,7 +41,7 @@ import pandas as pd
 import torch
 
 from recallscope.core.attention import output_gate_hook
-from recallscope.core.cache import forward
+from recallscope.core.cache import forward, forward_floats
 from recallscope.core.decompose import post_norm_note
 from recallscope.core.dtypes import upcast
 from recallscope.core.hooks import site_hook
@@ -313,7 +313,7 @@ def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = Non
     work = n_facts * L * n_parts * (H * T * Dh + H * Dh * d + d * n_tracked)
     token_blocks = n_facts * T * L + work / (4 * d * d + 2 * d * model.d_mlp)
     width = min(n_facts, CHUNK_SIZE)
-    forward_floats = width * T * (4 * d + 2 * model.d_mlp + H * T)  # eager probabilities [H, T, T]
     kept = width * (L * n_parts * H * Dh + T * H_kv * Dh + n_parts * H * T + n_tracked * d)
     itemsize = max(model.dtype.itemsize, 4)
-    return Cost(-(-n_facts // CHUNK_SIZE), float(token_blocks), (forward_floats + kept) * itemsize)
+    peak = (forward_floats(model, width, T) + kept) * itemsize  # eager probabilities [H, T, T]
+    return Cost(-(-n_facts // CHUNK_SIZE), float(token_blocks), peak)

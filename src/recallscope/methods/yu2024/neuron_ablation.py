@@ -48,7 +48,7 @@ import torch
 
 from recallscope.core.ablation import METRICS, Selection, ablate, target_metrics, top_ranked
 from recallscope.core.attribution import value_stats
-from recallscope.core.cache import forward
+from recallscope.core.cache import forward, forward_floats
 from recallscope.core.decoding import choose_targets
 from recallscope.core.dtypes import upcast
 from recallscope.core.tokens import PromptBatch, as_batch
@@ -434,8 +434,8 @@ def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = Non
     rows = len(batch) * len(config.variants)
     forwards = -(-len(batch) // step) + -(-rows // step)
     width = min(max(rows, 1), step)
-    floats = width * batch.seq_len * (4 * model.d_model + 2 * model.d_mlp + model.n_heads * batch.seq_len)
-    floats += width * model.d_vocab
+    floats = forward_floats(model, width, batch.seq_len)
+    floats += 2 * width * model.d_vocab  # the metrics' log-sum-exp and rank comparison over the logits
     blocks = float((rows + len(batch)) * batch.seq_len * model.n_layers)
     own = Cost(forwards, blocks, floats * model.dtype.itemsize, vocab_rows=float(rows + len(batch)))
     return own + Given.cost(requires(config), model, batch, given)

@@ -73,7 +73,7 @@ from recallscope.core.query_keys import (
     with_fact_ids,
 )
 from recallscope.core.tokens import PromptBatch, as_batch
-from recallscope.core.vocab import decode_tokens
+from recallscope.core.vocab import decode_tokens, readout_floats
 from recallscope.data.facts import FactSet
 from recallscope.errors import RecallscopeError
 from recallscope.methods.base import Cost, Given, MethodConfig, MethodResult, result_provenance
@@ -462,5 +462,6 @@ def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = Non
     floats = rows * T * (L * (4 * d + model.d_mlp) + (2 * L + 1) * d) + 2 * rows * L * model.d_mlp
     width = compute_dtype(model.dtype).itemsize
     readouts = 2 * n * config.n_show  # the shown query neurons' value and OV-mapped vectors
+    floats += readout_floats(model, 2 * rows * config.n_show)  # decoded, cache held
     own = Cost(math.ceil(n / config.max_batch_rows), float(n * T * L), floats * width, vocab_rows=readouts)
     return own + Given.cost(requires(config), model, batch, given)
