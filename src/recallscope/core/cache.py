@@ -42,15 +42,16 @@ def forward(
 def forward_floats(model: Model, rows: int, tokens: int, *, logits: int = 1) -> int:
     """Peak float buffers of one forward of ``rows × tokens`` (for ``cost()`` memory).
 
-    Per token inside a block: the residual and its normed copy (``2·d``), the attention's queries
-    and output (``2·H·d_head``), keys and values (``2·n_kv·d_head``), its probabilities (``H·T``,
-    materialised by eager attention) and the MLP's gate, up, activation and product (``4·d_mlp``);
-    plus ``logits`` positions of ``d_vocab`` logits per row. Checked against the resident memory of
-    forwards of real configurations (``bench/scaling.py``).
+    The larger of a block's buffers and the logits, which are not alive together. Per token inside
+    a block: the residual and its normed copy (``2·d``), the attention's queries and output
+    (``2·H·d_head``), keys and values (``2·n_kv·d_head``), its probabilities (``H·T``, materialised
+    by eager attention) and three ``[d_mlp]`` buffers of the MLP; the head: ``logits`` positions
+    of ``d_vocab`` logits per row. Checked against the memory forwards of real configurations
+    allocate (``bench/scaling.py``: 0.85-0.95 of this).
     """
     d, heads, kv = model.d_model, model.n_heads * model.d_head, model.n_kv_heads * model.d_head
-    per_token = 2 * d + 2 * heads + 2 * kv + model.n_heads * tokens + 4 * model.d_mlp
-    return rows * tokens * per_token + rows * logits * model.d_vocab
+    per_token = 2 * d + 2 * heads + 2 * kv + model.n_heads * tokens + 3 * model.d_mlp
+    return max(rows * tokens * per_token, rows * logits * model.d_vocab)
 
 
 def _inputs(model: Model, batch: PromptBatch | torch.Tensor) -> dict[str, torch.Tensor]:

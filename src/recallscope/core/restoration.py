@@ -262,7 +262,8 @@ def grid_cost(
     work = (recorded + samples) * n_tokens * n_layers + sum(
         (n_layers - s) * len(g) * samples * (n_tokens - t) for (s, t), g in groups.items()
     )
-    rows = min(config.max_batch_rows, per_chunk * samples)
+    largest = max((len(g) for g in groups.values()), default=0)  # cells of one resumed forward, at most
+    rows = min(config.max_batch_rows, per_chunk * samples, largest * samples)
     kv = 2 * model.n_kv_heads * model.d_head
     floats = (
         recorded * n_tokens * ((n_layers + 1) * model.d_model + n_layers * kv)  # recorded run

@@ -270,14 +270,15 @@ def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = Non
     n_layers, n_tokens = model.n_layers, batch.seq_len
     per_fact = len(config.sources) + (n_tokens if config.token_map else 0)
     rows = len(batch) * per_fact * n_layers
-    lengths = len(set(batch.attention_mask.sum(-1).tolist()))
-    forwards = 1 + lengths + -(-rows // config.max_batch_rows)
+    lengths = batch.attention_mask.sum(-1).tolist()  # one recorded run per prompt length
+    forwards = 1 + len(set(lengths)) + -(-rows // config.max_batch_rows)
     resumed = (
         len(batch)
         * per_fact
         * sum(n_layers - window(c, config.window, n_layers).start for c in range(n_layers))
     )
-    width = min(rows, config.max_batch_rows)
+    same_length = max(lengths.count(n) for n in set(lengths))  # the facts a resumed forward can hold
+    width = min(same_length * per_fact * n_layers, config.max_batch_rows)
     kv = 2 * model.n_kv_heads * model.d_head * n_tokens * n_layers
     # one query row each, and its probabilities over the vocabulary
     floats = forward_floats(model, width, 1) + width * (model.n_heads * (n_tokens - 1) + kv + model.d_vocab)

@@ -316,6 +316,8 @@ def cost(model: Model, batch: PromptBatch | FactSet, config: Config | None = Non
     forward = forward_floats(model, rows, batch.seq_len) * max(model.dtype.itemsize, 4)
     kept = B * (model.n_layers * model.n_heads * model.d_head + 3 * len(layers) * d) * 8
     per_layer = B * n_max * d * 8 * (3 if config.linearized else 1)
+    if config.linearized:  # measured: the batched JVP through the MLP holds about one weight's copy
+        per_layer += d * model.d_mlp * max(model.dtype.itemsize, 4)
     ranks = readout_floats(model, 2 * B * len(layers)) * max(model.dtype.itemsize, 4)
     work = float(len(batch) * batch.seq_len * (max(layers) + 1))
     if config.linearized:  # one MLP pass per fact, head and layer (the JVP's tangent), in block units
