@@ -47,7 +47,7 @@ def forward_floats(model: Model, rows: int, tokens: int, *, logits: int = 1) -> 
     (``2·H·d_head``), keys and values (``2·n_kv·d_head``), its probabilities (``H·T``, materialised
     by eager attention) and three ``[d_mlp]`` buffers of the MLP; the head: ``logits`` positions
     of ``d_vocab`` logits per row. Checked against the memory forwards of real configurations
-    allocate (``bench/scaling.py``: 0.85-0.95 of this).
+    allocate (``bench/scaling.py``: 0.85-0.98 of this).
     """
     d, heads, kv = model.d_model, model.n_heads * model.d_head, model.n_kv_heads * model.d_head
     per_token = 2 * d + 2 * heads + 2 * kv + model.n_heads * tokens + 3 * model.d_mlp

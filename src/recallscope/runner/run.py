@@ -306,7 +306,7 @@ def _run_method(
         "skipped": [s for r in records for s in r["skipped"] if s[0] in r["valid"]],
         "chunks": len(records),
         "chunk_size": size,
-        "seconds": round(seconds, 2),
+        "seconds": round(seconds, 3),  # the chunks' own times are kept to 1 ms
         "facts_per_second": round(n_done / seconds, 4) if seconds else None,
     }
 
