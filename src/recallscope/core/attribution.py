@@ -33,12 +33,12 @@ from recallscope.core.subvalues import (
     FrozenHead,
     Subvalues,
     attn_subvalues,
+    chunked_directions,
     direction_ranges,
     ffn_subvalues,
     increase_bounds,
     rank1_increase,
     select_candidates,
-    value_directions,
     value_vectors,
     vector_increase,
 )
@@ -327,9 +327,7 @@ def _score_layer(score, base_logits, coeffs, head, chosen, targets, layer, ks, D
 
 def _chunked_directions(model: Model, vectors: torch.Tensor) -> Iterator[torch.Tensor]:
     """Directions ``D_w [k, V]`` of ``vectors [K, d]``, ``WORK_ELEMS / V`` vectors at a time."""
-    step = max(1, WORK_ELEMS // model.d_vocab)
-    for i in range(0, len(vectors), step):
-        yield value_directions(model, vectors[i : i + step])
+    return chunked_directions(model, vectors, max(1, WORK_ELEMS // model.d_vocab))
 
 
 @torch.no_grad()

@@ -27,7 +27,7 @@ from recallscope.core.cache import run_with_cache
 from recallscope.core.decompose import ov_outputs
 from recallscope.core.dtypes import compute_dtype
 from recallscope.core.moe import moe_coefficients
-from recallscope.core.subvalues import ffn_subvalues, value_directions, value_vectors
+from recallscope.core.subvalues import chunked_directions, ffn_subvalues, value_vectors
 from recallscope.core.tokens import PromptBatch
 from recallscope.core.vocab import decode_tokens, readout_chunk
 from recallscope.errors import RecallscopeError
@@ -374,10 +374,5 @@ def top_tokens(model: Model, vector: torch.Tensor, n: int, dtype: torch.dtype) -
     rows at a time: a list of strings for a vector ``[d]``, one list per row for vectors ``[k, d]``.
     """
     rows, step, k = vector.reshape(-1, vector.shape[-1]), readout_chunk(model), min(n, model.d_vocab)
-    ids = torch.cat(
-        [
-            value_directions(model, rows[i : i + step], dtype=dtype).topk(k).indices
-            for i in range(0, len(rows), step)
-        ]
-    )
+    ids = torch.cat([D.topk(k).indices for D in chunked_directions(model, rows, step, dtype=dtype)])
     return decode_tokens(model, (ids[0] if vector.dim() == 1 else ids).cpu())

@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import os
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +48,7 @@ from recallscope.models.model import Model
 __all__ = [
     "FrozenHead",
     "value_directions",
+    "chunked_directions",
     "Subvalues",
     "ffn_subvalues",
     "attn_subvalues",
@@ -78,6 +80,14 @@ def value_directions(
     gain = params.gain(dtype, x.device)
     x = x if gain is None else x * gain
     return x @ model.W_U.to(x.device, dtype).T
+
+
+def chunked_directions(
+    model: Model, vectors: torch.Tensor, step: int, *, dtype: torch.dtype | None = None
+) -> Iterator[torch.Tensor]:
+    """:func:`value_directions` of ``vectors [K, d]``, ``step`` vectors at a time (``[k, V]`` each)."""
+    for i in range(0, len(vectors), step):
+        yield value_directions(model, vectors[i : i + step], dtype=dtype)
 
 
 @dataclass(frozen=True)

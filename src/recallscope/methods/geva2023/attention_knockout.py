@@ -156,7 +156,7 @@ def run(model: Model, batch: PromptBatch | FactSet, config: Config | None = None
     batch = as_batch(model, batch)
     logits = upcast(forward(model, batch))  # [B, V]
     targets = choose_targets(batch, logits, config.target)
-    clean = logits.softmax(-1).gather(1, targets[:, None])[:, 0].double()
+    clean = _target_probs(logits, targets)  # [B] float64 on the CPU
     rows, sources, layers = _rows(model, batch, config)  # fact row [R], sources [R, T], centre [R]
     probs = _knocked(model, batch, rows, sources, layers, targets, config)
     n_sets = len(config.sources)
@@ -169,7 +169,7 @@ def run(model: Model, batch: PromptBatch | FactSet, config: Config | None = None
         config=config,
         fact_ids=list(batch.fact_ids or map(str, range(len(batch)))),
         sources=list(config.sources),
-        clean_prob=clean.cpu().numpy(),
+        clean_prob=clean.numpy(),
         prob=prob.cpu().numpy(),
         target_tokens=decode_tokens(model, targets),
         subject_at_start=[int(subject[b, 0]) == pads[b] for b in range(len(batch))],
